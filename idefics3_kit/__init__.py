@@ -1,0 +1,10 @@
+"""idefics3_kit: the Idefics3 vision-language model as swappable, registered parts."""
+
+from . import ops, registry
+from .config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
+from .model import VLM, VLMOutput
+
+__version__ = "0.1.0"
+
+__all__ = ["VLM", "VLMConfig", "VLMOutput", "VisionConfig", "ConnectorConfig", "DecoderConfig",
+           "ops", "registry", "__version__"]

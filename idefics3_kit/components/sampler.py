@@ -1,0 +1,1 @@
+"""Samplers (filled in by the generation issue)."""

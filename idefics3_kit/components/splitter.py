@@ -1,0 +1,1 @@
+"""Image splitters (filled in by the processor issue)."""

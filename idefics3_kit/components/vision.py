@@ -1,0 +1,144 @@
+"""Vision encoders: pixel tiles [N, 3, S, S] + patch mask [N, S/p, S/p] -> hidden [N, (S/p)², D].
+
+``siglip`` follows transformers' Idefics3VisionTransformer (SigLIP with NaViT-style
+variable-resolution position ids): conv patch embedding, pre-LN blocks with tanh-GELU MLPs,
+a final post-LayerNorm, no pooling head. Parameter names match the Hugging Face checkpoint
+under ``model.vision_model.``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import VisionConfig
+from ..registry import register
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+def patch_position_ids(patch_mask: torch.Tensor, patches_per_side: int) -> torch.Tensor:
+    """Position-embedding ids [N, h*w] for tiles whose valid patches are ``patch_mask`` [N, h, w].
+
+    Reproduces transformers' float32 bucketize procedure: the valid patches of a tile are
+    spread over the full ``patches_per_side`` grid of learned positions (fraction i/nb bucketed
+    against boundaries k/N), so a partially filled tile still sees positions from the whole
+    grid; masked patches get id 0. A full tile gives the identity 0..N²-1.
+    """
+    n, h, w = patch_mask.shape
+    device = patch_mask.device
+    grid = patches_per_side
+    boundaries = torch.arange(1 / grid, 1.0, 1 / grid, device=device)  # float32, length N-1 (or N)
+    nb_h = patch_mask[:, :, 0].sum(dim=1)  # [N] valid rows (counted in column 0)
+    nb_w = patch_mask[:, 0, :].sum(dim=1)  # [N] valid columns (counted in row 0)
+    frac_h = torch.arange(h, device=device, dtype=torch.float32)[None, :] * (1.0 / nb_h)[:, None]
+    frac_w = torch.arange(w, device=device, dtype=torch.float32)[None, :] * (1.0 / nb_w)[:, None]
+    bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, h]
+    bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, w]
+    pos = (bucket_h[:, :, None] * grid + bucket_w[:, None, :]).reshape(n, h * w)
+    return torch.where(patch_mask.reshape(n, h * w), pos, torch.zeros_like(pos))
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.patches_per_side = cfg.patches_per_side
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values)  # [N, D, h, w]
+        x = x.flatten(2).transpose(1, 2)  # [N, h*w, D], patches row-major
+        pos = patch_position_ids(patch_mask, self.patches_per_side)
+        return x + self.position_embedding(pos)
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        n, length, dim = x.shape
+
+        def heads(t):  # [N, L, D] -> [N, H, L, hd]
+            return t.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = ops.attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
+                            causal=False, key_padding_mask=key_mask)
+        out = out.transpose(1, 2).reshape(n, length, dim)  # [N, L, D]
+        return self.out_proj(out)
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiglipEncoderLayer(nn.Module):
+    """Pre-LN block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+@register("vision", "siglip")
+class SiglipVisionEncoder(nn.Module):
+    """SigLIP ViT with variable-resolution position ids (Idefics3's vision tower)."""
+
+    config_class = VisionConfig
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_size = cfg.patch_size
+        self.image_size = cfg.image_size
+        self.hidden_size = cfg.hidden_size
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [N, C, H, W], patch_mask [N, H/p, W/p] bool -> hidden [N, (H/p)(W/p), D]."""
+        n, _, height, width = pixel_values.shape
+        if patch_mask is None:
+            patch_mask = torch.ones(n, height // self.patch_size, width // self.patch_size,
+                                    dtype=torch.bool, device=pixel_values.device)
+        x = self.embeddings(pixel_values, patch_mask)
+        flat_mask = patch_mask.reshape(n, -1)
+        key_mask = None if bool(flat_mask.all()) else flat_mask  # no mask: same result, faster kernels
+        for layer in self.encoder.layers:
+            x = layer(x, key_mask)
+        return self.post_layernorm(x)

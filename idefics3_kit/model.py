@@ -1,0 +1,248 @@
+"""VLM: a vision encoder, a connector and a decoder from the registry, wired together.
+
+Data flow (shapes for one batch):
+    pixel_values [B, T, 3, S, S] -> drop all-zero padding tiles -> [N, 3, S, S]
+    vision(pixel, patch_mask [N, S/p, S/p])         -> [N, (S/p)², Dv]
+    connector                                        -> [N, (S/p)²/s², Dt]
+    decoder.embed(input_ids) [B, L, Dt]; features scattered into the <image> positions
+    decoder                                           -> logits [B, L, V]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint, registry
+from .config import VLMConfig
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor  # [B, L_kept, V]
+    loss: torch.Tensor | None = None
+    hidden_states: tuple | None = None
+    image_hidden_states: torch.Tensor | None = None  # [N_real_tiles, S_img, Dt]
+
+    def __getitem__(self, key):  # out["logits"] like transformers' ModelOutput
+        return getattr(self, key)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """transformers' ForCausalLMLoss: float32 logits, labels shifted left, mean over labels != -100."""
+    logits = logits.float()
+    labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].to(logits.device)  # [B, L], shifted left
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
+
+
+class VLM(nn.Module):
+    """An Idefics3-style vision-language model assembled from registered components."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        if not isinstance(config, VLMConfig):
+            raise TypeError(f"VLM expects a VLMConfig, got {type(config).__name__}")
+        self.config = config
+        self.vision = registry.create("vision", config.vision.name, config.vision)
+        self.connector = registry.create("connector", config.connector.name, config.connector)
+        self.decoder = registry.create("decoder", config.decoder.name, config.decoder)
+        self.generation_config: dict = {}
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.config.image_seq_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> dict:
+        """Parameter counts per component and in total (shared tensors counted once)."""
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
+                  for name in ("vision", "connector", "decoder")}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    # ---- images ----------------------------------------------------------------------------
+    def _check_pixels(self, pixel_values: torch.Tensor, pixel_attention_mask) -> None:
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be [batch, tiles, channels, height, width] (5-D), "
+                             f"got shape {tuple(pixel_values.shape)}")
+        channels = getattr(self.config.vision, "num_channels", 3)
+        if pixel_values.shape[2] != channels:
+            raise ValueError(f"pixel_values has {pixel_values.shape[2]} channels, the vision encoder "
+                             f"expects {channels} (shape {tuple(pixel_values.shape)})")
+        patch = self.vision.patch_size
+        if pixel_values.shape[3] % patch or pixel_values.shape[4] % patch:
+            raise ValueError(f"pixel_values height/width {tuple(pixel_values.shape[3:])} must be multiples "
+                             f"of the patch size {patch}")
+        if pixel_attention_mask is not None:
+            want = (*pixel_values.shape[:2], *pixel_values.shape[3:])
+            if tuple(pixel_attention_mask.shape) != want:
+                raise ValueError(f"pixel_attention_mask must have shape {want}, got "
+                                 f"{tuple(pixel_attention_mask.shape)}")
+
+    def get_image_features(self, pixel_values: torch.Tensor,
+                           pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [B, T, 3, S, S] (+ mask [B, T, S, S]) -> features [N_real, S_img, Dt].
+
+        Padding tiles (all values exactly 0.0, as the processor writes them) are dropped
+        first, as transformers does; the rows follow sample 0's tiles, then sample 1's, ...
+        """
+        self._check_pixels(pixel_values, pixel_attention_mask)
+        b, t = pixel_values.shape[:2]
+        pixels = pixel_values.to(self.dtype).reshape(b * t, *pixel_values.shape[2:])  # [B*T, 3, H, W]
+        real = (pixels != 0).flatten(1).any(dim=1)  # [B*T]
+        pixels = pixels[real]
+        if pixel_attention_mask is None:
+            pixel_mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool, device=pixels.device)
+        else:
+            pixel_mask = pixel_attention_mask.reshape(b * t, *pixel_attention_mask.shape[2:])[real]
+        p = self.vision.patch_size
+        n, h, w = pixel_mask.shape
+        patch_mask = pixel_mask.reshape(n, h // p, p, w // p, p).sum(dim=(2, 4)) > 0  # [N, h/p, w/p]
+        hidden = self.vision(pixels, patch_mask)
+        return self.connector(hidden)
+
+    def merge_image_features(self, input_ids, inputs_embeds, features) -> torch.Tensor:
+        """Write feature rows into the <image> positions, in (batch, position) order."""
+        if input_ids is not None:
+            is_image = input_ids == self.image_token_id  # [B, L]
+        else:
+            image_embed = self.decoder.embed(torch.tensor(self.image_token_id, device=inputs_embeds.device))
+            is_image = (inputs_embeds == image_embed).all(-1)
+        n_tokens = int(is_image.sum())
+        rows = features.reshape(-1, features.shape[-1])
+        if n_tokens != rows.shape[0]:
+            per_tile = features.shape[1] if features.dim() == 3 else 1
+            raise ValueError(f"{n_tokens} image tokens but {rows.shape[0]} image features "
+                             f"({rows.shape[0] // max(per_tile, 1)} tiles x {per_tile} tokens per tile)")
+        out = inputs_embeds.clone()
+        out[is_image] = rows.to(inputs_embeds.dtype)
+        return out
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            vocab = self.decoder.vocab_size
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"input_ids contain ids outside the vocabulary [0, {vocab}): min {lo}, max {hi}")
+
+    def embed_inputs(self, input_ids=None, inputs_embeds=None, pixel_values=None, pixel_attention_mask=None,
+                     image_hidden_states=None):
+        """Token embeddings with image features merged in; returns (embeds, image features)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("pass pixel_values or image_hidden_states, not both")
+        if input_ids is not None:
+            self._check_ids(input_ids)
+            inputs_embeds = self.decoder.embed(input_ids)
+        features = image_hidden_states
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values, pixel_attention_mask)
+        if features is not None:
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, features)
+        return inputs_embeds, features
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
+                labels=None, inputs_embeds=None, image_hidden_states=None, position_ids=None, cache=None,
+                output_hidden_states: bool = False, logits_to_keep: int = 0, **unused) -> VLMOutput:
+        """Logits (and the loss when ``labels`` are given), like Idefics3ForConditionalGeneration."""
+        unknown = set(unused) - {"return_dict", "use_cache"}
+        if unknown:
+            raise TypeError(f"VLM.forward got unexpected arguments: {', '.join(sorted(unknown))}")
+        embeds, features = self.embed_inputs(input_ids, inputs_embeds, pixel_values, pixel_attention_mask,
+                                             image_hidden_states)
+        out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                           cache=cache, logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states)
+        loss = None
+        if labels is not None:
+            if labels.shape != embeds.shape[:2]:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(embeds.shape[:2])}, "
+                                 f"got {tuple(labels.shape)}")
+            loss = causal_lm_loss(out.logits, labels)
+        return VLMOutput(logits=out.logits, loss=loss, hidden_states=out.hidden_states,
+                         image_hidden_states=features)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _tied(self) -> dict:
+        if self.config.decoder.tie_word_embeddings:
+            return {"decoder.lm_head.weight": "decoder.model.embed_tokens.weight"}
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "VLM":
+        """Load a Hugging Face Idefics3/SmolVLM checkpoint directory.
+
+        The model is built on the meta device and the checkpoint tensors are assigned
+        directly, so no random weights are ever allocated.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        config = VLMConfig.from_pretrained(path)
+        dtype = resolve_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        checkpoint.load_into(model, path, dtype=dtype, device=device, tied=model._tied())
+        model.generation_config = _read_generation_config(path)
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+        """Write config.json, generation_config.json and safetensors weights (HF layout)."""
+        path = os.fspath(path)
+        self.config.save_pretrained(path)
+        checkpoint.save(self, path, skip=self._tied().keys(), max_shard_bytes=max_shard_bytes)
+        gen = dict(self.generation_config) or _default_generation_config(self.config)
+        with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _read_generation_config(path: str) -> dict:
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: must hold a JSON object")
+    return data
+
+
+def _default_generation_config(cfg: VLMConfig) -> dict:
+    d = cfg.decoder
+    return {k: v for k, v in (("bos_token_id", d.bos_token_id), ("eos_token_id", d.eos_token_id),
+                              ("pad_token_id", d.pad_token_id)) if v is not None}

@@ -1,0 +1,14 @@
+"""The Python face of the compiled kernels.
+
+Each op has a reference PyTorch function (its specification and the fallback) and, when the
+``idefics3_kit._C`` extension is built and loaded, a compiled implementation registered as
+``torch.ops.idefics3_kit.*``. Components call only the functions exported here, never
+``torch.ops`` directly. ``backend()`` says which implementation runs; setting the
+environment variable ``IDEFICS3_KIT_FORCE_REFERENCE=1`` (or ``use_reference()``) forces the
+reference ops.
+"""
+
+from ._library import backend, extension_error, has_extension, use_reference
+from .attention import attention, attention_ref
+
+__all__ = ["attention", "attention_ref", "backend", "extension_error", "has_extension", "use_reference"]

@@ -1,0 +1,97 @@
+"""Scaled dot-product attention shared by every tower.
+
+One entry point, ``attention``, covers the three cases the model needs:
+- vision encoder: non-causal, with a key padding mask (patches of partially padded tiles);
+- decoder prefill: causal, grouped-query, with a key padding mask (left padding);
+- decoder decode: one query per sequence against the KV cache.
+
+The reference implementation below is the specification; compiled kernels must match it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _library
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects 4-D q/k/v [B, H, L, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)} "
+                         "in batch and head dim")
+    if hq % k.shape[1] != 0:
+        raise ValueError(f"attention: {hq} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, k.shape[2]):
+        raise ValueError(f"attention: key_padding_mask must be [B, Lk] = {(b, k.shape[2])}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+
+
+def build_mask(lq: int, lk: int, causal: bool, key_padding_mask: torch.Tensor | None,
+               device) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, Lq, Lk], True = may attend; None when nothing is masked.
+
+    With ``causal``, query i sits at absolute position ``lk - lq + i`` (the queries are the last
+    ``lq`` positions of the key range, as in cached decoding). Rows that would be fully masked
+    (a padded query under left padding) are opened up so they stay finite; their outputs are
+    padding and never used.
+    """
+    mask = None
+    if causal:
+        qpos = torch.arange(lk - lq, lk, device=device)[:, None]
+        kpos = torch.arange(lk, device=device)[None, :]
+        mask = (kpos <= qpos)[None, None]  # [1, 1, Lq, Lk]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # [B, 1, 1, Lk]
+        mask = kpm if mask is None else (mask & kpm)
+    if mask is not None:
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Reference attention. q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
+
+    Softmax runs in float32 whatever the input dtype (as transformers' eager path does), and
+    each key/value head serves ``Hq / Hkv`` consecutive query heads.
+    """
+    _check(q, k, v, key_padding_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # [B, Hq, Lk, D]
+        v = v.repeat_interleave(groups, dim=1)
+    mask = build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hq, Lq, Lk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
+    """Same semantics through torch's fused scaled_dot_product_attention (faster reference)."""
+    _check(q, k, v, key_padding_mask)
+    mask = build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Attention used by every component; the compiled kernels plug in here."""
+    if _library.use_compiled():
+        from . import attention_compiled
+
+        out = attention_compiled.dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                          scale=scale)
+        if out is not None:
+            return out
+    return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
