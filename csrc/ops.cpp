@@ -1,0 +1,37 @@
+// The one place where idefics3_kit's operator schemas are declared.
+//
+// Kernels register per backend in their own files (csrc/cpu/*.cpp for CPU, the binding
+// files under csrc/cuda/ for CUDA); fake (meta) implementations live in Python
+// (idefics3_kit/ops/_fake.py) so every op works under torch.compile.
+//
+// Conventions: images are uint8 [H, W, 3] (RGB, contiguous); attention tensors are
+// [B, H, L, D] with stride(-1) == 1; masks are bool, True = attend.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(idefics3_kit, m) {
+  // Pillow-exact LANCZOS resize of a uint8 [H, W, C] image (C = 1 or 3).
+  m.def("resize_u8(Tensor image, int out_h, int out_w) -> Tensor");
+  // Resize chain + tiles + global tile + rescale/normalize written in place into the padded
+  // batch (see idefics3_kit/ops/preprocess.py). geometry: 8 ints per image
+  // (sample, first_tile, h1, w1, h2, w2, rows, cols).
+  m.def(
+      "preprocess_into(Tensor[] images, Tensor(a!) pixel_values, Tensor(b!) pixel_mask, int[] geometry, "
+      "float[] mean, float[] std, float rescale) -> ()");
+  // Non-causal attention with an optional key padding mask [B, L] (vision encoder).
+  m.def("vision_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> Tensor");
+  // Causal grouped-query attention; query i sits at key position Lk - Lq + i.
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> Tensor");
+  // One query per sequence against the KV cache; k/v may be strided views of the cache.
+  // cache_seqlens (int32 [B]), when given, bounds the valid keys of each row.
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? cache_seqlens, float scale) "
+      "-> Tensor");
+}
+
+// Importing idefics3_kit._C runs the static registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,109 @@
+"""Image preprocessing op: resize chain, tiles, rescale/normalize, written into the batch.
+
+The geometry (resized sizes, tile grid) is computed on the host by the splitter from plain
+ints; this op only moves pixels. For each image it performs, exactly as transformers'
+Idefics3 image processor with Pillow does:
+
+    uint8 RGB [H, W, 3] --LANCZOS--> stage 1 [h1, w1] --LANCZOS--> stage 2 [h2, w2]
+    rows*cols > 0: tiles of S×S in row-major order, then stage 2 --LANCZOS--> S×S global tile
+    rows*cols = 0: stage 2 is already S×S and is the single tile
+    each tile: float32(float64(u8) * rescale), then (x - mean[c]) / std[c] in float32
+
+and writes the tiles into ``pixel_values[sample, first_tile:...]`` (fp32 or bf16) with the
+matching ``pixel_mask`` entries set to 1. A resize to the same size is a copy (Pillow too).
+
+Geometry per image, 8 ints: (sample, first_tile, h1, w1, h2, w2, rows, cols).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _library
+
+GEOMETRY_FIELDS = ("sample", "first_tile", "h1", "w1", "h2", "w2", "rows", "cols")
+
+
+def normalize_lut(mean, std, rescale: float) -> torch.Tensor:
+    """[3, 256] float32 table: the bit-exact rescale + normalize of every uint8 value."""
+    u = np.arange(256, dtype=np.float64)
+    scaled = (u * rescale).astype(np.float32)  # rescale in float64, then cast (transformers' order)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    return torch.from_numpy(((scaled[None, :] - mean32) / std32).astype(np.float32))
+
+
+def resize_u8_ref(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Pillow LANCZOS resize of a uint8 [H, W, C] tensor (C in 1, 3), the bit-exact reference."""
+    from PIL import Image
+
+    if image.dtype != torch.uint8 or image.dim() != 3:
+        raise ValueError(f"resize_u8 expects a uint8 [H, W, C] tensor, got {image.dtype} {tuple(image.shape)}")
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"resize_u8: output size must be positive, got {out_h}x{out_w}")
+    h, w, c = image.shape
+    if (h, w) == (out_h, out_w):
+        return image.clone()
+    arr = image.cpu().numpy()
+    pil = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    out = np.asarray(pil.resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=None))
+    return torch.from_numpy(out.reshape(out_h, out_w, c).copy())
+
+
+def _check_geometry(images, pixel_values, pixel_mask, geometry) -> None:
+    if len(geometry) != 8 * len(images):
+        raise ValueError(f"preprocess: geometry needs 8 ints per image, got {len(geometry)} for {len(images)} images")
+    if pixel_values.dim() != 5 or pixel_values.shape[2] != 3 or pixel_values.shape[3] != pixel_values.shape[4]:
+        raise ValueError(f"preprocess: pixel_values must be [B, T, 3, S, S], got {tuple(pixel_values.shape)}")
+    b, t, _, s, _ = pixel_values.shape
+    if tuple(pixel_mask.shape) != (b, t, s, s):
+        raise ValueError(f"preprocess: pixel_mask must be {(b, t, s, s)}, got {tuple(pixel_mask.shape)}")
+    for i, img in enumerate(images):
+        sample, first, h1, w1, h2, w2, rows, cols = geometry[8 * i: 8 * i + 8]
+        if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[2] != 3:
+            raise ValueError(f"preprocess: image {i} must be uint8 [H, W, 3], got {img.dtype} {tuple(img.shape)}")
+        n_tiles = rows * cols + 1 if rows * cols else 1
+        if not (0 <= sample < b and 0 <= first and first + n_tiles <= t):
+            raise ValueError(f"preprocess: image {i} writes tiles {first}..{first + n_tiles - 1} of sample "
+                             f"{sample}, outside pixel_values {tuple(pixel_values.shape)}")
+        if rows * cols == 0 and (h2, w2) != (s, s):
+            raise ValueError(f"preprocess: image {i} is unsplit, so stage 2 must be {s}x{s}, got {h2}x{w2}")
+        if rows * cols and (h2, w2) != (rows * s, cols * s):
+            raise ValueError(f"preprocess: image {i}: stage 2 {h2}x{w2} is not {rows}x{cols} tiles of {s}")
+        if min(h1, w1, h2, w2) < 1:
+            raise ValueError(f"preprocess: image {i}: sizes must be positive, got {(h1, w1, h2, w2)}")
+
+
+def preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, rescale) -> None:
+    """Reference implementation (Pillow resizes, a float32 lookup table for the normalization)."""
+    _check_geometry(images, pixel_values, pixel_mask, geometry)
+    lut = normalize_lut(mean, std, rescale)  # [3, 256]
+    s = pixel_values.shape[-1]
+    for i, img in enumerate(images):
+        sample, first, h1, w1, h2, w2, rows, cols = geometry[8 * i: 8 * i + 8]
+        stage2 = resize_u8_ref(resize_u8_ref(img, h1, w1), h2, w2)  # [h2, w2, 3] uint8
+        tiles = [stage2[r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(rows) for c in range(cols)]
+        tiles.append(resize_u8_ref(stage2, s, s) if rows * cols else stage2)
+        for j, tile in enumerate(tiles):
+            chw = tile.permute(2, 0, 1).long()  # [3, S, S]
+            values = torch.stack([lut[c][chw[c]] for c in range(3)])  # [3, S, S] float32
+            pixel_values[sample, first + j] = values.to(pixel_values.dtype)
+            pixel_mask[sample, first + j] = 1
+
+
+def preprocess_into(images, pixel_values, pixel_mask, geometry, mean, std, rescale) -> None:
+    """Fill ``pixel_values``/``pixel_mask`` in place; the compiled op when available."""
+    if _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "preprocess_into"):
+        _check_geometry(images, pixel_values, pixel_mask, geometry)
+        torch.ops.idefics3_kit.preprocess_into(list(images), pixel_values, pixel_mask, list(geometry),
+                                               [float(x) for x in mean], [float(x) for x in std], float(rescale))
+        return
+    preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, rescale)
+
+
+def resize_u8(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Pillow-exact LANCZOS resize of uint8 [H, W, C]; the compiled op when available."""
+    if _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "resize_u8"):
+        return torch.ops.idefics3_kit.resize_u8(image, out_h, out_w)
+    return resize_u8_ref(image, out_h, out_w)
