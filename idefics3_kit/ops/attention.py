@@ -38,9 +38,7 @@ def build_mask(lq: int, lk: int, causal: bool, key_padding_mask: torch.Tensor | 
     """Boolean mask [B or 1, 1, Lq, Lk], True = may attend; None when nothing is masked.
 
     With ``causal``, query i sits at absolute position ``lk - lq + i`` (the queries are the last
-    ``lq`` positions of the key range, as in cached decoding). Rows that would be fully masked
-    (a padded query under left padding) are opened up so they stay finite; their outputs are
-    padding and never used.
+    ``lq`` positions of the key range, as in cached decoding).
     """
     mask = None
     if causal:
@@ -50,9 +48,22 @@ def build_mask(lq: int, lk: int, causal: bool, key_padding_mask: torch.Tensor | 
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # [B, 1, 1, Lk]
         mask = kpm if mask is None else (mask & kpm)
-    if mask is not None:
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
+
+
+def _open_empty_rows(mask: torch.Tensor | None):
+    """(mask with fully masked rows opened, those rows [.., Lq, 1]) or (mask, None).
+
+    A query that may attend to nothing (a left-padding position under a causal mask) gets an
+    output of exactly 0, as torch's fused kernels and transformers give; opening the row first
+    keeps the softmax finite.
+    """
+    if mask is None:
+        return None, None
+    empty = ~mask.any(dim=-1, keepdim=True)
+    if not bool(empty.any()):
+        return mask, None
+    return mask | empty, empty
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -60,7 +71,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     """Reference attention. q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
 
     Softmax runs in float32 whatever the input dtype (as transformers' eager path does), and
-    each key/value head serves ``Hq / Hkv`` consecutive query heads.
+    each key/value head serves ``Hq / Hkv`` consecutive query heads. Fully masked query rows
+    give 0.
     """
     _check(q, k, v, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -68,20 +80,21 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # [B, Hq, Lk, D]
         v = v.repeat_interleave(groups, dim=1)
-    mask = build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hq, Lq, Lk]
+    mask, empty = _open_empty_rows(build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    return out if empty is None else out.masked_fill(empty, 0)
 
 
 def attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
     """Same semantics through torch's fused scaled_dot_product_attention (faster reference)."""
     _check(q, k, v, key_padding_mask)
-    mask = build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+    mask, empty = _open_empty_rows(build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device))
     gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out if empty is None else out.masked_fill(empty, 0)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
