@@ -62,8 +62,10 @@ class VisionConfig(_Replaceable):
                      f"must be a positive integer, got {getattr(self, f)!r}")
         _require(self.hidden_size % self.num_attention_heads == 0, c, "hidden_size",
                  f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
-        _require(self.image_size % self.patch_size == 0, c, "image_size",
-                 f"{self.image_size} is not divisible by patch_size={self.patch_size}")
+        # Not required to divide: SmolVLM-Instruct has 384-px tiles and 14-px patches (a 27x27
+        # grid; the strided conv ignores the last 6 pixels), as transformers allows.
+        _require(self.image_size >= self.patch_size, c, "image_size",
+                 f"{self.image_size} is smaller than patch_size={self.patch_size}")
 
     @property
     def head_dim(self) -> int:

@@ -98,9 +98,9 @@ class VLM(nn.Module):
             raise ValueError(f"pixel_values has {pixel_values.shape[2]} channels, the vision encoder "
                              f"expects {channels} (shape {tuple(pixel_values.shape)})")
         patch = self.vision.patch_size
-        if pixel_values.shape[3] % patch or pixel_values.shape[4] % patch:
-            raise ValueError(f"pixel_values height/width {tuple(pixel_values.shape[3:])} must be multiples "
-                             f"of the patch size {patch}")
+        if pixel_values.shape[3] < patch or pixel_values.shape[4] < patch:
+            raise ValueError(f"pixel_values height/width {tuple(pixel_values.shape[3:])} are smaller than "
+                             f"the patch size {patch}")
         if pixel_attention_mask is not None:
             want = (*pixel_values.shape[:2], *pixel_values.shape[3:])
             if tuple(pixel_attention_mask.shape) != want:
@@ -125,7 +125,8 @@ class VLM(nn.Module):
             pixel_mask = pixel_attention_mask.reshape(b * t, *pixel_attention_mask.shape[2:])[real]
         p = self.vision.patch_size
         n, h, w = pixel_mask.shape
-        patch_mask = pixel_mask.reshape(n, h // p, p, w // p, p).sum(dim=(2, 4)) > 0  # [N, h/p, w/p]
+        gh, gw = h // p, w // p  # pixels past the last whole patch are ignored, as the conv does
+        patch_mask = pixel_mask[:, :gh * p, :gw * p].reshape(n, gh, p, gw, p).sum(dim=(2, 4)) > 0  # [N, gh, gw]
         hidden = self.vision(pixels, patch_mask)
         return self.connector(hidden)
 

@@ -27,6 +27,14 @@ GEOMETRIES = {
                   num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                   rope_theta=100000.0, rms_norm_eps=1e-5),
         scale_factor=4, image_token_id=301),
+    # 90-px tiles with 14-px patches (6x6 grid, 6 px ignored, like SmolVLM-Instruct's 384/14), scale 3, MHA
+    "p14_s3_nondivisible": dict(
+        vision=dict(image_size=90, patch_size=14, hidden_size=24, intermediate_size=40,
+                    num_hidden_layers=1, num_attention_heads=2),
+        text=dict(vocab_size=290, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                  rope_theta=273768.0, rms_norm_eps=1e-5),
+        scale_factor=3, image_token_id=260),
 }
 
 
