@@ -215,6 +215,8 @@ class VLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         checkpoint.load_into(model, path, dtype=dtype, device=device, tied=model._tied())
+        if model._tied() and hasattr(model.decoder, "tie_weights"):
+            model.decoder.tie_weights()  # load_state_dict(assign=True) gives each name its own Parameter
         model.generation_config = _read_generation_config(path)
         return model.eval()
 

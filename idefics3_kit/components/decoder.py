@@ -163,9 +163,13 @@ class CausalDecoder(nn.Module):
         o_bias = cfg.attention_bias if self.o_bias_default is None else self.o_bias_default
         self.model = _TextModel(cfg, qkv_bias, o_bias)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self._inv_freq_cache: dict = {}
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embeddings when the config says so (again after loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- the decoder contract ---------------------------------------------------------
     @property
