@@ -1,0 +1,70 @@
+"""The small demo VLM: its processor (a trained tokenizer plus small tiles) and its config.
+
+Geometry: 48-px tiles, 8-px patches (a 6x6 grid), pixel shuffle by 2 -> 9 image tokens per
+tile; images are resized to a longest edge of 96 px, so they split into up to 2x2 tiles plus
+the global tile. The chat template is SmolVLM's (it starts with the literal ``<|im_start|>``
+and the tokenizer adds no BOS).
+"""
+
+from __future__ import annotations
+
+import os
+
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}"
+    "<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+DEMO_GEOMETRY = {"tile": 48, "longest_edge": 96, "patch": 8, "scale": 2}
+
+
+def shipped_model_dir() -> str:
+    """Where the trained demo checkpoint lives inside the package."""
+    return os.path.join(os.path.dirname(__file__), "assets", "demo_model")
+
+
+def build_processor(out_dir: str, tile: int = 48, longest_edge: int = 96, image_seq_len: int = 9,
+                    vocab_size: int = 512):
+    """Train the tokenizer, assemble a Processor, save it to ``out_dir`` and load it back."""
+    from . import registry
+    from .components.splitter import SplitterConfig
+    from .processing import Processor
+    from .synthetic import corpus_lines
+    from .tokenization import TextTokenizer
+    from .tokenizer_builder import END_OF_UTTERANCE, IM_START, PAD, special_tokens, train_tokenizer
+
+    chat_lines = ["<|im_start|>User:<image>", "<end_of_utterance>\nAssistant: ", "User: Assistant:"]
+    backend = train_tokenizer((corpus_lines() + chat_lines) * 50, vocab_size=vocab_size)
+    tokenizer = TextTokenizer(backend, {
+        "eos_token": END_OF_UTTERANCE, "pad_token": PAD, "bos_token": IM_START, "add_bos_token": False,
+        "additional_special_tokens": special_tokens()[3:], "model_max_length": 2048,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+    splitter = registry.create("splitter", "idefics3", SplitterConfig(longest_edge=longest_edge, tile_size=tile))
+    processor = Processor(tokenizer, splitter, image_seq_len, SMOLVLM_CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    return Processor.from_pretrained(out_dir)
+
+
+def demo_model_config(vocab_size: int, image_token_id: int, pad_id: int, eos_id: int):
+    from .config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
+
+    g = DEMO_GEOMETRY
+    return VLMConfig(
+        vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                            image_size=g["tile"], patch_size=g["patch"]),
+        connector=ConnectorConfig(scale_factor=g["scale"]),
+        decoder=DecoderConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                              num_attention_heads=6, num_key_value_heads=2, rope_theta=10000.0,
+                              max_position_embeddings=1024, pad_token_id=pad_id, eos_token_id=eos_id),
+        image_token_id=image_token_id,
+    )

@@ -1,0 +1,270 @@
+"""A short training loop for idefics3_kit models, and the collator that feeds it.
+
+AdamW with linear warmup and cosine decay, gradient clipping, gradient accumulation, optional
+bf16 autocast, per-component freezing, a progress bar with loss and tokens/s, and checkpoints
+that resume: weights through ``save_pretrained`` (the Hugging Face layout), plus the optimizer,
+scheduler and step in ``trainer_state.pt``.
+
+    idefics3-kit train --config configs/demo_train.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import VLMConfig
+from .model import VLM
+
+COMPONENTS = ("vision", "connector", "decoder")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/demo"
+    model: dict = field(default_factory=lambda: {"demo": True})  # see build_model
+    processor: dict = field(default_factory=dict)  # {"path": dir} or {"build": {...}} (see demo_model.py)
+    data: dict = field(default_factory=lambda: {"source": "synthetic", "seed": 0})
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    freeze: list = field(default_factory=list)  # component names to keep fixed
+    save_every: int = 250
+    seed: int = 0
+    num_threads: int = 0  # 0: torch's default
+
+    def __post_init__(self):
+        bad = [c for c in self.freeze if c not in COMPONENTS]
+        if bad:
+            raise ValueError(f"TrainConfig.freeze: unknown components {bad}; choose from {list(COMPONENTS)}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("TrainConfig: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+
+    @classmethod
+    def from_file(cls, path: str) -> "TrainConfig":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"training config not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {unknown}; known: {sorted(known)}")
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def chat_messages(question: str, answer: str | None = None) -> list[dict]:
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    if answer is None:
+        return [user]
+    return [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+class Collator:
+    """Examples (image, question, answer) -> a right-padded training batch.
+
+    Labels are -100 everywhere except the assistant's answer (and the end-of-utterance token
+    that closes it), so the loss teaches answering, not predicting prompts or image tokens.
+    """
+
+    def __init__(self, processor, pad_token_id: int):
+        self.processor = processor
+        self.pad_token_id = pad_token_id
+
+    def encode(self, image, question: str, answer: str):
+        proc = self.processor
+        prompt = proc.apply_chat_template(chat_messages(question), add_generation_prompt=True)
+        full = proc.apply_chat_template(chat_messages(question, answer))
+        prompt_ids = proc(text=[prompt], images=[[image]], return_tensors="pt")["input_ids"][0]
+        enc = proc(text=[full], images=[[image]], return_tensors="pt")
+        ids = enc["input_ids"][0]
+        n = prompt_ids.shape[0]
+        if not torch.equal(ids[:n], prompt_ids):
+            raise ValueError("the answer changed the tokenization of the prompt; cannot mask labels")
+        labels = ids.clone()
+        labels[:n] = -100
+        return ids, labels, enc["pixel_values"][0], enc["pixel_attention_mask"][0]
+
+    def __call__(self, examples) -> dict:
+        rows = [self.encode(e.image, e.question, e.answer) for e in examples]
+        length = max(r[0].shape[0] for r in rows)
+        tiles = max(r[2].shape[0] for r in rows)
+        b = len(rows)
+        side = rows[0][2].shape[-1]
+        batch = {
+            "input_ids": torch.full((b, length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros(b, length, dtype=torch.long),
+            "labels": torch.full((b, length), -100, dtype=torch.long),
+            "pixel_values": torch.zeros(b, tiles, 3, side, side),
+            "pixel_attention_mask": torch.zeros(b, tiles, side, side, dtype=torch.long),
+        }
+        for i, (ids, labels, pixels, pmask) in enumerate(rows):
+            n, t = ids.shape[0], pixels.shape[0]
+            batch["input_ids"][i, :n] = ids
+            batch["attention_mask"][i, :n] = 1
+            batch["labels"][i, :n] = labels
+            batch["pixel_values"][i, :t] = pixels
+            batch["pixel_attention_mask"][i, :t] = pmask
+        return batch
+
+
+def synthetic_batches(data_cfg: dict, batch_size: int, start_index: int = 0):
+    """Endless batches of synthetic examples; example i is a pure function of (seed, i)."""
+    from .synthetic import make_example
+
+    seed = int(data_cfg.get("seed", 0))
+    index = start_index
+    while True:
+        yield [make_example(seed * 1_000_003 + index + k) for k in range(batch_size)]
+        index += batch_size
+
+
+# ---- model, optimizer, schedule ---------------------------------------------------------------
+
+
+def build_model(model_cfg: dict, processor=None) -> VLM:
+    """A model from ``{"init": dir}``, ``{"demo": true}``, ``{"preset": name, ...}`` or a VLMConfig dict."""
+    spec = dict(model_cfg)
+    if "init" in spec:
+        return VLM.from_pretrained(spec["init"])
+    if spec.get("demo"):
+        from .demo_model import demo_model_config
+
+        tok = processor.tokenizer
+        return VLM(demo_model_config(len(tok), processor.image_token_id, tok.pad_token_id,
+                                     processor.end_of_utterance_token_id))
+    if "preset" in spec:
+        cfg = VLMConfig.preset(spec.pop("preset"))
+        parts = {}
+        for kind in ("vision", "connector", "decoder"):
+            if kind in spec:
+                parts[kind] = getattr(cfg, kind).replace(**spec.pop(kind))
+        cfg = cfg.replace(**parts, **spec)
+    else:
+        cfg = VLMConfig.from_dict(spec)
+    return VLM(cfg)
+
+
+def freeze(model: VLM, components) -> None:
+    for name in COMPONENTS:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(name not in components)
+
+
+def make_optimizer(model: VLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices (not on norms, biases or 1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every component is frozen")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.pt"
+
+
+def save_checkpoint(path: str, model: VLM, processor, optimizer, scheduler, step: int, cfg: TrainConfig) -> None:
+    model.save_pretrained(path)
+    if processor is not None:
+        processor.save_pretrained(path)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state()},
+               os.path.join(path, STATE_FILE))
+
+
+def load_trainer_state(path: str, optimizer, scheduler) -> int:
+    state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def load_or_build_processor(proc_cfg: dict, out_dir: str):
+    from .processing import Processor
+
+    if "path" in proc_cfg:
+        return Processor.from_pretrained(proc_cfg["path"])
+    from .demo_model import build_processor
+
+    return build_processor(os.path.join(out_dir, "processor"), **proc_cfg.get("build", {}))
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> VLM:
+    """Train (or resume) as ``cfg`` says; returns the trained model."""
+    from tqdm.auto import tqdm
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    last = os.path.join(cfg.out_dir, "last")
+    resuming = os.path.exists(os.path.join(last, STATE_FILE))
+    processor = load_or_build_processor({"path": last} if resuming else cfg.processor, cfg.out_dir)
+    model = VLM.from_pretrained(last) if resuming else build_model(cfg.model, processor)
+    model.train()
+    freeze(model, cfg.freeze)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    start = load_trainer_state(last, optimizer, scheduler) if resuming else 0
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    collate = Collator(processor, pad_id)
+    micro_batches = synthetic_batches(cfg.data, cfg.batch_size, start * cfg.batch_size * cfg.grad_accum)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    for step in bar:
+        t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
+        for _ in range(cfg.grad_accum):
+            batch = collate(next(micro_batches))
+            tokens += int(batch["attention_mask"].sum())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
+                        lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(last, model, processor, optimizer, scheduler, step + 1, cfg)
+    return model.eval()
