@@ -78,6 +78,39 @@ class VisionConfig(_Replaceable):
         return self.patches_per_side ** 2
 
 
+@dataclass(frozen=True)
+class ClipVisionConfig(VisionConfig):
+    """CLIP ViT vision tower (transformers' CLIPVisionModel); defaults: openai/clip-vit-base-patch16.
+
+    ``feature_layer`` picks the hidden state handed to the connector, indexed like transformers'
+    ``hidden_states`` tuple (0: embeddings after pre_layrnorm, k: output of layer k): -1 is
+    ``last_hidden_state`` (the default), -2 the penultimate layer that LLaVA uses. The class
+    token is always dropped, so the connector sees the square patch grid. ``post_layernorm``
+    (applied by transformers only to the pooled class token) is kept for checkpoints but not
+    used for the features. ``projection_dim`` is carried for config.json round trips only.
+    """
+
+    name: str = "clip"
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    projection_dim: int = 512
+    feature_layer: int = -1
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.num_hidden_layers
+        _require(isinstance(self.feature_layer, int) and -(n + 1) <= self.feature_layer <= n,
+                 "ClipVisionConfig", "feature_layer",
+                 f"must index the {n + 1} hidden states (-{n + 1}..{n}), got {self.feature_layer!r}")
+
+    @property
+    def num_layers_run(self) -> int:
+        """How many encoder layers produce the selected hidden state."""
+        return self.feature_layer % (self.num_hidden_layers + 1)
+
+
 # --------------------------------------------------------------------------------------
 # Connector
 
@@ -159,6 +192,45 @@ class DecoderConfig(_Replaceable):
     @property
     def num_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclass(frozen=True)
+class Qwen2DecoderConfig(DecoderConfig):
+    """Qwen2 / Qwen2.5 decoder (transformers' Qwen2ForCausalLM).
+
+    Defaults are Qwen2.5-0.5B-Instruct's config.json (special-token ids left None, as in
+    transformers' Qwen2Config: they come with the checkpoint). The architecture differs from Llama only
+    in fixed biases (q/k/v projections with bias, o_proj and MLP without), so
+    ``attention_bias``/``mlp_bias`` must stay False. Sliding-window attention is not
+    implemented: a config in which some layer would use it (``use_sliding_window`` with
+    ``max_window_layers < num_hidden_layers``) is refused.
+    """
+
+    name: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 21
+
+    def __post_init__(self):
+        super().__post_init__()
+        c = "Qwen2DecoderConfig"
+        _require(not self.attention_bias, c, "attention_bias",
+                 "Qwen2 always has q/k/v biases and no o_proj bias; leave attention_bias False")
+        _require(not self.mlp_bias, c, "mlp_bias", "Qwen2's MLP has no biases; leave mlp_bias False")
+        sliding = [i for i in range(self.num_hidden_layers) if i >= self.max_window_layers]
+        _require(not (self.use_sliding_window and self.sliding_window and sliding), c, "use_sliding_window",
+                 f"sliding-window attention is not implemented (layers {sliding[:3]}... would use a window of "
+                 f"{self.sliding_window}); set use_sliding_window=False")
 
 
 def _validate_rope_scaling(rs: dict) -> None:
@@ -329,4 +401,5 @@ def tokens_per_tile(image_size: int, patch_size: int, scale_factor: int) -> int:
     return int(((image_size // patch_size) ** 2) / (scale_factor ** 2))
 
 
-__all__ = ["VisionConfig", "ConnectorConfig", "DecoderConfig", "VLMConfig", "tokens_per_tile"]
+__all__ = ["VisionConfig", "ClipVisionConfig", "ConnectorConfig", "DecoderConfig", "Qwen2DecoderConfig", "VLMConfig",
+           "tokens_per_tile"]
