@@ -268,6 +268,21 @@ def _component_config(kind: str, value: Any, default_cls: type):
     return value
 
 
+def _check_component_config(kind: str, cfg: Any) -> None:
+    """A slot's config must be an instance of its component's registered config class."""
+    from . import registry
+
+    name = getattr(cfg, "name", None)
+    try:
+        cls = registry.config_class(kind, name)
+    except KeyError:
+        return  # an unknown name fails when the model is built, with the list of known ones
+    if cls is not None and not isinstance(cfg, cls):
+        raise TypeError(f"VLMConfig.{kind}: {kind} component {name!r} takes a {cls.__name__}, got "
+                        f"{type(cfg).__name__}; build it with {cls.__name__}(...) or "
+                        f"registry.config_class({kind!r}, {name!r})")
+
+
 @dataclass(frozen=True)
 class VLMConfig(_Replaceable):
     """Everything needed to assemble a VLM: one config per part, plus the glue."""
@@ -281,6 +296,8 @@ class VLMConfig(_Replaceable):
         object.__setattr__(self, "vision", _component_config("vision", self.vision, VisionConfig))
         object.__setattr__(self, "connector", _component_config("connector", self.connector, ConnectorConfig))
         object.__setattr__(self, "decoder", _component_config("decoder", self.decoder, DecoderConfig))
+        for kind in ("vision", "connector", "decoder"):
+            _check_component_config(kind, getattr(self, kind))
         self._resolve_connector_dims()
         grid = _vision_grid(self.vision)
         s = self.connector.scale_factor
@@ -297,10 +314,12 @@ class VLMConfig(_Replaceable):
         txt_dim = self.decoder.hidden_size
         if c.in_dim and c.in_dim != vis_dim:
             raise ValueError(f"VLMConfig.connector.in_dim: {c.in_dim} does not match the vision encoder's "
-                             f"hidden_size {vis_dim}")
+                             f"hidden_size {vis_dim} (connector {c.name!r} in_dim {c.in_dim} vs vision "
+                             f"{self.vision.name!r} hidden_size {vis_dim})")
         if c.out_dim and c.out_dim != txt_dim:
             raise ValueError(f"VLMConfig.connector.out_dim: {c.out_dim} does not match the decoder's "
-                             f"hidden_size {txt_dim}")
+                             f"hidden_size {txt_dim} (connector {c.name!r} out_dim {c.out_dim} vs decoder "
+                             f"{self.decoder.name!r} hidden_size {txt_dim})")
         object.__setattr__(self, "connector", dataclasses.replace(c, in_dim=vis_dim, out_dim=txt_dim))
 
     def replace(self, **changes):

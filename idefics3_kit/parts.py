@@ -159,3 +159,39 @@ def add_token(decoder: nn.Module) -> int:
     decoder.lm_head = new_head
     decoder.config = dataclasses.replace(cfg, vocab_size=new_id + 1)
     return new_id
+
+
+def resolve_part(kind: str, value, *, dtype=None, device=None) -> tuple[nn.Module, str | None]:
+    """A component module for ``VLM.from_parts``, and the checkpoint dir it came from (if any).
+
+    ``value``: a checkpoint directory (str or PathLike), an already built component module of
+    this kind (used as is), or a config of a registered component (fresh random weights).
+    """
+    if isinstance(value, (str, os.PathLike)):
+        return load_component(kind, value, dtype=dtype, device=device), os.fspath(value)
+    if isinstance(value, nn.Module):
+        got = getattr(type(value), "component_kind", None)
+        if got != kind or not hasattr(value, "config"):
+            raise TypeError(f"{kind}=: expected a registered {kind} component module (with .config), got "
+                            f"{type(value).__name__}" + (f" (a {got} component)" if got else ""))
+        return value, None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and hasattr(value, "name"):
+        module = registry.create(kind, value.name, value)
+        return module, None
+    raise TypeError(f"{kind}=: expected a checkpoint directory, a {kind} component module or a {kind} config, "
+                    f"got {type(value).__name__}")
+
+
+def connector_config(value):
+    """A connector config from a registry name, a config object or a dict of its fields."""
+    if isinstance(value, str):
+        cls = registry.config_class("connector", value)
+        if cls is None:
+            raise TypeError(f"connector {value!r} has no config class")
+        return cls(name=value) if "name" in {f.name for f in dataclasses.fields(cls)} else cls()
+    if isinstance(value, dict):
+        name = value.get("name", "pixel_shuffle")
+        return registry.make_config(registry.get("connector", name), value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value
+    raise TypeError(f"connector=: expected a connector name, a ConnectorConfig or a dict, got {type(value).__name__}")
