@@ -218,7 +218,7 @@ class Qwen2DecoderConfig(DecoderConfig):
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
     use_sliding_window: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the checkpoint says 32768; transformers drops it when sliding is off
     max_window_layers: int = 21
 
     def __post_init__(self):
