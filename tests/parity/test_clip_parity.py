@@ -76,3 +76,18 @@ def test_clip_refuses_other_tile_sizes():
         enc(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="feature_layer"):
         ClipVisionConfig(num_hidden_layers=2, feature_layer=3)
+
+
+def test_clip_vision_model_dir_in_the_older_prefixed_layout(tmp_path):
+    """transformers 4.x saved CLIPVisionModel(WithProjection) tensors under vision_model.*."""
+    from safetensors.torch import load_file, save_file
+
+    ref = clip_checkpoint(tmp_path, seed=8)
+    file = tmp_path / "model.safetensors"
+    tensors = {"vision_model." + k: v for k, v in load_file(str(file)).items()}
+    tensors["visual_projection.weight"] = torch.zeros(16, 48)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    ours = load_component("vision", tmp_path)
+    px = _pixels(seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(px), ref(pixel_values=px).last_hidden_state[:, 1:], atol=1e-4, rtol=0)
