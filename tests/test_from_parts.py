@@ -170,3 +170,21 @@ def test_plain_idefics3_config_has_no_extra_key():
     cfg = ik.VLMConfig.preset("tiny")
     assert cfg.is_plain_idefics3 and "idefics3_kit" not in cfg.to_hf_dict()
     assert registry.get("connector", "mlp")
+
+
+def test_llama_causal_lm_dir_as_decoder(tmp_path, dirs):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    paths, _ = dirs
+    model = ik.VLM.from_parts(vision=paths["clip"], decoder=tmp_path, connector="mlp", image_token_id=99)
+    assert model.config.component_names["decoder"] == "llama3"
+    ids = torch.randint(0, 99, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=0)
