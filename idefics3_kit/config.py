@@ -88,6 +88,9 @@ class ClipVisionConfig(VisionConfig):
     token is always dropped, so the connector sees the square patch grid. ``post_layernorm``
     (applied by transformers only to the pooled class token) is kept for checkpoints but not
     used for the features. ``projection_dim`` is carried for config.json round trips only.
+    ``interpolate_pos_encoding``: tiles of another size than ``image_size`` get bicubically
+    resized position embeddings, as transformers does when called with
+    ``interpolate_pos_encoding=True``; False refuses them.
     """
 
     name: str = "clip"
@@ -97,6 +100,7 @@ class ClipVisionConfig(VisionConfig):
     hidden_act: str = "quick_gelu"
     projection_dim: int = 512
     feature_layer: int = -1
+    interpolate_pos_encoding: bool = True
 
     def __post_init__(self):
         super().__post_init__()

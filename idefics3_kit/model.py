@@ -200,24 +200,6 @@ class VLM(nn.Module):
         return {}
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "VLM":
-        """Load a Hugging Face Idefics3/SmolVLM checkpoint directory.
-
-        The model is built on the meta device and the checkpoint tensors are assigned
-        directly, so no random weights are ever allocated.
-        """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        config = VLMConfig.from_pretrained(path)
-        dtype = resolve_dtype(dtype)
-        with torch.device("meta"):
-            model = cls(config)
-        checkpoint.load_into(model, path, dtype=dtype, device=device, tied=model._tied())
-        model.generation_config = _read_generation_config(path)
-        return model.eval()
-
-    @classmethod
     def from_parts(cls, vision, decoder, connector="pixel_shuffle", *, image_token_id: int | None = None,
                    dtype=None, device=None) -> "VLM":
         """Assemble a variant from a vision encoder, a decoder and a fresh connector.
@@ -255,6 +237,24 @@ class VLM(nn.Module):
             model.to(**moves)
         if decoder_dir is not None:
             model.generation_config = _read_generation_config(decoder_dir)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "VLM":
+        """Load a Hugging Face Idefics3/SmolVLM checkpoint directory.
+
+        The model is built on the meta device and the checkpoint tensors are assigned
+        directly, so no random weights are ever allocated.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        config = VLMConfig.from_pretrained(path)
+        dtype = resolve_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        checkpoint.load_into(model, path, dtype=dtype, device=device, tied=model._tied())
+        model.generation_config = _read_generation_config(path)
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 1024 ** 3) -> None:

@@ -69,11 +69,25 @@ def test_clip_masked_patches_do_not_leak(tmp_path):
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
-def test_clip_refuses_other_tile_sizes():
+@pytest.mark.parametrize("size", [(48, 48), (16, 40)])
+def test_clip_other_tile_sizes_interpolate_positions_like_transformers(tmp_path, size):
+    ref = clip_checkpoint(tmp_path, seed=9)
+    ours = load_component("vision", tmp_path)
+    px = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(pixel_values=px, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+        got = ours(px)
+    assert got.shape == (2, (size[0] // 8) * (size[1] // 8), 48)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_clip_refuses_other_tile_sizes_without_interpolation():
     enc = registry.create("vision", "clip", ClipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                             num_attention_heads=2, image_size=32, patch_size=8))
+                                                             num_attention_heads=2, image_size=32, patch_size=8,
+                                                             interpolate_pos_encoding=False))
     with pytest.raises(ValueError, match="tiles must be 32x32"):
         enc(torch.zeros(1, 3, 64, 64))
+    assert enc(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 16)
     with pytest.raises(ValueError, match="feature_layer"):
         ClipVisionConfig(num_hidden_layers=2, feature_layer=3)
 
