@@ -1,10 +1,12 @@
 """idefics3_kit: the Idefics3 vision-language model as swappable, registered parts."""
 
 from . import ops, registry
-from .config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
+from .config import (ClipVisionConfig, ConnectorConfig, DecoderConfig, Qwen2DecoderConfig, VisionConfig,
+                     VLMConfig)
 from .model import VLM, VLMOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["VLM", "VLMConfig", "VLMOutput", "VisionConfig", "ConnectorConfig", "DecoderConfig",
+__all__ = ["VLM", "VLMConfig", "VLMOutput", "VisionConfig", "ConnectorConfig", "DecoderConfig", "ClipVisionConfig",
+           "Qwen2DecoderConfig",
            "ops", "registry", "__version__"]

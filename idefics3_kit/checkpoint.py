@@ -92,21 +92,27 @@ def read_header_shapes(files: Iterable[str]) -> dict[str, tuple]:
 
 
 def load_into(module: torch.nn.Module, path: str, *, dtype=None, device=None, prefixes=IDEFICS3_PREFIXES,
-              tied: dict[str, str] | None = None) -> None:
+              tied: dict[str, str] | None = None, ignore=None) -> None:
     """Load a checkpoint into ``module`` (which may live on the meta device).
 
     Every parameter must be present with the right shape and no tensor may be left over;
     otherwise nothing is assigned and the error lists what is wrong. Tensors are cast to
     ``dtype`` and moved to ``device`` one by one, so peak memory is one copy of the weights.
     ``tied`` maps a parameter to the one it shares storage with (e.g. a tied LM head).
+    ``ignore`` (a predicate on Hugging Face tensor names) skips tensors that belong to other
+    parts of a larger checkpoint, e.g. the text tower of a CLIP dual encoder.
     """
     files = checkpoint_files(path)
     expected = {name: tuple(p.shape) for name, p in module.named_parameters()}
     tied = tied or {}
     shapes = read_header_shapes(files)
+    if ignore is not None:
+        shapes = {k: v for k, v in shapes.items() if not ignore(k)}
     _validate(expected, shapes, prefixes, tied, path)
     state = {}
     for hf_name, tensor in iter_tensors(files):
+        if ignore is not None and ignore(hf_name):
+            continue
         ours = from_hf_name(hf_name, prefixes)
         if ours is None or ours not in expected:
             continue
@@ -117,6 +123,15 @@ def load_into(module: torch.nn.Module, path: str, *, dtype=None, device=None, pr
         if name not in state:
             state[name] = state[source]
     module.load_state_dict(state, strict=True, assign=True)
+    _retie(module, tied)
+
+
+def _retie(module: torch.nn.Module, tied: dict[str, str]) -> None:
+    """``load_state_dict(assign=True)`` gives each name its own Parameter; share them again."""
+    for name, source in tied.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        setattr(owner, attr, module.get_parameter(source))
 
 
 def _validate(expected: dict, shapes: dict, prefixes, tied: dict, path: str) -> None:

@@ -80,6 +80,43 @@ class VisionConfig(_Replaceable):
         return self.patches_per_side ** 2
 
 
+@dataclass(frozen=True)
+class ClipVisionConfig(VisionConfig):
+    """CLIP ViT vision tower (transformers' CLIPVisionModel); defaults: openai/clip-vit-base-patch16.
+
+    ``feature_layer`` picks the hidden state handed to the connector, indexed like transformers'
+    ``hidden_states`` tuple (0: embeddings after pre_layrnorm, k: output of layer k): -1 is
+    ``last_hidden_state`` (the default), -2 the penultimate layer that LLaVA uses. The class
+    token is always dropped, so the connector sees the square patch grid. ``post_layernorm``
+    (applied by transformers only to the pooled class token) is kept for checkpoints but not
+    used for the features. ``projection_dim`` is carried for config.json round trips only.
+    ``interpolate_pos_encoding``: tiles of another size than ``image_size`` get bicubically
+    resized position embeddings, as transformers does when called with
+    ``interpolate_pos_encoding=True``; False refuses them.
+    """
+
+    name: str = "clip"
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    projection_dim: int = 512
+    feature_layer: int = -1
+    interpolate_pos_encoding: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.num_hidden_layers
+        _require(isinstance(self.feature_layer, int) and -(n + 1) <= self.feature_layer <= n,
+                 "ClipVisionConfig", "feature_layer",
+                 f"must index the {n + 1} hidden states (-{n + 1}..{n}), got {self.feature_layer!r}")
+
+    @property
+    def num_layers_run(self) -> int:
+        """How many encoder layers produce the selected hidden state."""
+        return self.feature_layer % (self.num_hidden_layers + 1)
+
+
 # --------------------------------------------------------------------------------------
 # Connector
 
@@ -163,6 +200,45 @@ class DecoderConfig(_Replaceable):
         return self.num_attention_heads // self.num_key_value_heads
 
 
+@dataclass(frozen=True)
+class Qwen2DecoderConfig(DecoderConfig):
+    """Qwen2 / Qwen2.5 decoder (transformers' Qwen2ForCausalLM).
+
+    Defaults are Qwen2.5-0.5B-Instruct's config.json (special-token ids left None, as in
+    transformers' Qwen2Config: they come with the checkpoint). The architecture differs from Llama only
+    in fixed biases (q/k/v projections with bias, o_proj and MLP without), so
+    ``attention_bias``/``mlp_bias`` must stay False. Sliding-window attention is not
+    implemented: a config in which some layer would use it (``use_sliding_window`` with
+    ``max_window_layers < num_hidden_layers``) is refused.
+    """
+
+    name: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    use_sliding_window: bool = False
+    sliding_window: int | None = None  # the checkpoint says 32768; transformers drops it when sliding is off
+    max_window_layers: int = 21
+
+    def __post_init__(self):
+        super().__post_init__()
+        c = "Qwen2DecoderConfig"
+        _require(not self.attention_bias, c, "attention_bias",
+                 "Qwen2 always has q/k/v biases and no o_proj bias; leave attention_bias False")
+        _require(not self.mlp_bias, c, "mlp_bias", "Qwen2's MLP has no biases; leave mlp_bias False")
+        sliding = [i for i in range(self.num_hidden_layers) if i >= self.max_window_layers]
+        _require(not (self.use_sliding_window and self.sliding_window and sliding), c, "use_sliding_window",
+                 f"sliding-window attention is not implemented (layers {sliding[:3]}... would use a window of "
+                 f"{self.sliding_window}); set use_sliding_window=False")
+
+
 def _validate_rope_scaling(rs: dict) -> None:
     if not isinstance(rs, dict):
         raise ValueError(f"DecoderConfig.rope_scaling: must be a dict or None, got {type(rs).__name__}")
@@ -198,6 +274,21 @@ def _component_config(kind: str, value: Any, default_cls: type):
     return value
 
 
+def _check_component_config(kind: str, cfg: Any) -> None:
+    """A slot's config must be an instance of its component's registered config class."""
+    from . import registry
+
+    name = getattr(cfg, "name", None)
+    try:
+        cls = registry.config_class(kind, name)
+    except KeyError:
+        return  # an unknown name fails when the model is built, with the list of known ones
+    if cls is not None and not isinstance(cfg, cls):
+        raise TypeError(f"VLMConfig.{kind}: {kind} component {name!r} takes a {cls.__name__}, got "
+                        f"{type(cfg).__name__}; build it with {cls.__name__}(...) or "
+                        f"registry.config_class({kind!r}, {name!r})")
+
+
 @dataclass(frozen=True)
 class VLMConfig(_Replaceable):
     """Everything needed to assemble a VLM: one config per part, plus the glue."""
@@ -211,6 +302,8 @@ class VLMConfig(_Replaceable):
         object.__setattr__(self, "vision", _component_config("vision", self.vision, VisionConfig))
         object.__setattr__(self, "connector", _component_config("connector", self.connector, ConnectorConfig))
         object.__setattr__(self, "decoder", _component_config("decoder", self.decoder, DecoderConfig))
+        for kind in ("vision", "connector", "decoder"):
+            _check_component_config(kind, getattr(self, kind))
         self._resolve_connector_dims()
         grid = _vision_grid(self.vision)
         s = self.connector.scale_factor
@@ -227,10 +320,12 @@ class VLMConfig(_Replaceable):
         txt_dim = self.decoder.hidden_size
         if c.in_dim and c.in_dim != vis_dim:
             raise ValueError(f"VLMConfig.connector.in_dim: {c.in_dim} does not match the vision encoder's "
-                             f"hidden_size {vis_dim}")
+                             f"hidden_size {vis_dim} (connector {c.name!r} in_dim {c.in_dim} vs vision "
+                             f"{self.vision.name!r} hidden_size {vis_dim})")
         if c.out_dim and c.out_dim != txt_dim:
             raise ValueError(f"VLMConfig.connector.out_dim: {c.out_dim} does not match the decoder's "
-                             f"hidden_size {txt_dim}")
+                             f"hidden_size {txt_dim} (connector {c.name!r} out_dim {c.out_dim} vs decoder "
+                             f"{self.decoder.name!r} hidden_size {txt_dim})")
         object.__setattr__(self, "connector", dataclasses.replace(c, in_dim=vis_dim, out_dim=txt_dim))
 
     def replace(self, **changes):
@@ -331,4 +426,5 @@ def tokens_per_tile(image_size: int, patch_size: int, scale_factor: int) -> int:
     return int(((image_size // patch_size) ** 2) / (scale_factor ** 2))
 
 
-__all__ = ["VisionConfig", "ConnectorConfig", "DecoderConfig", "VLMConfig", "tokens_per_tile"]
+__all__ = ["VisionConfig", "ClipVisionConfig", "ConnectorConfig", "DecoderConfig", "Qwen2DecoderConfig", "VLMConfig",
+           "tokens_per_tile"]

@@ -201,6 +201,46 @@ class VLM(nn.Module):
         return {}
 
     @classmethod
+    def from_parts(cls, vision, decoder, connector="pixel_shuffle", *, image_token_id: int | None = None,
+                   dtype=None, device=None) -> "VLM":
+        """Assemble a variant from a vision encoder, a decoder and a fresh connector.
+
+        ``vision`` / ``decoder``: a checkpoint directory written by transformers (CLIPVisionModel,
+        SiglipVisionModel, CLIP/SigLIP dual encoders or Idefics3 for vision; Qwen2/Llama
+        ...ForCausalLM or Idefics3 for the decoder; see ``parts``), an already built component
+        module (used as is, weights shared), or a component config (fresh random weights).
+        ``connector``: a registry name (default config of that connector) or a ConnectorConfig /
+        dict; its in_dim/out_dim come from the neighbours (explicit values must match, and the
+        error names both sides). Its weights are always fresh.
+        ``image_token_id``: an id of the decoder's vocabulary to use for ``<image>``, or None to
+        append a new token (id = old vocab_size; embedding and LM-head row = mean of the others;
+        a decoder module passed in is grown in place). Add the same token to your tokenizer.
+        """
+        from . import parts
+
+        dtype = resolve_dtype(dtype)
+        vision_mod, _ = parts.resolve_part("vision", vision, dtype=dtype, device=device)
+        decoder_mod, decoder_dir = parts.resolve_part("decoder", decoder, dtype=dtype, device=device)
+        conn_cfg = parts.connector_config(connector)
+        if image_token_id is None:
+            image_token_id = parts.add_token(decoder_mod)
+        config = VLMConfig(vision=vision_mod.config, connector=conn_cfg, decoder=decoder_mod.config,
+                           image_token_id=image_token_id)
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision = vision_mod
+        model.decoder = decoder_mod
+        ref = next(decoder_mod.parameters())
+        model.connector = registry.create("connector", config.connector.name, config.connector).to(
+            dtype=ref.dtype, device=ref.device)
+        moves = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+        if moves:
+            model.to(**moves)
+        if decoder_dir is not None:
+            model.generation_config = _read_generation_config(decoder_dir)
+        return model.eval()
+
+    @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "VLM":
         """Load a Hugging Face Idefics3/SmolVLM checkpoint directory.
 

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ConnectorConfig
 from ..registry import register
@@ -68,6 +69,42 @@ class PixelShuffleConnector(nn.Module):
         self.config = cfg
         self.scale_factor = cfg.scale_factor
         self.modality_projection = _Projection(cfg.in_dim * cfg.scale_factor ** 2, cfg.out_dim)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.modality_projection(pixel_shuffle(hidden, self.scale_factor))
+
+
+class _MLPProjection(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden_dim)
+        self.linear_2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+@register("connector", "mlp")
+class MLPConnector(nn.Module):
+    """Pixel shuffle by ``scale_factor``, then Linear-GELU-Linear (LLaVA-style projector).
+
+    [N, P, in_dim] -> shuffle [N, P/s², s²·in_dim] -> Linear(s²·in_dim, hidden_dim) -> GELU (erf)
+    -> Linear(hidden_dim, out_dim), both with bias; ``hidden_dim`` 0 means out_dim. Parameters
+    are ``modality_projection.linear_{1,2}`` (``model.connector.modality_projection.*`` in a
+    saved checkpoint). ``scale_factor`` 1 gives LLaVA's plain two-layer projector.
+    """
+
+    config_class = ConnectorConfig
+
+    def __init__(self, cfg: ConnectorConfig):
+        super().__init__()
+        if not cfg.in_dim or not cfg.out_dim:
+            raise ValueError("ConnectorConfig.in_dim/out_dim must be set (VLMConfig fills them in; "
+                             f"got in_dim={cfg.in_dim}, out_dim={cfg.out_dim})")
+        self.config = cfg
+        self.scale_factor = cfg.scale_factor
+        self.modality_projection = _MLPProjection(cfg.in_dim * cfg.scale_factor ** 2, cfg.hidden_dim or cfg.out_dim,
+                                                  cfg.out_dim)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.modality_projection(pixel_shuffle(hidden, self.scale_factor))

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import DecoderConfig
+from ..config import DecoderConfig, Qwen2DecoderConfig
 from ..registry import register
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -237,3 +237,17 @@ class CausalDecoder(nn.Module):
 @register("decoder", "llama3")
 class Llama3Decoder(CausalDecoder):
     """Llama 3 / SmolLM2 decoder (biases on projections only if ``attention_bias``)."""
+
+
+@register("decoder", "qwen2")
+class Qwen2Decoder(CausalDecoder):
+    """Qwen2 / Qwen2.5 decoder (transformers' Qwen2ForCausalLM).
+
+    Llama's layer with Qwen2's fixed biases: q/k/v projections with bias, o_proj and the MLP
+    without. RoPE theta, GQA and tied/untied embeddings come from the config.
+    Sliding-window attention is refused by ``Qwen2DecoderConfig``.
+    """
+
+    config_class = Qwen2DecoderConfig
+    qkv_bias_default = True
+    o_bias_default = False

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import VisionConfig
+from ..config import ClipVisionConfig, VisionConfig
 from ..registry import register
 
 ACTIVATIONS = {
@@ -142,3 +142,97 @@ class SiglipVisionEncoder(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x, key_mask)
         return self.post_layernorm(x)
+
+
+# --------------------------------------------------------------------------------------
+# CLIP
+
+
+class ClipEmbeddings(nn.Module):
+    """Class token + bias-free conv patches + learned absolute positions for N²+1 slots."""
+
+    def __init__(self, cfg: ClipVisionConfig):
+        super().__init__()
+        self.grid = cfg.patches_per_side
+        self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                         bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+    def positions(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings [1+h*w, D]; for another grid than the trained one, the patch part is
+        resized bicubically (transformers' ``interpolate_pos_encoding``), the class slot kept."""
+        table = self.position_embedding.weight  # [1+N², D]
+        if (h, w) == (self.grid, self.grid):
+            return table
+        d = table.shape[1]
+        patch = table[1:].reshape(1, self.grid, self.grid, d).permute(0, 3, 1, 2)  # [1, D, N, N]
+        patch = F.interpolate(patch, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([table[:1], patch.permute(0, 2, 3, 1).reshape(h * w, d)], dim=0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [N, D, h, w]
+        h, w = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)  # [N, P, D], patches row-major
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [N, 1, D]
+        return torch.cat([cls, x], dim=1) + self.positions(h, w)  # [N, 1+P, D]
+
+
+@register("vision", "clip")
+class ClipVisionEncoder(nn.Module):
+    """CLIP ViT (transformers' CLIPVisionModel) under the vision contract.
+
+    pixel_values [N, C, H, W] + patch_mask [N, H/p, W/p] -> [N, (H/p)(W/p), D]. Tiles of
+    ``image_size`` use the trained absolute positions; other sizes resize them bicubically as
+    transformers' ``interpolate_pos_encoding=True`` does (``interpolate_pos_encoding=False`` in
+    the config refuses them instead). There is no NaViT-style variable resolution. The class token
+    takes part in attention but is dropped from the output, so the connector sees the square
+    patch grid. Masked patches are excluded as attention keys (the class token never is);
+    their own rows are still computed. A full tile matches transformers exactly; a partially
+    masked tile has no transformers counterpart (CLIP never saw padding), so prefer full tiles.
+    The output is hidden state ``feature_layer`` (default: last_hidden_state, i.e. without
+    post_layernorm, which transformers applies only to the pooled class token).
+    """
+
+    config_class = ClipVisionConfig
+
+    def __init__(self, cfg: ClipVisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_size = cfg.patch_size
+        self.image_size = cfg.image_size
+        self.hidden_size = cfg.hidden_size
+        self.embeddings = ClipEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # (sic) transformers' name
+        self.encoder = SiglipEncoder(cfg)  # same pre-LN block and parameter names
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, _, height, width = pixel_values.shape
+        self._check_size(height, width)
+        x = self.pre_layrnorm(self.embeddings(pixel_values))  # [N, 1+P, D]
+        key_mask = None
+        if patch_mask is not None:
+            flat = patch_mask.reshape(n, -1).bool()
+            if flat.shape[1] != x.shape[1] - 1:
+                raise ValueError(f"clip vision encoder: patch_mask has {flat.shape[1]} patches per tile, "
+                                 f"expected {x.shape[1] - 1}")
+            if not bool(flat.all()):
+                key_mask = torch.cat([flat.new_ones(n, 1), flat], dim=1)  # class token always attendable
+        for layer in self.encoder.layers[:self.config.num_layers_run]:
+            x = layer(x, key_mask)
+        return x[:, 1:]
+
+    def _check_size(self, height: int, width: int) -> None:
+        p = self.patch_size
+        if not self.config.interpolate_pos_encoding and (height // p, width // p) != (self.embeddings.grid,) * 2:
+            raise ValueError(f"clip vision encoder: tiles must be {self.image_size}x{self.image_size} pixels "
+                             f"(interpolate_pos_encoding is off), got {height}x{width}")
+
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """transformers' pooler_output: post_layernorm of the final class token, [N, D]."""
+        self._check_size(*pixel_values.shape[2:])
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.encoder.layers:
+            x = layer(x, None)
+        return self.post_layernorm(x[:, 0])
