@@ -48,10 +48,11 @@ def test_create_with_dict_and_overrides():
 # ---- every registered component, built from its default config --------------------------------
 
 
-def _random_init(module: torch.nn.Module) -> torch.nn.Module:
+def _cheap_init(module: torch.nn.Module) -> torch.nn.Module:
+    """Small deterministic weights: filling is ~10x faster than random init at real sizes."""
     with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.02)
+        for i, p in enumerate(module.parameters()):
+            p.fill_(0.02 if i % 2 else -0.01)
     return module
 
 
@@ -60,7 +61,7 @@ def _build_default(kind: str, name: str, **overrides):
     cfg = registry.make_config(entry, None, overrides)
     with torch.device("meta"):  # real-size defaults: allocate without slow random init
         module = entry.builder(cfg)
-    return _random_init(module.to_empty(device="cpu")), cfg
+    return _cheap_init(module.to_empty(device="cpu")), cfg
 
 
 def _check_vision(name):
