@@ -3,8 +3,10 @@
 from . import ops, registry
 from .config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
 from .model import VLM, VLMOutput
+from .processing import BatchFeature, ImagePlan, Processor
+from .components.splitter import SplitterConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["VLM", "VLMConfig", "VLMOutput", "VisionConfig", "ConnectorConfig", "DecoderConfig",
+__all__ = ["VLM", "VLMConfig", "VLMOutput", "Processor", "BatchFeature", "ImagePlan", "SplitterConfig", "VisionConfig", "ConnectorConfig", "DecoderConfig",
            "ops", "registry", "__version__"]
