@@ -8,11 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import idefics3_kit as ik
 from idefics3_kit import Processor, SplitterConfig, registry
 from idefics3_kit.ops import preprocess as preprocess_op
 from idefics3_kit.tokenization import TextTokenizer
+from tests.strategies import geometries, image_sizes
 
 SMALL = SplitterConfig(longest_edge=96, tile_size=32)
 
@@ -131,6 +135,18 @@ def test_plan_agrees_with_processing(proc):
     assert plan.prompt_tokens == batch.input_ids.shape[1]
     assert (plan.rows, plan.cols, plan.tiles) == (batch.image_plans[0][0].rows, batch.image_plans[0][0].cols,
                                                   batch.pixel_values.shape[1])
+
+
+@settings(deadline=None, max_examples=25)
+@given(size=image_sizes(80), geometry=geometries(max_tile=32, max_longest=96), seq_len=st.integers(1, 5))
+def test_image_tokens_are_tiles_times_seq_len(proc, size, geometry, seq_len):
+    longest, tile = geometry
+    p = Processor(proc.tokenizer, proc.splitter, image_seq_len=seq_len)
+    image = Image.fromarray(img(size[1], size[0], seed=size[0]))  # PIL: a 1×3 array would read as CHW
+    batch = p(text="<image>", images=image, longest_edge=longest, tile_size=tile, add_special_tokens=False)
+    plan = p.plan(size[1], size[0], longest_edge=longest, tile_size=tile)
+    assert (batch.input_ids == p.image_token_id).sum() == plan.image_tokens == plan.tiles * seq_len
+    assert batch.input_ids.shape[1] == plan.prompt_tokens and batch.pixel_values.shape[1] == plan.tiles
 
 
 def test_overrides_change_the_plan(proc):
