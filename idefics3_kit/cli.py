@@ -67,11 +67,12 @@ def cmd_plan(args) -> int:
 
     overrides = {k: v for k, v in (("longest_edge", args.longest_edge), ("tile_size", args.tile_size))
                  if v is not None}
+    sizes = {**overrides, "image_seq_len": args.image_seq_len}
+    for name, value in sizes.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.no_split:
         overrides["do_image_splitting"] = False
-    for name, value in overrides.items():
-        if isinstance(value, int) and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     rgb = to_rgb(args.image, where=f"image {args.image}")
     prompt_tokens = None
     if args.model:
