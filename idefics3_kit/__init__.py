@@ -8,5 +8,5 @@ from .components.splitter import SplitterConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["VLM", "VLMConfig", "VLMOutput", "Processor", "BatchFeature", "ImagePlan", "SplitterConfig", "VisionConfig", "ConnectorConfig", "DecoderConfig",
-           "ops", "registry", "__version__"]
+__all__ = ["VLM", "VLMConfig", "VLMOutput", "VisionConfig", "ConnectorConfig", "DecoderConfig",
+           "Processor", "BatchFeature", "ImagePlan", "SplitterConfig", "ops", "registry", "__version__"]
