@@ -9,8 +9,10 @@ for batched generation) and returns a ``BatchFeature``:
 
 The token layout of one image with R×C tiles (S = image_seq_len ``<image>`` tokens per tile):
 
-    for each row r:  <fake_token_around_image><row_r_col_1><image>×S ... <fake_token_around_image><row_r_col_C><image>×S \\n
-    then:            \\n<fake_token_around_image><global-img><image>×S<fake_token_around_image>
+    for each row r:  <fake><row_r_col_1><image>×S ... <fake><row_r_col_C><image>×S \\n
+    then:            \\n<fake><global-img><image>×S<fake>
+
+(``<fake>`` = ``<fake_token_around_image>``)
 
 and for an unsplit image only the last (global) block. Tags the tokenizer does not know as one
 token (``<global-img>``, ``<row_1_col_1>``, ...) are tokenized as ordinary text.

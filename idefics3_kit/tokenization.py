@@ -5,9 +5,12 @@ setup that change token ids are reproduced here from the checkpoint's own files:
 
 - ``tokenizer.json`` is the pipeline (normalizer, pre-tokenizer, model, post-processor, decoder).
 - ``tokenizer_config.json`` names the special tokens (bos/eos/pad/unk + extra ones); any not yet in
-  the added vocabulary is added as a special token. When it sets ``add_bos_token`` or
-  ``add_eos_token`` the post-processor is rebuilt as ``[bos] $A [eos]`` (transformers does the
-  same); otherwise tokenizer.json's post-processor decides whether a BOS is added.
+  the added vocabulary is added as a special token.
+- Whether a BOS/EOS is added is decided by tokenizer.json's post-processor alone: transformers
+  5.24 drops ``add_bos_token``/``add_eos_token`` from tokenizer_config.json whenever a
+  tokenizer.json exists, so they are ignored here too. Passing ``add_bos_token``/``add_eos_token``
+  to the constructor rebuilds the post-processor as ``[bos] $A [eos]`` (transformers' rule for
+  explicit arguments), and ``save`` writes that post-processor into tokenizer.json.
 - Decoding skips special tokens on request; ``clean_up_tokenization_spaces`` is honoured except for
   BPE models (transformers skips it there too).
 """
@@ -47,7 +50,8 @@ def _token_content(value) -> str | None:
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` plus the special-token facts transformers keeps beside it."""
 
-    def __init__(self, backend, config: dict | None = None):
+    def __init__(self, backend, config: dict | None = None, add_bos_token: bool | None = None,
+                 add_eos_token: bool | None = None):
         from tokenizers import AddedToken
 
         self.backend = backend
@@ -62,8 +66,8 @@ class TextTokenizer:
         missing = [t for t in [*self.special_tokens.values(), *self.extra_special_tokens] if t not in added]
         if missing:
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
-        if "add_bos_token" in self.config or "add_eos_token" in self.config or backend.post_processor is None:
-            self._rebuild_post_processor(bool(self.config.get("add_bos_token")), bool(self.config.get("add_eos_token")))
+        if add_bos_token is not None or add_eos_token is not None or backend.post_processor is None:
+            self._rebuild_post_processor(bool(add_bos_token), bool(add_eos_token))
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -84,7 +88,7 @@ class TextTokenizer:
         return cls(backend, config)
 
     def _rebuild_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        """transformers' rule: ``[bos:0] $A:0 [eos:0]`` when the config asks for BOS/EOS explicitly."""
+        """transformers' rule for explicit arguments: ``[bos:0] $A:0 [eos:0]``."""
         from tokenizers import processors
 
         bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")

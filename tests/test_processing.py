@@ -30,7 +30,7 @@ def tiny_tokenizer(bos: bool = True) -> TextTokenizer:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["In this image, we see a cat.\n\n", "hello world\n"] * 20, trainer)
-    return TextTokenizer(tok, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": bos})
+    return TextTokenizer(tok, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, add_bos_token=bos)
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +169,18 @@ def test_save_and_load_round_trip(proc, saved):
     texts, images = ["<image>In this image", "hello"], [[img()], []]
     a, b = proc(text=texts, images=images), loaded(text=texts, images=images)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert Processor.from_pretrained(saved, image_seq_len=5, tile_size=16).plan(20, 10).image_tokens == 5 * 19  # 48×96: 3×6 + 1
+    changed = Processor.from_pretrained(saved, image_seq_len=5, tile_size=16)
+    assert changed.plan(20, 10).image_tokens == 5 * 19  # 48×96 in tiles of 16: 3×6 + 1
 
 
-def test_no_bos_from_tokenizer_config():
+def test_no_bos_without_a_post_processor(tmp_path):
     proc = Processor(tiny_tokenizer(bos=False), registry.create("splitter", "idefics3", SMALL), image_seq_len=3)
     assert proc(text="hello").input_ids[0, 0] != proc.tokenizer.bos_token_id
+    proc.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    loaded = Processor.from_pretrained(tmp_path)  # ignored like transformers 5.24: tokenizer.json decides
+    assert loaded(text="hello").input_ids[0, 0] != loaded.tokenizer.bos_token_id
 
 
 def test_chat_template_default_and_tokenize(proc):

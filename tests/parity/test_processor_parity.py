@@ -327,3 +327,18 @@ def test_batch_decode(checkpoints):
     ids = ours(text=["<image>In this image, we see", "a cat"], images=[[noise_image(9, 9, 1)], []])["input_ids"]
     for skip in (False, True):
         assert ours.batch_decode(ids, skip_special_tokens=skip) == hf.batch_decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("flavour,add_bos", [("llama", False), ("smol", True)])
+def test_add_bos_token_in_tokenizer_config(tmp_path, flavour, add_bos):
+    """transformers 5.24 ignores tokenizer_config.json's add_bos_token when tokenizer.json exists; so do we."""
+    import json
+
+    path = make_checkpoint(tmp_path / "c", flavour=flavour, longest_edge=96, tile=32)
+    config_file = tmp_path / "c" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "add_bos_token": add_bos}))
+    ours, hf = Processor.from_pretrained(path), hf_processor(path)
+    texts, images = ["<image>In this image", "hello"], [[noise_image(20, 10, 1)], []]
+    mine = ours(text=texts, images=images)
+    assert_same(mine, hf(text=texts, images=images, return_tensors="pt", padding=True))
+    assert (mine["input_ids"][0, 0] == ours.tokenizer.bos_token_id) == (flavour == "llama")

@@ -14,8 +14,11 @@ from tests.strategies import big_geometries, geometries, image_sizes
 pytestmark = pytest.mark.parity
 
 
-def _noise(height: int, width: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+def _noise(height: int, width: int, seed: int):
+    """A PIL image: a [1, W, 3] array would be read channels-first (the reference's ambiguity rule)."""
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @settings(deadline=None, max_examples=40)
