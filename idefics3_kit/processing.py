@@ -313,13 +313,15 @@ class Processor:
         ``tokenize=True`` processes the rendered prompt with the images of the messages' ``image``
         items (or ``images``) and, when the prompt already starts with the BOS token, does not add
         another (the double BOS of reference §2.4). It returns ``input_ids``, or the whole batch
-        with ``return_dict=True``.
+        with ``return_dict=True``. Call options (``return_tensors``, ``padding``, ...) may be given
+        directly or in ``processor_kwargs``; other keywords are template variables.
         """
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
             isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
         variables = {**self.tokenizer.special_tokens, **template_variables}
         template = chat_template or self.template
+        call_options = {k: variables.pop(k) for k in _CALL_OPTIONS & set(variables)}
         prompts = [chat_templates.render(template, c, add_generation_prompt, **variables) for c in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
@@ -327,6 +329,7 @@ class Processor:
             found = [chat_templates.images_in_messages(c) for c in conversations]
             images = found if any(found) else None
         kwargs = dict(processor_kwargs or {})
+        kwargs.update(call_options)  # transformers passes these on to the call too
         bos = self.tokenizer.bos_token
         if bos is not None and prompts[0].startswith(bos):
             kwargs["add_special_tokens"] = False
@@ -388,6 +391,8 @@ def _check_counts(prompts: list[str] | None, images: list[list] | None) -> None:
                          f"images passed. Found {in_text} {IMAGE_TOKEN} tokens and {in_images} images per sample.")
 
 
+_CALL_OPTIONS = {"return_tensors", "padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of",
+                 "add_special_tokens", "pixel_dtype"}
 _HF_SPELLINGS = {"size": "longest_edge", "max_image_size": "tile_size"}
 
 
@@ -450,7 +455,7 @@ def image_size(image) -> tuple[int, int]:
     from .components.splitter import _channels_last
 
     if isinstance(image, (str, bytes, os.PathLike)):
-        image = open_image(image, "image", None)
+        image = open_image(image, "image", None, decode=False)
     if isinstance(image, Image.Image):
         return image.size
     if isinstance(image, torch.Tensor):

@@ -193,6 +193,8 @@ def test_chat_template_default_and_tokenize(proc):
     batch = proc.apply_chat_template([messages, messages], tokenize=True, return_dict=True)
     assert batch.pixel_values.shape[0] == 2
     assert proc.apply_chat_template([{"role": "user", "content": "plain"}]) == "<s>User: plain<end_of_utterance>\n"
+    as_lists = proc.apply_chat_template(messages, tokenize=True, return_tensors=None, padding=False)
+    assert isinstance(as_lists, list) and as_lists[0][0] == proc.tokenizer.bos_token_id
 
 
 def test_chat_template_errors(proc):

@@ -232,8 +232,9 @@ def _pixel_check(height: int, width: int, where: str, limit: int | None) -> None
                          f"PIL.Image.MAX_IMAGE_PIXELS to allow it)")
 
 
-def open_image(source, where: str, limit: int | None):
-    """Open a path or encoded bytes with Pillow and decode it now, so corrupt data fails here."""
+def open_image(source, where: str, limit: int | None, decode: bool = True):
+    """Open a path or encoded bytes with Pillow and decode it now, so corrupt data fails here
+    (``decode=False``: read the header only, enough for the size)."""
     from PIL import Image, UnidentifiedImageError
 
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"{len(source)} bytes"
@@ -242,7 +243,8 @@ def open_image(source, where: str, limit: int | None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source))
             _pixel_check(img.height, img.width, f"{where} ({name})", limit)
-            img.load()
+            if decode:
+                img.load()
     except FileNotFoundError:
         raise ValueError(f"{where}: image file not found: {name}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -342,3 +342,18 @@ def test_add_bos_token_in_tokenizer_config(tmp_path, flavour, add_bos):
     mine = ours(text=texts, images=images)
     assert_same(mine, hf(text=texts, images=images, return_tensors="pt", padding=True))
     assert (mine["input_ids"][0, 0] == ours.tokenizer.bos_token_id) == (flavour == "llama")
+
+
+def test_a_processor_built_without_transformers_loads_in_transformers(tmp_path):
+    from idefics3_kit import SplitterConfig, registry
+    from tests.test_processing import tiny_tokenizer
+
+    splitter = registry.create("splitter", "idefics3", SplitterConfig(longest_edge=64, tile_size=32))
+    ours = Processor(tiny_tokenizer(), splitter, image_seq_len=2)
+    ours.save_pretrained(tmp_path)
+    hf = hf_processor(tmp_path)
+    texts, images = ["<image>In this image", "hello world"], [[noise_image(20, 10, 1)], []]
+    assert_same(ours(text=texts, images=images), hf(text=texts, images=images, return_tensors="pt", padding=True))
+    conversation = CONVERSATIONS[0]
+    assert ours.apply_chat_template(conversation, add_generation_prompt=True) == \
+        hf.apply_chat_template(conversation, add_generation_prompt=True)
