@@ -187,15 +187,18 @@ class Processor:
             batch_images = None  # [[], []] with image-free prompts: a text-only batch
         result = BatchFeature()
         result.image_plans = []
-        plans = []
-        if batch_images is not None:
-            split = self._split(batch_images, pixel_dtype, image_overrides)
-            plans = result.image_plans = split.plans
-        if prompts is not None:
-            expanded = [self._expand_prompt(p, plans[i] if plans else []) for i, p in enumerate(prompts)]
-            result.update(self._tokenize(expanded, plans, return_tensors, padding, padding_side or self.padding_side,
-                                         truncation, max_length, pad_to_multiple_of, add_special_tokens))
-        if batch_images is not None:
+        prepared = None
+        if batch_images is not None:  # convert and plan first: bad images fail before any work
+            prepared = self.splitter.prepare(batch_images, **_splitter_overrides(image_overrides))
+            result.image_plans = prepared.plans
+        if prompts is not None:  # tokenize next: a refused truncation fails before the pixel work
+            expanded = [self._expand_prompt(p, result.image_plans[i] if prepared else [])
+                        for i, p in enumerate(prompts)]
+            result.update(self._tokenize(expanded, result.image_plans, return_tensors, padding,
+                                         padding_side or self.padding_side, truncation, max_length,
+                                         pad_to_multiple_of, add_special_tokens))
+        if prepared is not None:
+            split = self.splitter.fill(prepared, pixel_dtype)
             result["pixel_values"] = split.pixel_values
             result["pixel_attention_mask"] = split.pixel_attention_mask
         return result
@@ -223,9 +226,6 @@ class Processor:
                 raise ValueError(f"images: sample {i} must be a list of images (PIL, numpy, torch, path or bytes), "
                                  f"got {type(sample).__name__}; don't mix images and lists at one level")
         return [list(sample) for sample in images]
-
-    def _split(self, batch_images, pixel_dtype, image_overrides):
-        return self.splitter(batch_images, dtype=pixel_dtype, **_splitter_overrides(image_overrides))
 
     def _expand_prompt(self, prompt: str, plans: list[TilePlan]) -> str:
         pieces = prompt.split(IMAGE_TOKEN)

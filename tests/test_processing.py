@@ -118,10 +118,14 @@ def test_bad_image_is_named_and_nothing_is_processed(proc, monkeypatch):
     assert calls == []
 
 
-def test_truncation_that_cuts_image_tokens_is_refused(proc):
+def test_truncation_that_cuts_image_tokens_is_refused(proc, monkeypatch):
     full = proc(text="hello <image> world", images=img()).input_ids.shape[1]
-    with pytest.raises(ValueError, match=r"would cut image tokens of prompt 0.*need 21 <image> tokens"):
-        proc(text="hello <image> world", images=img(), truncation=True, max_length=full - 4)
+    calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(preprocess_op, "preprocess_into", lambda *a, **k: calls.append(1))
+        with pytest.raises(ValueError, match=r"would cut image tokens of prompt 0.*need 21 <image> tokens"):
+            proc(text="hello <image> world", images=img(), truncation=True, max_length=full - 4)
+    assert calls == []  # refused before any pixel work
     kept = proc(text="<image> hello world", images=img(), truncation=True, max_length=full - 1)
     assert kept.input_ids.shape[1] == full - 1
 

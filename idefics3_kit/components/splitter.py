@@ -362,6 +362,15 @@ def to_rgb(image, where: str = "image", max_pixels: int | None = None) -> torch.
 
 
 @dataclass
+class PreparedBatch:
+    """Images converted to uint8 RGB and planned, before any pixel work (see ``Idefics3Splitter.prepare``)."""
+
+    rgb: list[list[torch.Tensor]]  # per sample, uint8 [H, W, 3]
+    plans: list[list[TilePlan]]
+    config: SplitterConfig
+
+
+@dataclass
 class SplitResult:
     """pixel_values [B, T, 3, S, S], pixel_attention_mask [B, T, S, S] int64, one plan per image."""
 
@@ -409,14 +418,18 @@ class Idefics3Splitter:
     def __call__(self, images: Sequence[Sequence[Any]], dtype: torch.dtype = torch.float32,
                  **overrides) -> SplitResult:
         """A batch (one list of images per sample, possibly empty) -> padded tile tensors."""
+        return self.fill(self.prepare(images, **overrides), dtype)
+
+    def prepare(self, images: Sequence[Sequence[Any]], **overrides) -> PreparedBatch:
+        """Convert and plan every image; all errors about the images surface here, before pixel work."""
         cfg = self.settings(**overrides)
         rgb = self.convert(images, cfg.pixel_limit())
         plans = [[plan_tiles(img.shape[0], img.shape[1], cfg) for img in sample] for sample in rgb]
-        return self.split_converted(rgb, plans, cfg, dtype)
+        return PreparedBatch(rgb, plans, cfg)
 
-    def split_converted(self, rgb: list[list[torch.Tensor]], plans: list[list[TilePlan]],
-                        cfg: SplitterConfig, dtype: torch.dtype = torch.float32) -> SplitResult:
+    def fill(self, batch: PreparedBatch, dtype: torch.dtype = torch.float32) -> SplitResult:
         """Allocate the padded batch and let the preprocess op fill it."""
+        rgb, plans, cfg = batch.rgb, batch.plans, batch.config
         s = cfg.tile_size
         max_tiles = max((sum(p.tiles for p in sample) for sample in plans), default=0)
         pixel_values = torch.zeros(len(rgb), max_tiles, 3, s, s, dtype=dtype)  # padding tiles stay all-zero
