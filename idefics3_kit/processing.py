@@ -452,10 +452,14 @@ def image_size(image) -> tuple[int, int]:
     """(width, height) of an image without decoding or converting it."""
     from PIL import Image
 
-    from .components.splitter import _channels_last
+    from .components.splitter import _channels_last, _string_source
 
+    if isinstance(image, str) and not os.path.isfile(image):
+        image = _string_source(image, "image")
     if isinstance(image, (str, bytes, os.PathLike)):
         image = open_image(image, "image", None, decode=False)
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn
+            return image.height, image.width
     if isinstance(image, Image.Image):
         return image.size
     if isinstance(image, torch.Tensor):

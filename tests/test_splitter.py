@@ -194,10 +194,29 @@ def test_plan_uses_height_then_width():
     assert (p.rows, p.cols) == (3, 4)
 
 
-def test_png_bytes_with_transparency_palette():
+def test_transparency_in_memory_vs_from_files():
+    """PIL images get alpha over white; encoded files drop alpha like transformers' load_image."""
     image = Image.new("P", (4, 4), 1)
     image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     image.info["transparency"] = 1
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", transparency=1)
-    assert to_rgb(buffer.getvalue())[0, 0].tolist() == [255, 255, 255]
+    assert to_rgb(image)[0, 0].tolist() == [255, 255, 255]
+    assert to_rgb(buffer.getvalue())[0, 0].tolist() == [255, 0, 0]
+
+
+def test_files_are_turned_upright_by_exif(tmp_path):
+    image = Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))  # 3 wide, 2 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    image.save(tmp_path / "rotated.png", exif=exif)
+    assert tuple(to_rgb(tmp_path / "rotated.png").shape) == (3, 2, 3)
+
+
+def test_base64_and_urls():
+    import base64
+
+    encoded = base64.b64encode((DATA / "chelsea.png").read_bytes()).decode()
+    assert torch.equal(to_rgb(encoded), to_rgb(f"data:image/png;base64,{encoded}"))
+    with pytest.raises(ValueError, match="URLs are not downloaded"):
+        to_rgb("https://example.com/cat.png")

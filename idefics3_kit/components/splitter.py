@@ -234,7 +234,7 @@ def _pixel_check(height: int, width: int, where: str, limit: int | None) -> None
 
 def open_image(source, where: str, limit: int | None, decode: bool = True):
     """Open a path or encoded bytes with Pillow and decode it now, so corrupt data fails here
-    (``decode=False``: read the header only, enough for the size)."""
+    (``decode=False``: read the header only, enough for the size). EXIF orientation is not applied."""
     from PIL import Image, UnidentifiedImageError
 
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"{len(source)} bytes"
@@ -252,8 +252,45 @@ def open_image(source, where: str, limit: int | None, decode: bool = True):
     return img
 
 
-def _pil_to_rgb(img, where: str) -> np.ndarray:
-    """PIL image -> uint8 [H, W, 3]: alpha over white, 16-bit scaled, the rest via Pillow's convert."""
+def load_encoded(source, where: str, limit: int | None):
+    """A file path, encoded bytes or base64 string -> an upright PIL image, as transformers' ``load_image``.
+
+    Like ``load_image`` the EXIF orientation is applied; URLs are refused (nothing is downloaded).
+    """
+    from PIL import ImageOps
+
+    if isinstance(source, str) and not os.path.isfile(source):
+        source = _string_source(source, where)
+    img = open_image(source, where, limit)
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # malformed EXIF data raises assorted errors inside Pillow
+        raise ValueError(f"{where}: cannot apply the EXIF orientation: {exc}") from None
+
+
+def _string_source(text: str, where: str):
+    """A string that is not a file: a data URI or base64 (transformers accepts both), else not found."""
+    import base64
+    import binascii
+
+    if text.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: URLs are not downloaded ({text}); fetch the image first")
+    payload = text.split(",", 1)[1] if text.startswith("data:image/") else text
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        data = b""
+    if len(data) < 8:  # not an encoded image either: report it as the missing file it most likely is
+        raise ValueError(f"{where}: image file not found: {text[:200]}")
+    return data
+
+
+def _pil_to_rgb(img, where: str, alpha_over_white: bool = True) -> np.ndarray:
+    """PIL image -> uint8 [H, W, 3]: alpha over white, 16-bit scaled, the rest via Pillow's convert.
+
+    ``alpha_over_white=False`` drops alpha instead (plain ``convert("RGB")``), which is what
+    transformers does to images it loads from files itself.
+    """
     from PIL import Image
 
     mode = img.mode
@@ -263,7 +300,7 @@ def _pil_to_rgb(img, where: str) -> np.ndarray:
     try:
         if mode in SIXTEEN_BIT_MODES:
             return _gray_to_rgb(_sixteen_to_eight(np.asarray(img), where))
-        if "A" in img.getbands() or img.info.get("transparency") is not None:
+        if alpha_over_white and ("A" in img.getbands() or img.info.get("transparency") is not None):
             rgba = img.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
@@ -338,8 +375,8 @@ def to_rgb(image, where: str = "image", max_pixels: int | None = None) -> torch.
     from PIL import Image
 
     if isinstance(image, (str, bytes, os.PathLike)):
-        image = open_image(image, where, max_pixels)
-    if isinstance(image, Image.Image):
+        rgb = _pil_to_rgb(load_encoded(image, where, max_pixels), where, alpha_over_white=False)
+    elif isinstance(image, Image.Image):
         _pixel_check(image.height, image.width, where, max_pixels)
         rgb = _pil_to_rgb(image, where)
     elif isinstance(image, (np.ndarray, torch.Tensor)):

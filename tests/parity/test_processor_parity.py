@@ -9,6 +9,7 @@ the table too.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,3 +358,24 @@ def test_a_processor_built_without_transformers_loads_in_transformers(tmp_path):
     conversation = CONVERSATIONS[0]
     assert ours.apply_chat_template(conversation, add_generation_prompt=True) == \
         hf.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def test_file_paths_load_like_transformers(checkpoints, tmp_path):
+    """Paths: EXIF orientation applied and alpha dropped (transformers' load_image), photos included."""
+    from PIL import Image
+
+    path = checkpoints(longest_edge=96, tile=32)
+    ours, hf = Processor.from_pretrained(path), hf_processor(path)
+    rgba = tmp_path / "rgba.png"
+    noise_image(30, 20, seed=9, mode="RGBA").save(rgba)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise_image(40, 20, seed=10).save(rotated, exif=exif)
+    cat = str(Path(__file__).parents[1] / "data" / "chelsea.png")
+    files = [str(rgba), str(rotated), cat]
+    texts = ["<image>a", "<image>b", "<image>c"]
+    mine = ours(text=texts, images=files)
+    assert_same(mine, hf(text=texts, images=files, return_tensors="pt", padding=True))
+    assert (ours.plan(str(rotated)).width, ours.plan(str(rotated)).height) == (20, 40)
+    assert mine.image_plans[1][0].height == 40
