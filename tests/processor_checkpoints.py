@@ -1,5 +1,7 @@
 """Tiny processor checkpoints written by transformers, and the synthetic images of reference §1.12.
 
+``tiny_tokenizer`` builds a tokenizer without transformers (for tests that must not need it).
+
 Nothing is downloaded: a small byte-level BPE tokenizer is trained on a few sentences, wrapped in
 transformers' PreTrainedTokenizerFast and saved with an Idefics3Processor (PIL image backend).
 Two tokenizer flavours mirror the real checkpoints:
@@ -56,6 +58,21 @@ def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
     channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
     arr = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
     return Image.fromarray(arr[:, :, 0] if channels == 1 else arr, mode=mode)
+
+
+def tiny_tokenizer(bos: bool = True):
+    """A TextTokenizer built without transformers: byte-level BPE, <s> added as BOS when ``bos``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from idefics3_kit.tokenization import TextTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["In this image, we see a cat.\n\n", "hello world\n"] * 20, trainer)
+    return TextTokenizer(tok, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, add_bos_token=bos)
 
 
 def make_tokenizer(flavour: str):

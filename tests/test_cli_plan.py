@@ -23,7 +23,7 @@ def test_plan_prints_the_budget_and_draws(tmp_path, capsys):
 
 
 def test_plan_with_a_model_and_overrides(tmp_path, capsys):
-    from tests.test_processing import tiny_tokenizer
+    from tests.processor_checkpoints import tiny_tokenizer
 
     splitter = registry.create("splitter", "idefics3", SplitterConfig(longest_edge=96, tile_size=32))
     Processor(tiny_tokenizer(), splitter, image_seq_len=3).save_pretrained(tmp_path / "model")

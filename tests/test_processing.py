@@ -15,22 +15,10 @@ from hypothesis import strategies as st
 import idefics3_kit as ik
 from idefics3_kit import Processor, SplitterConfig, registry
 from idefics3_kit.ops import preprocess as preprocess_op
-from idefics3_kit.tokenization import TextTokenizer
+from tests.processor_checkpoints import tiny_tokenizer
 from tests.strategies import geometries, image_sizes
 
 SMALL = SplitterConfig(longest_edge=96, tile_size=32)
-
-
-def tiny_tokenizer(bos: bool = True) -> TextTokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["In this image, we see a cat.\n\n", "hello world\n"] * 20, trainer)
-    return TextTokenizer(tok, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, add_bos_token=bos)
 
 
 @pytest.fixture(scope="module")

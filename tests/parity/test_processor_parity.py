@@ -347,7 +347,7 @@ def test_add_bos_token_in_tokenizer_config(tmp_path, flavour, add_bos):
 
 def test_a_processor_built_without_transformers_loads_in_transformers(tmp_path):
     from idefics3_kit import SplitterConfig, registry
-    from tests.test_processing import tiny_tokenizer
+    from tests.processor_checkpoints import tiny_tokenizer
 
     splitter = registry.create("splitter", "idefics3", SplitterConfig(longest_edge=64, tile_size=32))
     ours = Processor(tiny_tokenizer(), splitter, image_seq_len=2)
