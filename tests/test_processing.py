@@ -106,6 +106,11 @@ def test_bad_image_is_named_and_nothing_is_processed(proc, monkeypatch):
     assert calls == []
 
 
+def test_pixel_limit_per_call(proc):
+    with pytest.raises(ValueError, match=r"image 0 \(sample 0, position 0\) has 200 pixels .* limit of 199"):
+        proc(text="<image>", images=img(20, 10), max_pixels=199)
+
+
 def test_truncation_that_cuts_image_tokens_is_refused(proc, monkeypatch):
     full = proc(text="hello <image> world", images=img()).input_ids.shape[1]
     calls = []
