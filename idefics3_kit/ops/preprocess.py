@@ -75,10 +75,25 @@ def _check_geometry(images, pixel_values, pixel_mask, geometry) -> None:
             raise ValueError(f"preprocess: image {i}: sizes must be positive, got {(h1, w1, h2, w2)}")
 
 
+def _normalize_tile_into(tile: torch.Tensor, lut: np.ndarray, out: torch.Tensor) -> None:
+    """uint8 [S, S, 3] -> ``out`` [3, S, S] through the table (one gather per channel).
+
+    float32 CPU outputs are written in place through a numpy view (no temporaries); other dtypes
+    (bf16) go through a float32 tile.
+    """
+    hwc = tile.numpy()
+    if out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous():
+        dest = out.numpy()
+        for c in range(3):
+            np.take(lut[c], hwc[:, :, c], out=dest[c])
+        return
+    out.copy_(torch.from_numpy(np.stack([np.take(lut[c], hwc[:, :, c]) for c in range(3)])))
+
+
 def preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, rescale) -> None:
     """Reference implementation (Pillow resizes, a float32 lookup table for the normalization)."""
     _check_geometry(images, pixel_values, pixel_mask, geometry)
-    lut = normalize_lut(mean, std, rescale)  # [3, 256]
+    lut = normalize_lut(mean, std, rescale).numpy()  # [3, 256]
     s = pixel_values.shape[-1]
     for i, img in enumerate(images):
         sample, first, h1, w1, h2, w2, rows, cols = geometry[8 * i: 8 * i + 8]
@@ -86,10 +101,8 @@ def preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, r
         tiles = [stage2[r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(rows) for c in range(cols)]
         tiles.append(resize_u8_ref(stage2, s, s) if rows * cols else stage2)
         for j, tile in enumerate(tiles):
-            chw = tile.permute(2, 0, 1).long()  # [3, S, S]
-            values = torch.stack([lut[c][chw[c]] for c in range(3)])  # [3, S, S] float32
-            pixel_values[sample, first + j] = values.to(pixel_values.dtype)
-            pixel_mask[sample, first + j] = 1
+            _normalize_tile_into(tile, lut, pixel_values[sample, first + j])
+        pixel_mask[sample, first:first + len(tiles)] = 1
 
 
 def preprocess_into(images, pixel_values, pixel_mask, geometry, mean, std, rescale) -> None:

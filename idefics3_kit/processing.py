@@ -1,0 +1,468 @@
+"""Processor: images + prompts -> the model's batch, the way transformers' Idefics3Processor does it.
+
+``Processor(text=..., images=...)`` splits every image into tiles (the ``splitter`` component),
+replaces each ``<image>`` of a prompt by its token layout (reference §2.3), tokenizes the
+expanded prompts as a whole with the ``tokenizers`` library, pads them (left by default, ready
+for batched generation) and returns a ``BatchFeature``:
+``input_ids [B, L]``, ``attention_mask [B, L]``, ``pixel_values [B, T, 3, S, S]``,
+``pixel_attention_mask [B, T, S, S]``.
+
+The token layout of one image with R×C tiles (S = image_seq_len ``<image>`` tokens per tile):
+
+    for each row r:  <fake><row_r_col_1><image>×S ... <fake><row_r_col_C><image>×S \\n
+    then:            \\n<fake><global-img><image>×S<fake>
+
+(``<fake>`` = ``<fake_token_around_image>``)
+
+and for an unsplit image only the last (global) block. Tags the tokenizer does not know as one
+token (``<global-img>``, ``<row_1_col_1>``, ...) are tokenized as ordinary text.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any, Sequence
+
+import torch
+
+from . import chat_templates, registry
+from .components.splitter import SplitterConfig, TilePlan, is_image, open_image
+from .tokenization import TextTokenizer, read_json
+
+IMAGE_TOKEN = "<image>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
+GLOBAL_IMAGE_TAG = "<global-img>"
+DEFAULT_IMAGE_SEQ_LEN = 169  # transformers' default when processor_config.json does not say (reference §2.1)
+PROCESSOR_CLASS = "Idefics3Processor"
+
+
+class BatchFeature(dict):
+    """A dict of model inputs with attribute access and ``.to(device or dtype)``.
+
+    ``to(dtype)`` casts only floating tensors (pixel_values), so integer ids and masks stay
+    integers. ``image_plans`` (not a key, so ``model(**batch)`` stays clean) holds one
+    ``TilePlan`` per image.
+    """
+
+    image_plans: list[list[TilePlan]]
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, *args, **kwargs) -> "BatchFeature":
+        dtype = kwargs.pop("dtype", None)
+        device = kwargs.pop("device", None)
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                self[key] = value.to(device=device, dtype=cast)
+        return self
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """The token budget of one image before any pixel work: grid, tiles and token counts."""
+
+    width: int
+    height: int
+    rows: int
+    cols: int
+    tiles: int
+    image_tokens: int  # <image> tokens: tiles × image_seq_len
+    prompt_tokens: int  # every token the image adds to the prompt (tags and newlines included)
+    resized: tuple[int, int]  # stage 1 (height, width)
+    grid_size: tuple[int, int]  # stage 2 (height, width)
+
+
+class Processor:
+    """Splitter + tokenizer + prompt expansion + chat template for Idefics3 / SmolVLM checkpoints."""
+
+    def __init__(self, tokenizer: TextTokenizer, splitter=None, image_seq_len: int = 64,
+                 chat_template: str | None = None, padding_side: str = "left"):
+        if not isinstance(image_seq_len, int) or image_seq_len < 1:
+            raise ValueError(f"image_seq_len must be a positive integer, got {image_seq_len!r}")
+        self.tokenizer = tokenizer
+        self.splitter = splitter if splitter is not None else registry.create("splitter", "idefics3")
+        self.image_seq_len = image_seq_len
+        self.chat_template = chat_template
+        self.padding_side = _check_side(padding_side, "padding_side")
+        tokenizer.add_special_tokens([FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN])
+        self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        self.fake_image_token_id = tokenizer.token_to_id(FAKE_IMAGE_TOKEN)
+        self.end_of_utterance_token_id = tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, image_seq_len: int | None = None,
+                        padding_side: str = "left", **splitter_overrides) -> "Processor":
+        """Load from a checkpoint folder (tokenizer.json, image settings, chat template).
+
+        Image settings come from ``processor_config.json["image_processor"]`` (transformers v5) or
+        ``preprocessor_config.json``; ``image_seq_len`` from ``processor_config.json``. Keyword
+        arguments override ``image_seq_len``, ``padding_side`` and any ``SplitterConfig`` field.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"processor checkpoint folder not found: {path}")
+        tokenizer = TextTokenizer.from_dir(path)
+        proc_file = os.path.join(path, "processor_config.json")
+        proc_cfg = read_json(proc_file, "processor_config.json") if os.path.isfile(proc_file) else {}
+        splitter_cfg = SplitterConfig.from_hf(_image_settings(path, proc_cfg)).replace(**splitter_overrides)
+        seq_len = image_seq_len or proc_cfg.get("image_seq_len", DEFAULT_IMAGE_SEQ_LEN)
+        template = load_chat_template(path, proc_cfg, tokenizer.config)
+        return cls(tokenizer, registry.create("splitter", "idefics3", splitter_cfg), int(seq_len),
+                   template, padding_side)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json, tokenizer_config.json, preprocessor_config.json, processor_config.json
+        and chat_template.jinja, which transformers' Idefics3Processor loads back."""
+        import json
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.tokenizer.save(directory, {"processor_class": PROCESSOR_CLASS, "padding_side": self.padding_side})
+        image_cfg = {**self.splitter.config.to_hf(), "processor_class": PROCESSOR_CLASS}
+        files = {"preprocessor_config.json": image_cfg,
+                 "processor_config.json": {"image_seq_len": self.image_seq_len, "processor_class": PROCESSOR_CLASS}}
+        for name, content in files.items():
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, sort_keys=True)
+                f.write("\n")
+        with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(self.template)
+
+    # ---- planning -----------------------------------------------------------------------------
+    def expand_image(self, rows: int, cols: int) -> str:
+        """The prompt text that replaces one ``<image>`` for an image of ``rows``×``cols`` tiles."""
+        tile_tokens = IMAGE_TOKEN * self.image_seq_len
+        global_block = f"{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TAG}{tile_tokens}{FAKE_IMAGE_TOKEN}"
+        if rows == 0 and cols == 0:
+            return global_block
+        lines = ["".join(f"{FAKE_IMAGE_TOKEN}<row_{r}_col_{c}>{tile_tokens}" for c in range(1, cols + 1)) + "\n"
+                 for r in range(1, rows + 1)]
+        return "".join(lines) + "\n" + global_block
+
+    def plan(self, width, height: int | None = None, **overrides) -> ImagePlan:
+        """Rows, cols, tiles and token cost of an image of ``width``×``height`` (PIL's order).
+
+        ``width`` may also be an image (PIL, array, path) whose size is used. Cheap: no pixels are
+        resized. ``overrides`` are ``SplitterConfig`` fields (e.g. ``do_image_splitting=False``).
+        """
+        if height is None:
+            width, height = image_size(width)
+        tiles = self.splitter.plan(int(height), int(width), **overrides)
+        expansion = self.tokenizer.encode(self.expand_image(tiles.rows, tiles.cols), add_special_tokens=False)
+        return ImagePlan(int(width), int(height), tiles.rows, tiles.cols, tiles.tiles,
+                         tiles.tiles * self.image_seq_len, len(expansion), tiles.resized, tiles.grid_size)
+
+    # ---- the main call ------------------------------------------------------------------------
+    def __call__(self, text: str | Sequence[str] | None = None, images=None, *, return_tensors: str | None = "pt",
+                 padding: bool | str = True, padding_side: str | None = None, truncation: bool = False,
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None,
+                 add_special_tokens: bool = True, pixel_dtype: torch.dtype = torch.float32,
+                 **image_overrides) -> BatchFeature:
+        """Tokenize prompts and split images into one batch (see the module docstring).
+
+        ``images``: one image, a flat list (shared out over the prompts by their ``<image>``
+        counts), or one list per prompt (possibly empty). ``image_overrides``: ``SplitterConfig``
+        fields, or the transformers spellings ``size={"longest_edge": n}``,
+        ``max_image_size={"longest_edge": n}``, ``do_image_splitting``, ``image_mean``, ``image_std``.
+        Every image is converted and checked before any pixel work, so an error leaves nothing half-done.
+        """
+        prompts = _as_prompts(text)
+        batch_images = self._layout_images(images, prompts)
+        _check_counts(prompts, batch_images)
+        if batch_images is not None and not any(batch_images):
+            batch_images = None  # [[], []] with image-free prompts: a text-only batch
+        result = BatchFeature()
+        result.image_plans = []
+        prepared = None
+        if batch_images is not None:  # convert and plan first: bad images fail before any work
+            prepared = self.splitter.prepare(batch_images, **_splitter_overrides(image_overrides))
+            result.image_plans = prepared.plans
+        if prompts is not None:  # tokenize next: a refused truncation fails before the pixel work
+            expanded = [self._expand_prompt(p, result.image_plans[i] if prepared else [])
+                        for i, p in enumerate(prompts)]
+            result.update(self._tokenize(expanded, result.image_plans, return_tensors, padding,
+                                         padding_side or self.padding_side, truncation, max_length,
+                                         pad_to_multiple_of, add_special_tokens))
+        if prepared is not None:
+            split = self.splitter.fill(prepared, pixel_dtype)
+            result["pixel_values"] = split.pixel_values
+            result["pixel_attention_mask"] = split.pixel_attention_mask
+        return result
+
+    def _layout_images(self, images, prompts: list[str] | None) -> list[list[Any]] | None:
+        """One list of images per prompt (the reference's nesting rules, §1.2 and §2.2)."""
+        if images is None:
+            return None
+        if is_image(images):
+            return [[images]]
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"images must be an image, a list of images or a list of lists of images, "
+                             f"got {type(images).__name__}")
+        if len(images) == 0:
+            return None if prompts is None else [[] for _ in prompts]
+        if all(is_image(im) for im in images):
+            if prompts is None:
+                return [list(images)]
+            counts = [p.count(IMAGE_TOKEN) for p in prompts]
+            starts = [0, *accumulate(counts)]
+            nested = [list(images[starts[i]:starts[i + 1]]) for i in range(len(prompts))]
+            return nested + ([list(images[starts[-1]:])] if len(images) > starts[-1] else [])
+        for i, sample in enumerate(images):
+            if not isinstance(sample, (list, tuple)) or not all(is_image(im) for im in sample):
+                raise ValueError(f"images: sample {i} must be a list of images (PIL, numpy, torch, path or bytes), "
+                                 f"got {type(sample).__name__}; don't mix images and lists at one level")
+        return [list(sample) for sample in images]
+
+    def _expand_prompt(self, prompt: str, plans: list[TilePlan]) -> str:
+        pieces = prompt.split(IMAGE_TOKEN)
+        out = [pieces[0]]
+        for plan, piece in zip(plans, pieces[1:]):
+            out.append(self.expand_image(plan.rows, plan.cols))
+            out.append(piece)
+        return "".join(out)
+
+    def _tokenize(self, texts, plans, return_tensors, padding, side, truncation, max_length,
+                  pad_to_multiple_of, add_special_tokens) -> dict:
+        ids = self._encode(texts, add_special_tokens, truncation, max_length, side_of_truncation="right")
+        if truncation and max_length is not None:
+            self._check_truncation(ids, plans, max_length)
+        input_ids, attention_mask = self._pad(ids, padding, _check_side(side, "padding_side"), max_length,
+                                              pad_to_multiple_of)
+        if return_tensors is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        if len({len(row) for row in input_ids}) > 1:
+            raise ValueError(f"prompts have different lengths {[len(r) for r in input_ids]}: pass padding=True "
+                             f"to return tensors")
+        return {"input_ids": torch.tensor(input_ids, dtype=torch.long).reshape(len(input_ids), -1),
+                "attention_mask": torch.tensor(attention_mask, dtype=torch.long).reshape(len(input_ids), -1)}
+
+    def _encode(self, texts, add_special_tokens, truncation, max_length, side_of_truncation) -> list[list[int]]:
+        """Whole expanded prompts through the tokenizer; truncation by the tokenizer itself (specials kept)."""
+        backend = self.tokenizer.backend
+        if not (truncation and max_length is not None):
+            return self.tokenizer.encode_batch(texts, add_special_tokens)
+        backend.enable_truncation(max_length, direction=side_of_truncation)
+        try:
+            return self.tokenizer.encode_batch(texts, add_special_tokens)
+        finally:
+            backend.no_truncation()
+
+    def _check_truncation(self, ids, plans, max_length: int) -> None:
+        """Refuse a truncation that cut into any image block (the model would see broken images)."""
+        for i, row in enumerate(ids):
+            sample_plans = plans[i] if plans else []
+            want_images = sum(p.tiles for p in sample_plans) * self.image_seq_len
+            want_fakes = sum(p.rows * p.cols + 2 if p.rows * p.cols else 2 for p in sample_plans)
+            got_images = row.count(self.image_token_id)
+            got_fakes = row.count(self.fake_image_token_id)
+            if (got_images, got_fakes) != (want_images, want_fakes):
+                raise ValueError(f"truncation to max_length={max_length} would cut image tokens of prompt {i}: "
+                                 f"its {len(sample_plans)} image(s) need {want_images} <image> tokens, "
+                                 f"{got_images} would remain; raise max_length or shorten the text")
+
+    def _pad(self, ids, padding, side, max_length, pad_to_multiple_of):
+        if padding in (False, "do_not_pad", None):
+            return ids, [[1] * len(row) for row in ids]
+        if padding not in (True, "longest", "max_length"):
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        target = max((len(r) for r in ids), default=0)
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            target = max(target, max_length)
+        if pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None and any(len(r) < target for r in ids):
+            raise ValueError("padding needs a pad token but tokenizer_config.json names none (pad_token); "
+                             "set one or pass padding=False")
+        out_ids, out_mask = [], []
+        for row in ids:
+            pad = target - len(row)
+            out_ids.append([pad_id] * pad + row if side == "left" else row + [pad_id] * pad)
+            out_mask.append([0] * pad + [1] * len(row) if side == "left" else [1] * len(row) + [0] * pad)
+        return out_ids, out_mask
+
+    # ---- chat template ------------------------------------------------------------------------
+    @property
+    def template(self) -> str:
+        """The checkpoint's chat template, or the built-in Idefics3 one."""
+        return self.chat_template or chat_templates.DEFAULT_CHAT_TEMPLATE
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
+                            chat_template: str | None = None, return_dict: bool = False, images=None,
+                            processor_kwargs: dict | None = None, **template_variables):
+        """Render a conversation (or a list of them) with the chat template; optionally tokenize it.
+
+        ``tokenize=True`` processes the rendered prompt with the images of the messages' ``image``
+        items (or ``images``) and, when the prompt already starts with the BOS token, does not add
+        another (the double BOS of reference §2.4). It returns ``input_ids``, or the whole batch
+        with ``return_dict=True``. Call options (``return_tensors``, ``padding``, ...) may be given
+        directly or in ``processor_kwargs``; other keywords are template variables.
+        """
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
+            isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        variables = {**self.tokenizer.special_tokens, **template_variables}
+        template = chat_template or self.template
+        call_options = {k: variables.pop(k) for k in _CALL_OPTIONS & set(variables)}
+        prompts = [chat_templates.render(template, c, add_generation_prompt, **variables) for c in conversations]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        if images is None:
+            found = [chat_templates.images_in_messages(c) for c in conversations]
+            images = found if any(found) else None
+        kwargs = dict(processor_kwargs or {})
+        kwargs.update(call_options)  # transformers passes these on to the call too
+        bos = self.tokenizer.bos_token
+        if bos is not None and prompts[0].startswith(bos):
+            kwargs["add_special_tokens"] = False
+        out = self(text=prompts, images=images, **kwargs)
+        return out if return_dict else out["input_ids"]
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        if isinstance(sequences, torch.Tensor):
+            sequences = sequences.reshape(-1, sequences.shape[-1]).tolist()
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_side(side: str, what: str) -> str:
+    if side not in ("left", "right"):
+        raise ValueError(f"{what} must be 'left' or 'right', got {side!r}")
+    return side
+
+
+def _as_prompts(text) -> list[str] | None:
+    if text is None:
+        return None
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return list(text)
+    raise ValueError("`text` must be a string or list of strings.")
+
+
+def _check_counts(prompts: list[str] | None, images: list[list] | None) -> None:
+    """The reference's checks, with the counts in the messages (§2.2)."""
+    if prompts is None and images is None:
+        raise ValueError("You must provide either `text` or `images`.")
+    if prompts is None:
+        return
+    in_text = [p.count(IMAGE_TOKEN) for p in prompts]
+    in_images = [len(s) for s in images] if images is not None else [0] * len(prompts)
+    total_text, total_images = sum(in_text), sum(in_images)
+    if total_images and not total_text:
+        raise ValueError(f"{total_images} image(s) were passed but the text has no {IMAGE_TOKEN} token; put one "
+                         f"{IMAGE_TOKEN} in the prompt where each image goes.")
+    if total_text and not total_images:
+        raise ValueError(f"Found {total_text} {IMAGE_TOKEN} tokens in the text but no images were passed.")
+    if total_text != total_images:
+        raise ValueError(f"The total number of {IMAGE_TOKEN} tokens in the prompts should be the same as the "
+                         f"number of images passed. Found total {total_text} {IMAGE_TOKEN} tokens and "
+                         f"{total_images} images.")
+    if in_text != in_images:
+        raise ValueError(f"The number of {IMAGE_TOKEN} tokens in each prompt should be the same as the number of "
+                         f"images passed. Found {in_text} {IMAGE_TOKEN} tokens and {in_images} images per sample.")
+
+
+_CALL_OPTIONS = {"return_tensors", "padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of",
+                 "add_special_tokens", "pixel_dtype"}
+_HF_SPELLINGS = {"size": "longest_edge", "max_image_size": "tile_size"}
+
+
+def _splitter_overrides(overrides: dict) -> dict:
+    """transformers' per-call spellings (size={"longest_edge": n}, ...) -> SplitterConfig fields."""
+    out = {}
+    fields = set(SplitterConfig.__dataclass_fields__)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in _HF_SPELLINGS:
+            if isinstance(value, dict):
+                if "longest_edge" not in value:
+                    raise ValueError(f"{key} must be {{'longest_edge': n}}, got {value}")
+                value = value["longest_edge"]
+            out[_HF_SPELLINGS[key]] = int(value)
+        elif key in fields and key != "name":
+            out[key] = value
+        else:
+            raise TypeError(f"unexpected keyword argument {key!r} (image settings: {', '.join(sorted(fields))})")
+    return out
+
+
+def _image_settings(path: str, proc_cfg: dict) -> dict:
+    nested = proc_cfg.get("image_processor")
+    if isinstance(nested, dict):
+        return nested
+    file = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(file):
+        return read_json(file, "preprocessor_config.json")
+    raise ValueError(f"no image settings in {path}: expected preprocessor_config.json or an 'image_processor' "
+                     f"entry in processor_config.json")
+
+
+def load_chat_template(path: str, proc_cfg: dict, tokenizer_cfg: dict) -> str | None:
+    """chat_template.jinja, chat_template.json, processor_config.json, tokenizer_config.json, in that order."""
+    jinja_file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    json_file = os.path.join(path, "chat_template.json")
+    if os.path.isfile(json_file):
+        template = read_json(json_file, "chat_template.json").get("chat_template")
+        if not isinstance(template, str):
+            raise ValueError(f"chat_template.json: 'chat_template' must be a string: {json_file}")
+        return template
+    for source in (proc_cfg, tokenizer_cfg):
+        template = source.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of an image without decoding or converting it."""
+    from PIL import Image
+
+    from .components.splitter import _channels_last, _string_source
+
+    if isinstance(image, str) and not os.path.isfile(image):
+        image = _string_source(image, "image")
+    if isinstance(image, (str, bytes, os.PathLike)):
+        image = open_image(image, "image", None, decode=False)
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn
+            return image.height, image.width
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    shape = _channels_last(image, "image").shape
+    return shape[1], shape[0]
