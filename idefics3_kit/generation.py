@@ -2,11 +2,23 @@
 
 The cache is preallocated once per generation for the whole sequence (prompt + new
 tokens): each layer writes its new keys/values into place, nothing is concatenated per step.
+
+The loop is a handful of small functions (gpt-fast style), see docs/generation.md:
+
+    resolve_settings -> to_left_padding -> position_ids_from_mask -> check_context
+    -> prefill (image features once, last-position logits) -> [sampler chain -> decode_one] x n
+
+``generate_steps`` is the loop as an iterator (used by ``generate`` and streaming).
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
+
+from .components.sampler import SamplerState, build_chain, make_generators
 
 
 class KVCache:
@@ -46,14 +58,6 @@ class KVCache:
 
 
 # ---- generation ------------------------------------------------------------------------------
-# Small pure functions (gpt-fast style): settings -> padding -> positions -> prefill -> decode.
-
-import warnings  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from .components.sampler import SamplerState, build_chain, make_generators  # noqa: E402
-
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 @dataclass
@@ -181,6 +185,10 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     input_ids, attention_mask = to_left_padding(input_ids, attention_mask.to(device).long())
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    if pixel_attention_mask is not None:
+        pixel_attention_mask = pixel_attention_mask.to(device)
     b, length = input_ids.shape
     max_new = check_context(length, s.max_new_tokens, model.decoder.config.max_position_embeddings)
     yield input_ids, attention_mask
