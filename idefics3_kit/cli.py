@@ -109,13 +109,351 @@ def _print_plan(name, plan, cfg, seq_len, prompt_tokens) -> None:
         print(f"prompt tokens {prompt_tokens} (with the tile tags and newlines, for this tokenizer)")
 
 
+# ---- shared: loading, images, sampling flags -------------------------------------------------
+
+def _progress(**kw):
+    """A tqdm bar on stderr (disabled by --no-progress)."""
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
+
+
+def _add_model_flags(p, dtype: bool = True) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint directory (config.json, safetensors, tokenizer and processor files)")
+    if dtype:
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="weights and activations dtype (default: fp32)")
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_sampling_flags(p) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="most tokens to generate (default: 256)")
+    g.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens to generate before an eos may end the answer")
+    g.add_argument("--sample", "--do-sample", dest="sample", action="store_true",
+                   help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=None, help="softmax temperature (with --sample)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens (with --sample)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass (with --sample)")
+    g.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="drop tokens below P x the top probability (with --sample)")
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="X",
+                   help="transformers' repetition penalty (1.0: none)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+
+
+def _sampling_kwargs(args) -> dict:
+    kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.sample,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _import_processor():
+    try:
+        from .processing import Processor
+    except ImportError as exc:
+        raise UserError(f"the Processor (idefics3_kit.processing) is not available in this installation ({exc})") \
+            from None
+    return Processor
+
+
+def _load(args, with_processor: bool = True):
+    """(model, processor) with a progress bar over the loading stages."""
+    import os
+
+    import torch
+
+    from .model import VLM, resolve_dtype
+
+    if not os.path.isdir(args.model):
+        raise UserError(f"model directory not found: {args.model}")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    stages = ["weights"] + (["processor"] if with_processor else [])
+    proc = None
+    with _progress(total=len(stages), desc="loading", unit="part", disable=args.no_progress) as bar:
+        bar.set_postfix_str("weights")
+        model = VLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+        bar.update()
+        if with_processor:
+            bar.set_postfix_str("processor")
+            proc = _import_processor().from_pretrained(args.model)
+            bar.update()
+    return model, proc
+
+
+def _open_image(path: str):
+    import os
+
+    if not os.path.isfile(path):
+        raise UserError(f"image not found: {path}")
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except OSError as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def _user_message(text: str, n_images: int) -> dict:
+    content = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def _answer(model, proc, messages, images, args, stream: bool, out=None) -> str:
+    """Run one turn: template -> processor -> generate; print the answer (streamed or at the end)."""
+    import torch
+
+    from .streaming import TextStreamer
+
+    out = out or sys.stdout
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    batch = proc(text=[prompt], images=[images] if images else None, return_tensors="pt", padding=True)
+    batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+             if k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+    kw = _sampling_kwargs(args)
+    context = model.config.decoder.max_position_embeddings
+    if batch["input_ids"].shape[1] >= context:
+        raise UserError(f"the prompt has {batch['input_ids'].shape[1]} tokens but the model's context is "
+                        f"{context}; use fewer or smaller images or a shorter conversation")
+    pieces = []
+    text_streamer = TextStreamer(proc, lambda t: (pieces.append(t), out.write(t), out.flush())) if stream else None
+    total = min(kw["max_new_tokens"], context - batch["input_ids"].shape[1])
+    with _progress(total=total, desc="generating", unit="tok", disable=args.no_progress or stream) as bar:
+        class _Streamer:
+            def put(self, ids):
+                bar.update(1)
+                if text_streamer is not None:
+                    text_streamer.put(ids)
+
+            def end(self):
+                if text_streamer is not None:
+                    text_streamer.end()
+
+        ids = model.generate(**batch, streamer=_Streamer(), **kw)
+    if stream:
+        out.write("\n")
+        return "".join(pieces)
+    text = proc.decode(ids[0, batch["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
+    out.write(text + "\n")
+    return text
+
+
+# ---- generate --------------------------------------------------------------------------------
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer one prompt about zero or more images",
+                       description="Answer one prompt (with images) using the checkpoint's chat template.")
+    _add_model_flags(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file; repeat for several images (placed before the prompt)")
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    images = [_open_image(path) for path in args.image]
+    model, proc = _load(args)
+    _answer(model, proc, [_user_message(args.prompt, len(images))], images, args, stream=args.stream)
+    return 0
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+CHAT_HELP = """commands: /image PATH  attach an image to your next message
+          /reset       forget the conversation
+          /quit        leave (or Ctrl-D)"""
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn conversation in the terminal (images by path)",
+                       description="Multi-turn chat. " + CHAT_HELP.replace("\n", " "))
+    _add_model_flags(p)
+    p.add_argument("--no-stream", action="store_true", help="print each answer at once instead of streaming it")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    model, proc = _load(args)
+    print(CHAT_HELP, file=sys.stderr)
+    messages, images, pending = [], [], []
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages, images, pending = [], [], []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                pending.append(_open_image(path))
+                print(f"(image attached: {path})", file=sys.stderr)
+            except UserError as exc:  # a typo must not end the conversation
+                print(f"error: {exc}", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}\n{CHAT_HELP}", file=sys.stderr)
+            continue
+        turn = messages + [_user_message(line, len(pending))]
+        print("assistant> ", end="", flush=True)
+        try:
+            answer = _answer(model, proc, turn, images + pending, args, stream=not args.no_stream)
+        except UserError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            continue
+        messages = turn + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        images, pending = images + pending, []
+
+
+# ---- inspect ---------------------------------------------------------------------------------
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="component tree, parameters per component, token budget",
+                       description="Describe a checkpoint without loading its weights: components, parameter "
+                                   "counts (from the safetensors headers), context and image-token budget.")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file whose token cost to report; repeatable")
+    p.set_defaults(func=cmd_inspect)
+
+
+def _image_grid(height: int, width: int, longest_edge: int, tile: int) -> tuple[int, int]:
+    """(rows, cols) of the Idefics3 image splitting (reference §1.3-1.5)."""
+    import math
+
+    ar = width / height
+    if width >= height:
+        w, h = longest_edge, int(longest_edge / ar)
+        h += h % 2
+    else:
+        h, w = longest_edge, int(longest_edge * ar)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    ar = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / ar) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * ar) / tile) * tile
+    if h > tile or w > tile:
+        return h // tile, w // tile
+    return 0, 0
+
+
+def _preprocessor_sizes(path: str, tile_default: int) -> tuple[int, int]:
+    import json
+    import os
+
+    file = os.path.join(path, "preprocessor_config.json")
+    longest, tile = 4 * tile_default, tile_default
+    if os.path.exists(file):
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+            longest = int(data.get("size", {}).get("longest_edge", longest))
+            tile = int(data.get("max_image_size", {}).get("longest_edge", tile))
+        except (ValueError, TypeError, AttributeError, OSError):
+            pass
+    return longest, tile
+
+
+def cmd_inspect(args) -> int:
+    import os
+
+    from . import checkpoint
+    from .config import VLMConfig
+
+    if not os.path.isdir(args.model):
+        raise UserError(f"model directory not found: {args.model}")
+    images = [(path, _open_image(path)) for path in args.image]
+    cfg = VLMConfig.from_pretrained(args.model)
+    shapes = checkpoint.read_header_shapes(checkpoint.checkpoint_files(args.model))
+    counts, dtypes = {"vision": 0, "connector": 0, "decoder": 0, "other": 0}, set()
+    for hf_name, shape in shapes.items():
+        ours = checkpoint.from_hf_name(hf_name) or "other"
+        n = 1
+        for d in shape:
+            n *= d
+        counts[ours.split(".")[0] if ours.split(".")[0] in counts else "other"] += n
+    total = sum(counts.values())
+    print(f"{args.model}")
+    print(f"VLM ({total:,} parameters)")
+    details = {
+        "vision": f"image {getattr(cfg.vision, 'image_size', '?')}px, patch {getattr(cfg.vision, 'patch_size', '?')}, "
+                  f"{getattr(cfg.vision, 'num_hidden_layers', '?')} layers, hidden {getattr(cfg.vision, 'hidden_size', '?')}",
+        "connector": f"scale factor {cfg.connector.scale_factor}, {cfg.connector.in_dim} -> {cfg.connector.out_dim}",
+        "decoder": f"{cfg.decoder.num_hidden_layers} layers, hidden {cfg.decoder.hidden_size}, heads "
+                   f"{cfg.decoder.num_attention_heads}/{cfg.decoder.num_key_value_heads} kv, "
+                   f"vocab {cfg.decoder.vocab_size}",
+    }
+    for kind in ("vision", "connector", "decoder"):
+        name = getattr(getattr(cfg, kind), "name", "?")
+        share = 100 * counts[kind] / total if total else 0
+        print(f"  {kind:9s} {name:14s} {counts[kind]:>14,} parameters ({share:4.1f}%)  {details[kind]}")
+    if counts["other"]:
+        print(f"  {'other':9s} {'':14s} {counts['other']:>14,} parameters (not used by the model)")
+    context = cfg.decoder.max_position_embeddings
+    print(f"context: {context:,} tokens; {cfg.image_seq_len} image tokens per tile; image token id "
+          f"{cfg.image_token_id}")
+    if images:
+        tile_default = getattr(cfg.vision, "image_size", 512)
+        longest, tile = _preprocessor_sizes(args.model, tile_default)
+        used = 0
+        for path, im in images:
+            rows, cols = _image_grid(im.height, im.width, longest, tile)
+            tiles = rows * cols + 1 if rows else 1
+            n = tiles * cfg.image_seq_len
+            # per tile: <fake> + <row_r_col_c> around the image tokens; a newline per row; global block tags
+            tags = rows * (cols * 2 + 1) + 3 if rows else 3
+            used += n + tags
+            grid = f"{rows}x{cols} tiles + global" if rows else "1 tile"
+            print(f"image {path}: {im.width}x{im.height} px -> {grid} = {tiles} tiles x {cfg.image_seq_len} "
+                  f"= {n:,} image tokens (+~{tags} tag tokens)")
+        print(f"token budget: ~{used:,} of {context:,} tokens for the images, ~{context - used:,} left for text "
+              "and the answer")
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
-PARSERS = [add_components_parser, add_demo_parser, add_plan_parser]
+PARSERS = [add_components_parser, add_demo_parser, add_plan_parser, add_generate_parser, add_chat_parser,
+           add_inspect_parser]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are reported on one line (plus where to look), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idefics3-kit", description="Idefics3 / SmolVLM toolkit")
+    parser = _Parser(prog="idefics3-kit", description="Idefics3 / SmolVLM toolkit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -270,6 +270,31 @@ class VLM(nn.Module):
             json.dump(gen, f, indent=2, sort_keys=True)
             f.write("\n")
 
+    # ---- generation (idefics3_kit.generation / idefics3_kit.streaming) --------------------
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
+                 **kwargs) -> torch.Tensor:
+        """Prompt + new tokens [B, L + n] like transformers' generate (left padded).
+
+        Keyword arguments: max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+        min_p, repetition_penalty, eos_token_id, pad_token_id, seed / generator, sampler (a
+        custom SamplerChain), streamer (``put(ids)``/``end()``). Defaults come from the
+        checkpoint's generation_config.json. See docs/generation.md.
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **kwargs)
+
+    def stream(self, processor, input_ids=None, attention_mask=None, pixel_values=None,
+               pixel_attention_mask=None, skip_special_tokens: bool = True, **kwargs):
+        """Iterator over the generated text of one prompt, piece by piece, never splitting a character.
+
+        ``processor`` is the Processor (or a ``tokenizers.Tokenizer``) used to decode.
+        """
+        from .streaming import stream
+
+        return stream(self, processor, input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                      skip_special_tokens=skip_special_tokens, **kwargs)
+
 
 def _read_generation_config(path: str) -> dict:
     file = os.path.join(path, "generation_config.json")

@@ -82,8 +82,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, hd]; cos/sin [B, L, hd]."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x [B, H, L, hd]; cos/sin [B, L, hd] (or already [B, 1, L, hd])."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
 
 
@@ -109,7 +110,9 @@ class DecoderAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + L, hd]
-        out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        # one new token (cached decoding) is the last position: it may see every key, so the
+        # causal mask is all true and is skipped (no mask built per layer and step)
+        out = ops.attention(q, k, v, causal=length > 1, key_padding_mask=key_padding_mask)
         out = out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)  # [B, L, H*hd]
         return self.o_proj(out)
 
@@ -213,6 +216,7 @@ class CausalDecoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=x.device)[None].expand(b, length)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, hd]: broadcast over heads, once for all layers
         key_padding_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (b, past + length):
