@@ -47,6 +47,67 @@ inline std::shared_ptr<const pillow::AxisCoeffs> cached_coeffs(int in_size, int 
   return a;
 }
 
+// [3, 256] float32 table of transformers' rescale + normalize, bit-exact with
+// idefics3_kit.ops.preprocess.normalize_lut: float32(float64(u) * rescale), then
+// (x - float32(mean[c])) / float32(std[c]) in float32.
+inline void normalize_lut(const double* mean, const double* std, double rescale, float* lut) {
+  for (int c = 0; c < 3; c++) {
+    const float m = static_cast<float>(mean[c]), s = static_cast<float>(std[c]);
+    for (int u = 0; u < 256; u++) {
+      volatile float scaled = static_cast<float>(static_cast<double>(u) * rescale);
+      volatile float diff = scaled - m;
+      lut[c * 256 + u] = diff / s;
+    }
+  }
+}
+
+// One Pillow resize of a uint8 [h, w, channels] image (the resize_u8 op): at most two passes.
+struct SingleResizePlan {
+  std::vector<ResampleJob> jobs;  // in order; src/dst patched by the caller via the flags below
+  std::vector<int> src_is_tmp, dst_is_tmp;
+  std::vector<int32_t> coeffs, bounds;
+  int64_t tmp_bytes = 0;
+
+  SingleResizePlan(int h, int w, int c, int oh, int ow) {
+    auto add = [&](int axis, int src_w, int dst_w, int dst_rows, int row0, int in_size, int out_size, int s_tmp,
+                   int d_tmp) {
+      auto a = cached_coeffs(in_size, out_size);
+      ResampleJob j{};
+      j.src_w = src_w;
+      j.dst_w = dst_w;
+      j.dst_rows = dst_rows;
+      j.axis = axis;
+      j.row0 = row0;
+      j.ksize = a->ksize;
+      j.coeff_off = static_cast<int32_t>(coeffs.size());
+      j.bounds_off = static_cast<int32_t>(bounds.size());
+      j.channels = c;
+      coeffs.insert(coeffs.end(), a->coeffs.begin(), a->coeffs.end());
+      bounds.insert(bounds.end(), a->bounds.begin(), a->bounds.end());
+      jobs.push_back(j);
+      src_is_tmp.push_back(s_tmp);
+      dst_is_tmp.push_back(d_tmp);
+    };
+    if (h == oh && w == ow) return;
+    if (h == oh) {
+      add(0, w, ow, oh, 0, w, ow, 0, 0);
+    } else if (w == ow) {
+      add(1, w, ow, oh, 0, h, oh, 0, 0);
+    } else if (pillow::vertical_first(h, w, oh, ow)) {
+      tmp_bytes = static_cast<int64_t>(oh) * w * c;
+      add(1, w, w, oh, 0, h, oh, 0, 1);
+      add(0, w, ow, oh, 0, w, ow, 1, 0);
+    } else {
+      auto cv = cached_coeffs(h, oh);
+      const int y_first = cv->bounds[0];
+      const int y_last = cv->bounds[(oh - 1) * 2] + cv->bounds[(oh - 1) * 2 + 1];
+      tmp_bytes = static_cast<int64_t>(y_last - y_first) * ow * c;
+      add(0, w, ow, y_last - y_first, y_first, w, ow, 0, 1);
+      add(1, ow, ow, oh, y_first, h, oh, 1, 0);
+    }
+  }
+};
+
 class PreprocessPlan {
  public:
   static constexpr int kChannels = 3;
@@ -160,8 +221,11 @@ class PreprocessPlan {
     coeff_at_ = append(coeffs.data(), coeffs.size() * sizeof(int32_t));
     bounds_at_ = append(bounds.data(), bounds.size() * sizeof(int32_t));
     align();
-    blob_dev_ = blob_dev;
+    if (blob_dev) blob_dev_ = blob_dev;
   }
+
+  // The device address of the uploaded blob (known only once blob().size() is).
+  void set_blob_device(const uint8_t* blob_dev) { blob_dev_ = blob_dev; }
 
   struct Launch {
     size_t at;

@@ -95,7 +95,8 @@ def test_plan_matches_pillow_reference(driver, tmp_path, bf16, longest, tile):
     assert torch.equal(got_v.view(torch.int16 if bf16 else torch.int32), ref_v.view(torch.int16 if bf16 else torch.int32))
 
 
-def test_resize_reference_matches_pillow(resize_driver, tmp_path):
+@pytest.mark.parametrize("mode", ["reference", "plan"])
+def test_resize_reference_matches_pillow(resize_driver, tmp_path, mode):
     from idefics3_kit.ops.preprocess import resize_u8_ref
 
     rng = np.random.default_rng(3)
@@ -104,7 +105,7 @@ def test_resize_reference_matches_pillow(resize_driver, tmp_path):
         c = int(rng.choice([1, 3]))
         img = torch.from_numpy(rng.integers(0, 256, (h, w, c), dtype=np.uint8))
         img.numpy().tofile(tmp_path / "in.raw")
-        subprocess.run([resize_driver, str(tmp_path / "in.raw"), str(tmp_path / "out.raw"), str(h), str(w), str(c),
+        subprocess.run([resize_driver, *(["--plan"] if mode == "plan" else []), str(tmp_path / "in.raw"), str(tmp_path / "out.raw"), str(h), str(w), str(c),
                         str(oh), str(ow)], check=True)
         got = torch.from_numpy(np.fromfile(tmp_path / "out.raw", dtype=np.uint8)).reshape(oh, ow, c)
         assert torch.equal(got, resize_u8_ref(img, oh, ow)), (h, w, oh, ow, c)

@@ -45,6 +45,12 @@ int main(int argc, char** argv) {
     f.read(reinterpret_cast<char*>(lut.data()), static_cast<std::streamsize>(lut.size() * sizeof(float)));
     if (!f) return 4;
   }
+  {  // the binding's LUT (C++) must equal the Python normalize_lut bit for bit
+    const double mean[3] = {0.5, 0.5, 0.5}, stdv[3] = {0.5, 0.5, 0.5};
+    std::vector<float> mine(3 * 256);
+    normalize_lut(mean, stdv, 1.0 / 255.0, mine.data());
+    if (std::memcmp(mine.data(), lut.data(), mine.size() * sizeof(float)) != 0) return 6;
+  }
   PreprocessPlan plan(geo, S, T);
   std::vector<uint8_t> ws(static_cast<size_t>(plan.workspace_bytes()) + 1, 0xCD);  // poisoned
   std::vector<const uint8_t*> inputs;

@@ -7,7 +7,9 @@
 #include <string>
 #include <vector>
 
+#define I3K_NO_CUDA_RUNTIME 1
 #include "../../../csrc/cuda/pillow_coeffs.h"
+#include "../../../csrc/cuda/preprocess_plan.h"
 
 using namespace idefics3_kit::pillow;
 
@@ -42,6 +44,12 @@ static int selftest() {
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "--selftest") return selftest();
+  // --plan IN OUT H W C OUT_H OUT_W: run the resize_u8 CUDA op's plan with the kernel's code
+  const bool use_plan = argc == 9 && std::string(argv[1]) == "--plan";
+  if (use_plan) {
+    argv++;
+    argc--;
+  }
   if (argc != 8) {
     std::fprintf(stderr, "usage: %s IN OUT H W C OUT_H OUT_W | --selftest\n", argv[0]);
     return 2;
@@ -52,7 +60,22 @@ int main(int argc, char** argv) {
   FILE* f = std::fopen(argv[1], "rb");
   if (!f || std::fread(in.data(), 1, in.size(), f) != in.size()) return 3;
   std::fclose(f);
-  std::vector<uint8_t> out = resize_reference(in.data(), h, w, c, oh, ow);
+  std::vector<uint8_t> out;
+  if (use_plan) {
+    idefics3_kit::cuda::SingleResizePlan plan(h, w, c, oh, ow);
+    std::vector<uint8_t> tmp(static_cast<size_t>(plan.tmp_bytes) + 1);
+    out.resize(static_cast<size_t>(oh) * ow * c);
+    if (plan.jobs.empty()) out = in;
+    for (size_t k = 0; k < plan.jobs.size(); k++) {
+      auto j = plan.jobs[k];
+      j.src = plan.src_is_tmp[k] ? tmp.data() : in.data();
+      j.dst = plan.dst_is_tmp[k] ? tmp.data() : out.data();
+      const int64_t n = idefics3_kit::cuda::resample_job_bytes(j);
+      for (int64_t i = 0; i < n; i++) j.dst[i] = idefics3_kit::cuda::resample_byte(j, i, plan.coeffs.data(), plan.bounds.data());
+    }
+  } else {
+    out = resize_reference(in.data(), h, w, c, oh, ow);
+  }
   f = std::fopen(argv[2], "wb");
   if (!f || std::fwrite(out.data(), 1, out.size(), f) != out.size()) return 4;
   std::fclose(f);
