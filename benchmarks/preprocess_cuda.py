@@ -16,8 +16,12 @@ import os
 import statistics
 import time
 
+import sys
+
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def _geometry():
