@@ -58,8 +58,10 @@ for cu in csrc/cuda/*.cu; do
   esac
   extra=()
   if [ "${VERBOSE:-0}" = 1 ]; then extra=(-Xptxas -v); fi
-  run "nvcc $cu [${ARCHS// /,}]" "$NVCC" -c -std=c++17 -O3 --expt-relaxed-constexpr \
-      -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror "${gencode[@]}" "${extra[@]}" \
+  # the -D flags are the ones torch's BuildExtension passes to nvcc (no implicit half/bf16 conversions)
+  run "nvcc $cu [${ARCHS// /,}]" "$NVCC" -c -std=c++17 -O3 \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror "${gencode[@]}" "${extra[@]}" \
       "$cu" -o "$TMP/$(basename "$cu").o"
 done
 

@@ -1,4 +1,4 @@
-// Split-KV decode attention + LSE combine, and the forward dispatcher. Plain CUDA C++.
+// Split-KV decode attention + LSE combine. Plain CUDA C++.
 //
 // Decode is memory bound (≈1 FLOP per byte of KV), so it runs on the CUDA cores: a key row is
 // read by D/8 lanes with one 16-byte load each (K, then V), the query heads of a GQA group
@@ -13,7 +13,6 @@
 #include <type_traits>
 
 #include "attention.cuh"
-#include "attention_fwd.cuh"
 
 namespace idefics3_kit {
 namespace cuda {
@@ -276,20 +275,6 @@ cudaError_t launch_attention_decode(const AttnDecodeParams& p, AttnDType dtype, 
   if (p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.num_splits < 1) return cudaErrorInvalidValue;
   if (p.num_splits > 1 && (p.partial_o == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
   return dtype == AttnDType::kBFloat16 ? dec::launch_d<__nv_bfloat16>(p, stream) : dec::launch_d<__half>(p, stream);
-}
-
-bool attention_fwd_supported(int head_dim, bool causal) {
-  return head_dim == 64 || head_dim == 128 || (head_dim == 72 && !causal);
-}
-
-cudaError_t launch_attention_fwd(const AttnFwdParams& p, AttnDType dtype, cudaStream_t stream) {
-  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Lq < 0 || p.Lk < 0) return cudaErrorInvalidValue;
-  switch (p.D) {
-    case 64: return launch_attention_fwd_hd64(p, dtype, stream);
-    case 72: return launch_attention_fwd_hd72(p, dtype, stream);
-    case 128: return launch_attention_fwd_hd128(p, dtype, stream);
-    default: return cudaErrorInvalidValue;
-  }
 }
 
 }  // namespace cuda
