@@ -92,7 +92,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnDecodeParams
     for (int j = threadIdx.x; j < kv_len && !any; j += kThreads) any = M[j] != 0;
     use_mask = __syncthreads_or(any) != 0;
   }
-  const int per_split = (p.Lk + p.num_splits - 1) / p.num_splits;
+  // Splits share the valid range [0, kv_len) (read on the device, so a short sequence in a long
+  // static cache still spreads over all splits).
+  const int per_split = (kv_len + p.num_splits - 1) / p.num_splits;
   const int j_begin = split * per_split;
   const int j_end = min(kv_len, j_begin + per_split);
 
