@@ -23,12 +23,11 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxHeads = 8;  // query heads per CTA (larger groups use several CTAs)
 
 template <typename T>
-__device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack8(const uint4 u, float (&f)[8]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; i++) {
-    if constexpr (sizeof(T) == 2 && std::is_same<T, __nv_bfloat16>::value) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
       f[2 * i] = __uint_as_float(w[i] << 16);
       f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
     } else {
@@ -39,6 +38,11 @@ __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
       f[2 * i + 1] = v.y;
     }
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+  unpack8<T>(*reinterpret_cast<const uint4*>(p), f);
 }
 
 template <typename T>
@@ -121,32 +125,39 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnDecodeParams
     for (int i = 0; i < 8; i++) acc[h][i] = 0.f;
   }
 
-  for (int base = j_begin + warp * kKPW; base < j_end; base += kStep) {
-    const int j = base + sub;
-    const bool in = j < j_end;
-    float kf[8], vf[8];
-    if (in) {
-      load8<T>(K + j * p.k_sl, kf);
-      load8<T>(V + j * p.v_sl, vf);
-    } else {
+  // kU keys per lane per iteration: all their K/V loads are issued before the first is used.
+  constexpr int kU = G <= 4 ? 4 : 2;
+  for (int base = j_begin + warp * kKPW; base < j_end; base += kStep * kU) {
+    uint4 kr[kU], vr[kU];
+    bool ok[kU];
 #pragma unroll
-      for (int i = 0; i < 8; i++) kf[i] = vf[i] = 0.f;
+    for (int u = 0; u < kU; u++) {
+      const int j = base + u * kStep + sub;
+      const bool in = j < j_end;
+      kr[u] = in ? *reinterpret_cast<const uint4*>(K + j * p.k_sl) : make_uint4(0u, 0u, 0u, 0u);
+      vr[u] = in ? *reinterpret_cast<const uint4*>(V + j * p.v_sl) : make_uint4(0u, 0u, 0u, 0u);
+      ok[u] = in && (!use_mask || M[j] != 0);
     }
-    const bool ok = in && (!use_mask || M[j] != 0);
 #pragma unroll
-    for (int h = 0; h < G; h++) {
-      float s = 0.f;
+    for (int u = 0; u < kU; u++) {
+      float kf[8], vf[8];
+      unpack8<T>(kr[u], kf);
+      unpack8<T>(vr[u], vf);
 #pragma unroll
-      for (int i = 0; i < 8; i++) s = fmaf(q[h][i], kf[i], s);
+      for (int h = 0; h < G; h++) {
+        float s = 0.f;
 #pragma unroll
-      for (int off = kLPK / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (ok) {
-        const float mn = fmaxf(m[h], s);
-        const float a = exp2f(m[h] - mn), pj = exp2f(s - mn);
-        l[h] = l[h] * a + pj;
+        for (int i = 0; i < 8; i++) s = fmaf(q[h][i], kf[i], s);
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[h][i] = fmaf(pj, vf[i], acc[h][i] * a);
-        m[h] = mn;
+        for (int off = kLPK / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (ok[u]) {
+          const float mn = fmaxf(m[h], s);
+          const float a = exp2f(m[h] - mn), pj = exp2f(s - mn);
+          l[h] = l[h] * a + pj;
+#pragma unroll
+          for (int i = 0; i < 8; i++) acc[h][i] = fmaf(pj, vf[i], acc[h][i] * a);
+          m[h] = mn;
+        }
       }
     }
   }
