@@ -93,6 +93,11 @@ __device__ __forceinline__ void ldsm_x2_trans(uint32_t& r0, uint32_t& r1, const 
                : "=r"(r0), "=r"(r1)
                : "r"(smem_u32(p)));
 }
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
 __device__ __forceinline__ void ldsm_x1(uint32_t& r0, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r0) : "r"(smem_u32(p)));
 }
@@ -128,6 +133,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnFwdParams 
   constexpr int kND = D / 8;                // n8 blocks of the output
   constexpr int kNB = kBN / 8;              // n8 blocks of a score tile
   static_assert(D % 8 == 0 && D <= 256, "head dim");
+  static_assert(kK16 % 2 == 0, "Q·Kᵀ loads B fragments two k16 steps at a time");
 
   __shared__ __align__(16) T sK[kBN * kRow];
   __shared__ __align__(16) T sV[kBN * kRow];
@@ -217,10 +223,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnFwdParams 
     for (int nb = 0; nb < kNB; nb++) {
       s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < kK16; ks++) {
-        uint32_t b0, b1;
-        ldsm_x2(b0, b1, sK + (nb * 8 + (lane % 8)) * kRow + ks * 16 + ((lane / 8) % 2) * 8);
-        MT::mma16816(s[nb], qf[ks], b0, b1);
+      for (int ks = 0; ks < kK16; ks += 2) {  // one ldmatrix.x4 = B fragments of two k16 steps
+        uint32_t bf[4];
+        ldsm_x4(bf, sK + (nb * 8 + (lane % 8)) * kRow + (ks + lane / 16) * 16 + ((lane / 8) % 2) * 8);
+        MT::mma16816(s[nb], qf[ks], bf[0], bf[1]);
+        MT::mma16816(s[nb], qf[ks + 1], bf[2], bf[3]);
       }
       if constexpr (kTail) {
         uint32_t b0;
@@ -306,10 +313,16 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnFwdParams 
       a[2] = MT::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       a[3] = MT::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-      for (int nd = 0; nd < kND; nd++) {
+      for (int nd = 0; nd + 1 < kND; nd += 2) {  // one ldmatrix.x4.trans = B fragments of two n8 blocks
+        uint32_t bf[4];
+        ldsm_x4_trans(bf, sV + (kk * 16 + (lane % 16)) * kRow + (nd + lane / 16) * 8);
+        MT::mma16816(o[nd], a, bf[0], bf[1]);
+        MT::mma16816(o[nd + 1], a, bf[2], bf[3]);
+      }
+      if constexpr (kND % 2 == 1) {  // D = 72: the ninth n8 block
         uint32_t b0, b1;
-        ldsm_x2_trans(b0, b1, sV + (kk * 16 + (lane % 16)) * kRow + nd * 8);
-        MT::mma16816(o[nd], a, b0, b1);
+        ldsm_x2_trans(b0, b1, sV + (kk * 16 + (lane % 16)) * kRow + (kND - 1) * 8);
+        MT::mma16816(o[kND - 1], a, b0, b1);
       }
     }
     __syncthreads();  // all warps done with sV

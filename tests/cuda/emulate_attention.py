@@ -137,9 +137,11 @@ def attention_fwd(q, k, v, key_mask, scale, causal):
                             sMask[:nk] = M[n0:n0 + nk]
                         s = np.zeros((nb_blocks, 32, 4))
                         for nb in range(nb_blocks):
-                            for ks in range(k16):
-                                bf = _ldsm(sK, lambda l, nb=nb, ks=ks: (nb * 8 + l % 8, ks * 16 + ((l // 8) % 2) * 8), 2)
-                                _mma16816(s[nb], qf[ks], bf)
+                            for ks in range(0, k16, 2):
+                                bf = _ldsm(sK, lambda l, nb=nb, ks=ks: (nb * 8 + l % 8,
+                                                                       (ks + l // 16) * 16 + ((l // 8) % 2) * 8), 4)
+                                _mma16816(s[nb], qf[ks], bf[:, 0:2])
+                                _mma16816(s[nb], qf[ks + 1], bf[:, 2:4])
                             if tail:
                                 bf = _ldsm(sK, lambda l, nb=nb: (nb * 8 + l % 8, k16 * 16), 1)
                                 _mma1688(s[nb], qt, bf)
@@ -180,7 +182,13 @@ def attention_fwd(q, k, v, key_mask, scale, causal):
                             a = np.zeros((32, 4, 2))
                             a[:, 0], a[:, 1] = p[2 * kk][:, 0:2], p[2 * kk][:, 2:4]
                             a[:, 2], a[:, 3] = p[2 * kk + 1][:, 0:2], p[2 * kk + 1][:, 2:4]
-                            for nd in range(nd_blocks):
+                            for nd in range(0, nd_blocks - 1, 2):
+                                bf = _ldsm(sV, lambda l, kk=kk, nd=nd: (kk * 16 + l % 16, (nd + l // 16) * 8), 4,
+                                           trans=True)
+                                _mma16816(o[nd], a, bf[:, 0:2])
+                                _mma16816(o[nd + 1], a, bf[:, 2:4])
+                            if nd_blocks % 2:
+                                nd = nd_blocks - 1
                                 bf = _ldsm(sV, lambda l, kk=kk, nd=nd: (kk * 16 + l % 16, nd * 8), 2, trans=True)
                                 _mma16816(o[nd], a, bf)
                     l0 = l0.reshape(8, 4).sum(1).repeat(4)
