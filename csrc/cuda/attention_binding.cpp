@@ -22,7 +22,8 @@ constexpr double kLog2e = 1.4426950408889634;
 // 16-byte aligned base, stride(-1) == 1 and the other strides multiples of 8 elements; else a
 // contiguous copy (the kernels read rows with 16-byte vector loads).
 at::Tensor aligned(const at::Tensor& t) {
-  const bool ok = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
+  auto stride_ok = [&](int d) { return t.size(d) == 1 || t.stride(d) % 8 == 0; };  // size-1 dims: any stride
+  const bool ok = t.stride(3) == 1 && stride_ok(0) && stride_ok(1) && stride_ok(2) &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   return ok ? t : t.contiguous();
 }
