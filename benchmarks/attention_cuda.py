@@ -85,7 +85,8 @@ def kernel_table(iters: int) -> None:
 
 
 def e2e(iters: int, prompt_tokens: int) -> None:
-    """TTFT (one 1600x900 image = 17 tiles + text) and decode step of Idefics3-8B-shaped models."""
+    """TTFT (one 1600x900 image = 17 tiles + text) and one decode step of Idefics3-8B-shaped models
+    (random weights; no checkpoint needed)."""
     from idefics3_kit import presets
     from idefics3_kit.model import VLM
     from idefics3_kit.ops import use_reference
@@ -101,23 +102,34 @@ def e2e(iters: int, prompt_tokens: int) -> None:
     ids[0, 8: 8 + img_tokens] = model.image_token_id
     pv = torch.randn(1, tiles, 3, 364, 364, device="cuda", dtype=torch.bfloat16)
     pm = torch.ones(1, tiles, 364, 364, device="cuda", dtype=torch.bool)
-    results = []
-    for name, ctx in (("idefics3_kit + CUDA kernels", None), ("idefics3_kit reference ops", use_reference)):
+    rows = []
+
+    def ik_times():
         def ttft():
             with torch.no_grad():
                 model(input_ids=ids, pixel_values=pv, pixel_attention_mask=pm, logits_to_keep=1)
 
-        if ctx is None:
-            results.append((name, _time(ttft, iters)))
-        else:
-            with ctx():
-                results.append((name, _time(ttft, iters)))
+        cache = model.decoder.new_cache(1, n + 8)
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pv, pixel_attention_mask=pm, cache=cache, logits_to_keep=1)
+        step_ids = ids[:, -1:]
+
+        def step():
+            with torch.no_grad():
+                model(input_ids=step_ids, cache=cache, logits_to_keep=1)
+            cache.length -= 1  # rewind: every step sees the same n-token context
+
+        return _time(ttft, iters), _time(step, iters * 5)
+
+    rows.append(("idefics3_kit + CUDA kernels", *ik_times()))
+    with use_reference():
+        rows.append(("idefics3_kit reference ops", *ik_times()))
+    del model
+    torch.cuda.empty_cache()
     try:
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
         hf_cfg = Idefics3Config(**cfg.to_hf_dict())
-        del model
-        torch.cuda.empty_cache()
         with torch.device("cuda"):
             hf = Idefics3ForConditionalGeneration(hf_cfg).to(torch.bfloat16).eval()
 
@@ -125,14 +137,22 @@ def e2e(iters: int, prompt_tokens: int) -> None:
             with torch.no_grad():
                 hf(input_ids=ids, pixel_values=pv, pixel_attention_mask=pm, logits_to_keep=1)
 
-        results.append(("transformers (sdpa)", _time(hf_ttft, iters)))
+        with torch.no_grad():
+            out = hf(input_ids=ids, pixel_values=pv, pixel_attention_mask=pm, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+
+        def hf_step():
+            with torch.no_grad():
+                hf(input_ids=ids[:, -1:], past_key_values=past, use_cache=True, logits_to_keep=1)
+            past.crop(n)
+
+        rows.append(("transformers (sdpa)", _time(hf_ttft, iters), _time(hf_step, iters * 5)))
     except Exception as exc:  # transformers is a test-only dependency
         print(f"(transformers baseline skipped: {type(exc).__name__}: {exc})")
-    print(f"\nTTFT, 1 image (17 tiles) + {n} prompt tokens, Idefics3-8B shapes, random weights")
-    for name, t in results:
-        print(f"{name:34s} {t * 1e3:10.1f} ms")
-    print("(decode step: run `python -m idefics3_kit.cli` generate timings, or extend here once the "
-          "generation loop exposes a per-step hook)")
+    print(f"\nIdefics3-8B shapes, random weights, 1 image (17 tiles) + {n} prompt tokens, bf16")
+    print(f"{'path':34s} {'TTFT ms':>10s} {'decode ms/token':>16s}")
+    for name, t_first, t_step in rows:
+        print(f"{name:34s} {t_first * 1e3:10.1f} {t_step * 1e3:16.2f}")
 
 
 def main(argv=None) -> int:
