@@ -12,27 +12,13 @@ namespace idefics3_kit {
 namespace cuda {
 namespace {
 
-template <typename Job>
-__device__ __forceinline__ int find_job(const Job* jobs, int njobs, int block) {
-  int lo = 0, hi = njobs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (jobs[mid].block_start <= block) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
 __global__ void __launch_bounds__(kResampleThreads)
     resample_kernel(const ResampleJob* __restrict__ jobs, int njobs, const int32_t* __restrict__ coeffs,
                     const int32_t* __restrict__ bounds) {
-  const int b = static_cast<int>(blockIdx.x);
-  const ResampleJob j = jobs[find_job(jobs, njobs, b)];
-  const int64_t i = static_cast<int64_t>(b - j.block_start) * kResampleThreads + threadIdx.x;
-  if (i >= resample_job_bytes(j)) return;
+  int job;
+  const int64_t i = resample_index(jobs, njobs, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x), &job);
+  if (i < 0) return;
+  const ResampleJob& j = jobs[job];
   j.dst[i] = resample_byte(j, i, coeffs, bounds);
 }
 
@@ -55,11 +41,11 @@ __global__ void __launch_bounds__(kEmitThreads)
   __shared__ float s_lut[3 * 256];
   for (int t = threadIdx.x; t < 3 * 256; t += blockDim.x) s_lut[t] = lut[t];
   __syncthreads();
-  const int b = static_cast<int>(blockIdx.x);
-  const EmitJob j = jobs[find_job(jobs, njobs, b)];
+  int job;
+  const int64_t p = emit_pixel(jobs, njobs, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x), tile, &job);
+  if (p < 0) return;
+  const EmitJob& j = jobs[job];
   const int64_t plane = static_cast<int64_t>(tile) * tile;
-  const int64_t p = static_cast<int64_t>(b - j.block_start) * kEmitThreads + threadIdx.x;
-  if (p >= plane) return;
   const int y = static_cast<int>(p / tile), x = static_cast<int>(p - static_cast<int64_t>(y) * tile);
   const uint8_t* s = j.src + (static_cast<int64_t>(y) * j.src_w + x) * 3;
   const int64_t base = static_cast<int64_t>(j.out_tile) * 3 * plane + p;

@@ -89,6 +89,35 @@ I3K_HD uint8_t resample_byte(const ResampleJob& j, int64_t i, const int32_t* coe
   return clip8(ss);
 }
 
+// The job of block `block` in a launch: the last job whose block_start <= block (binary search).
+template <typename Job>
+I3K_HD int find_job(const Job* jobs, int njobs, int block) {
+  int lo = 0, hi = njobs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (jobs[mid].block_start <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Emit: thread (block, tid) of a launch -> (job index, pixel p of the S×S tile) or p < 0 if idle.
+I3K_HD int64_t emit_pixel(const EmitJob* jobs, int njobs, int block, int tid, int tile, int* job) {
+  *job = find_job(jobs, njobs, block);
+  const int64_t p = static_cast<int64_t>(block - jobs[*job].block_start) * kEmitThreads + tid;
+  return p < static_cast<int64_t>(tile) * tile ? p : -1;
+}
+
+// Resample: thread (block, tid) -> (job index, output byte i) or i < 0 if idle.
+I3K_HD int64_t resample_index(const ResampleJob* jobs, int njobs, int block, int tid, int* job) {
+  *job = find_job(jobs, njobs, block);
+  const int64_t i = static_cast<int64_t>(block - jobs[*job].block_start) * kResampleThreads + tid;
+  return i < resample_job_bytes(jobs[*job]) ? i : -1;
+}
+
 // float -> bfloat16 / float16 bits, round to nearest even (as torch's .to()); finite inputs.
 I3K_HD uint16_t float_to_bf16_bits(float f) {
   uint32_t u;

@@ -57,14 +57,23 @@ int main(int argc, char** argv) {
   for (auto& im : images) inputs.push_back(im.data());
   plan.build(inputs, ws.data(), nullptr, lut.data());
 
+  // Run every launch as the GPU would: each (block, thread) of the grid, through the kernels'
+  // own index functions (find_job, resample_index, emit_pixel). Jobs of one launch are
+  // independent, launches run in order.
   for (const auto& l : plan.resample_launches()) {
     const ResampleJob* jobs = plan.jobs_host(l);
+    int64_t expect = 0;
     for (int j = 0; j < l.njobs; j++) {
-      const int64_t n = resample_job_bytes(jobs[j]);
-      const int64_t blocks = (n + kResampleThreads - 1) / kResampleThreads;
-      const int64_t next = j + 1 < l.njobs ? jobs[j + 1].block_start : l.blocks;
-      if (jobs[j].block_start + blocks != next) return 5;  // prefix sums consistent
-      for (int64_t i = 0; i < n; i++) jobs[j].dst[i] = resample_byte(jobs[j], i, plan.coeffs_host(), plan.bounds_host());
+      if (jobs[j].block_start != expect) return 5;  // prefix sums consistent
+      expect += (resample_job_bytes(jobs[j]) + kResampleThreads - 1) / kResampleThreads;
+    }
+    if (expect != l.blocks) return 5;
+    for (int blk = 0; blk < l.blocks; blk++) {
+      for (int tid = 0; tid < kResampleThreads; tid++) {
+        int job;
+        const int64_t i = resample_index(jobs, l.njobs, blk, tid, &job);
+        if (i >= 0) jobs[job].dst[i] = resample_byte(jobs[job], i, plan.coeffs_host(), plan.bounds_host());
+      }
     }
   }
   const int64_t plane = S * S;
@@ -72,17 +81,20 @@ int main(int argc, char** argv) {
   std::vector<uint16_t> values16(values.size(), 0);
   std::vector<uint8_t> mask(static_cast<size_t>(B * T * plane), 0);
   const EmitJob* ej = plan.emit_host();
-  for (int j = 0; j < plan.emit_jobs(); j++) {
-    for (int64_t p = 0; p < plane; p++) {
+  for (int blk = 0; blk < plan.emit_blocks(); blk++) {
+    for (int tid = 0; tid < kEmitThreads; tid++) {
+      int job;
+      const int64_t p = emit_pixel(ej, plan.emit_jobs(), blk, tid, static_cast<int>(S), &job);
+      if (p < 0) continue;
       const int64_t y = p / S, x = p % S;
-      const uint8_t* s = ej[j].src + (y * ej[j].src_w + x) * 3;
+      const uint8_t* s = ej[job].src + (y * ej[job].src_w + x) * 3;
       for (int c = 0; c < 3; c++) {
         const float v = plan.lut_host()[c * 256 + s[c]];
-        const int64_t idx = ej[j].out_tile * 3 * plane + c * plane + p;
+        const int64_t idx = ej[job].out_tile * 3 * plane + c * plane + p;
         values[idx] = v;
         values16[idx] = float_to_bf16_bits(v);
       }
-      mask[ej[j].out_tile * plane + p] = 1;
+      mask[ej[job].out_tile * plane + p] = 1;
     }
   }
   {
