@@ -2,7 +2,8 @@
 # Compile-check the CUDA kernels without a GPU (issue 7.2). Called from .ci/run.
 #
 #  1. every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (files named *_sm90a.cu: sm_90a), warnings
-#     are errors (nvcc, host compiler, ptxas);
+#     are errors (nvcc, host compiler, ptxas); then the standalone GPU self-test is linked against
+#     them (it runs only on a GPU machine: see docs/cuda.md);
 #  2. the torch-free host code (Pillow coefficients, preprocessing plan) with g++ -Werror, and the
 #     coefficient self-test;
 #  3. the thin torch bindings csrc/cuda/*_binding.cpp with g++ -fsyntax-only against the installed
@@ -64,6 +65,16 @@ for cu in csrc/cuda/*.cu; do
       -D__CUDA_NO_HALF2_OPERATORS__ -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror "${gencode[@]}" "${extra[@]}" \
       "$cu" -o "$TMP/$(basename "$cu").o"
 done
+
+# 1b. the standalone GPU self-test (tests/cuda/host/gpu_selftest.cu) links against those objects
+objs=()
+for cu in csrc/cuda/*.cu; do
+  case "$cu" in *_sm90a.cu) continue ;; esac
+  [ -f "$TMP/$(basename "$cu").o" ] && objs+=("$TMP/$(basename "$cu").o")
+done
+run "nvcc tests/cuda/host/gpu_selftest.cu (link)" "$NVCC" -std=c++17 -O2 -Werror all-warnings \
+    -Xcompiler -Wall,-Wextra,-Werror -gencode arch=compute_80,code=sm_80 \
+    tests/cuda/host/gpu_selftest.cu "${objs[@]}" -o "$TMP/gpu_selftest"
 
 # 2. torch-free host code
 run "g++ tests/cuda/host/resize_ref_main.cpp" "$CXX" -std=c++17 -O2 -Wall -Wextra -Werror \
