@@ -88,7 +88,7 @@ static void idefics3_geometry(int h, int w, int longest, int tile, int64_t* g /*
 }
 
 static void test_preprocess(int longest, int tile, std::mt19937& rng) {
-  const int sizes[][2] = {{900, 1600}, {45, 80}, {300, 7}, {1, 1}, {tile, tile}, {113, 112}};
+  const int sizes[][2] = {{900, 1600}, {45, 80}, {300, 7}, {1, 1}, {tile, tile}, {113, 112}, {longest, longest}};
   const int n = sizeof(sizes) / sizeof(sizes[0]);
   std::vector<ImageGeometry> geo;
   std::vector<std::vector<uint8_t>> imgs;
