@@ -94,7 +94,8 @@ def test_plan_matches_pillow_reference(driver, tmp_path, bf16, longest, tile):
     ref_m = torch.zeros(len(sizes), tiles, tile, tile, dtype=torch.uint8)
     preprocess_into_ref(images, ref_v, ref_m, geometry, MEAN, STD, RESCALE)
     assert torch.equal(got_m, ref_m)
-    assert torch.equal(got_v.view(torch.int16 if bf16 else torch.int32), ref_v.view(torch.int16 if bf16 else torch.int32))
+    bits = torch.int16 if bf16 else torch.int32
+    assert torch.equal(got_v.view(bits), ref_v.view(bits))
 
 
 @pytest.mark.parametrize("mode", ["reference", "plan"])
@@ -107,8 +108,9 @@ def test_resize_reference_matches_pillow(resize_driver, tmp_path, mode):
         c = int(rng.choice([1, 3]))
         img = torch.from_numpy(rng.integers(0, 256, (h, w, c), dtype=np.uint8))
         img.numpy().tofile(tmp_path / "in.raw")
-        subprocess.run([resize_driver, *(["--plan"] if mode == "plan" else []), str(tmp_path / "in.raw"), str(tmp_path / "out.raw"), str(h), str(w), str(c),
-                        str(oh), str(ow)], check=True)
+        flag = ["--plan"] if mode == "plan" else []
+        subprocess.run([resize_driver, *flag, str(tmp_path / "in.raw"), str(tmp_path / "out.raw"), str(h), str(w),
+                        str(c), str(oh), str(ow)], check=True)
         got = torch.from_numpy(np.fromfile(tmp_path / "out.raw", dtype=np.uint8)).reshape(oh, ow, c)
         assert torch.equal(got, resize_u8_ref(img, oh, ow)), (h, w, oh, ow, c)
 
