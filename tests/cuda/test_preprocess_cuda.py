@@ -132,3 +132,24 @@ def test_opcheck_resize_u8():
     img = _image(np.random.default_rng(2), 50, 70).cuda()
     torch.library.opcheck(torch.ops.idefics3_kit.resize_u8.default, (img, 20, 90),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_matches_compiled_cpu_op():
+    """Also bit-equal to the compiled CPU kernel (when the extension has one)."""
+    try:
+        has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("idefics3_kit::preprocess_into", "CPU")
+    except RuntimeError:
+        has_cpu = False
+    if not has_cpu:
+        pytest.skip("no compiled CPU preprocessing kernel")
+    rng = np.random.default_rng(5)
+    sizes = [[(900, 1600), (250, 251)], [(77, 1000)]]
+    images = [_image(rng, h, w) for sample in sizes for (h, w) in sample]
+    geometry, tiles = _geo.batch_geometry(sizes, 1456, 364)
+    cpu_v = torch.zeros(2, tiles, 3, 364, 364, dtype=torch.bfloat16)
+    cpu_m = torch.zeros(2, tiles, 364, 364, dtype=torch.int64)
+    torch.ops.idefics3_kit.preprocess_into(images, cpu_v, cpu_m, geometry, list(MEAN), list(STD), RESCALE)
+    gpu_v, gpu_m = cuda_dispatch.alloc_batch(2, tiles, 364, dtype=torch.bfloat16)
+    cuda_dispatch.preprocess_into(images, gpu_v, gpu_m, geometry, MEAN, STD, RESCALE)
+    assert torch.equal(gpu_m.cpu(), cpu_m)
+    assert torch.equal(_bits(gpu_v.cpu()), _bits(cpu_v))
