@@ -303,8 +303,8 @@ def _pil_to_rgb(img, where: str, alpha_over_white: bool = True) -> np.ndarray:
         if alpha_over_white and ("A" in img.getbands() or img.info.get("transparency") is not None):
             rgba = img.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.asarray(img.convert("RGB"))
+            return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+        return np.array(img if mode == "RGB" else img.convert("RGB"))  # one writable copy
     except (ValueError, OSError) as exc:
         raise ValueError(f"{where}: cannot convert image mode {mode!r} to RGB: {exc}") from None
 
