@@ -171,7 +171,7 @@ class Processor:
                  padding: bool | str = True, padding_side: str | None = None, truncation: bool = False,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None,
                  add_special_tokens: bool = True, pixel_dtype: torch.dtype = torch.float32,
-                 **image_overrides) -> BatchFeature:
+                 image_seq_len: int | None = None, **image_overrides) -> BatchFeature:
         """Tokenize prompts and split images into one batch (see the module docstring).
 
         ``images``: one image, a flat list (shared out over the prompts by their ``<image>``
@@ -179,7 +179,13 @@ class Processor:
         fields, or the transformers spellings ``size={"longest_edge": n}``,
         ``max_image_size={"longest_edge": n}``, ``do_image_splitting``, ``image_mean``, ``image_std``.
         Every image is converted and checked before any pixel work, so an error leaves nothing half-done.
+        ``image_seq_len`` is accepted only when it equals the processor's (transformers silently
+        ignores a different one; the model needs the checkpoint's value).
         """
+        if image_seq_len is not None and image_seq_len != self.image_seq_len:
+            raise ValueError(f"image_seq_len={image_seq_len} differs from this processor's {self.image_seq_len} "
+                             f"(processor_config.json); the model expects that many tokens per tile. Build the "
+                             f"processor with Processor.from_pretrained(path, image_seq_len={image_seq_len}) instead")
         prompts = _as_prompts(text)
         batch_images = self._layout_images(images, prompts)
         _check_counts(prompts, batch_images)

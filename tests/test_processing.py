@@ -106,6 +106,12 @@ def test_bad_image_is_named_and_nothing_is_processed(proc, monkeypatch):
     assert calls == []
 
 
+def test_image_seq_len_per_call_must_match(proc):
+    assert proc(text="<image>", images=img(), image_seq_len=3).input_ids.shape[1] > 0
+    with pytest.raises(ValueError, match="image_seq_len=5 differs from this processor's 3"):
+        proc(text="<image>", images=img(), image_seq_len=5)
+
+
 def test_pixel_limit_per_call(proc):
     with pytest.raises(ValueError, match=r"image 0 \(sample 0, position 0\) has 200 pixels .* limit of 199"):
         proc(text="<image>", images=img(20, 10), max_pixels=199)
