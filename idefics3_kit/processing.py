@@ -259,15 +259,15 @@ class Processor:
                 "attention_mask": torch.tensor(attention_mask, dtype=torch.long).reshape(len(input_ids), -1)}
 
     def _encode(self, texts, add_special_tokens, truncation, max_length, side_of_truncation) -> list[list[int]]:
-        """Whole expanded prompts through the tokenizer; truncation by the tokenizer itself (specials kept)."""
-        backend = self.tokenizer.backend
+        """Whole expanded prompts through the tokenizer; truncation as the tokenizers library does it.
+
+        tokenizers truncates the text's tokens to leave room for the special tokens, then adds
+        them; done here on each encoding instead of through ``enable_truncation``, so the shared
+        tokenizer is never mutated (concurrent calls stay safe).
+        """
         if not (truncation and max_length is not None):
             return self.tokenizer.encode_batch(texts, add_special_tokens)
-        backend.enable_truncation(max_length, direction=side_of_truncation)
-        try:
-            return self.tokenizer.encode_batch(texts, add_special_tokens)
-        finally:
-            backend.no_truncation()
+        return self.tokenizer.encode_batch_truncated(texts, add_special_tokens, max_length, side_of_truncation)
 
     def _check_truncation(self, ids, plans, max_length: int) -> None:
         """Refuse a truncation that cut into any image block (the model would see broken images)."""

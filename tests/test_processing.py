@@ -126,7 +126,8 @@ def test_truncation_that_cuts_image_tokens_is_refused(proc, monkeypatch):
             proc(text="hello <image> world", images=img(), truncation=True, max_length=full - 4)
     assert calls == []  # refused before any pixel work
     kept = proc(text="<image> hello world", images=img(), truncation=True, max_length=full - 1)
-    assert kept.input_ids.shape[1] == full - 1
+    assert kept.input_ids.shape[1] == full - 1 and kept.input_ids[0, 0] == proc.tokenizer.bos_token_id
+    assert proc.tokenizer.backend.truncation is None  # the shared tokenizer is never switched to truncating
 
 
 def test_plan_agrees_with_processing(proc):
