@@ -88,6 +88,11 @@ class ImagePlan:
 class Processor:
     """Splitter + tokenizer + prompt expansion + chat template for Idefics3 / SmolVLM checkpoints."""
 
+    image_token = IMAGE_TOKEN
+    fake_image_token = FAKE_IMAGE_TOKEN
+    end_of_utterance_token = END_OF_UTTERANCE_TOKEN
+    global_image_tag = GLOBAL_IMAGE_TAG
+
     def __init__(self, tokenizer: TextTokenizer, splitter=None, image_seq_len: int = 64,
                  chat_template: str | None = None, padding_side: str = "left"):
         if not isinstance(image_seq_len, int) or image_seq_len < 1:
@@ -101,6 +106,13 @@ class Processor:
         self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
         self.fake_image_token_id = tokenizer.token_to_id(FAKE_IMAGE_TOKEN)
         self.end_of_utterance_token_id = tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
+
+    def __repr__(self) -> str:
+        cfg = self.splitter.config
+        return (f"Processor(longest_edge={cfg.longest_edge}, tile_size={cfg.tile_size}, "
+                f"splitting={cfg.do_image_splitting}, image_seq_len={self.image_seq_len}, "
+                f"vocab={len(self.tokenizer)}, image_token_id={self.image_token_id}, "
+                f"padding_side={self.padding_side!r})")
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod

@@ -37,6 +37,11 @@ def img(w=20, h=10, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def test_repr_and_token_names(proc):
+    assert repr(proc).startswith("Processor(longest_edge=96, tile_size=32, splitting=True, image_seq_len=3")
+    assert proc.tokenizer.token_to_id(proc.image_token) == proc.image_token_id
+
+
 def test_expansion_layout(proc):
     three = "<image>" * 3
     assert proc.expand_image(0, 0) == f"<fake_token_around_image><global-img>{three}<fake_token_around_image>"
