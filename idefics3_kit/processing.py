@@ -470,10 +470,10 @@ def image_size(image) -> tuple[int, int]:
     """(width, height) of an image without decoding or converting it."""
     from PIL import Image
 
-    from .components.splitter import _channels_last, _string_source
+    from .components.splitter import channels_last, string_source
 
     if isinstance(image, str) and not os.path.isfile(image):
-        image = _string_source(image, "image")
+        image = string_source(image, "image")
     if isinstance(image, (str, bytes, os.PathLike)):
         image = open_image(image, "image", None, decode=False)
         if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn
@@ -482,5 +482,5 @@ def image_size(image) -> tuple[int, int]:
         return image.size
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
-    shape = _channels_last(image, "image").shape
+    shape = channels_last(image, "image").shape
     return shape[1], shape[0]
