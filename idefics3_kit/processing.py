@@ -88,6 +88,11 @@ class ImagePlan:
 class Processor:
     """Splitter + tokenizer + prompt expansion + chat template for Idefics3 / SmolVLM checkpoints."""
 
+    image_token = IMAGE_TOKEN
+    fake_image_token = FAKE_IMAGE_TOKEN
+    end_of_utterance_token = END_OF_UTTERANCE_TOKEN
+    global_image_tag = GLOBAL_IMAGE_TAG
+
     def __init__(self, tokenizer: TextTokenizer, splitter=None, image_seq_len: int = 64,
                  chat_template: str | None = None, padding_side: str = "left"):
         if not isinstance(image_seq_len, int) or image_seq_len < 1:
@@ -101,6 +106,13 @@ class Processor:
         self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
         self.fake_image_token_id = tokenizer.token_to_id(FAKE_IMAGE_TOKEN)
         self.end_of_utterance_token_id = tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
+
+    def __repr__(self) -> str:
+        cfg = self.splitter.config
+        return (f"Processor(longest_edge={cfg.longest_edge}, tile_size={cfg.tile_size}, "
+                f"splitting={cfg.do_image_splitting}, image_seq_len={self.image_seq_len}, "
+                f"vocab={len(self.tokenizer)}, image_token_id={self.image_token_id}, "
+                f"padding_side={self.padding_side!r})")
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -171,7 +183,7 @@ class Processor:
                  padding: bool | str = True, padding_side: str | None = None, truncation: bool = False,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None,
                  add_special_tokens: bool = True, pixel_dtype: torch.dtype = torch.float32,
-                 **image_overrides) -> BatchFeature:
+                 image_seq_len: int | None = None, **image_overrides) -> BatchFeature:
         """Tokenize prompts and split images into one batch (see the module docstring).
 
         ``images``: one image, a flat list (shared out over the prompts by their ``<image>``
@@ -179,7 +191,13 @@ class Processor:
         fields, or the transformers spellings ``size={"longest_edge": n}``,
         ``max_image_size={"longest_edge": n}``, ``do_image_splitting``, ``image_mean``, ``image_std``.
         Every image is converted and checked before any pixel work, so an error leaves nothing half-done.
+        ``image_seq_len`` is accepted only when it equals the processor's (transformers silently
+        ignores a different one; the model needs the checkpoint's value).
         """
+        if image_seq_len is not None and image_seq_len != self.image_seq_len:
+            raise ValueError(f"image_seq_len={image_seq_len} differs from this processor's {self.image_seq_len} "
+                             f"(processor_config.json); the model expects that many tokens per tile. Build the "
+                             f"processor with Processor.from_pretrained(path, image_seq_len={image_seq_len}) instead")
         prompts = _as_prompts(text)
         batch_images = self._layout_images(images, prompts)
         _check_counts(prompts, batch_images)
@@ -253,15 +271,15 @@ class Processor:
                 "attention_mask": torch.tensor(attention_mask, dtype=torch.long).reshape(len(input_ids), -1)}
 
     def _encode(self, texts, add_special_tokens, truncation, max_length, side_of_truncation) -> list[list[int]]:
-        """Whole expanded prompts through the tokenizer; truncation by the tokenizer itself (specials kept)."""
-        backend = self.tokenizer.backend
+        """Whole expanded prompts through the tokenizer; truncation as the tokenizers library does it.
+
+        tokenizers truncates the text's tokens to leave room for the special tokens, then adds
+        them; done here on each encoding instead of through ``enable_truncation``, so the shared
+        tokenizer is never mutated (concurrent calls stay safe).
+        """
         if not (truncation and max_length is not None):
             return self.tokenizer.encode_batch(texts, add_special_tokens)
-        backend.enable_truncation(max_length, direction=side_of_truncation)
-        try:
-            return self.tokenizer.encode_batch(texts, add_special_tokens)
-        finally:
-            backend.no_truncation()
+        return self.tokenizer.encode_batch_truncated(texts, add_special_tokens, max_length, side_of_truncation)
 
     def _check_truncation(self, ids, plans, max_length: int) -> None:
         """Refuse a truncation that cut into any image block (the model would see broken images)."""
@@ -452,10 +470,10 @@ def image_size(image) -> tuple[int, int]:
     """(width, height) of an image without decoding or converting it."""
     from PIL import Image
 
-    from .components.splitter import _channels_last, _string_source
+    from .components.splitter import channels_last, string_source
 
     if isinstance(image, str) and not os.path.isfile(image):
-        image = _string_source(image, "image")
+        image = string_source(image, "image")
     if isinstance(image, (str, bytes, os.PathLike)):
         image = open_image(image, "image", None, decode=False)
         if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn
@@ -464,5 +482,5 @@ def image_size(image) -> tuple[int, int]:
         return image.size
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
-    shape = _channels_last(image, "image").shape
+    shape = channels_last(image, "image").shape
     return shape[1], shape[0]

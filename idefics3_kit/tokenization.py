@@ -139,6 +139,23 @@ class TextTokenizer:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encodings]
 
+    def encode_batch_truncated(self, texts: Sequence[str], add_special_tokens: bool, max_length: int,
+                               direction: str = "right") -> list[list[int]]:
+        """``encode_batch`` with truncation to ``max_length`` tokens, special tokens kept.
+
+        The same steps as the library's own truncation (text tokens cut to leave room for the
+        post-processor's tokens, then those added), without ``enable_truncation`` on the shared object.
+        """
+        processor = self.backend.post_processor
+        room = processor.num_special_tokens_to_add(False) if add_special_tokens and processor is not None else 0
+        if max_length < room:
+            raise ValueError(f"max_length={max_length} leaves no room for the {room} special tokens")
+        out = []
+        for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False):
+            encoding.truncate(max_length - room, direction=direction)
+            out.append(self.backend.post_process(encoding, add_special_tokens=add_special_tokens).ids)
+        return out
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 

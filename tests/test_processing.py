@@ -37,6 +37,11 @@ def img(w=20, h=10, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def test_repr_and_token_names(proc):
+    assert repr(proc).startswith("Processor(longest_edge=96, tile_size=32, splitting=True, image_seq_len=3")
+    assert proc.tokenizer.token_to_id(proc.image_token) == proc.image_token_id
+
+
 def test_expansion_layout(proc):
     three = "<image>" * 3
     assert proc.expand_image(0, 0) == f"<fake_token_around_image><global-img>{three}<fake_token_around_image>"
@@ -106,6 +111,12 @@ def test_bad_image_is_named_and_nothing_is_processed(proc, monkeypatch):
     assert calls == []
 
 
+def test_image_seq_len_per_call_must_match(proc):
+    assert proc(text="<image>", images=img(), image_seq_len=3).input_ids.shape[1] > 0
+    with pytest.raises(ValueError, match="image_seq_len=5 differs from this processor's 3"):
+        proc(text="<image>", images=img(), image_seq_len=5)
+
+
 def test_pixel_limit_per_call(proc):
     with pytest.raises(ValueError, match=r"image 0 \(sample 0, position 0\) has 200 pixels .* limit of 199"):
         proc(text="<image>", images=img(20, 10), max_pixels=199)
@@ -120,7 +131,8 @@ def test_truncation_that_cuts_image_tokens_is_refused(proc, monkeypatch):
             proc(text="hello <image> world", images=img(), truncation=True, max_length=full - 4)
     assert calls == []  # refused before any pixel work
     kept = proc(text="<image> hello world", images=img(), truncation=True, max_length=full - 1)
-    assert kept.input_ids.shape[1] == full - 1
+    assert kept.input_ids.shape[1] == full - 1 and kept.input_ids[0, 0] == proc.tokenizer.bos_token_id
+    assert proc.tokenizer.backend.truncation is None  # the shared tokenizer is never switched to truncating
 
 
 def test_plan_agrees_with_processing(proc):

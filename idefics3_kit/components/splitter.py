@@ -3,7 +3,8 @@
 ``idefics3`` reproduces transformers' Idefics3 image processor (the Pillow backend,
 ``Idefics3ImageProcessorPil``) bit for bit:
 
-1. RGB conversion first (alpha composited over white; L, LA, P, CMYK, ... through Pillow).
+1. RGB conversion first (alpha composited over white; L, LA, P, CMYK, ... through Pillow; files
+   are loaded like transformers' ``load_image``: EXIF orientation applied, alpha dropped).
 2. Stage 1: the longest edge is resized to ``longest_edge`` (always, up or down); the short side
    is ``int(L / aspect)`` (or ``int(L * aspect)``), bumped to even, at least 1; a hard cap of
    4096 on the long side follows.
@@ -260,7 +261,7 @@ def load_encoded(source, where: str, limit: int | None):
     from PIL import ImageOps
 
     if isinstance(source, str) and not os.path.isfile(source):
-        source = _string_source(source, where)
+        source = string_source(source, where)
     img = open_image(source, where, limit)
     try:
         return ImageOps.exif_transpose(img)
@@ -268,7 +269,7 @@ def load_encoded(source, where: str, limit: int | None):
         raise ValueError(f"{where}: cannot apply the EXIF orientation: {exc}") from None
 
 
-def _string_source(text: str, where: str):
+def string_source(text: str, where: str):
     """A string that is not a file: a data URI or base64 (transformers accepts both), else not found."""
     import base64
     import binascii
@@ -303,8 +304,8 @@ def _pil_to_rgb(img, where: str, alpha_over_white: bool = True) -> np.ndarray:
         if alpha_over_white and ("A" in img.getbands() or img.info.get("transparency") is not None):
             rgba = img.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.asarray(img.convert("RGB"))
+            return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+        return np.array(img if mode == "RGB" else img.convert("RGB"))  # one writable copy
     except (ValueError, OSError) as exc:
         raise ValueError(f"{where}: cannot convert image mode {mode!r} to RGB: {exc}") from None
 
@@ -322,7 +323,7 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def _channels_last(arr: np.ndarray, where: str) -> np.ndarray:
+def channels_last(arr: np.ndarray, where: str) -> np.ndarray:
     """[H, W] / [C, H, W] / [H, W, C] -> [H, W, C]; channels-first wins when ambiguous (the reference's rule)."""
     if arr.ndim == 2:
         return arr[:, :, None]
@@ -353,7 +354,7 @@ def _to_uint8(hwc: np.ndarray, where: str) -> np.ndarray:
 
 def _array_to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
     """Numpy array (2-D, HWC or CHW; 1/3/4 channels) -> uint8 [H, W, 3]; RGBA composited over white."""
-    hwc = _to_uint8(_channels_last(arr, where), where)
+    hwc = _to_uint8(channels_last(arr, where), where)
     channels = hwc.shape[2]
     if channels == 1:
         return _gray_to_rgb(hwc[:, :, 0])
@@ -383,7 +384,7 @@ def to_rgb(image, where: str = "image", max_pixels: int | None = None) -> torch.
         arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
         if arr.ndim in (2, 3) and 0 in arr.shape:
             raise ValueError(f"{where} is empty (array shape {tuple(arr.shape)})")
-        hwc_shape = _channels_last(arr, where).shape
+        hwc_shape = channels_last(arr, where).shape
         _pixel_check(hwc_shape[0], hwc_shape[1], where, max_pixels)
         rgb = _array_to_rgb(arr, where)
     else:
