@@ -68,3 +68,41 @@ def demo_model_config(vocab_size: int, image_token_id: int, pad_id: int, eos_id:
                               max_position_embeddings=1024, pad_token_id=pad_id, eos_token_id=eos_id),
         image_token_id=image_token_id,
     )
+
+
+# ---- using the trained model --------------------------------------------------------------------
+
+HELD_OUT_SEED = 10_000_000  # training draws seeds from 0 upward; evaluation from here
+
+
+def answer(model, processor, images, questions, max_new_tokens: int = 6) -> list[str]:
+    """Greedy answers of ``model`` to one question per image (batched, left padded)."""
+    import torch
+
+    from .train import chat_messages
+
+    prompts = [processor.apply_chat_template(chat_messages(q), add_generation_prompt=True) for q in questions]
+    batch = processor(text=prompts, images=[[img] for img in images], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    new = ids[:, batch["input_ids"].shape[1]:]
+    return [text.strip() for text in processor.batch_decode(new.tolist(), skip_special_tokens=True)]
+
+
+def evaluate(model, processor, count: int = 200, first_seed: int = HELD_OUT_SEED, batch_size: int = 50) -> dict:
+    """Exact-match accuracy on ``count`` fresh synthetic examples, overall and per question kind."""
+    from .synthetic import make_example
+
+    examples = [make_example(first_seed + i) for i in range(count)]
+    predictions = []
+    for start in range(0, count, batch_size):
+        chunk = examples[start:start + batch_size]
+        predictions += answer(model, processor, [e.image for e in chunk], [e.question for e in chunk])
+    per_kind: dict = {}
+    for example, prediction in zip(examples, predictions):
+        hits, total = per_kind.get(example.kind, (0, 0))
+        per_kind[example.kind] = (hits + (prediction == example.answer), total + 1)
+    correct = sum(h for h, _ in per_kind.values())
+    return {"accuracy": correct / count, "correct": correct, "count": count,
+            "per_kind": {k: h / t for k, (h, t) in sorted(per_kind.items())},
+            "examples": list(zip(examples, predictions))}
