@@ -89,47 +89,41 @@ class Collator:
 
     Labels are -100 everywhere except the assistant's answer (and the end-of-utterance token
     that closes it), so the loss teaches answering, not predicting prompts or image tokens.
+    The whole batch goes through the processor once; each row's answer tokens are found at
+    its end (the text after the generation prompt, tokenized alone, must be the row's tail,
+    which is checked).
     """
 
-    def __init__(self, processor, pad_token_id: int):
+    def __init__(self, processor, pad_token_id: int | None = None):
         self.processor = processor
         self.pad_token_id = pad_token_id
 
-    def encode(self, image, question: str, answer: str):
+    def answer_suffix(self, question: str, answer: str) -> str:
         proc = self.processor
         prompt = proc.apply_chat_template(chat_messages(question), add_generation_prompt=True)
         full = proc.apply_chat_template(chat_messages(question, answer))
-        prompt_ids = proc(text=[prompt], images=[[image]], return_tensors="pt")["input_ids"][0]
-        enc = proc(text=[full], images=[[image]], return_tensors="pt")
-        ids = enc["input_ids"][0]
-        n = prompt_ids.shape[0]
-        if not torch.equal(ids[:n], prompt_ids):
-            raise ValueError("the answer changed the tokenization of the prompt; cannot mask labels")
-        labels = ids.clone()
-        labels[:n] = -100
-        return ids, labels, enc["pixel_values"][0], enc["pixel_attention_mask"][0]
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not extend the generation prompt with the answer")
+        return full[len(prompt):]
 
     def __call__(self, examples) -> dict:
-        rows = [self.encode(e.image, e.question, e.answer) for e in examples]
-        length = max(r[0].shape[0] for r in rows)
-        tiles = max(r[2].shape[0] for r in rows)
-        b = len(rows)
-        side = rows[0][2].shape[-1]
-        batch = {
-            "input_ids": torch.full((b, length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros(b, length, dtype=torch.long),
-            "labels": torch.full((b, length), -100, dtype=torch.long),
-            "pixel_values": torch.zeros(b, tiles, 3, side, side),
-            "pixel_attention_mask": torch.zeros(b, tiles, side, side, dtype=torch.long),
-        }
-        for i, (ids, labels, pixels, pmask) in enumerate(rows):
-            n, t = ids.shape[0], pixels.shape[0]
-            batch["input_ids"][i, :n] = ids
-            batch["attention_mask"][i, :n] = 1
-            batch["labels"][i, :n] = labels
-            batch["pixel_values"][i, :t] = pixels
-            batch["pixel_attention_mask"][i, :t] = pmask
-        return batch
+        proc = self.processor
+        suffixes = [self.answer_suffix(e.question, e.answer) for e in examples]
+        texts = [proc.apply_chat_template(chat_messages(e.question, e.answer)) for e in examples]
+        batch = proc(text=texts, images=[[e.image] for e in examples], return_tensors="pt", padding=True,
+                     padding_side="right")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = torch.full_like(ids, -100)
+        for i, suffix in enumerate(suffixes):
+            answer_ids = torch.tensor(proc.tokenizer.encode(suffix, add_special_tokens=False), dtype=torch.long)
+            end = int(mask[i].sum())
+            start = end - answer_ids.shape[0]
+            if not torch.equal(ids[i, start:end], answer_ids):
+                raise ValueError(f"example {i}: the answer {suffix!r} does not tokenize the same inside the "
+                                 "prompt; cannot mask labels")
+            labels[i, start:end] = answer_ids
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "pixel_values": batch["pixel_values"], "pixel_attention_mask": batch["pixel_attention_mask"]}
 
 
 def synthetic_batches(data_cfg: dict, batch_size: int, start_index: int = 0):
@@ -246,8 +240,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> VLM:
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = load_trainer_state(last, optimizer, scheduler) if resuming else 0
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    collate = Collator(processor, pad_id)
+    collate = Collator(processor)
     micro_batches = synthetic_batches(cfg.data, cfg.batch_size, start * cfg.batch_size * cfg.grad_accum)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
     for step in bar:
