@@ -439,10 +439,35 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+# ---- train -----------------------------------------------------------------------------------
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) a model from a JSON training config")
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="JSON training config (fields of idefics3_kit.train.TrainConfig; see configs/demo_train.json)")
+    p.add_argument("--steps", type=int, help="override the number of optimizer steps")
+    p.add_argument("--out-dir", help="override where checkpoints go (resumes from OUT_DIR/last if present)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.from_file(args.config)
+    changes = {k: v for k, v in (("steps", args.steps), ("out_dir", args.out_dir)) if v is not None}
+    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+    train(cfg, progress=not args.no_progress)
+    print(f"checkpoint: {cfg.out_dir}/last")
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 PARSERS = [add_components_parser, add_demo_parser, add_plan_parser, add_generate_parser, add_chat_parser,
-           add_inspect_parser]
+           add_inspect_parser, add_train_parser]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -261,3 +261,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> VLM:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(last, model, processor, optimizer, scheduler, step + 1, cfg)
     return model.eval()
+
+
+def main(argv=None) -> int:
+    """``python -m idefics3_kit.train --config FILE`` (same as ``idefics3-kit train``)."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
