@@ -15,5 +15,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors", "tokenizers", "pillow", "numpy", "jinja2", "tqdm"],
     entry_points={"console_scripts": ["idefics3-kit=idefics3_kit.cli:main"]},
-    include_package_data=True,
+    package_data={"idefics3_kit": ["assets/*.png", "assets/demo_model/*"]},
 )

@@ -32,16 +32,20 @@ def cmd_components(args) -> int:
 # ---- demo ------------------------------------------------------------------------------------
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="build the tiny preset model and run it on a generated image")
-    p.add_argument("--preset", default="tiny", help="model preset to build with random weights (default: tiny)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for weights and image (default: 0)")
+    p = sub.add_parser("demo", help="ask the shipped trained model about an example and a fresh image")
+    p.add_argument("--model", metavar="DIR", help="checkpoint to use instead of the shipped demo model")
+    p.add_argument("--preset", help="instead, build this preset (e.g. tiny) with random weights and show "
+                                    "its component tree, parameters, image tokens and predicted next tokens")
+    p.add_argument("--seed", type=int, help="seed of the freshly drawn image (default: the clock)")
+    p.add_argument("--out", default="demo_split.png", help="where to write the tile-split picture "
+                                                           "(default: demo_split.png)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from . import demo
 
-    return demo.run(preset=args.preset, seed=args.seed)
+    return demo.run(model_dir=args.model, preset=args.preset, seed=args.seed, split_picture=args.out)
 
 
 # ---- plan ------------------------------------------------------------------------------------

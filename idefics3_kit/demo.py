@@ -1,4 +1,11 @@
-"""The README's main job until a trained model ships: build the tiny preset, run one image."""
+"""The README's main job.
+
+By default it loads the small trained model shipped inside the package, asks it about a
+bundled example image and about a freshly generated one, prints the answers and writes a
+picture of how the image was split into tiles. ``--preset NAME`` instead builds a preset with
+random weights and shows the component tree, parameter counts, image tokens and the
+predicted next tokens (what the demo did before a trained model shipped).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ def component_tree(model: VLM) -> str:
     return "\n".join(lines)
 
 
-def run(preset: str = "tiny", seed: int = 0) -> int:
+def run_random(preset: str = "tiny", seed: int = 0) -> int:
     torch.manual_seed(seed)
     cfg = VLMConfig.preset(preset)
     model = VLM(cfg).eval()
@@ -51,4 +58,68 @@ def run(preset: str = "tiny", seed: int = 0) -> int:
           f"= {n_image_tokens} image tokens; sequence length {ids.shape[1]}")
     print("predicted next tokens (random weights):",
           ", ".join(f"{int(i)} ({float(p):.3f})" for i, p in zip(top.indices, top.values.softmax(-1))))
+    return 0
+
+
+# ---- the trained demo model ----------------------------------------------------------------------
+
+def example_image_path() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "assets", "example.png")
+
+
+def fresh_example(seed: int):
+    """A newly drawn image with a circle of a random colour, and the question about it."""
+    import random
+
+    from .synthetic import COLOURS, _Shape, _draw_shape
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    width, height = rng.choice((128, 160, 192)), rng.choice((96, 128))
+    image = Image.new("RGB", (width, height), (245, 245, 240))
+    colour = rng.choice(sorted(COLOURS))
+    size = int(height * 0.6)
+    x0, y0 = rng.randint(0, width - size), rng.randint(0, height - size)
+    _draw_shape(ImageDraw.Draw(image), _Shape("circle", colour, (x0, y0, x0 + size, y0 + size)))
+    return image, "What colour is the circle?", colour
+
+
+def run(model_dir: str | None = None, preset: str | None = None, seed: int | None = None,
+        split_picture: str = "demo_split.png") -> int:
+    import os
+    import time
+
+    from PIL import Image
+
+    from .demo_model import answer, shipped_model_dir
+    from .processing import Processor
+    from .components.splitter import to_rgb
+    from .visualize import draw_plan
+
+    if preset is not None:
+        return run_random(preset, seed or 0)
+    model_dir = model_dir or shipped_model_dir()
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"no trained model at {model_dir}; run with --preset tiny for random weights")
+    model = VLM.from_pretrained(model_dir).eval()
+    processor = Processor.from_pretrained(model_dir)
+    print(component_tree(model))
+    seed = int(time.time()) if seed is None else seed
+    bundled = Image.open(example_image_path()).convert("RGB")
+    fresh, fresh_question, fresh_truth = fresh_example(seed)
+    questions = [("example.png", bundled, "What colour is the circle?", None),
+                 ("example.png", bundled, "How many shapes are there?", None),
+                 (f"fresh image (seed {seed})", fresh, fresh_question, fresh_truth)]
+    answers = answer(model, processor, [q[1] for q in questions], [q[2] for q in questions])
+    for (name, image, question, truth), reply in zip(questions, answers):
+        plan = processor.plan(image)
+        check = "" if truth is None else f"   (drawn: {truth}{', correct' if reply == truth else ''})"
+        print(f"{name} {image.width}x{image.height}, {plan.rows}x{plan.cols} tiles + global = {plan.tiles} tiles, "
+              f"{plan.image_tokens} image tokens")
+        print(f"  Q: {question}\n  A: {reply}{check}")
+    rgb = to_rgb(fresh)
+    draw_plan(rgb, processor.splitter.plan(rgb.shape[0], rgb.shape[1]), processor.image_seq_len).save(split_picture)
+    print(f"tile split of the fresh image: {split_picture}")
     return 0

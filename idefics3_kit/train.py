@@ -224,8 +224,12 @@ def load_or_build_processor(proc_cfg: dict, out_dir: str):
     return build_processor(os.path.join(out_dir, "processor"), **proc_cfg.get("build", {}))
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> VLM:
-    """Train (or resume) as ``cfg`` says; returns the trained model."""
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> VLM:
+    """Train (or resume) as ``cfg`` says; returns the trained model.
+
+    ``stop_after`` ends this run after that many steps (a checkpoint is written) while the
+    schedule still spans ``cfg.steps``: a time-boxed run that a later call resumes.
+    """
     from tqdm.auto import tqdm
 
     if cfg.num_threads:
@@ -242,7 +246,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> VLM:
     start = load_trainer_state(last, optimizer, scheduler) if resuming else 0
     collate = Collator(processor)
     micro_batches = synthetic_batches(cfg.data, cfg.batch_size, start * cfg.batch_size * cfg.grad_accum)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train")
     for step in bar:
         t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
         for _ in range(cfg.grad_accum):
@@ -258,7 +263,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> VLM:
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
                         lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             save_checkpoint(last, model, processor, optimizer, scheduler, step + 1, cfg)
     return model.eval()
 

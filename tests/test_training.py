@@ -1,0 +1,100 @@
+"""The training loop: schedule, label masking, loss going down, resume, freezing, CLI."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from idefics3_kit import train as T
+from idefics3_kit.synthetic import make_example
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    from idefics3_kit.demo_model import build_processor
+
+    return build_processor(str(tmp_path_factory.mktemp("proc")), vocab_size=320)
+
+
+def tiny_cfg(tmp_path, processor_dir, **changes) -> T.TrainConfig:
+    cfg = T.TrainConfig(out_dir=str(tmp_path / "run"), processor={"path": processor_dir}, steps=4, batch_size=4,
+                        lr=3e-3, warmup_steps=1, save_every=2, num_threads=1)
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = T.TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [T.lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert T.lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_collator_labels_only_the_answer(processor):
+    examples = [make_example(i) for i in range(5)]
+    batch = T.Collator(processor)(examples)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    for i, example in enumerate(examples):
+        labels = batch["labels"][i]
+        text = processor.decode(labels[labels != -100].tolist())
+        assert text == f" {example.answer}<end_of_utterance>\n"
+        assert (batch["input_ids"][i][labels != -100] == labels[labels != -100]).all()
+        assert batch["attention_mask"][i, 0] == 1  # right padded for training
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, processor, tmp_path_factory):
+    proc_dir = str(tmp_path_factory.mktemp("p"))
+    processor.save_pretrained(proc_dir)
+    torch.manual_seed(0)
+    straight = T.train(tiny_cfg(tmp_path / "a", proc_dir, steps=4), progress=False)
+    half = tiny_cfg(tmp_path / "b", proc_dir, steps=4, save_every=100)
+    T.train(half, progress=False, stop_after=2)  # an interrupted run
+    state = torch.load(f"{half.out_dir}/last/{T.STATE_FILE}", weights_only=False)
+    assert state["step"] == 2
+    resumed = T.train(half, progress=False)  # picks up at step 2
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    collate = T.Collator(processor)
+    batch = collate([make_example(123_456 + i) for i in range(8)])
+    fresh = T.build_model({"demo": True}, processor)
+    with torch.no_grad():
+        assert straight(**batch).loss < fresh(**batch).loss
+
+
+def test_freezing_keeps_components_fixed(tmp_path, processor, tmp_path_factory):
+    proc_dir = str(tmp_path_factory.mktemp("p"))
+    processor.save_pretrained(proc_dir)
+    cfg = tiny_cfg(tmp_path, proc_dir, steps=2, freeze=["vision", "decoder"], model={"demo": True})
+    torch.manual_seed(0)
+    before = T.build_model(cfg.model, processor).state_dict()
+    torch.manual_seed(0)
+    after = T.train(cfg, progress=False).state_dict()
+    for name, tensor in before.items():
+        changed = not torch.equal(tensor, after[name])
+        assert changed == name.startswith("connector."), name
+
+
+def test_bad_configs_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"TrainConfig.freeze: unknown components \['eyes'\]"):
+        T.TrainConfig(freeze=["eyes"])
+    bad = tmp_path / "c.json"
+    bad.write_text('{"stepz": 3}')
+    with pytest.raises(ValueError, match=r"c.json: unknown fields \['stepz'\]"):
+        T.TrainConfig.from_file(str(bad))
+
+
+def test_cli_train(tmp_path, processor, tmp_path_factory):
+    proc_dir = str(tmp_path_factory.mktemp("p"))
+    processor.save_pretrained(proc_dir)
+    cfg_file = tmp_path / "train.json"
+    cfg_file.write_text('{"processor": {"path": "%s"}, "batch_size": 2, "steps": 1, "num_threads": 1}' % proc_dir)
+    result = subprocess.run([sys.executable, "-m", "idefics3_kit.cli", "train", "--config", str(cfg_file),
+                             "--out-dir", str(tmp_path / "out"), "--no-progress"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "last" / "model.safetensors").exists()
+    missing = subprocess.run([sys.executable, "-m", "idefics3_kit.cli", "train", "--config", str(tmp_path / "no.json")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "training config not found" in missing.stderr
