@@ -63,6 +63,27 @@ class VLM(nn.Module):
         self.connector = registry.create("connector", config.connector.name, config.connector)
         self.decoder = registry.create("decoder", config.decoder.name, config.decoder)
         self.generation_config: dict = {}
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """transformers' initialisation for a model trained from scratch.
+
+        Linear, conv and embedding weights ~ N(0, std), biases 0, norms 1/0. PyTorch's defaults
+        (embeddings ~ N(0, 1)) make the image features a near-constant vector far larger than
+        the text embeddings, and a from-scratch vision tower then never learns. A no-op on the
+        meta device (checkpoint loading assigns every tensor anyway).
+        """
+        if next(self.parameters()).is_meta:
+            return
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                    module.weight.normal_(0.0, std)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
 
     # ---- properties ------------------------------------------------------------------------
     @property
