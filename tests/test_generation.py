@@ -122,3 +122,39 @@ def test_custom_sampler_chain_from_the_registry(model):
     ids = torch.randint(3, 200, (2, 6))
     assert torch.equal(model.generate(input_ids=ids, sampler=chain, seed=5, max_new_tokens=6, eos_token_id=[]),
                        model.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[]))
+
+
+def test_prepacked_bf16_decode_is_bit_identical(monkeypatch):
+    from idefics3_kit.components import decoder as D
+
+    torch.manual_seed(0)
+    model = ik.VLM(ik.VLMConfig.preset("tiny")).eval().to(torch.bfloat16)
+    if not D.can_prepack(model.decoder.lm_head.weight):
+        pytest.skip("no oneDNN weight packing in this torch build")
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+
+    def run():
+        seen = []
+
+        def rec(logits, state):
+            seen.append(logits.clone())
+            return logits.argmax(-1)
+
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, sampler=rec, eos_token_id=[])
+        return torch.stack(seen)
+
+    monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "0")
+    plain = run()
+    assert not D._fresh(model.decoder.lm_head)
+    monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
+    packed = run()
+    assert D._fresh(model.decoder.lm_head)
+    assert torch.equal(plain, packed)
+    import copy
+
+    assert torch.equal(copy.deepcopy(model).decoder.lm_head.weight, model.decoder.lm_head.weight)
+    model.to(torch.float32).to(torch.bfloat16)  # swapped weights: the packed copies are stale, not used
+    assert not D._fresh(model.decoder.lm_head)
+    D.unpack(model)

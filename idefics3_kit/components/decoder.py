@@ -10,6 +10,7 @@ untied (or tied) LM head. Parameter names match the checkpoint under ``model.tex
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,58 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+# ---- prepacked bf16 weights for decoding on CPU -------------------------------------------------
+# torch's bf16 F.linear on CPU goes through oneDNN and re-lays-out the weight on every call,
+# which dominates a one-token decode step. Weights packed once into oneDNN's layout give
+# bit-identical results for up to PACKED_MAX_ROWS rows (checked for every decoder shape and
+# 1..32 rows; tests/test_generation.py checks the logits) at a fraction of the time. The plain
+# weights stay (prefill, training, saving); the packed copy costs the weights' memory once more.
+
+PACKED_MAX_ROWS = 32
+_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()  # kept off the modules:
+# deepcopy/pickle of a model never sees the opaque oneDNN tensors
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def prepack(layer: nn.Linear) -> bool:
+    """Attach a oneDNN-packed copy of ``layer.weight`` for small-batch inference; False if not applicable."""
+    w = layer.weight
+    if not can_prepack(w):
+        _PACKED.pop(layer, None)
+        return False
+    with torch.no_grad():
+        _PACKED[layer] = (w, _weight_key(w), torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+    return True
+
+
+def unpack(module: nn.Module) -> None:
+    """Drop the packed copies under ``module`` (frees their memory)."""
+    for m in module.modules():
+        _PACKED.pop(m, None)
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    """Changes when the weight is modified in place or its data swapped (``module.to(...)``)."""
+    return w._version, w.data_ptr(), w.dtype
+
+
+def _fresh(layer: nn.Linear) -> bool:
+    packed = _PACKED.get(layer)
+    return packed is not None and packed[0] is layer.weight and packed[1] == _weight_key(layer.weight)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, through the packed weight when there is a fresh one and few rows, without autograd."""
+    if (x.dtype == torch.bfloat16 and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and _fresh(layer)):
+        return torch.ops.mkldnn._linear_pointwise(x, _PACKED[layer][2], layer.bias, "none", [], "")
+    return layer(x)
+
+
 class DecoderAttention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -104,9 +157,9 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x, cos, sin, key_padding_mask, cache) -> torch.Tensor:
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = linear(self.q_proj, x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = linear(self.k_proj, x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = linear(self.v_proj, x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + L, hd]
@@ -114,7 +167,7 @@ class DecoderAttention(nn.Module):
         # causal mask is all true and is skipped (no mask built per layer and step)
         out = ops.attention(q, k, v, causal=length > 1, key_padding_mask=key_padding_mask)
         out = out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)  # [B, L, H*hd]
-        return self.o_proj(out)
+        return linear(self.o_proj, out)
 
 
 class GatedMLP(nn.Module):
@@ -126,7 +179,7 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, self.act(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
@@ -190,6 +243,15 @@ class CausalDecoder(nn.Module):
         return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads,
                        max_length, self.config.head_dim, dtype or p.dtype, device or p.device)
 
+    def prepack_for_decode(self) -> bool:
+        """Pack the projection and LM-head weights for fast small-batch bf16 decoding on CPU
+        (see ``prepack``); a no-op returning False for other dtypes/devices. Idempotent."""
+        done = False
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                done = (_fresh(module) or prepack(module)) or done
+        return done
+
     def inv_freq(self, device) -> torch.Tensor:
         key = str(device)
         if key not in self._inv_freq_cache:
@@ -230,7 +292,7 @@ class CausalDecoder(nn.Module):
         if hidden is not None:
             hidden[-1] = x
         kept = x[:, -logits_to_keep:] if logits_to_keep else x
-        return DecoderOutput(logits=self.lm_head(kept), hidden_states=tuple(hidden) if hidden else None,
+        return DecoderOutput(logits=linear(self.lm_head, kept), hidden_states=tuple(hidden) if hidden else None,
                              last_hidden_state=x)
 
 
