@@ -9,7 +9,7 @@ decoding with ``min_new_tokens`` so nobody stops early.
     decode tokens/s     = B / median time between consecutive new tokens
 
 Usage: python benchmarks/generate.py [--threads 2] [--new-tokens 32] [--repeats 3]
-                                      [--dtypes fp32 bf16] [--batches 1 4]
+                                      [--dtypes fp32 bf16] [--batches 1 4] [--preset smolvlm-256m]
 """
 
 from __future__ import annotations
@@ -30,9 +30,20 @@ import idefics3_kit as ik  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def make_checkpoint(path: str) -> ik.VLMConfig:
+def narrow(cfg: ik.VLMConfig) -> ik.VLMConfig:
+    """Same number of decoder layers, tiny widths: the matmuls vanish, the per-step overhead remains."""
+    tiny = ik.VLMConfig.preset("tiny")
+    dec = cfg.decoder.replace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return cfg.replace(vision=tiny.vision, connector=tiny.connector.replace(in_dim=0, out_dim=0), decoder=dec,
+                       image_token_id=1000)
+
+
+def make_checkpoint(path: str, preset: str = "smolvlm-256m", narrow_widths: bool = False) -> ik.VLMConfig:
     torch.manual_seed(0)
-    cfg = ik.VLMConfig.preset("smolvlm-256m")
+    cfg = ik.VLMConfig.preset(preset)
+    if narrow_widths:
+        cfg = narrow(cfg)
     model = ik.VLM(cfg)
     with torch.no_grad():  # small weights keep random activations in a sane range
         for p in model.parameters():
@@ -47,7 +58,8 @@ def make_batch(cfg: ik.VLMConfig, batch: int, text_tokens: int) -> dict:
     s, size = cfg.image_seq_len, cfg.vision.image_size
     rows = []
     for _ in range(batch):
-        text = torch.randint(10, 40000, (text_tokens,), generator=g)
+        text = torch.randint(10, min(40000, cfg.decoder.vocab_size - 1), (text_tokens,), generator=g)
+        text[text == cfg.image_token_id] = 10
         rows.append(torch.cat([text[:4], torch.full((s,), cfg.image_token_id), text[4:]]))
     ids = torch.stack(rows)
     pv = torch.rand(batch, 1, 3, size, size, generator=g) * 2 - 1
@@ -104,15 +116,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--preset", default="smolvlm-256m",
+                    help="model shapes (default smolvlm-256m; 'tiny' shows the per-step overhead alone)")
+    ap.add_argument("--narrow", action="store_true",
+                    help="keep the preset's layer count but tiny widths: measures the per-step overhead alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from transformers import Idefics3ForConditionalGeneration
 
     with tempfile.TemporaryDirectory() as path:
-        cfg = make_checkpoint(path)
+        cfg = make_checkpoint(path, args.preset, args.narrow)
         n = args.new_tokens
-        print(f"SmolVLM-256M shapes, random weights; {args.threads} threads; prompt = 1 tile "
+        print(f"{args.preset}{' (narrow widths)' if args.narrow else ''} shapes, random weights; {args.threads} threads; prompt = 1 tile "
               f"({cfg.image_seq_len} image tokens) + {args.text_tokens} text tokens; {n} new tokens; "
               f"best of {args.repeats}; torch {torch.__version__}")
         print(f"{'dtype':5s} {'batch':>5s} | {'TTFT ours':>10s} {'TTFT hf':>10s} {'hf/ours':>8s} | "

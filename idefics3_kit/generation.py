@@ -13,6 +13,7 @@ The loop is a handful of small functions (gpt-fast style), see docs/generation.m
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -210,6 +211,8 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     next_pos = positions[:, -1] + 1
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
     cache = model.decoder.new_cache(b, total)
+    if b <= 32 and _want_prepack(model.decoder):
+        model.decoder.prepack_for_decode()  # bf16 on CPU: packed weights, bit-identical logits (decoder.py)
     logits = prefill(model, cache, input_ids, attention_mask, positions, pixel_values, pixel_attention_mask,
                      mask_all_ones=all_ones)
     for step in range(max_new):
@@ -225,6 +228,20 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
             return
         logits = decode_one(model, cache, nxt, next_pos + step,
                             None if all_ones else mask[:, :length + step + 1])
+
+
+PREPACK_AUTO_MAX_BYTES = 2 * 1024 ** 3
+
+
+def _want_prepack(decoder) -> bool:
+    """IDEFICS3_KIT_PREPACK=0: never; =1: always; unset: when the decoder's weights take at most
+    2 GiB (the packed copy doubles them: fine for SmolVLM-256M/500M, opt-in for larger models)."""
+    if not hasattr(decoder, "prepack_for_decode"):
+        return False
+    setting = os.environ.get("IDEFICS3_KIT_PREPACK", "auto")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return sum(p.numel() * p.element_size() for p in decoder.parameters()) <= PREPACK_AUTO_MAX_BYTES
 
 
 def generate(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,

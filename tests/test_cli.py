@@ -273,3 +273,13 @@ def test_checkpoint_fixture_is_consistent(checkpoint):
     cfg = json.loads((checkpoint / "config.json").read_text())
     assert cfg["image_token_id"] == tokenizers.Tokenizer.from_file(str(checkpoint / "tokenizer.json")).token_to_id(
         "<image>")
+
+
+@pytest.mark.parametrize("hw, sizes, grid", [
+    ((900, 1600), (2048, 512), (3, 4)), ((1600, 900), (2048, 512), (4, 3)), ((300, 300), (2048, 512), (4, 4)),
+    ((100, 2000), (2048, 512), (1, 4)), ((2000, 100), (2048, 512), (4, 1)), ((480, 640), (2048, 512), (3, 4)),
+    ((3, 10), (1456, 364), (2, 4)), ((364, 728), (1456, 364), (2, 4)), ((20000, 500), (1456, 364), (4, 1)),
+])
+def test_inspect_tile_grid_matches_the_reference_table(hw, sizes, grid):
+    # idefics3-reference.md §1.12 worked examples (H x W in, rows x cols out)
+    assert cli._image_grid(*hw, *sizes) == grid

@@ -122,3 +122,50 @@ def test_custom_sampler_chain_from_the_registry(model):
     ids = torch.randint(3, 200, (2, 6))
     assert torch.equal(model.generate(input_ids=ids, sampler=chain, seed=5, max_new_tokens=6, eos_token_id=[]),
                        model.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype):
+    import copy
+
+    from idefics3_kit.components import decoder as D
+
+    torch.manual_seed(0)
+    model = ik.VLM(ik.VLMConfig.preset("tiny")).eval().to(dtype)
+    attn = model.decoder.model.layers[0].self_attn
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+
+    def run():
+        seen = []
+
+        def rec(logits, state):
+            seen.append(logits.clone())
+            return logits.argmax(-1)
+
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, sampler=rec, eos_token_id=[])
+        return torch.stack(seen)
+
+    monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "0")
+    plain = run()
+    assert D._fused_fresh(attn, projs) is None
+    monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
+    fused = run()
+    if dtype == torch.bfloat16 and D.can_prepack(model.decoder.lm_head.weight):
+        assert D._fused_fresh(attn, projs) is not None and D._fresh(model.decoder.lm_head)
+    else:
+        assert D._fused_fresh(attn, projs) is None  # fp32: nothing to gain, nothing kept
+    assert torch.equal(plain, fused)
+    assert torch.equal(copy.deepcopy(model).decoder.lm_head.weight, model.decoder.lm_head.weight)
+    with torch.no_grad():
+        attn.q_proj.weight.mul_(2)  # modified in place: the fused copy is stale and not used
+    assert D._fused_fresh(attn, projs) is None
+    model.to(torch.float16).to(dtype)  # swapped weights: stale too
+    assert not D._fresh(model.decoder.lm_head)
+    with torch.no_grad():
+        assert torch.equal(model.decoder(input_ids=ids[:1, :3]).logits,
+                           model.decoder(input_ids=ids[:1, :3]).logits)
+    D.unpack(model)
+    assert D._FUSED.get(attn) is None
