@@ -18,7 +18,9 @@ def _load() -> bool:
         return _state["loaded"]
     try:
         from .. import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+        from . import _fake
 
+        _fake.register()
         _state["loaded"] = True
     except Exception as exc:  # ImportError, OSError (ABI mismatch), ...
         _state["loaded"] = False
@@ -51,6 +53,17 @@ def use_compiled() -> bool:
         logger.warning("idefics3_kit: compiled extension not available (%s); using the reference "
                        "PyTorch ops", _state["error"])
     return ok
+
+
+def build_info() -> dict | None:
+    """What the extension was built from (written by setup.py), or None when it is absent."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "_build_info.json"
+    if not _load() or not path.exists():
+        return None
+    return json.loads(path.read_text())
 
 
 def backend() -> str:
