@@ -1,0 +1,217 @@
+// Torch-free building blocks of the CPU attention kernels: bf16 <-> fp32, a vectorizable exp,
+// softmax rows, and the single-query (decode) partial attention over a key range.
+//
+// Loops are written over fixed-width lane arrays so that the compiler vectorizes them for
+// each ISA clone (IK_MULTIVERSION: default / x86-64-v3 / x86-64-v4, picked at load time),
+// without -ffast-math: the reduction order is the one written here.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "pillow_resample.h"  // IK_MULTIVERSION, IK_ALWAYS_INLINE
+
+namespace idefics3_kit {
+namespace attn {
+
+constexpr int kLanes = 16;  // one AVX-512 register of floats
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+IK_ALWAYS_INLINE float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Round to nearest even, as torch's float -> bfloat16 cast (inputs here are finite).
+IK_ALWAYS_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+IK_ALWAYS_INLINE float load_f(const float* p, int64_t i) { return p[i]; }
+IK_ALWAYS_INLINE float load_f(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+IK_ALWAYS_INLINE void store_f(float* p, int64_t i, float v) { p[i] = v; }
+IK_ALWAYS_INLINE void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+// exp(x) for x <= 0 (softmax arguments), relative error ~1e-7; exactly 0 below -87 and for -inf.
+// 2^(x log2 e) = 2^n * 2^f with n = round(.), |f| <= 1/2, 2^f by a degree-7 Taylor series.
+IK_ALWAYS_INLINE float exp_neg(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float t = xc * 1.44269504088896341f;
+  const float n = std::nearbyint(t);
+  const float f = (t - n) * 0.693147180559945309f;  // e^f = 2^(t - n)
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, 4);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Softmax of one score row, written as probabilities (normalized) into p[0, n):
+//   x_j = s_j * scale + (bias ? bias_j : 0) for j < valid, -inf for valid <= j < n.
+// A row with no finite x_j cannot happen here (callers open fully masked rows up).
+template <typename in_t, typename out_t>
+IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float scale, const float* bias, float* x,
+                                       out_t* p) {
+  float mx[kLanes];
+  for (int l = 0; l < kLanes; ++l) mx[l] = kNegInf;
+  int j = 0;
+  for (; j + kLanes <= valid; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = load_f(s, j + l) * scale + (bias ? bias[j + l] : 0.0f);
+      x[j + l] = v;
+      mx[l] = v > mx[l] ? v : mx[l];
+    }
+  for (; j < valid; ++j) {
+    const float v = load_f(s, j) * scale + (bias ? bias[j] : 0.0f);
+    x[j] = v;
+    mx[0] = v > mx[0] ? v : mx[0];
+  }
+  float m = mx[0];
+  for (int l = 1; l < kLanes; ++l) m = mx[l] > m ? mx[l] : m;
+  float sum[kLanes] = {0.0f};
+  j = 0;
+  for (; j + kLanes <= valid; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_neg(x[j + l] - m);
+      x[j + l] = e;
+      sum[l] += e;
+    }
+  for (; j < valid; ++j) {
+    x[j] = exp_neg(x[j] - m);
+    sum[0] += x[j];
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  const float inv = 1.0f / total;
+  for (j = 0; j < valid; ++j) store_f(p, j, x[j] * inv);
+  for (; j < n; ++j) store_f(p, j, 0.0f);
+}
+
+IK_MULTIVERSION static void softmax_row(const float* s, int n, int valid, float scale, const float* bias, float* x,
+                                        float* p) {
+  softmax_row_impl(s, n, valid, scale, bias, x, p);
+}
+IK_MULTIVERSION static void softmax_row(const uint16_t* s, int n, int valid, float scale, const float* bias,
+                                        float* x, uint16_t* p) {
+  softmax_row_impl(s, n, valid, scale, bias, x, p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: G query heads that share one key/value head, one query each, against keys [j0, j1).
+
+struct DecodeArgs {
+  int64_t d = 0;       // head dim
+  int64_t groups = 0;  // query heads per key/value head
+  float scale = 1.0f;
+  const void* q = nullptr;  // G rows of d, q_stride apart
+  int64_t q_stride = 0;
+  const void* k = nullptr;  // key rows, k_stride apart
+  const void* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0;
+  const uint8_t* key_mask = nullptr;  // 1 = attend; nullptr = all
+};
+
+// Partial (unnormalized) result of keys [j0, j1): for each group g, o[g * d + i] =
+// sum_j exp(x_gj - m_g) v_j[i], with m_g = max_j x_gj and l_g = sum_j exp(x_gj - m_g);
+// m_g = -inf, l_g = 0, o = 0 when every key in the range is masked.
+// Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
+template <typename in_t>
+IK_ALWAYS_INLINE void decode_partial_impl(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                                          float* qf, float* row, float* x) {
+  const int64_t d = a.d, G = a.groups, n = j1 - j0;
+  const in_t* q = static_cast<const in_t*>(a.q);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = load_f(q + g * a.q_stride, i) * a.scale;
+  // Scores: each key row is loaded (and widened) once for all G query heads.
+  const in_t* k = static_cast<const in_t*>(a.k);
+  for (int64_t j = 0; j < n; ++j) {
+    const bool masked = a.key_mask && !a.key_mask[j0 + j];
+    if (masked) {
+      for (int64_t g = 0; g < G; ++g) x[g * n + j] = kNegInf;
+      continue;
+    }
+    const in_t* kr = k + (j0 + j) * a.k_stride;
+    for (int64_t i = 0; i < d; ++i) row[i] = load_f(kr, i);
+    for (int64_t g = 0; g < G; ++g) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const float* qg = qf + g * d;
+      for (int64_t i = 0; i < d; i += 8)  // d is a multiple of 8
+        for (int l2 = 0; l2 < 8; ++l2) acc[l2] += qg[i + l2] * row[i + l2];
+      x[g * n + j] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* xg = x + g * n;
+    float mg = kNegInf;
+    for (int64_t j = 0; j < n; ++j) mg = xg[j] > mg ? xg[j] : mg;
+    float lg = 0.0f;
+    if (mg != kNegInf)
+      for (int64_t j = 0; j < n; ++j) {
+        xg[j] = exp_neg(xg[j] - mg);
+        lg += xg[j];
+      }
+    m[g] = mg;
+    l[g] = lg;
+    std::fill(o + g * d, o + (g + 1) * d, 0.0f);
+  }
+  // Values: each value row is loaded once and accumulated into all G outputs.
+  const in_t* v = static_cast<const in_t*>(a.v);
+  for (int64_t j = 0; j < n; ++j) {
+    if (a.key_mask && !a.key_mask[j0 + j]) continue;
+    const in_t* vr = v + (j0 + j) * a.v_stride;
+    for (int64_t i = 0; i < d; ++i) row[i] = load_f(vr, i);
+    for (int64_t g = 0; g < G; ++g) {
+      const float pj = x[g * n + j];
+      float* og = o + g * d;
+      for (int64_t i = 0; i < d; ++i) og[i] += pj * row[i];
+    }
+  }
+}
+
+IK_MULTIVERSION static void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m,
+                                           float* l, float* qf, float* row, float* x) {
+  if (bf16)
+    decode_partial_impl<uint16_t>(a, j0, j1, o, m, l, qf, row, x);
+  else
+    decode_partial_impl<float>(a, j0, j1, o, m, l, qf, row, x);
+}
+
+// Combine S partial results of one query head (log-sum-exp): out = sum_s e^(m_s - M) o_s /
+// sum_s e^(m_s - M) l_s. At least one split must have a finite m_s.
+template <typename out_t>
+inline void decode_combine(int64_t d, int64_t splits, const float* o, int64_t o_split_stride, const float* m,
+                           const float* l, int64_t ml_stride, out_t* out) {
+  float mx = kNegInf;
+  for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, m[s * ml_stride]);
+  float denom = 0.0f;
+  float acc[512];  // d <= 512 (checked by the op)
+  std::fill(acc, acc + d, 0.0f);
+  for (int64_t s = 0; s < splits; ++s) {
+    const float ms = m[s * ml_stride];
+    if (ms == kNegInf) continue;
+    const float w = std::exp(ms - mx);
+    denom += w * l[s * ml_stride];
+    const float* os = o + s * o_split_stride;
+    for (int64_t i = 0; i < d; ++i) acc[i] += w * os[i];
+  }
+  const float inv = 1.0f / denom;
+  for (int64_t i = 0; i < d; ++i) store_f(out, i, acc[i] * inv);
+}
+
+}  // namespace attn
+}  // namespace idefics3_kit
