@@ -46,12 +46,10 @@ at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tens
   const int64_t groups = hq / hkv, nqb = (lq + kQBlock - 1) / kQBlock;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const float fscale = static_cast<float>(scale);
-  // Causal blocks differ in cost (late blocks read more keys): interleave cheap and expensive
-  // blocks so the contiguous ranges at::parallel_for hands each thread are balanced.
-  auto block_of = [&](int64_t t) { return causal ? ((t % 2) ? nqb - 1 - t / 2 : t / 2) : t; };
-  at::parallel_for(0, b * hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x;
-    for (int64_t it = begin; it < end; ++it) {
+  // Causal blocks differ in cost (late blocks read more keys): hand out the expensive ones first.
+  auto block_of = [&](int64_t t) { return causal ? nqb - 1 - t : t; };
+  parallel_items<std::vector<float>>(b * hq * nqb, [&](std::vector<float>& x, int64_t it) {
+    {
       const int64_t bi = it / (hq * nqb), h = (it / nqb) % hq, qb = block_of(it % nqb);
       const int64_t i0 = qb * kQBlock, n = std::min(kQBlock, lq - i0);
       const int64_t first_valid = info.first_valid[bi];

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <string>
 
 namespace idefics3_kit {
@@ -36,5 +38,19 @@ struct AtParallel {
     at::parallel_for(begin, end, 1, fn);
   }
 };
+
+// Runs body(worker_state, item) for item in [0, items) on at::get_num_threads() workers that
+// take items from a shared counter. Unlike at::parallel_for's fixed ranges, a thread that the
+// OS deschedules (a busy machine) delays the op by one item, not by half of the work.
+template <typename State, typename Body>
+void parallel_items(int64_t items, Body&& body) {
+  if (items <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    State state;
+    for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) body(state, it);
+  });
+}
 
 }  // namespace idefics3_kit

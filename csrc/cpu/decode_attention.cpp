@@ -5,6 +5,8 @@
 // row of its range once for all Hq / Hkv query heads of the group, keeps an unnormalized partial
 // output with its running max and sum, and a log-sum-exp combine merges the ranges. Splitting
 // the context is what keeps both threads busy when B * Hkv is small.
+#include <atomic>
+
 #include "attention_common.h"
 
 namespace idefics3_kit {
@@ -72,12 +74,36 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const char* kb = static_cast<const char*>(k.data_ptr());
   const char* vb = static_cast<const char*>(v.data_ptr());
 
-  at::parallel_for(0, b * hkv * nsplit, 1, [&](int64_t begin, int64_t end) {
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  // Combine the splits of one (batch, key/value head) group into its G query heads' outputs.
+  auto combine = [&](int64_t group) {
+    const int64_t bi = group / hkv, hk = group % hkv, base = group * nsplit;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* o = op_ + base * groups * d + g * d;
+      const float* m = mp + base * groups + g;
+      const float* lsum = lp + base * groups + g;
+      const int64_t h = hk * groups + g;
+      if (bf16) {
+        auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>() + bi * os0 + h * os1);
+        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, dst);
+      } else {
+        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, out.data_ptr<float>() + bi * os0 + h * os1);
+      }
+    }
+  };
+  // Items are handed out dynamically (an atomic counter) rather than as fixed ranges: on a busy
+  // machine a descheduled thread then delays the op by one item, not by half of them. The thread
+  // that finishes the last split of a group combines it, so there is a single parallel region.
+  const int64_t items = b * hkv * nsplit;
+  std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int64_t>> done(b * hkv);
+  for (auto& c : done) c.store(0);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qf(groups * d), row(d), x(groups * split);
-    for (int64_t it = begin; it < end; ++it) {
+    for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
       const int64_t bi = it / (hkv * nsplit), hk = (it / nsplit) % hkv, s = it % nsplit;
       const int64_t j0 = std::min(s * split, len[bi]), j1 = std::min((s + 1) * split, len[bi]);
-      float* o = op_ + it * groups * d;
       attn::DecodeArgs a;
       a.d = d;
       a.groups = groups;
@@ -89,26 +115,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
       a.k_stride = k.stride(2);
       a.v_stride = v.stride(2);
       a.key_mask = mask[bi];
-      attn::decode_partial(a, bf16, j0, j1, o, mp + it * groups, lp + it * groups, qf.data(), row.data(), x.data());
-    }
-  });
-
-  // Combine the splits of every (batch, query head).
-  const int64_t os0 = out.stride(0), os1 = out.stride(1);
-  at::parallel_for(0, b * hq, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t bi = it / hq, h = it % hq, hk = h / groups, g = h % groups;
-      const int64_t base = (bi * hkv + hk) * nsplit;  // first split item of this group
-      const float* o = op_ + base * groups * d + g * d;
-      const float* m = mp + base * groups + g;
-      const float* lsum = lp + base * groups + g;
-      if (bf16) {
-        auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>() + bi * os0 + h * os1);
-        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, dst);
-      } else {
-        float* dst = out.data_ptr<float>() + bi * os0 + h * os1;
-        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, dst);
-      }
+      attn::decode_partial(a, bf16, j0, j1, op_ + it * groups * d, mp + it * groups, lp + it * groups, qf.data(),
+                           row.data(), x.data());
+      if (done[bi * hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == nsplit) combine(bi * hkv + hk);
     }
   });
   return out;

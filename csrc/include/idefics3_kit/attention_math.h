@@ -131,7 +131,7 @@ struct DecodeArgs {
 // m_g = -inf, l_g = 0, o = 0 when every key in the range is masked.
 // Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
 template <typename in_t>
-IK_ALWAYS_INLINE void decode_partial_impl(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
+void decode_partial_portable(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
                                           float* qf, float* row, float* x) {
   const int64_t d = a.d, G = a.groups, n = j1 - j0;
   const in_t* q = static_cast<const in_t*>(a.q);
@@ -183,12 +183,150 @@ IK_ALWAYS_INLINE void decode_partial_impl(const DecodeArgs& a, int64_t j0, int64
   }
 }
 
-IK_MULTIVERSION static void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m,
-                                           float* l, float* qf, float* row, float* x) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && !defined(IDEFICS3_KIT_NO_AVX512)
+#define IK_HAVE_AVX512_PATH 1
+}  // namespace attn
+}  // namespace idefics3_kit
+#include <immintrin.h>
+namespace idefics3_kit {
+namespace attn {
+// Hand-vectorized decode for AVX-512 CPUs (picked at run time; the portable loops above stay
+// as the fallback). The auto-vectorizer turned the per-key dot products into shuffles.
+#define IK_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+namespace avx512 {
+
+IK_AVX512_FN inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+IK_AVX512_FN inline __m512 load(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Same polynomial as exp_neg above, 16 lanes at a time.
+IK_AVX512_FN inline __m512 exp_neg(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~tiny), p, _mm512_castsi512_ps(e));
+}
+
+inline __mmask16 lane_mask(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// GC query heads (g0 .. g0 + GC - 1 of the group) over keys [j0, j1); qf holds all G scaled
+// query rows; x is [GC][n] scratch; o/m/l as decode_partial.
+template <typename in_t, int GC>
+IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                               const float* qf, float* x) {
+  const int64_t d = a.d, n = j1 - j0;
+  const in_t* k = static_cast<const in_t*>(a.k);
+  const in_t* v = static_cast<const in_t*>(a.v);
+  for (int64_t j = 0; j < n; ++j) {
+    if (a.key_mask && !a.key_mask[j0 + j]) {
+      for (int g = 0; g < GC; ++g) x[g * n + j] = kNegInf;
+      continue;
+    }
+    const in_t* kr = k + (j0 + j) * a.k_stride;
+    __m512 acc[GC];
+    for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      const __m512 kv = load(kr + i, mk);
+      for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(kv, _mm512_maskz_loadu_ps(mk, qf + (g0 + g) * d + i), acc[g]);
+    }
+    for (int g = 0; g < GC; ++g) x[g * n + j] = _mm512_reduce_add_ps(acc[g]);
+  }
+  for (int g = 0; g < GC; ++g) {
+    float* xg = x + g * n;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - j), xg + j));
+    const float mg = _mm512_reduce_max_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    if (mg != kNegInf) {
+      const __m512 mv = _mm512_set1_ps(mg);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mk = lane_mask(n - j);
+        const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + j), mv));
+        _mm512_mask_storeu_ps(xg + j, mk, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
+      }
+    }
+    m[g0 + g] = mg;
+    l[g0 + g] = _mm512_reduce_add_ps(sum);
+    std::fill(o + (g0 + g) * d, o + (g0 + g + 1) * d, 0.0f);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (a.key_mask && !a.key_mask[j0 + j]) continue;
+    const in_t* vr = v + (j0 + j) * a.v_stride;
+    __m512 p[GC];
+    for (int g = 0; g < GC; ++g) p[g] = _mm512_set1_ps(x[g * n + j]);
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      const __m512 vv = load(vr + i, mk);
+      for (int g = 0; g < GC; ++g) {
+        float* og = o + (g0 + g) * d + i;
+        _mm512_mask_storeu_ps(og, mk, _mm512_fmadd_ps(p[g], vv, _mm512_maskz_loadu_ps(mk, og)));
+      }
+    }
+  }
+}
+
+template <typename in_t>
+IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l, float* qf,
+                                 float* x) {
+  const int64_t d = a.d, G = a.groups;
+  const in_t* q = static_cast<const in_t*>(a.q);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = load_f(q + g * a.q_stride, i) * a.scale;
+  // Up to 4 query heads per sweep over the keys (accumulators stay in registers).
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: decode_heads<in_t, 4>(a, g0, j0, j1, o, m, l, qf, x); break;
+      case 3: decode_heads<in_t, 3>(a, g0, j0, j1, o, m, l, qf, x); break;
+      case 2: decode_heads<in_t, 2>(a, g0, j0, j1, o, m, l, qf, x); break;
+      default: decode_heads<in_t, 1>(a, g0, j0, j1, o, m, l, qf, x); break;
+    }
+  }
+}
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("fma");
+  return ok;
+}
+
+}  // namespace avx512
+#endif
+
+// Dispatch: the AVX-512 path when the CPU has it, the portable loops otherwise.
+// Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
+inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                           float* qf, float* row, float* x) {
+#ifdef IK_HAVE_AVX512_PATH
+  if (avx512::available()) {
+    if (bf16)
+      avx512::decode_partial<uint16_t>(a, j0, j1, o, m, l, qf, x);
+    else
+      avx512::decode_partial<float>(a, j0, j1, o, m, l, qf, x);
+    return;
+  }
+#endif
   if (bf16)
-    decode_partial_impl<uint16_t>(a, j0, j1, o, m, l, qf, row, x);
+    decode_partial_portable<uint16_t>(a, j0, j1, o, m, l, qf, row, x);
   else
-    decode_partial_impl<float>(a, j0, j1, o, m, l, qf, row, x);
+    decode_partial_portable<float>(a, j0, j1, o, m, l, qf, row, x);
 }
 
 // Combine S partial results of one query head (log-sum-exp): out = sum_s e^(m_s - M) o_s /
