@@ -17,7 +17,13 @@ def _load() -> bool:
     if _state["loaded"] is not None:
         return _state["loaded"]
     try:
-        from .. import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+        import importlib
+        import importlib.util
+
+        if importlib.util.find_spec("idefics3_kit._C") is None:
+            raise ImportError("idefics3_kit._C is not built (pip install --no-build-isolation -e . , or "
+                              "python setup.py build_ext --inplace)")
+        importlib.import_module("idefics3_kit._C")  # runs the TORCH_LIBRARY registrations
         from . import _fake
 
         _fake.register()
