@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <array>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -75,52 +76,68 @@ Geometry check_geometry(at::IntArrayRef g, size_t i, const at::Tensor& pv) {
   return geo;
 }
 
+// Uninitialized byte buffer (std::vector would zero megabytes that the resize overwrites).
+using Buffer = std::unique_ptr<uint8_t[]>;
+
 // Resize a contiguous [h, w, 3] buffer to [oh, ow, 3] (a copy when the size is unchanged).
-std::vector<uint8_t> resize_buffer(const uint8_t* src, int64_t h, int64_t w, int64_t oh, int64_t ow) {
-  std::vector<uint8_t> out(static_cast<size_t>(oh * ow * 3));
-  pillow::resize(src, static_cast<int>(h), static_cast<int>(w), 3, out.data(), static_cast<int>(oh),
+Buffer resize_buffer(const uint8_t* src, int64_t h, int64_t w, int64_t oh, int64_t ow) {
+  Buffer out(new uint8_t[static_cast<size_t>(oh * ow * 3)]);
+  pillow::resize(src, static_cast<int>(h), static_cast<int>(w), 3, out.get(), static_cast<int>(oh),
                  static_cast<int>(ow), AtParallel{});
   return out;
 }
 
-// One S x S tile of an HWC uint8 image (top-left at row y0, column x0, row stride `stride`
-// bytes) -> planes [3, S, S] of out_t at dst, through the LUT; parallel over tile rows.
+// S x S tiles of HWC uint8 images (tile j's top-left pixel at tile_src[j], rows `stride` bytes
+// apart) -> planes [3, S, S] of out_t at dst + j * 3 * S * S, through the LUT, one pass over
+// each source row; parallel over tile rows. The tiles' mask entries are set in the same
+// parallel loop (one tile per thread), so first-touch page faults are spread too.
 template <typename out_t>
 void write_tiles(const std::vector<const uint8_t*>& tile_src, int64_t stride, int64_t s,
-                 const std::array<std::array<out_t, 256>, 3>& lut, out_t* dst) {
+                 const std::array<std::array<out_t, 256>, 3>& lut, out_t* dst, const at::Tensor& mask_tiles) {
   const int64_t n = static_cast<int64_t>(tile_src.size());
-  at::parallel_for(0, n * s, 8, [&](int64_t r0, int64_t r1) {
+  const auto &t0 = lut[0], &t1 = lut[1], &t2 = lut[2];
+  at::parallel_for(0, n * s, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t j = r / s, y = r % s;
       const uint8_t* src = tile_src[j] + y * stride;
-      for (int c = 0; c < 3; ++c) {
-        out_t* d = dst + ((j * 3 + c) * s + y) * s;
-        const auto& table = lut[c];
-        for (int64_t x = 0; x < s; ++x) d[x] = table[src[x * 3 + c]];
+      out_t* d0 = dst + (j * 3 * s + y) * s;
+      out_t* d1 = d0 + s * s;
+      out_t* d2 = d1 + s * s;
+      for (int64_t x = 0; x < s; ++x) {
+        d0[x] = t0[src[3 * x]];
+        d1[x] = t1[src[3 * x + 1]];
+        d2[x] = t2[src[3 * x + 2]];
       }
     }
+  });
+  at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) mask_tiles.select(0, j).fill_(1);
   });
 }
 
 template <typename out_t>
 void process_image(const at::Tensor& img, const Geometry& g, const std::array<std::array<out_t, 256>, 3>& lut,
-                   at::Tensor& pixel_values) {
+                   at::Tensor& pixel_values, at::Tensor& pixel_mask) {
   const int64_t s = pixel_values.size(3);
-  auto stage1 = resize_buffer(img.data_ptr<uint8_t>(), img.size(0), img.size(1), g.h1, g.w1);
-  auto stage2 = resize_buffer(stage1.data(), g.h1, g.w1, g.h2, g.w2);
-  stage1 = {};
+  Buffer stage2;
+  {
+    Buffer stage1 = resize_buffer(img.data_ptr<uint8_t>(), img.size(0), img.size(1), g.h1, g.w1);
+    stage2 = resize_buffer(stage1.get(), g.h1, g.w1, g.h2, g.w2);
+  }
   std::vector<const uint8_t*> tiles;  // row-major tiles, then the global tile
-  std::vector<uint8_t> global;
+  Buffer global;
   const int64_t stride = g.w2 * 3;
   if (g.rows > 0 && g.cols > 0) {
     for (int64_t r = 0; r < g.rows; ++r)
-      for (int64_t c = 0; c < g.cols; ++c) tiles.push_back(stage2.data() + r * s * stride + c * s * 3);
-    global = resize_buffer(stage2.data(), g.h2, g.w2, s, s);
+      for (int64_t c = 0; c < g.cols; ++c) tiles.push_back(stage2.get() + r * s * stride + c * s * 3);
+    global = resize_buffer(stage2.get(), g.h2, g.w2, s, s);
   }
   out_t* dst = pixel_values.select(0, g.sample).select(0, g.first).data_ptr<out_t>();
-  if (!tiles.empty()) write_tiles<out_t>(tiles, stride, s, lut, dst);
-  const uint8_t* last = global.empty() ? stage2.data() : global.data();  // unsplit: stage 2 is S x S
-  write_tiles<out_t>({last}, s * 3, s, lut, dst + static_cast<int64_t>(tiles.size()) * 3 * s * s);
+  const at::Tensor masks = pixel_mask.select(0, g.sample).narrow(0, g.first, g.tiles());
+  const int64_t n_grid = static_cast<int64_t>(tiles.size());
+  if (n_grid) write_tiles<out_t>(tiles, stride, s, lut, dst, masks.narrow(0, 0, n_grid));
+  const uint8_t* last = global ? global.get() : stage2.get();  // unsplit: stage 2 is S x S
+  write_tiles<out_t>({last}, s * 3, s, lut, dst + n_grid * 3 * s * s, masks.narrow(0, n_grid, 1));
 }
 
 void preprocess_into_cpu(at::TensorList images, at::Tensor pixel_values, at::Tensor pixel_mask,
@@ -151,10 +168,9 @@ void preprocess_into_cpu(at::TensorList images, at::Tensor pixel_values, at::Ten
   const Lut lut = make_lut(mean, std, rescale);
   for (size_t i = 0; i < images.size(); ++i) {
     if (pixel_values.scalar_type() == at::kFloat)
-      process_image<float>(images[i], geos[i], lut.f32, pixel_values);
+      process_image<float>(images[i], geos[i], lut.f32, pixel_values, pixel_mask);
     else
-      process_image<c10::BFloat16>(images[i], geos[i], lut.bf16, pixel_values);
-    pixel_mask.select(0, geos[i].sample).narrow(0, geos[i].first, geos[i].tiles()).fill_(1);
+      process_image<c10::BFloat16>(images[i], geos[i], lut.bf16, pixel_values, pixel_mask);
   }
 }
 

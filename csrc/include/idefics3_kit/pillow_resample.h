@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 // Hot loops get one clone per ISA level, picked at load time (users' CPUs differ, so no
@@ -241,17 +242,17 @@ void resize(const uint8_t* src, int in_h, int in_w, int channels, uint8_t* dst, 
   if (need_h) cx = lanczos_coeffs(in_w, out_w);
   if (!need_v) return horizontal_pass(cx, channels, src, in_stride, 0, in_h, dst, out_stride, parallel_for);
   if (!need_h) return vertical_pass(cy, src, 0, static_cast<int>(in_stride), dst, parallel_for);
-  std::vector<uint8_t> tmp;
+  std::unique_ptr<uint8_t[]> tmp;  // uninitialized: every byte is written by the first pass
   if (vertical_first(in_h, in_w, out_h, out_w)) {  // [out_h, in_w] intermediate
-    tmp.resize(static_cast<size_t>(out_h) * in_stride);
-    vertical_pass(cy, src, 0, static_cast<int>(in_stride), tmp.data(), parallel_for);
-    return horizontal_pass(cx, channels, tmp.data(), in_stride, 0, out_h, dst, out_stride, parallel_for);
+    tmp.reset(new uint8_t[static_cast<size_t>(out_h) * in_stride]);
+    vertical_pass(cy, src, 0, static_cast<int>(in_stride), tmp.get(), parallel_for);
+    return horizontal_pass(cx, channels, tmp.get(), in_stride, 0, out_h, dst, out_stride, parallel_for);
   }
   // Horizontal first, over only the input rows some output row reads.
   const int row0 = cy.first[0], row1 = cy.first[out_h - 1] + cy.count[out_h - 1];
-  tmp.resize(static_cast<size_t>(row1 - row0) * out_stride);
-  horizontal_pass(cx, channels, src, in_stride, row0, row1, tmp.data(), out_stride, parallel_for);
-  vertical_pass(cy, tmp.data(), row0, static_cast<int>(out_stride), dst, parallel_for);
+  tmp.reset(new uint8_t[static_cast<size_t>(row1 - row0) * out_stride]);
+  horizontal_pass(cx, channels, src, in_stride, row0, row1, tmp.get(), out_stride, parallel_for);
+  vertical_pass(cy, tmp.get(), row0, static_cast<int>(out_stride), dst, parallel_for);
 }
 
 }  // namespace pillow
