@@ -11,7 +11,9 @@
 namespace idefics3_kit {
 namespace {
 
-constexpr int64_t kQBlock = 64;
+// Query rows per item: fp32 GEMMs (MKL) are cheap to call, so small blocks whose scores stay
+// in L2; bf16 GEMMs (oneDNN) have a per-call cost, so fewer, larger blocks.
+constexpr int64_t kQBlockF32 = 64, kQBlockBF16 = 256;
 
 template <typename scalar_t, typename raw_t>
 void softmax_block(const at::Tensor& s, at::Tensor& p, int64_t i0, int64_t lq, int64_t lk, bool causal,
@@ -43,15 +45,16 @@ at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tens
   at::Tensor out = attention_output(q);
   if (lq == 0) return out;
   const KeyMaskInfo info = key_mask_info(key_mask, b, lk);
-  const int64_t groups = hq / hkv, nqb = (lq + kQBlock - 1) / kQBlock;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
+  const int64_t qblock = bf16 ? kQBlockBF16 : kQBlockF32;
+  const int64_t groups = hq / hkv, nqb = (lq + qblock - 1) / qblock;
   const float fscale = static_cast<float>(scale);
   // Causal blocks differ in cost (late blocks read more keys): hand out the expensive ones first.
   auto block_of = [&](int64_t t) { return causal ? nqb - 1 - t : t; };
   parallel_items<std::vector<float>>(b * hq * nqb, [&](std::vector<float>& x, int64_t it) {
     {
       const int64_t bi = it / (hq * nqb), h = (it / nqb) % hq, qb = block_of(it % nqb);
-      const int64_t i0 = qb * kQBlock, n = std::min(kQBlock, lq - i0);
+      const int64_t i0 = qb * qblock, n = std::min(qblock, lq - i0);
       const int64_t first_valid = info.first_valid[bi];
       // Keys this block needs: a causal block without open rows stops after its last row.
       const bool any_open = causal ? (lk - lq + i0) < first_valid : first_valid >= lk;
@@ -59,8 +62,8 @@ at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tens
       const at::Tensor qb_rows = q.select(0, bi).select(0, h).narrow(0, i0, n);  // [n, D]
       const at::Tensor kb = k.select(0, bi).select(0, h / groups).narrow(0, 0, kv);  // [kv, D]
       const at::Tensor vb = v.select(0, bi).select(0, h / groups).narrow(0, 0, kv);
-      const at::Tensor s = at::mm(qb_rows, kb.t());  // [n, kv], input dtype like the reference
-      at::Tensor p = at::empty({n, kv}, q.options());
+      at::Tensor s = at::mm(qb_rows, kb.t());  // [n, kv], input dtype like the reference
+      at::Tensor& p = s;                       // probabilities overwrite the scores in place
       const float* bias = info.bias.defined() ? info.bias.data_ptr<float>() + bi * lk : nullptr;
       if (bf16)
         softmax_block<at::BFloat16, uint16_t>(s, p, i0, lq, lk, causal, bias, first_valid, fscale, x);

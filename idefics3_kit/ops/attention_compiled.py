@@ -8,6 +8,11 @@ Returns None (the caller falls back to the reference) for what the kernels do no
 non-CPU tensors, dtypes other than float32/bfloat16, head dims that are not a multiple of 8
 (or above 512), mixed dtypes, a last dim with stride != 1, causal with Lq > Lk, and CPUs
 without AVX2 (the kernels' portable path would be slower than torch's own).
+
+Policy from benchmarks/attention_cpu.py (2 threads, torch 2.13): for bf16 prefill/vision
+torch's own fused CPU kernel (scaled_dot_product_attention, oneDNN bf16 GEMMs with fp32
+accumulation) is faster than our GEMM + softmax blocks, so those calls fall back to it
+(``PREFER_TORCH_BF16_BLOCKED``); bf16 decode and all fp32 calls use the compiled kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from . import _library
 
 _DTYPES = (torch.float32, torch.bfloat16)
+PREFER_TORCH_BF16_BLOCKED = True
 _FAST_CPU = None
 
 
@@ -64,6 +70,9 @@ def dispatch(q, k, v, *, causal, key_padding_mask, scale):
     if key_padding_mask is not None:
         mask = key_padding_mask.to(torch.bool).contiguous()
     ops = torch.ops.idefics3_kit
+    decode = causal and q.shape[2] == 1
+    if PREFER_TORCH_BF16_BLOCKED and q.dtype == torch.bfloat16 and not decode:
+        return None
     if not causal:
         return ops.vision_attention(q, k, v, mask, scale)
     if q.shape[2] == 1:

@@ -102,12 +102,12 @@ IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float sc
   for (; j < n; ++j) store_f(p, j, 0.0f);
 }
 
-IK_MULTIVERSION static void softmax_row(const float* s, int n, int valid, float scale, const float* bias, float* x,
-                                        float* p) {
+IK_MULTIVERSION static void softmax_row_portable(const float* s, int n, int valid, float scale, const float* bias,
+                                                 float* x, float* p) {
   softmax_row_impl(s, n, valid, scale, bias, x, p);
 }
-IK_MULTIVERSION static void softmax_row(const uint16_t* s, int n, int valid, float scale, const float* bias,
-                                        float* x, uint16_t* p) {
+IK_MULTIVERSION static void softmax_row_portable(const uint16_t* s, int n, int valid, float scale,
+                                                 const float* bias, float* x, uint16_t* p) {
   softmax_row_impl(s, n, valid, scale, bias, x, p);
 }
 
@@ -300,6 +300,48 @@ IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, fl
   }
 }
 
+
+IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m) {
+  __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as float_to_bf16
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+// softmax_row_impl with explicit vectors.
+// s * scale + bias for 16 lanes (recomputed in each pass rather than stored).
+template <typename in_t>
+IK_AVX512_FN inline __m512 logits(const in_t* s, const float* bias, __m512 sc, int j, __mmask16 mk) {
+  const __m512 v = _mm512_mul_ps(load(s + j, mk), sc);
+  return bias ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + j)) : v;
+}
+
+template <typename in_t, typename out_t>
+IK_AVX512_FN void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int j = 0; j < valid; j += 16) {
+    const __mmask16 mk = lane_mask(valid - j);
+    mx = _mm512_mask_max_ps(mx, mk, mx, logits(s, bias, sc, j, mk));
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < valid; j += 16) {
+    const __mmask16 mk = lane_mask(valid - j);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(logits(s, bias, sc, j, mk), m)));
+    _mm512_mask_storeu_ps(x + j, mk, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  int j = 0;
+  for (; j < valid; j += 16) {
+    const __mmask16 mk = lane_mask(valid - j);
+    store(p + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + j), inv), mk);
+  }
+  for (j = valid; j < n; j += 16) store(p + j, _mm512_setzero_ps(), lane_mask(n - j));
+}
+
 inline bool available() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -311,6 +353,14 @@ inline bool available() {
 #endif
 
 // Dispatch: the AVX-512 path when the CPU has it, the portable loops otherwise.
+template <typename in_t, typename out_t>
+inline void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
+#ifdef IK_HAVE_AVX512_PATH
+  if (avx512::available()) return avx512::softmax_row<in_t, out_t>(s, n, valid, scale, bias, x, p);
+#endif
+  softmax_row_portable(s, n, valid, scale, bias, x, p);
+}
+
 // Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
 inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m, float* l,
                            float* qf, float* row, float* x) {
