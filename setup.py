@@ -102,6 +102,7 @@ setup(
     install_requires=["torch>=2.4", "safetensors", "tokenizers", "pillow", "numpy", "jinja2", "tqdm"],
     entry_points={"console_scripts": ["idefics3-kit=idefics3_kit.cli:main"]},
     include_package_data=True,
+    package_data={"idefics3_kit": ["_build_info.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
