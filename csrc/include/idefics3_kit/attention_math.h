@@ -224,19 +224,69 @@ inline __mmask16 lane_mask(int64_t count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
-// GC query heads (g0 .. g0 + GC - 1 of the group) over keys [j0, j1); qf holds all G scaled
-// query rows; x is [GC][n] scratch; o/m/l as decode_partial.
+// Sums of 16 vectors: lane L of the tree's result holds the full sum of vector tree_perm()[L].
+IK_AVX512_FN inline __m512 hsum_tree(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // 512 -> 256 bits per vector, two vectors per register
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // -> 128 bits per vector
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // -> 64 bits
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));  // -> 32 bits
+}
+
+// Index vector that puts the tree's sums in natural order (found once by running the tree on
+// vectors whose sums are known, rather than by hand-deriving the shuffle algebra).
+IK_AVX512_FN inline __m512i tree_order() {
+  alignas(64) float sums[16];
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_set1_ps(static_cast<float>(i));
+  _mm512_store_ps(sums, hsum_tree(v));
+  alignas(64) int32_t idx[16];
+  for (int lane = 0; lane < 16; ++lane) idx[static_cast<int>(sums[lane]) / 16] = lane;
+  return _mm512_load_si512(idx);
+}
+
+// 16 dot products -> one vector, lane i = sum of v[i].
+IK_AVX512_FN inline __m512 hsum16(const __m512* v) {
+  static const __m512i order = tree_order();
+  return _mm512_permutexvar_ps(order, hsum_tree(v));
+}
+
+// GC (<= 4) query heads (g0 .. g0 + GC - 1 of the group) over keys [j0, j1); qf holds all G
+// scaled query rows; x is [GC][n] scratch; o/m/l as decode_partial. Keys go 4 at a time:
+// 4 x GC dot products accumulate in registers and are reduced together (hsum16).
 template <typename in_t, int GC>
 IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int64_t j1, float* o, float* m, float* l,
                                const float* qf, float* x) {
+  static_assert(GC >= 1 && GC <= 4, "4 keys x 4 heads fill the 16 accumulators");
   const int64_t d = a.d, n = j1 - j0;
   const in_t* k = static_cast<const in_t*>(a.k);
   const in_t* v = static_cast<const in_t*>(a.v);
-  for (int64_t j = 0; j < n; ++j) {
-    if (a.key_mask && !a.key_mask[j0 + j]) {
-      for (int g = 0; g < GC; ++g) x[g * n + j] = kNegInf;
-      continue;
+  const uint8_t* km = a.key_mask ? a.key_mask + j0 : nullptr;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const in_t* kr = k + (j0 + j) * a.k_stride;
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      __m512 kv[4];
+      for (int r = 0; r < 4; ++r) kv[r] = load(kr + r * a.k_stride + i, mk);
+      for (int g = 0; g < GC; ++g) {
+        const __m512 qv = _mm512_maskz_loadu_ps(mk, qf + (g0 + g) * d + i);
+        for (int r = 0; r < 4; ++r) acc[g * 4 + r] = _mm512_fmadd_ps(kv[r], qv, acc[g * 4 + r]);
+      }
     }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, hsum16(acc));
+    for (int g = 0; g < GC; ++g)
+      for (int r = 0; r < 4; ++r) x[g * n + j + r] = (km && !km[j + r]) ? kNegInf : sums[g * 4 + r];
+  }
+  for (; j < n; ++j) {  // the last n % 4 keys one by one
     const in_t* kr = k + (j0 + j) * a.k_stride;
     __m512 acc[GC];
     for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
@@ -245,38 +295,53 @@ IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int6
       const __m512 kv = load(kr + i, mk);
       for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(kv, _mm512_maskz_loadu_ps(mk, qf + (g0 + g) * d + i), acc[g]);
     }
-    for (int g = 0; g < GC; ++g) x[g * n + j] = _mm512_reduce_add_ps(acc[g]);
+    for (int g = 0; g < GC; ++g) x[g * n + j] = (km && !km[j]) ? kNegInf : _mm512_reduce_add_ps(acc[g]);
   }
   for (int g = 0; g < GC; ++g) {
     float* xg = x + g * n;
     __m512 mx = _mm512_set1_ps(kNegInf);
-    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - j), xg + j));
+    for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - jj), xg + jj));
     const float mg = _mm512_reduce_max_ps(mx);
     __m512 sum = _mm512_setzero_ps();
-    if (mg != kNegInf) {
-      const __m512 mv = _mm512_set1_ps(mg);
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 mk = lane_mask(n - j);
-        const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + j), mv));
-        _mm512_mask_storeu_ps(xg + j, mk, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
-      }
+    const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
+    for (int64_t jj = 0; jj < n; jj += 16) {
+      const __mmask16 mk = lane_mask(n - jj);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + jj), mv)));
+      _mm512_mask_storeu_ps(xg + jj, mk, e);
+      sum = _mm512_add_ps(sum, e);
     }
     m[g0 + g] = mg;
     l[g0 + g] = _mm512_reduce_add_ps(sum);
     std::fill(o + (g0 + g) * d, o + (g0 + g + 1) * d, 0.0f);
   }
-  for (int64_t j = 0; j < n; ++j) {
-    if (a.key_mask && !a.key_mask[j0 + j]) continue;
+  // Values, 4 rows at a time: each output chunk is loaded and stored once per 4 rows. Masked
+  // rows have weight exactly 0 (their values are finite cache contents).
+  j = 0;
+  for (; j + 4 <= n; j += 4) {
     const in_t* vr = v + (j0 + j) * a.v_stride;
-    __m512 p[GC];
-    for (int g = 0; g < GC; ++g) p[g] = _mm512_set1_ps(x[g * n + j]);
+    __m512 p[GC][4];
+    for (int g = 0; g < GC; ++g)
+      for (int r = 0; r < 4; ++r) p[g][r] = _mm512_set1_ps(x[g * n + j + r]);
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      __m512 vv[4];
+      for (int r = 0; r < 4; ++r) vv[r] = load(vr + r * a.v_stride + i, mk);
+      for (int g = 0; g < GC; ++g) {
+        float* og = o + (g0 + g) * d + i;
+        __m512 acc = _mm512_maskz_loadu_ps(mk, og);
+        for (int r = 0; r < 4; ++r) acc = _mm512_fmadd_ps(p[g][r], vv[r], acc);
+        _mm512_mask_storeu_ps(og, mk, acc);
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    const in_t* vr = v + (j0 + j) * a.v_stride;
     for (int64_t i = 0; i < d; i += 16) {
       const __mmask16 mk = lane_mask(d - i);
       const __m512 vv = load(vr + i, mk);
       for (int g = 0; g < GC; ++g) {
         float* og = o + (g0 + g) * d + i;
-        _mm512_mask_storeu_ps(og, mk, _mm512_fmadd_ps(p[g], vv, _mm512_maskz_loadu_ps(mk, og)));
+        _mm512_mask_storeu_ps(og, mk, _mm512_fmadd_ps(_mm512_set1_ps(x[g * n + j]), vv, _mm512_maskz_loadu_ps(mk, og)));
       }
     }
   }
