@@ -31,7 +31,10 @@ def _rel(paths):
 
 def _want_cuda(torch, cuda_home) -> bool:
     if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
+        if not torch.version.cuda or cuda_home is None:
+            raise RuntimeError(f"FORCE_CUDA=1 needs a CUDA build of torch and CUDA_HOME (nvcc); this torch is "
+                               f"{torch.__version__} (cuda {torch.version.cuda}), CUDA_HOME={cuda_home}")
+        return True  # build the kernels even where no GPU is visible (CI, build machines)
     return bool(torch.version.cuda) and cuda_home is not None
 
 
