@@ -4,7 +4,7 @@
 
 2 threads; legs interleaved; medians. Decode reads k/v as views of a preallocated cache (as
 the model does); vision uses SigLIP tile shapes; the dispatch line shows what ops.attention
-runs for that case (bf16 prefill/vision go to torch's kernel, see ops/attention_compiled.py).
+runs for that case (vision goes to torch's kernel by policy, see ops/attention_compiled.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from _timing import compare  # noqa: E402
 
 from idefics3_kit import ops  # noqa: E402
+from idefics3_kit.ops.attention import attention_sdpa  # noqa: E402
 
 
 def decode_case(dtype, hq, hkv, d, ctx, lmax=4608):
@@ -56,6 +57,23 @@ def vision_case(dtype, heads, length, d, masked=False):
           f"(ops.attention x{t['sdpa'] / t['dispatch']:.2f})")
 
 
+def prefill_case(dtype, b, hq, hkv, length, d, masked=False):
+    # Projections as the decoder makes them: [B, L, H, D] memory viewed as [B, H, L, D].
+    q = torch.randn(b, length, hq, d, dtype=dtype).transpose(1, 2)
+    k = torch.randn(b, length, hkv, d, dtype=dtype).transpose(1, 2)
+    v = torch.randn(b, length, hkv, d, dtype=dtype).transpose(1, 2)
+    mask = None
+    if masked:  # left padding of the last sequence
+        mask = torch.ones(b, length, dtype=torch.bool)
+        mask[-1, : length // 5] = False
+    t = compare({
+        "sdpa": lambda: attention_sdpa(q, k, v, causal=True, key_padding_mask=mask),
+        "ours": lambda: torch.ops.idefics3_kit.prefill_attention(q, k, v, mask, d ** -0.5),
+    }, repeats=5)
+    print(f"prefill {str(dtype):15s} B {b} Hq {hq:2d} / Hkv {hkv} hd {d:3d} L {length}{' left-pad' if masked else '         '}: "
+          f"sdpa {t['sdpa'] * 1e3:6.2f} ms  ours {t['ours'] * 1e3:6.2f} ms  speedup x{t['sdpa'] / t['ours']:.2f}")
+
+
 def main() -> None:
     torch.set_num_threads(2)
     print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   "
@@ -63,6 +81,10 @@ def main() -> None:
     for d in (64, 128):
         decode_case(torch.bfloat16, 32, 8, d, 4096)
     decode_case(torch.float32, 32, 8, 128, 4096)
+    for dtype in (torch.float32, torch.bfloat16):
+        prefill_case(dtype, 1, 9, 3, 1024, 64)
+        prefill_case(dtype, 2, 9, 3, 512, 64, masked=True)
+        prefill_case(dtype, 1, 32, 8, 1024, 128)
     for dtype in (torch.float32, torch.bfloat16):
         vision_case(dtype, 16, 676, 72)
         vision_case(dtype, 12, 1024, 64)

@@ -9,10 +9,11 @@ non-CPU tensors, dtypes other than float32/bfloat16, head dims that are not a mu
 (or above 512), mixed dtypes, a last dim with stride != 1, causal with Lq > Lk, and CPUs
 without AVX2 (the kernels' portable path would be slower than torch's own).
 
-Policy from benchmarks/attention_cpu.py (2 threads, torch 2.13): for bf16 prefill/vision
-torch's own fused CPU kernel (scaled_dot_product_attention, oneDNN bf16 GEMMs with fp32
-accumulation) is faster than our GEMM + softmax blocks, so those calls fall back to it
-(``PREFER_TORCH_BF16_BLOCKED``); bf16 decode and all fp32 calls use the compiled kernels.
+Policy from benchmarks/attention_cpu.py (2 threads, torch 2.13): for non-causal (vision)
+attention torch's own fused CPU kernel (scaled_dot_product_attention) measured faster than our
+GEMM + softmax blocks (x0.6-0.9), so those calls fall back to it (``PREFER_TORCH_NONCAUSAL``;
+set it False to run the compiled vision kernel). Causal prefill (x1.0-1.9) and decode (x2-4)
+use the compiled kernels.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from . import _library
 
 _DTYPES = (torch.float32, torch.bfloat16)
-PREFER_TORCH_BF16_BLOCKED = True
+PREFER_TORCH_NONCAUSAL = True
 _FAST_CPU = None
 
 
@@ -70,8 +71,7 @@ def dispatch(q, k, v, *, causal, key_padding_mask, scale):
     if key_padding_mask is not None:
         mask = key_padding_mask.to(torch.bool).contiguous()
     ops = torch.ops.idefics3_kit
-    decode = causal and q.shape[2] == 1
-    if PREFER_TORCH_BF16_BLOCKED and q.dtype == torch.bfloat16 and not decode:
+    if PREFER_TORCH_NONCAUSAL and not causal:
         return None
     if not causal:
         return ops.vision_attention(q, k, v, mask, scale)

@@ -134,7 +134,8 @@ def test_decode_cache_seqlens_bounds_keys():
 
 @needs_ext
 @pytest.mark.parametrize("causal,lq", [(False, 33), (True, 20), (True, 1)])
-def test_dispatch_routes_model_layouts(causal, lq):
+def test_dispatch_routes_model_layouts(causal, lq, monkeypatch):
+    monkeypatch.setattr(attention_compiled, "PREFER_TORCH_NONCAUSAL", False)
     # The components pass [B, L, H, D] projections viewed as [B, H, L, D] (non-contiguous).
     b, h, d = 2, 4, 64
     x = torch.randn(b, lq if not causal else 40, h, d).transpose(1, 2)
@@ -146,6 +147,14 @@ def test_dispatch_routes_model_layouts(causal, lq):
     torch.testing.assert_close(out, attention_ref(q, x, x, causal=causal, key_padding_mask=kpm), atol=1e-5,
                                rtol=1e-5)
     assert out.transpose(1, 2).is_contiguous()  # the caller's reshape is free
+
+
+@needs_ext
+def test_dispatch_policy_sends_vision_to_torch():
+    q = torch.randn(1, 2, 5, 16)
+    expect_torch = attention_compiled.PREFER_TORCH_NONCAUSAL
+    assert (attention_compiled.dispatch(q, q, q, causal=False, key_padding_mask=None, scale=None) is None) == expect_torch
+    assert attention_compiled.dispatch(q, q, q, causal=True, key_padding_mask=None, scale=None) is not None
 
 
 @needs_ext
