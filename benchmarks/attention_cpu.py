@@ -76,7 +76,7 @@ def prefill_case(dtype, b, hq, hkv, length, d, masked=False):
 
 def main() -> None:
     torch.set_num_threads(2)
-    print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   "
+    print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)   "
           f"cpu: {torch.backends.cpu.get_cpu_capability()}")
     for d in (64, 128):
         decode_case(torch.bfloat16, 32, 8, d, 4096)

@@ -47,7 +47,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     model = ik.VLM(ik.VLMConfig.preset("smolvlm-256m")).to(dtype).eval()
     decoder = model.decoder
-    print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   dtype: {args.dtype}   "
+    print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)   dtype: {args.dtype}   "
           f"context: {args.context}   decode tokens: {args.tokens}")
     results = {}
     for leg in ("compiled", "reference", "compiled", "reference"):  # interleaved, best of two

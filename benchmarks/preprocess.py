@@ -37,7 +37,7 @@ def photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 def ours(img: Image.Image):
-    arr = torch.from_numpy(np.asarray(img))  # [H, W, 3] uint8, no copy
+    arr = torch.from_numpy(np.array(img))  # [H, W, 3] uint8
     g = image_geometry(arr.shape[0], arr.shape[1], LONGEST, TILE)
     n = num_tiles(g)
     pv = torch.empty(1, n, 3, TILE, TILE)  # every tile is written: no padding to zero here
@@ -50,7 +50,7 @@ def main() -> None:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     torch.set_num_threads(2)
-    print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}")
+    print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)")
     hf = Idefics3ImageProcessorPil(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE})
     for w, h in [(1600, 900), (640, 480)]:
         img = photo_like(w, h)

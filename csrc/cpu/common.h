@@ -31,14 +31,6 @@ inline void check_contiguous(const at::Tensor& t, const char* op, const char* na
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", c10::str(t.strides()));
 }
 
-// The resize kernels' parallel_for(begin, end, fn) signature on top of at::parallel_for.
-struct AtParallel {
-  template <typename F>
-  void operator()(int64_t begin, int64_t end, F&& fn) const {
-    at::parallel_for(begin, end, 1, fn);
-  }
-};
-
 // Runs body(worker_state, item) for item in [0, items) on at::get_num_threads() workers that
 // take items from a shared counter. Unlike at::parallel_for's fixed ranges, a thread that the
 // OS deschedules (a busy machine) delays the op by one item, not by half of the work.
@@ -52,5 +44,21 @@ void parallel_items(int64_t items, Body&& body) {
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) body(state, it);
   });
 }
+
+// The resize kernels' parallel_for(begin, end, fn) signature: the range is cut into about 8
+// chunks per thread that the workers take dynamically (see parallel_items).
+struct AtParallel {
+  template <typename F>
+  void operator()(int64_t begin, int64_t end, F&& fn) const {
+    const int64_t n = end - begin;
+    if (n <= 0) return;
+    const int64_t chunk = std::max<int64_t>(1, n / (8 * at::get_num_threads()));
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    struct None {};
+    parallel_items<None>(chunks, [&](None&, int64_t c) {
+      fn(begin + c * chunk, std::min(end, begin + (c + 1) * chunk));
+    });
+  }
+};
 
 }  // namespace idefics3_kit

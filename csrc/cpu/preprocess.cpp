@@ -7,6 +7,10 @@
 
 #include <array>
 #include <memory>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #include <vector>
 
 #include "common.h"
@@ -89,17 +93,22 @@ Buffer resize_buffer(const uint8_t* src, int64_t h, int64_t w, int64_t oh, int64
 
 // S x S tiles of HWC uint8 images (tile j's top-left pixel at tile_src[j], rows `stride` bytes
 // apart) -> planes [3, S, S] of out_t at dst + j * 3 * S * S, through the LUT, one pass over
-// each source row; parallel over tile rows. The tiles' mask entries are set in the same
-// parallel loop (one tile per thread), so first-touch page faults are spread too.
+// each source row. One parallel region for all tiles and their mask entries (items: bands of
+// tile rows, then one item per tile mask), handed out dynamically.
 template <typename out_t>
-void write_tiles(const std::vector<const uint8_t*>& tile_src, int64_t stride, int64_t s,
+void write_tiles(const std::vector<const uint8_t*>& tile_src, const std::vector<int64_t>& strides, int64_t s,
                  const std::array<std::array<out_t, 256>, 3>& lut, out_t* dst, const at::Tensor& mask_tiles) {
-  const int64_t n = static_cast<int64_t>(tile_src.size());
+  const int64_t n = static_cast<int64_t>(tile_src.size()), band = 32, bands = (s + band - 1) / band;
   const auto &t0 = lut[0], &t1 = lut[1], &t2 = lut[2];
-  at::parallel_for(0, n * s, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t j = r / s, y = r % s;
-      const uint8_t* src = tile_src[j] + y * stride;
+  struct None {};
+  parallel_items<None>(n * bands + n, [&](None&, int64_t it) {
+    if (it >= n * bands) {
+      mask_tiles.select(0, it - n * bands).fill_(1);
+      return;
+    }
+    const int64_t j = it / bands, y0 = (it % bands) * band, y1 = std::min(s, y0 + band);
+    for (int64_t y = y0; y < y1; ++y) {
+      const uint8_t* src = tile_src[j] + y * strides[j];
       out_t* d0 = dst + (j * 3 * s + y) * s;
       out_t* d1 = d0 + s * s;
       out_t* d2 = d1 + s * s;
@@ -109,9 +118,6 @@ void write_tiles(const std::vector<const uint8_t*>& tile_src, int64_t stride, in
         d2[x] = t2[src[3 * x + 2]];
       }
     }
-  });
-  at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) mask_tiles.select(0, j).fill_(1);
   });
 }
 
@@ -125,19 +131,36 @@ void process_image(const at::Tensor& img, const Geometry& g, const std::array<st
     stage2 = resize_buffer(stage1.get(), g.h1, g.w1, g.h2, g.w2);
   }
   std::vector<const uint8_t*> tiles;  // row-major tiles, then the global tile
+  std::vector<int64_t> strides;
   Buffer global;
   const int64_t stride = g.w2 * 3;
   if (g.rows > 0 && g.cols > 0) {
     for (int64_t r = 0; r < g.rows; ++r)
-      for (int64_t c = 0; c < g.cols; ++c) tiles.push_back(stage2.get() + r * s * stride + c * s * 3);
+      for (int64_t c = 0; c < g.cols; ++c) {
+        tiles.push_back(stage2.get() + r * s * stride + c * s * 3);
+        strides.push_back(stride);
+      }
     global = resize_buffer(stage2.get(), g.h2, g.w2, s, s);
   }
+  tiles.push_back(global ? global.get() : stage2.get());  // unsplit: stage 2 is the one S x S tile
+  strides.push_back(s * 3);
   out_t* dst = pixel_values.select(0, g.sample).select(0, g.first).data_ptr<out_t>();
-  const at::Tensor masks = pixel_mask.select(0, g.sample).narrow(0, g.first, g.tiles());
-  const int64_t n_grid = static_cast<int64_t>(tiles.size());
-  if (n_grid) write_tiles<out_t>(tiles, stride, s, lut, dst, masks.narrow(0, 0, n_grid));
-  const uint8_t* last = global ? global.get() : stage2.get();  // unsplit: stage 2 is S x S
-  write_tiles<out_t>({last}, s * 3, s, lut, dst + n_grid * 3 * s * s, masks.narrow(0, n_grid, 1));
+  write_tiles<out_t>(tiles, strides, s, lut, dst, pixel_mask.select(0, g.sample).narrow(0, g.first, g.tiles()));
+}
+
+// Ask for transparent huge pages on the (usually freshly allocated, untouched) outputs: tens of
+// megabytes faulted in 4 KiB pages cost about as much as the resizes. Only a hint; pages
+// already touched are unaffected and failure is harmless.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.numel() * t.element_size();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 void preprocess_into_cpu(at::TensorList images, at::Tensor pixel_values, at::Tensor pixel_mask,
@@ -166,6 +189,8 @@ void preprocess_into_cpu(at::TensorList images, at::Tensor pixel_values, at::Ten
     geos.push_back(check_geometry(geometry, i, pixel_values));
   }
   const Lut lut = make_lut(mean, std, rescale);
+  advise_huge_pages(pixel_values);
+  if (pixel_mask.is_contiguous()) advise_huge_pages(pixel_mask);
   for (size_t i = 0; i < images.size(); ++i) {
     if (pixel_values.scalar_type() == at::kFloat)
       process_image<float>(images[i], geos[i], lut.f32, pixel_values, pixel_mask);
