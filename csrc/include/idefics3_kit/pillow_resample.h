@@ -152,6 +152,36 @@ inline void vertical_rows(const AxisCoeffs& cy, const uint8_t* src, ptrdiff_t sr
 // Rows per transposed block of the horizontal pass.
 constexpr int kHBlock = 16;
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && !defined(IDEFICS3_KIT_NO_AVX512)
+#define IK_RESAMPLE_AVX512 1
+}  // namespace pillow
+}  // namespace idefics3_kit
+#include <immintrin.h>
+namespace idefics3_kit {
+namespace pillow {
+// A full block of 16 RGB rows moves one pixel column per instruction: a 16-lane gather
+// (each lane 4 bytes of one row) in, a 16-lane scatter out. The last pixel of a row is left
+// to the caller (its 4th byte would fall outside the row).
+__attribute__((target("avx512f"))) inline void gather_rgb_block(const uint8_t* src, ptrdiff_t stride, int in_w,
+                                                                 uint8_t* t_in) {
+  const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(stride)));
+  for (int x = 0; x + 1 < in_w; ++x)
+    _mm512_storeu_si512(t_in + static_cast<size_t>(x) * 64, _mm512_i32gather_epi32(offs, src + x * 3, 1));
+}
+__attribute__((target("avx512f"))) inline void scatter_rgb_block(const uint8_t* t_out, int out_w, uint8_t* dst,
+                                                                  ptrdiff_t stride) {
+  const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(stride)));
+  for (int x = 0; x + 1 < out_w; ++x)  // x ascending: pixel x + 1 rewrites the byte x spilled into
+    _mm512_i32scatter_epi32(dst + x * 3, offs, _mm512_loadu_si512(t_out + static_cast<size_t>(x) * 64), 1);
+}
+inline bool resample_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+#endif
+
 // Horizontal pass for input rows [r0, r1) (r1 - r0 <= kHBlock) into dst rows [r0 - dst_row0, ...).
 // The rows are transposed to [x][row][pixel] so that every output column is a weighted sum of
 // whole transposed input columns (the vertical kernel's shape). RGB pixels take 4 bytes there
@@ -164,11 +194,17 @@ inline void horizontal_block(const AxisCoeffs& cx, int channels, const uint8_t* 
   scratch.resize(static_cast<size_t>(in_w + out_w) * lanes);
   uint8_t* t_in = scratch.data();                                       // [in_w][kHBlock * px]
   uint8_t* t_out = scratch.data() + static_cast<size_t>(in_w) * lanes;  // [out_w][kHBlock * px]
+  bool fast = false;  // whole 16-row RGB block with gathers / scatters
+#ifdef IK_RESAMPLE_AVX512
+  fast = channels == 3 && rows == kHBlock && resample_avx512();
+  if (fast) gather_rgb_block(src + static_cast<ptrdiff_t>(r0) * src_stride, src_stride, in_w, t_in);
+#endif
   for (int r = 0; r < rows; ++r) {
     const uint8_t* s = src + static_cast<ptrdiff_t>(r0 + r) * src_stride;
     uint8_t* d = t_in + r * px;
     if (channels == 3) {
-      for (int x = 0; x + 1 < in_w; ++x) std::memcpy(d + static_cast<size_t>(x) * lanes, s + x * 3, 4);
+      if (!fast)
+        for (int x = 0; x + 1 < in_w; ++x) std::memcpy(d + static_cast<size_t>(x) * lanes, s + x * 3, 4);
       std::memcpy(d + static_cast<size_t>(in_w - 1) * lanes, s + (in_w - 1) * 3, 3);  // stay inside the row
     } else {
       for (int x = 0; x < in_w; ++x)
@@ -180,11 +216,15 @@ inline void horizontal_block(const AxisCoeffs& cx, int channels, const uint8_t* 
     weighted_rows(t_in + static_cast<size_t>(cx.first[x]) * lanes, lanes, cx.count[x],
                   &cx.k[static_cast<size_t>(x) * cx.ksize], t_out + static_cast<size_t>(x) * lanes,
                   used == lanes ? lanes : used);
+#ifdef IK_RESAMPLE_AVX512
+  if (fast) scatter_rgb_block(t_out, out_w, dst + static_cast<ptrdiff_t>(r0 - dst_row0) * dst_stride, dst_stride);
+#endif
   for (int r = 0; r < rows; ++r) {
     uint8_t* d = dst + static_cast<ptrdiff_t>(r0 + r - dst_row0) * dst_stride;
     const uint8_t* s = t_out + r * px;
     if (channels == 3) {
-      for (int x = 0; x + 1 < out_w; ++x) std::memcpy(d + x * 3, s + static_cast<size_t>(x) * lanes, 4);
+      if (!fast)
+        for (int x = 0; x + 1 < out_w; ++x) std::memcpy(d + x * 3, s + static_cast<size_t>(x) * lanes, 4);
       std::memcpy(d + (out_w - 1) * 3, s + static_cast<size_t>(out_w - 1) * lanes, 3);
     } else {
       for (int x = 0; x < out_w; ++x)
