@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,12 +35,17 @@ inline void check_contiguous(const at::Tensor& t, const char* op, const char* na
 // Runs body(worker_state, item) for item in [0, items) on at::get_num_threads() workers that
 // take items from a shared counter. Unlike at::parallel_for's fixed ranges, a thread that the
 // OS deschedules (a busy machine) delays the op by one item, not by half of the work.
+// Workers run under the caller's thread-local state (inference mode, grad mode, dispatch keys):
+// OpenMP threads do not inherit it, and ATen ops on inference tensors (torch.inference_mode)
+// would otherwise fail in them.
 template <typename State, typename Body>
 void parallel_items(int64_t items, Body&& body) {
   if (items <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  const at::ThreadLocalState caller;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard tls(caller);
     State state;
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) body(state, it);
   });

@@ -205,3 +205,17 @@ def test_attention_bad_arguments():
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_under_inference_mode(dtype):
+    # Inference tensors: the kernels' worker threads must run under the caller's inference mode.
+    torch.set_num_threads(2)
+    with torch.inference_mode():
+        q, k, v, kpm = _inputs(2, 4, 2, 70, 90, 64, "left_pad", 5)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        ns = torch.ops.idefics3_kit
+        for out in (ns.prefill_attention(q, k, v, kpm, 0.125), ns.vision_attention(q, k, v, kpm, 0.125),
+                    ns.decode_attention(q[:, :, :1], k, v, kpm, None, 0.125)):
+            assert torch.isfinite(out.float()).all()

@@ -200,3 +200,12 @@ def test_preprocess_bad_arguments():
         op(imgs, pv, pm, g, MEAN[:2], STD, RESCALE)
     with pytest.raises(RuntimeError, match="pixel_values must be contiguous"):
         op(imgs, pv.transpose(3, 4), pm, g, MEAN, STD, RESCALE)
+
+
+@needs_ext
+def test_preprocess_under_inference_mode():
+    torch.set_num_threads(2)
+    with torch.inference_mode():
+        imgs, pv, pm, geometry = _batch([(0, _image(40, 70, seed=1))], 64, 16, torch.float32)
+        torch.ops.idefics3_kit.preprocess_into(imgs, pv, pm, geometry, MEAN, STD, RESCALE)
+        assert pm[0, :num_tiles(geometry)].eq(1).all()
