@@ -13,6 +13,7 @@ namespace idefics3_kit {
 namespace {
 
 constexpr int64_t kMinSplit = 256;  // keys per item at least (amortizes the per-item setup)
+constexpr int64_t kMinBytesPerWorker = int64_t{1} << 20;
 
 int64_t split_length(int64_t b, int64_t hkv, int64_t l) {
   const int64_t want_items = 4 * static_cast<int64_t>(at::get_num_threads());
@@ -98,7 +99,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   std::atomic<int64_t> next{0};
   std::vector<std::atomic<int64_t>> done(b * hkv);
   for (auto& c : done) c.store(0);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  // Threads only for enough bytes: a parallel region costs microseconds on a quiet machine and
+  // a scheduler time slice (milliseconds) when other processes hold the cores, while one core
+  // streams ~1 MiB of KV in well under 100 us.
+  const int64_t kv_bytes = 2 * b * hkv * l * d * esize;
+  const int64_t max_workers = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t workers = std::clamp<int64_t>(kv_bytes / kMinBytesPerWorker, 1, max_workers);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qf(groups * d), row(d), x(groups * split);
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
