@@ -7,8 +7,11 @@
 // Conventions: images are uint8 [H, W, 3] (RGB, contiguous); attention tensors are
 // [B, H, L, D] with stride(-1) == 1; masks are bool, True = attend.
 
-#include <Python.h>
 #include <torch/library.h>
+
+#ifndef IDEFICS3_KIT_NO_PYTHON  // CMake's C++ tests link the ops without Python
+#include <Python.h>
+#endif
 
 TORCH_LIBRARY(idefics3_kit, m) {
   // Pillow-exact LANCZOS resize of a uint8 [H, W, C] image (C = 1 or 3).
@@ -30,8 +33,10 @@ TORCH_LIBRARY(idefics3_kit, m) {
       "-> Tensor");
 }
 
+#ifndef IDEFICS3_KIT_NO_PYTHON
 // Importing idefics3_kit._C runs the static registrations above; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

@@ -8,7 +8,11 @@ environment variable ``IDEFICS3_KIT_FORCE_REFERENCE=1`` (or ``use_reference()``)
 reference ops.
 """
 
-from ._library import backend, extension_error, has_extension, use_reference
+from . import _library
+from ._library import backend, build_info, extension_error, has_extension, use_reference
 from .attention import attention, attention_ref
 
-__all__ = ["attention", "attention_ref", "backend", "extension_error", "has_extension", "use_reference"]
+_library.has_extension()  # load the extension now (quietly) so torch.ops.idefics3_kit.* exist
+
+__all__ = ["attention", "attention_ref", "backend", "build_info", "extension_error", "has_extension",
+           "use_reference"]

@@ -17,8 +17,16 @@ def _load() -> bool:
     if _state["loaded"] is not None:
         return _state["loaded"]
     try:
-        from .. import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+        import importlib
+        import importlib.util
 
+        if importlib.util.find_spec("idefics3_kit._C") is None:
+            raise ImportError("idefics3_kit._C is not built (pip install --no-build-isolation -e . , or "
+                              "python setup.py build_ext --inplace)")
+        importlib.import_module("idefics3_kit._C")  # runs the TORCH_LIBRARY registrations
+        from . import _fake
+
+        _fake.register()
         _state["loaded"] = True
     except Exception as exc:  # ImportError, OSError (ABI mismatch), ...
         _state["loaded"] = False
@@ -51,6 +59,17 @@ def use_compiled() -> bool:
         logger.warning("idefics3_kit: compiled extension not available (%s); using the reference "
                        "PyTorch ops", _state["error"])
     return ok
+
+
+def build_info() -> dict | None:
+    """What the extension was built from (written by setup.py), or None when it is absent."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "_build_info.json"
+    if not _load() or not path.exists():
+        return None
+    return json.loads(path.read_text())
 
 
 def backend() -> str:

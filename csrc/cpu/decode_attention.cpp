@@ -1,0 +1,136 @@
+// decode_attention on CPU: one new query per sequence against the KV cache.
+//
+// k/v are usually strided views [B, Hkv, L, D] of a preallocated [B, Hkv, Lmax, D] cache. The
+// work is split into (batch, key/value head, key range) items: each item reads every K and V
+// row of its range once for all Hq / Hkv query heads of the group, keeps an unnormalized partial
+// output with its running max and sum, and a log-sum-exp combine merges the ranges. Splitting
+// the context is what keeps both threads busy when B * Hkv is small.
+#include <atomic>
+
+#include "attention_common.h"
+
+namespace idefics3_kit {
+namespace {
+
+constexpr int64_t kMinSplit = 256;  // keys per item at least (amortizes the per-item setup)
+constexpr int64_t kMinBytesPerWorker = int64_t{1} << 20;
+
+int64_t split_length(int64_t b, int64_t hkv, int64_t l) {
+  const int64_t want_items = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t per_row = std::max<int64_t>(1, (want_items + b * hkv - 1) / (b * hkv));
+  return std::max(kMinSplit, (l + per_row - 1) / per_row);
+}
+
+void check_seqlens(const std::optional<at::Tensor>& seqlens, int64_t b, int64_t l) {
+  const char* op = "decode_attention";
+  if (!seqlens) return;
+  check_cpu(*seqlens, op, "cache_seqlens");
+  check_dtype(*seqlens, at::kInt, op, "cache_seqlens");
+  TORCH_CHECK(seqlens->dim() == 1 && seqlens->size(0) == b, op, ": cache_seqlens must be [B] = [", b, "], got ",
+              shape_str(*seqlens));
+  check_contiguous(*seqlens, op, "cache_seqlens");
+  const int32_t* s = seqlens->data_ptr<int32_t>();
+  for (int64_t i = 0; i < b; ++i)
+    TORCH_CHECK(s[i] >= 0 && s[i] <= l, op, ": cache_seqlens[", i, "] must be in [0, ", l, "], got ", s[i]);
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& key_mask,
+                                const std::optional<at::Tensor>& cache_seqlens, double scale) {
+  const char* op = "decode_attention";
+  check_qkv(op, q, k, v);
+  const int64_t b = q.size(0), hq = q.size(1), d = q.size(3), hkv = k.size(1), l = k.size(2);
+  TORCH_CHECK(q.size(2) == 1, op, ": q must hold one query per sequence ([B, H, 1, D]), got shape ", shape_str(q));
+  check_key_mask(op, key_mask, b, l);
+  check_seqlens(cache_seqlens, b, l);
+  const int64_t groups = hq / hkv;
+  at::Tensor out = attention_output(q);
+
+  // Valid keys of each row: j < len[b] and key_mask; a row with none is opened up to all keys.
+  std::vector<int64_t> len(b, l);
+  std::vector<const uint8_t*> mask(b, nullptr);
+  for (int64_t i = 0; i < b; ++i) {
+    if (cache_seqlens) len[i] = cache_seqlens->data_ptr<int32_t>()[i];
+    const uint8_t* m = key_mask ? reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>()) + i * l : nullptr;
+    bool any = false;
+    for (int64_t j = 0; j < len[i] && !any; ++j) any = !m || m[j];
+    if (any) {
+      mask[i] = m;
+    } else {
+      len[i] = l;
+    }
+  }
+
+  const int64_t split = split_length(b, hkv, l), nsplit = (l + split - 1) / split;
+  // Partial results [B, Hkv, nsplit, G, D] and their max / sum [B, Hkv, nsplit, G].
+  at::Tensor o_part = at::empty({b, hkv, nsplit, groups, d}, at::kFloat);
+  at::Tensor m_part = at::empty({b, hkv, nsplit, groups}, at::kFloat);
+  at::Tensor l_part = at::empty({b, hkv, nsplit, groups}, at::kFloat);
+  float* op_ = o_part.data_ptr<float>();
+  float* mp = m_part.data_ptr<float>();
+  float* lp = l_part.data_ptr<float>();
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  const int64_t esize = q.element_size();
+  const char* qb = static_cast<const char*>(q.data_ptr());
+  const char* kb = static_cast<const char*>(k.data_ptr());
+  const char* vb = static_cast<const char*>(v.data_ptr());
+
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  // Combine the splits of one (batch, key/value head) group into its G query heads' outputs.
+  auto combine = [&](int64_t group) {
+    const int64_t bi = group / hkv, hk = group % hkv, base = group * nsplit;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* o = op_ + base * groups * d + g * d;
+      const float* m = mp + base * groups + g;
+      const float* lsum = lp + base * groups + g;
+      const int64_t h = hk * groups + g;
+      if (bf16) {
+        auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>() + bi * os0 + h * os1);
+        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, dst);
+      } else {
+        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, out.data_ptr<float>() + bi * os0 + h * os1);
+      }
+    }
+  };
+  // Items are handed out dynamically (an atomic counter) rather than as fixed ranges: on a busy
+  // machine a descheduled thread then delays the op by one item, not by half of them. The thread
+  // that finishes the last split of a group combines it, so there is a single parallel region.
+  const int64_t items = b * hkv * nsplit;
+  std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int64_t>> done(b * hkv);
+  for (auto& c : done) c.store(0);
+  // Threads only for enough bytes: a parallel region costs microseconds on a quiet machine and
+  // a scheduler time slice (milliseconds) when other processes hold the cores, while one core
+  // streams ~1 MiB of KV in well under 100 us.
+  const int64_t kv_bytes = 2 * b * hkv * l * d * esize;
+  const int64_t max_workers = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t workers = std::clamp<int64_t>(kv_bytes / kMinBytesPerWorker, 1, max_workers);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> qf(groups * d), row(d), x(groups * split);
+    for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
+      const int64_t bi = it / (hkv * nsplit), hk = (it / nsplit) % hkv, s = it % nsplit;
+      const int64_t j0 = std::min(s * split, len[bi]), j1 = std::min((s + 1) * split, len[bi]);
+      attn::DecodeArgs a;
+      a.d = d;
+      a.groups = groups;
+      a.scale = static_cast<float>(scale);
+      a.q = qb + (bi * q.stride(0) + hk * groups * q.stride(1)) * esize;
+      a.q_stride = q.stride(1);
+      a.k = kb + (bi * k.stride(0) + hk * k.stride(1)) * esize;
+      a.v = vb + (bi * v.stride(0) + hk * v.stride(1)) * esize;
+      a.k_stride = k.stride(2);
+      a.v_stride = v.stride(2);
+      a.key_mask = mask[bi];
+      attn::decode_partial(a, bf16, j0, j1, op_ + it * groups * d, mp + it * groups, lp + it * groups, qf.data(),
+                           row.data(), x.data());
+      if (done[bi * hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == nsplit) combine(bi * hkv + hk);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
+
+}  // namespace idefics3_kit

@@ -1,0 +1,17 @@
+// prefill_attention on CPU: causal grouped-query attention, query i at key position
+// Lk - Lq + i, with an optional key padding mask (left padding).
+#include "attention_common.h"
+
+namespace idefics3_kit {
+namespace {
+
+at::Tensor prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& key_mask, double scale) {
+  return blocked_attention("prefill_attention", q, k, v, key_mask, scale, /*causal=*/true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) { m.impl("prefill_attention", &prefill_attention_cpu); }
+
+}  // namespace idefics3_kit

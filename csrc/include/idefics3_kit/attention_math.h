@@ -1,0 +1,470 @@
+// Torch-free building blocks of the CPU attention kernels: bf16 <-> fp32, a vectorizable exp,
+// softmax rows, and the single-query (decode) partial attention over a key range.
+//
+// Loops are written over fixed-width lane arrays so that the compiler vectorizes them for
+// each ISA clone (IK_MULTIVERSION: default / x86-64-v3 / x86-64-v4, picked at load time),
+// without -ffast-math: the reduction order is the one written here.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "pillow_resample.h"  // IK_MULTIVERSION, IK_ALWAYS_INLINE
+
+namespace idefics3_kit {
+namespace attn {
+
+constexpr int kLanes = 16;  // one AVX-512 register of floats
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+IK_ALWAYS_INLINE float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Round to nearest even, as torch's float -> bfloat16 cast (inputs here are finite).
+IK_ALWAYS_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+IK_ALWAYS_INLINE float load_f(const float* p, int64_t i) { return p[i]; }
+IK_ALWAYS_INLINE float load_f(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+IK_ALWAYS_INLINE void store_f(float* p, int64_t i, float v) { p[i] = v; }
+IK_ALWAYS_INLINE void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+// exp(x) for x <= 0 (softmax arguments), relative error ~1e-7; exactly 0 below -87 and for -inf.
+// 2^(x log2 e) = 2^n * 2^f with n = round(.), |f| <= 1/2, 2^f by a degree-7 Taylor series.
+IK_ALWAYS_INLINE float exp_neg(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float t = xc * 1.44269504088896341f;
+  const float n = std::nearbyint(t);
+  const float f = (t - n) * 0.693147180559945309f;  // e^f = 2^(t - n)
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, 4);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Softmax of one score row, written as probabilities (normalized) into p[0, n):
+//   x_j = s_j * scale + (bias ? bias_j : 0) for j < valid, -inf for valid <= j < n.
+// A row with no finite x_j cannot happen here (callers open fully masked rows up).
+template <typename in_t, typename out_t>
+IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float scale, const float* bias, float* x,
+                                       out_t* p) {
+  float mx[kLanes];
+  for (int l = 0; l < kLanes; ++l) mx[l] = kNegInf;
+  int j = 0;
+  for (; j + kLanes <= valid; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = load_f(s, j + l) * scale + (bias ? bias[j + l] : 0.0f);
+      x[j + l] = v;
+      mx[l] = v > mx[l] ? v : mx[l];
+    }
+  for (; j < valid; ++j) {
+    const float v = load_f(s, j) * scale + (bias ? bias[j] : 0.0f);
+    x[j] = v;
+    mx[0] = v > mx[0] ? v : mx[0];
+  }
+  float m = mx[0];
+  for (int l = 1; l < kLanes; ++l) m = mx[l] > m ? mx[l] : m;
+  float sum[kLanes] = {0.0f};
+  j = 0;
+  for (; j + kLanes <= valid; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_neg(x[j + l] - m);
+      x[j + l] = e;
+      sum[l] += e;
+    }
+  for (; j < valid; ++j) {
+    x[j] = exp_neg(x[j] - m);
+    sum[0] += x[j];
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  const float inv = 1.0f / total;
+  for (j = 0; j < valid; ++j) store_f(p, j, x[j] * inv);
+  for (; j < n; ++j) store_f(p, j, 0.0f);
+}
+
+IK_MULTIVERSION static void softmax_row_portable(const float* s, int n, int valid, float scale, const float* bias,
+                                                 float* x, float* p) {
+  softmax_row_impl(s, n, valid, scale, bias, x, p);
+}
+IK_MULTIVERSION static void softmax_row_portable(const uint16_t* s, int n, int valid, float scale,
+                                                 const float* bias, float* x, uint16_t* p) {
+  softmax_row_impl(s, n, valid, scale, bias, x, p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: G query heads that share one key/value head, one query each, against keys [j0, j1).
+
+struct DecodeArgs {
+  int64_t d = 0;       // head dim
+  int64_t groups = 0;  // query heads per key/value head
+  float scale = 1.0f;
+  const void* q = nullptr;  // G rows of d, q_stride apart
+  int64_t q_stride = 0;
+  const void* k = nullptr;  // key rows, k_stride apart
+  const void* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0;
+  const uint8_t* key_mask = nullptr;  // 1 = attend; nullptr = all
+};
+
+// Partial (unnormalized) result of keys [j0, j1): for each group g, o[g * d + i] =
+// sum_j exp(x_gj - m_g) v_j[i], with m_g = max_j x_gj and l_g = sum_j exp(x_gj - m_g);
+// m_g = -inf, l_g = 0, o = 0 when every key in the range is masked.
+// Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
+template <typename in_t>
+void decode_partial_portable(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                                          float* qf, float* row, float* x) {
+  const int64_t d = a.d, G = a.groups, n = j1 - j0;
+  const in_t* q = static_cast<const in_t*>(a.q);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = load_f(q + g * a.q_stride, i) * a.scale;
+  // Scores: each key row is loaded (and widened) once for all G query heads.
+  const in_t* k = static_cast<const in_t*>(a.k);
+  for (int64_t j = 0; j < n; ++j) {
+    const bool masked = a.key_mask && !a.key_mask[j0 + j];
+    if (masked) {
+      for (int64_t g = 0; g < G; ++g) x[g * n + j] = kNegInf;
+      continue;
+    }
+    const in_t* kr = k + (j0 + j) * a.k_stride;
+    for (int64_t i = 0; i < d; ++i) row[i] = load_f(kr, i);
+    for (int64_t g = 0; g < G; ++g) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const float* qg = qf + g * d;
+      for (int64_t i = 0; i < d; i += 8)  // d is a multiple of 8
+        for (int l2 = 0; l2 < 8; ++l2) acc[l2] += qg[i + l2] * row[i + l2];
+      x[g * n + j] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* xg = x + g * n;
+    float mg = kNegInf;
+    for (int64_t j = 0; j < n; ++j) mg = xg[j] > mg ? xg[j] : mg;
+    float lg = 0.0f;
+    if (mg != kNegInf)
+      for (int64_t j = 0; j < n; ++j) {
+        xg[j] = exp_neg(xg[j] - mg);
+        lg += xg[j];
+      }
+    m[g] = mg;
+    l[g] = lg;
+    std::fill(o + g * d, o + (g + 1) * d, 0.0f);
+  }
+  // Values: each value row is loaded once and accumulated into all G outputs.
+  const in_t* v = static_cast<const in_t*>(a.v);
+  for (int64_t j = 0; j < n; ++j) {
+    if (a.key_mask && !a.key_mask[j0 + j]) continue;
+    const in_t* vr = v + (j0 + j) * a.v_stride;
+    for (int64_t i = 0; i < d; ++i) row[i] = load_f(vr, i);
+    for (int64_t g = 0; g < G; ++g) {
+      const float pj = x[g * n + j];
+      float* og = o + g * d;
+      for (int64_t i = 0; i < d; ++i) og[i] += pj * row[i];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && !defined(IDEFICS3_KIT_NO_AVX512)
+#define IK_HAVE_AVX512_PATH 1
+}  // namespace attn
+}  // namespace idefics3_kit
+#include <immintrin.h>
+namespace idefics3_kit {
+namespace attn {
+// Hand-vectorized decode for AVX-512 CPUs (picked at run time; the portable loops above stay
+// as the fallback). The auto-vectorizer turned the per-key dot products into shuffles.
+#define IK_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+namespace avx512 {
+
+IK_AVX512_FN inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+IK_AVX512_FN inline __m512 load(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Same polynomial as exp_neg above, 16 lanes at a time.
+IK_AVX512_FN inline __m512 exp_neg(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~tiny), p, _mm512_castsi512_ps(e));
+}
+
+inline __mmask16 lane_mask(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Sums of 16 vectors: lane L of the tree's result holds the full sum of vector tree_perm()[L].
+IK_AVX512_FN inline __m512 hsum_tree(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // 512 -> 256 bits per vector, two vectors per register
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // -> 128 bits per vector
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // -> 64 bits
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));  // -> 32 bits
+}
+
+// Index vector that puts the tree's sums in natural order (found once by running the tree on
+// vectors whose sums are known, rather than by hand-deriving the shuffle algebra).
+IK_AVX512_FN inline __m512i tree_order() {
+  alignas(64) float sums[16];
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_set1_ps(static_cast<float>(i));
+  _mm512_store_ps(sums, hsum_tree(v));
+  alignas(64) int32_t idx[16];
+  for (int lane = 0; lane < 16; ++lane) idx[static_cast<int>(sums[lane]) / 16] = lane;
+  return _mm512_load_si512(idx);
+}
+
+// 16 dot products -> one vector, lane i = sum of v[i].
+IK_AVX512_FN inline __m512 hsum16(const __m512* v) {
+  static const __m512i order = tree_order();
+  return _mm512_permutexvar_ps(order, hsum_tree(v));
+}
+
+// GC (<= 4) query heads (g0 .. g0 + GC - 1 of the group) over keys [j0, j1); qf holds all G
+// scaled query rows; x is [GC][n] scratch; o/m/l as decode_partial. Keys go 4 at a time:
+// 4 x GC dot products accumulate in registers and are reduced together (hsum16).
+template <typename in_t, int GC>
+IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                               const float* qf, float* x) {
+  static_assert(GC >= 1 && GC <= 4, "4 keys x 4 heads fill the 16 accumulators");
+  const int64_t d = a.d, n = j1 - j0;
+  const in_t* k = static_cast<const in_t*>(a.k);
+  const in_t* v = static_cast<const in_t*>(a.v);
+  const uint8_t* km = a.key_mask ? a.key_mask + j0 : nullptr;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const in_t* kr = k + (j0 + j) * a.k_stride;
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      __m512 kv[4];
+      for (int r = 0; r < 4; ++r) kv[r] = load(kr + r * a.k_stride + i, mk);
+      for (int g = 0; g < GC; ++g) {
+        const __m512 qv = _mm512_maskz_loadu_ps(mk, qf + (g0 + g) * d + i);
+        for (int r = 0; r < 4; ++r) acc[g * 4 + r] = _mm512_fmadd_ps(kv[r], qv, acc[g * 4 + r]);
+      }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, hsum16(acc));
+    for (int g = 0; g < GC; ++g)
+      for (int r = 0; r < 4; ++r) x[g * n + j + r] = (km && !km[j + r]) ? kNegInf : sums[g * 4 + r];
+  }
+  for (; j < n; ++j) {  // the last n % 4 keys one by one
+    const in_t* kr = k + (j0 + j) * a.k_stride;
+    __m512 acc[GC];
+    for (int g = 0; g < GC; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      const __m512 kv = load(kr + i, mk);
+      for (int g = 0; g < GC; ++g) acc[g] = _mm512_fmadd_ps(kv, _mm512_maskz_loadu_ps(mk, qf + (g0 + g) * d + i), acc[g]);
+    }
+    for (int g = 0; g < GC; ++g) x[g * n + j] = (km && !km[j]) ? kNegInf : _mm512_reduce_add_ps(acc[g]);
+  }
+  for (int g = 0; g < GC; ++g) {
+    float* xg = x + g * n;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - jj), xg + jj));
+    const float mg = _mm512_reduce_max_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
+    for (int64_t jj = 0; jj < n; jj += 16) {
+      const __mmask16 mk = lane_mask(n - jj);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + jj), mv)));
+      _mm512_mask_storeu_ps(xg + jj, mk, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    m[g0 + g] = mg;
+    l[g0 + g] = _mm512_reduce_add_ps(sum);
+    std::fill(o + (g0 + g) * d, o + (g0 + g + 1) * d, 0.0f);
+  }
+  // Values, 4 rows at a time: each output chunk is loaded and stored once per 4 rows. Masked
+  // rows have weight exactly 0 (their values are finite cache contents).
+  j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const in_t* vr = v + (j0 + j) * a.v_stride;
+    __m512 p[GC][4];
+    for (int g = 0; g < GC; ++g)
+      for (int r = 0; r < 4; ++r) p[g][r] = _mm512_set1_ps(x[g * n + j + r]);
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      __m512 vv[4];
+      for (int r = 0; r < 4; ++r) vv[r] = load(vr + r * a.v_stride + i, mk);
+      for (int g = 0; g < GC; ++g) {
+        float* og = o + (g0 + g) * d + i;
+        __m512 acc = _mm512_maskz_loadu_ps(mk, og);
+        for (int r = 0; r < 4; ++r) acc = _mm512_fmadd_ps(p[g][r], vv[r], acc);
+        _mm512_mask_storeu_ps(og, mk, acc);
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    const in_t* vr = v + (j0 + j) * a.v_stride;
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = lane_mask(d - i);
+      const __m512 vv = load(vr + i, mk);
+      for (int g = 0; g < GC; ++g) {
+        float* og = o + (g0 + g) * d + i;
+        _mm512_mask_storeu_ps(og, mk, _mm512_fmadd_ps(_mm512_set1_ps(x[g * n + j]), vv, _mm512_maskz_loadu_ps(mk, og)));
+      }
+    }
+  }
+}
+
+template <typename in_t>
+IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l, float* qf,
+                                 float* x) {
+  const int64_t d = a.d, G = a.groups;
+  const in_t* q = static_cast<const in_t*>(a.q);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = load_f(q + g * a.q_stride, i) * a.scale;
+  // Up to 4 query heads per sweep over the keys (accumulators stay in registers).
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: decode_heads<in_t, 4>(a, g0, j0, j1, o, m, l, qf, x); break;
+      case 3: decode_heads<in_t, 3>(a, g0, j0, j1, o, m, l, qf, x); break;
+      case 2: decode_heads<in_t, 2>(a, g0, j0, j1, o, m, l, qf, x); break;
+      default: decode_heads<in_t, 1>(a, g0, j0, j1, o, m, l, qf, x); break;
+    }
+  }
+}
+
+
+IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m) {
+  __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as float_to_bf16
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+// softmax_row_impl with explicit vectors.
+// s * scale + bias for 16 lanes (recomputed in each pass rather than stored).
+template <typename in_t>
+IK_AVX512_FN inline __m512 logits(const in_t* s, const float* bias, __m512 sc, int j, __mmask16 mk) {
+  const __m512 v = _mm512_mul_ps(load(s + j, mk), sc);
+  return bias ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + j)) : v;
+}
+
+template <typename in_t, typename out_t>
+IK_AVX512_FN void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int j = 0; j < valid; j += 16) {
+    const __mmask16 mk = lane_mask(valid - j);
+    mx = _mm512_mask_max_ps(mx, mk, mx, logits(s, bias, sc, j, mk));
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < valid; j += 16) {
+    const __mmask16 mk = lane_mask(valid - j);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(logits(s, bias, sc, j, mk), m)));
+    _mm512_mask_storeu_ps(x + j, mk, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  int j = 0;
+  for (; j < valid; j += 16) {
+    const __mmask16 mk = lane_mask(valid - j);
+    store(p + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + j), inv), mk);
+  }
+  for (j = valid; j < n; j += 16) store(p + j, _mm512_setzero_ps(), lane_mask(n - j));
+}
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("fma");
+  return ok;
+}
+
+}  // namespace avx512
+#endif
+
+// Dispatch: the AVX-512 path when the CPU has it, the portable loops otherwise.
+template <typename in_t, typename out_t>
+inline void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
+#ifdef IK_HAVE_AVX512_PATH
+  if (avx512::available()) return avx512::softmax_row<in_t, out_t>(s, n, valid, scale, bias, x, p);
+#endif
+  softmax_row_portable(s, n, valid, scale, bias, x, p);
+}
+
+// Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
+inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                           float* qf, float* row, float* x) {
+#ifdef IK_HAVE_AVX512_PATH
+  if (avx512::available()) {
+    if (bf16)
+      avx512::decode_partial<uint16_t>(a, j0, j1, o, m, l, qf, x);
+    else
+      avx512::decode_partial<float>(a, j0, j1, o, m, l, qf, x);
+    return;
+  }
+#endif
+  if (bf16)
+    decode_partial_portable<uint16_t>(a, j0, j1, o, m, l, qf, row, x);
+  else
+    decode_partial_portable<float>(a, j0, j1, o, m, l, qf, row, x);
+}
+
+// Combine S partial results of one query head (log-sum-exp): out = sum_s e^(m_s - M) o_s /
+// sum_s e^(m_s - M) l_s. At least one split must have a finite m_s.
+template <typename out_t>
+inline void decode_combine(int64_t d, int64_t splits, const float* o, int64_t o_split_stride, const float* m,
+                           const float* l, int64_t ml_stride, out_t* out) {
+  float mx = kNegInf;
+  for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, m[s * ml_stride]);
+  float denom = 0.0f;
+  float acc[512];  // d <= 512 (checked by the op)
+  std::fill(acc, acc + d, 0.0f);
+  for (int64_t s = 0; s < splits; ++s) {
+    const float ms = m[s * ml_stride];
+    if (ms == kNegInf) continue;
+    const float w = std::exp(ms - mx);
+    denom += w * l[s * ml_stride];
+    const float* os = o + s * o_split_stride;
+    for (int64_t i = 0; i < d; ++i) acc[i] += w * os[i];
+  }
+  const float inv = 1.0f / denom;
+  for (int64_t i = 0; i < d; ++i) store_f(out, i, acc[i] * inv);
+}
+
+}  // namespace attn
+}  // namespace idefics3_kit

@@ -1,0 +1,221 @@
+"""Attention ops: compiled CPU kernels against the reference, with PyTorch-derived tolerances."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from idefics3_kit import ops
+from idefics3_kit.ops import attention_compiled
+from idefics3_kit.ops.attention import attention_ref, attention_sdpa
+
+needs_ext = pytest.mark.skipif(not ops.has_extension(),
+                               reason=f"compiled extension not built ({ops.extension_error()})")
+
+
+def _inputs(b, hq, hkv, lq, lk, d, mask_kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    kpm = None
+    if mask_kind == "random":
+        kpm = torch.rand(b, lk, generator=g) > 0.4
+        kpm[0] = False  # a fully masked row: opened up by the reference
+    elif mask_kind == "left_pad":
+        kpm = torch.ones(b, lk, dtype=torch.bool)
+        kpm[-1, : lk // 2] = False
+    return q, k, v, kpm
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _check_close(q, k, v, kpm, causal, dtype, run):
+    """err(ours vs fp32 reference) <= 2 * err(reference in dtype vs fp32 reference) + eps."""
+    ref32 = attention_ref(q, k, v, causal=causal, key_padding_mask=kpm)
+    ql, kl, vl = q.to(dtype), k.to(dtype), v.to(dtype)
+    ours = run(ql, kl, vl)
+    assert ours.shape == ref32.shape and ours.dtype == dtype
+    assert torch.isfinite(ours.float()).all()
+    if dtype == torch.float32:
+        assert _max_err(ours, ref32) <= 1e-5
+    else:
+        ref_low = attention_ref(ql, kl, vl, causal=causal, key_padding_mask=kpm)
+        assert _max_err(ours, ref32) <= 2 * _max_err(ref_low, ref32) + 2e-3
+
+
+# ---- reference semantics (always run) ---------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_and_sdpa_agree_with_masks(causal):
+    q, k, v, kpm = _inputs(2, 4, 2, 5, 9, 16, "random", 0)
+    ref = attention_ref(q, k, v, causal=causal, key_padding_mask=kpm)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(attention_sdpa(q, k, v, causal=causal, key_padding_mask=kpm), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_ops_attention_runs_on_either_backend():
+    q, k, v, kpm = _inputs(1, 2, 1, 3, 3, 8, "left_pad", 1)
+    out = ops.attention(q, k, v, causal=True, key_padding_mask=kpm)
+    torch.testing.assert_close(out, attention_ref(q, k, v, causal=True, key_padding_mask=kpm), atol=1e-5, rtol=1e-5)
+
+
+def test_force_reference_env():
+    code = "import idefics3_kit.ops as o; print(o.backend())"
+    env = dict(os.environ, IDEFICS3_KIT_FORCE_REFERENCE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_backend_reports_extension():
+    assert ops.backend() == ("compiled" if ops.has_extension() else "reference")
+    with ops.use_reference():
+        assert ops.backend() == "reference"
+    assert (ops.build_info() is not None) == (ops.has_extension() and ops.build_info() is not None)
+
+
+# ---- compiled vs reference --------------------------------------------------------------------
+
+head_dims = st.sampled_from([8, 16, 64, 72])
+dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+masks = st.sampled_from([None, "random", "left_pad"])
+
+
+@needs_ext
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 4), lq=st.integers(1, 140),
+       extra=st.integers(0, 70), d=head_dims, dtype=dtypes, mask=masks, causal=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_vision_and_prefill_match_reference(b, hkv, groups, lq, extra, d, dtype, mask, causal, seed):
+    lk = lq + extra if causal else max(1, extra + lq // 2)
+    q, k, v, kpm = _inputs(b, hkv * groups, hkv, lq, lk, d, mask, seed)
+    op = torch.ops.idefics3_kit.prefill_attention if causal else torch.ops.idefics3_kit.vision_attention
+    _check_close(q, k, v, kpm, causal, dtype, lambda ql, kl, vl: op(ql, kl, vl, kpm, 1 / math.sqrt(d)))
+
+
+@needs_ext
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 6), lk=st.integers(1, 700),
+       d=head_dims, dtype=dtypes, mask=masks, seed=st.integers(0, 1000))
+def test_decode_matches_reference_on_cache_views(b, hkv, groups, lk, d, dtype, mask, seed):
+    q, k, v, kpm = _inputs(b, hkv * groups, hkv, 1, lk, d, mask, seed)
+
+    def run(ql, kl, vl):
+        # k/v as strided views of a larger preallocated cache, like KVCache.update returns.
+        kc = torch.zeros(b, hkv, lk + 13, d, dtype=ql.dtype)
+        vc = torch.zeros_like(kc)
+        kc[:, :, :lk], vc[:, :, :lk] = kl, vl
+        kv, vv = kc[:, :, :lk], vc[:, :, :lk]
+        assert kv.stride(1) == (lk + 13) * d  # heads are Lmax rows apart, not Lk
+        return torch.ops.idefics3_kit.decode_attention(ql, kv, vv, kpm, None, 1 / math.sqrt(d))
+
+    _check_close(q, k, v, kpm, True, dtype, run)
+
+
+@needs_ext
+def test_decode_cache_seqlens_bounds_keys():
+    q, k, v, _ = _inputs(2, 4, 2, 1, 50, 64, None, 3)
+    lens = torch.tensor([20, 50], dtype=torch.int32)
+    out = torch.ops.idefics3_kit.decode_attention(q, k, v, None, lens, 0.125)
+    kpm = torch.arange(50)[None] < lens[:, None]
+    torch.testing.assert_close(out, attention_ref(q, k, v, causal=True, key_padding_mask=kpm, scale=0.125),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("causal,lq", [(False, 33), (True, 20), (True, 1)])
+def test_dispatch_routes_model_layouts(causal, lq, monkeypatch):
+    monkeypatch.setattr(attention_compiled, "PREFER_TORCH_NONCAUSAL", False)
+    # The components pass [B, L, H, D] projections viewed as [B, H, L, D] (non-contiguous).
+    b, h, d = 2, 4, 64
+    x = torch.randn(b, lq if not causal else 40, h, d).transpose(1, 2)
+    q = torch.randn(b, lq, h, d).transpose(1, 2)
+    kpm = torch.ones(b, x.shape[2], dtype=torch.bool)
+    kpm[1, :3] = False
+    out = attention_compiled.dispatch(q, x, x, causal=causal, key_padding_mask=kpm, scale=None)
+    assert out is not None
+    torch.testing.assert_close(out, attention_ref(q, x, x, causal=causal, key_padding_mask=kpm), atol=1e-5,
+                               rtol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()  # the caller's reshape is free
+
+
+@needs_ext
+def test_dispatch_policy_sends_vision_to_torch():
+    q = torch.randn(1, 2, 5, 16)
+    expect_torch = attention_compiled.PREFER_TORCH_NONCAUSAL
+    assert (attention_compiled.dispatch(q, q, q, causal=False, key_padding_mask=None, scale=None) is None) == expect_torch
+    assert attention_compiled.dispatch(q, q, q, causal=True, key_padding_mask=None, scale=None) is not None
+
+
+@needs_ext
+def test_dispatch_falls_back_for_unsupported():
+    q = torch.randn(1, 2, 3, 12)  # head dim not a multiple of 8
+    assert attention_compiled.dispatch(q, q, q, causal=False, key_padding_mask=None, scale=None) is None
+    q16 = torch.randn(1, 2, 3, 16).half()
+    assert attention_compiled.dispatch(q16, q16, q16, causal=False, key_padding_mask=None, scale=None) is None
+    torch.testing.assert_close(ops.attention(q16, q16, q16), attention_ref(q16, q16, q16), atol=2e-3, rtol=2e-3)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_attention_ops(dtype):
+    q, k, v, kpm = _inputs(2, 4, 2, 5, 7, 16, "left_pad", 4)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ns = torch.ops.idefics3_kit
+    torch.library.opcheck(ns.vision_attention.default, (q, k, v, kpm, 0.25))
+    torch.library.opcheck(ns.prefill_attention.default, (q, k, v, kpm, 0.25))
+    torch.library.opcheck(ns.decode_attention.default, (q[:, :, :1], k, v, kpm, None, 0.25))
+    torch.library.opcheck(ns.decode_attention.default,
+                          (q[:, :, :1], k, v, None, torch.tensor([3, 7], dtype=torch.int32), 0.25))
+
+
+# ---- argument checks: clear errors, never a crash -------------------------------------------
+
+@needs_ext
+def test_attention_bad_arguments():
+    ns = torch.ops.idefics3_kit
+    q = torch.randn(1, 4, 3, 16)
+    k = torch.randn(1, 2, 5, 16)
+    cases = [
+        (lambda: ns.vision_attention(q.half(), k.half(), k.half(), None, 1.0), "q must be float32 or bfloat16"),
+        (lambda: ns.vision_attention(q, k.bfloat16(), k, None, 1.0), "k must have q's dtype"),
+        (lambda: ns.vision_attention(q[0], k, k, None, 1.0), "q must be 4-D"),
+        (lambda: ns.vision_attention(q, k.transpose(2, 3), k.transpose(2, 3), None, 1.0), "stride"),
+        (lambda: ns.vision_attention(q[..., :12], k[..., :12], k[..., :12], None, 1.0), "multiple of 8"),
+        (lambda: ns.vision_attention(torch.randn(1, 3, 3, 16), k, k, None, 1.0), "multiple of key/value heads"),
+        (lambda: ns.vision_attention(q, k, torch.randn(1, 2, 6, 16), None, 1.0), "same shape"),
+        (lambda: ns.vision_attention(q, k, k, torch.ones(1, 4, dtype=torch.bool), 1.0), "key_mask must be"),
+        (lambda: ns.vision_attention(q, k, k, torch.ones(1, 5), 1.0), "key_mask must be Bool"),
+        (lambda: ns.prefill_attention(torch.randn(1, 4, 6, 16), k, k, None, 1.0), "Lq <= Lk"),
+        (lambda: ns.decode_attention(q, k, k, None, None, 1.0), "one query per sequence"),
+        (lambda: ns.decode_attention(q[:, :, :1], k, k, None, torch.tensor([9], dtype=torch.int32), 1.0),
+         r"cache_seqlens\[0\] must be in"),
+        (lambda: ns.decode_attention(q[:, :, :1], k, k, None, torch.tensor([2]), 1.0), "cache_seqlens must be Int"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_under_inference_mode(dtype):
+    # Inference tensors: the kernels' worker threads must run under the caller's inference mode.
+    torch.set_num_threads(2)
+    with torch.inference_mode():
+        q, k, v, kpm = _inputs(2, 4, 2, 70, 90, 64, "left_pad", 5)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        ns = torch.ops.idefics3_kit
+        for out in (ns.prefill_attention(q, k, v, kpm, 0.125), ns.vision_attention(q, k, v, kpm, 0.125),
+                    ns.decode_attention(q[:, :, :1], k, v, kpm, None, 0.125)):
+            assert torch.isfinite(out.float()).all()
