@@ -183,7 +183,7 @@ class Processor:
                  padding: bool | str = True, padding_side: str | None = None, truncation: bool = False,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None,
                  add_special_tokens: bool = True, pixel_dtype: torch.dtype = torch.float32,
-                 image_seq_len: int | None = None, **image_overrides) -> BatchFeature:
+                 image_seq_len: int | None = None, device=None, **image_overrides) -> BatchFeature:
         """Tokenize prompts and split images into one batch (see the module docstring).
 
         ``images``: one image, a flat list (shared out over the prompts by their ``<image>``
@@ -191,6 +191,8 @@ class Processor:
         fields, or the transformers spellings ``size={"longest_edge": n}``,
         ``max_image_size={"longest_edge": n}``, ``do_image_splitting``, ``image_mean``, ``image_std``.
         Every image is converted and checked before any pixel work, so an error leaves nothing half-done.
+        ``device="cuda"`` preprocesses the images on the GPU with the CUDA kernel when it is built
+        (bit-equal to the CPU op) and returns every tensor on that device.
         ``image_seq_len`` is accepted only when it equals the processor's (transformers silently
         ignores a different one; the model needs the checkpoint's value).
         """
@@ -216,10 +218,10 @@ class Processor:
                                          padding_side or self.padding_side, truncation, max_length,
                                          pad_to_multiple_of, add_special_tokens))
         if prepared is not None:
-            split = self.splitter.fill(prepared, pixel_dtype)
+            split = self.splitter.fill(prepared, pixel_dtype, device=device)
             result["pixel_values"] = split.pixel_values
             result["pixel_attention_mask"] = split.pixel_attention_mask
-        return result
+        return result.to(device) if device is not None else result
 
     def _layout_images(self, images, prompts: list[str] | None) -> list[list[Any]] | None:
         """One list of images per prompt (the reference's nesting rules, §1.2 and §2.2)."""

@@ -148,6 +148,10 @@ STUB = textwrap.dedent('''
 ''')
 
 
+# The real Processor when it is in the tree; the stand-in above only for a tree without it.
+PROCESSOR_BOOTSTRAP = None if HAS_PROCESSOR else STUB
+
+
 # ---- help, components, errors --------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["generate", "chat", "inspect", "components"])
@@ -198,14 +202,14 @@ def test_inspect(checkpoint):
     assert "context: 2,048 tokens" in out and "image tokens" in out and "token budget" in out
 
 
-# ---- generate / chat with the stand-in processor -------------------------------------------
+# ---- generate / chat through the processor -------------------------------------------
 
-def test_generate_with_stub_processor(checkpoint):
+def test_generate_through_the_processor(checkpoint):
     args = ["generate", "--model", str(checkpoint), "--image", str(checkpoint / "photo.png"),
             "--prompt", "What is in this image?", "--max-new-tokens", "12"]
-    r = run_cli(*args, bootstrap=STUB)
+    r = run_cli(*args, bootstrap=PROCESSOR_BOOTSTRAP)
     assert r.returncode == 0, r.stderr
-    s = run_cli(*args, "--stream", "--no-progress", bootstrap=STUB)
+    s = run_cli(*args, "--stream", "--no-progress", bootstrap=PROCESSOR_BOOTSTRAP)
     assert s.returncode == 0, s.stderr
     assert s.stdout == r.stdout  # streaming prints the same answer as the one-shot decode
     assert "generating" in r.stderr or "loading" in r.stderr  # progress bars on stderr
@@ -214,15 +218,15 @@ def test_generate_with_stub_processor(checkpoint):
 def test_generate_sampling_is_reproducible_with_seed(checkpoint):
     args = ["generate", "--model", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "10", "--sample",
             "--temperature", "0.9", "--top-p", "0.9", "--seed", "3", "--no-progress", "--dtype", "bf16"]
-    a, b = run_cli(*args, bootstrap=STUB), run_cli(*args, bootstrap=STUB)
+    a, b = run_cli(*args, bootstrap=PROCESSOR_BOOTSTRAP), run_cli(*args, bootstrap=PROCESSOR_BOOTSTRAP)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout
 
 
-def test_chat_multi_turn_with_stub_processor(checkpoint):
+def test_chat_multi_turn_through_the_processor(checkpoint):
     script = f"/image {checkpoint / 'photo.png'}\nWhat is this?\n/image /missing.png\nAnd now?\n/reset\nhi\n/quit\n"
     r = run_cli("chat", "--model", str(checkpoint), "--max-new-tokens", "6", "--no-progress",
-                stdin=script, bootstrap=STUB)
+                stdin=script, bootstrap=PROCESSOR_BOOTSTRAP)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 3
     assert "image not found: /missing.png" in r.stderr and "conversation cleared" in r.stderr

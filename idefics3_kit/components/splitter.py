@@ -465,13 +465,21 @@ class Idefics3Splitter:
         plans = [[plan_tiles(img.shape[0], img.shape[1], cfg) for img in sample] for sample in rgb]
         return PreparedBatch(rgb, plans, cfg)
 
-    def fill(self, batch: PreparedBatch, dtype: torch.dtype = torch.float32) -> SplitResult:
-        """Allocate the padded batch and let the preprocess op fill it."""
+    def fill(self, batch: PreparedBatch, dtype: torch.dtype = torch.float32, device=None) -> SplitResult:
+        """Allocate the padded batch and let the preprocess op fill it.
+
+        With a CUDA ``device`` and the CUDA kernel built, the batch is allocated on the GPU and
+        filled there from the host images (bit-equal to the CPU op); otherwise it is filled on
+        the CPU and moved.
+        """
         rgb, plans, cfg = batch.rgb, batch.plans, batch.config
         s = cfg.tile_size
         max_tiles = max((sum(p.tiles for p in sample) for sample in plans), default=0)
-        pixel_values = torch.zeros(len(rgb), max_tiles, 3, s, s, dtype=dtype)  # padding tiles stay all-zero
-        pixel_mask = torch.zeros(len(rgb), max_tiles, s, s, dtype=torch.int64)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        on_gpu = target.type == "cuda" and _cuda_kernel_available()
+        alloc = target if on_gpu else torch.device("cpu")
+        pixel_values = torch.zeros(len(rgb), max_tiles, 3, s, s, dtype=dtype, device=alloc)  # padding tiles stay 0
+        pixel_mask = torch.zeros(len(rgb), max_tiles, s, s, dtype=torch.int64, device=alloc)
         flat_images, geometry = [], []
         for sample_index, (sample_rgb, sample_plans) in enumerate(zip(rgb, plans)):
             first_tile = 0
@@ -482,4 +490,12 @@ class Idefics3Splitter:
         if flat_images:
             preprocess_op.preprocess_into(flat_images, pixel_values, pixel_mask, geometry,
                                           cfg.image_mean, cfg.image_std, cfg.rescale_factor)
+        if alloc != target:
+            pixel_values, pixel_mask = pixel_values.to(target), pixel_mask.to(target)
         return SplitResult(pixel_values, pixel_mask, plans)
+
+
+def _cuda_kernel_available() -> bool:
+    from ..ops import _library, cuda_dispatch
+
+    return _library.use_compiled() and cuda_dispatch.has_cuda_kernel("preprocess_into")

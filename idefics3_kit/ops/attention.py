@@ -97,14 +97,38 @@ def attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
     return out if empty is None else out.masked_fill(empty, 0)
 
 
+def zero_empty_rows(out: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Set to 0 the query rows that may attend to nothing (the reference semantics).
+
+    Compiled kernels keep such rows finite by opening them up; this makes their output equal
+    to the reference without a host synchronisation: with a causal mask, query i (key
+    position Lk - Lq + i) is empty iff no unmasked key lies at or before it.
+    """
+    if key_padding_mask is None:
+        return out  # every query has at least key 0 (causal) or every key (non-causal)
+    lq, lk = out.shape[2], key_padding_mask.shape[1]
+    kpm = key_padding_mask.to(device=out.device, dtype=torch.bool)
+    if causal:
+        seen = kpm.cumsum(dim=-1)[:, lk - lq:] > 0  # [B, Lq]
+    else:
+        seen = kpm.any(dim=-1, keepdim=True).expand(-1, lq)  # [B, Lq]
+    return out * seen[:, None, :, None].to(out.dtype)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Attention used by every component; the compiled kernels plug in here."""
     if _library.use_compiled():
-        from . import attention_compiled
+        out = None
+        if q.is_cuda:
+            from . import cuda_dispatch
 
-        out = attention_compiled.dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                          scale=scale)
+            out = cuda_dispatch.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        else:
+            from . import attention_compiled
+
+            out = attention_compiled.dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                              scale=scale)
         if out is not None:
-            return out
+            return zero_empty_rows(out, causal, key_padding_mask)
     return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
