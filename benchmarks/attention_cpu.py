@@ -75,7 +75,10 @@ def prefill_case(dtype, b, hq, hkv, length, d, masked=False):
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    # 2 threads (the CI machine's size) unless --threads N: on a machine shared with other work, a
+    # 1-thread run shows the per-core speed without waits for a descheduled second thread.
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
+    torch.set_num_threads(threads)
     print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)   "
           f"cpu: {torch.backends.cpu.get_cpu_capability()}")
     for d in (64, 128):

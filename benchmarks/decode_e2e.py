@@ -1,6 +1,6 @@
 """End-to-end decode tokens/s of the SmolVLM-256M decoder: compiled ops vs reference ops.
 
-    python benchmarks/decode_e2e.py [--dtype bfloat16|float32] [--context 1024] [--tokens 24]
+    python benchmarks/decode_e2e.py [--dtype bfloat16|float32] [--context 1024] [--tokens 24] [--threads 2]
 
 Random weights (VLMConfig.preset("smolvlm-256m")), batch 1: a prefill of --context tokens into
 a preallocated KV cache, then single-token decoder forwards (greedy ids fed back). The two
@@ -41,8 +41,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     model = ik.VLM(ik.VLMConfig.preset("smolvlm-256m")).to(dtype).eval()

@@ -3,7 +3,7 @@
     python benchmarks/preprocess.py
 
 Both legs start from the same PIL image and end with pixel_values (float32) + the pixel mask;
-the outputs are checked bit-equal first. 2 threads, legs interleaved, medians.
+the outputs are checked bit-equal first. 2 threads (--threads N to change), legs interleaved, medians.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def ours(img: Image.Image):
 def main() -> None:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    torch.set_num_threads(2)
+    # 2 threads (the CI machine's size) unless --threads N: on a machine shared with other work, a
+    # 1-thread run shows the per-core speed without waits for a descheduled second thread.
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
+    torch.set_num_threads(threads)
     print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)")
     hf = Idefics3ImageProcessorPil(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE})
     for w, h in [(1600, 900), (640, 480)]:

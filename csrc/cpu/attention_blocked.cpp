@@ -51,6 +51,10 @@ at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tens
   const float fscale = static_cast<float>(scale);
   // Causal blocks differ in cost (late blocks read more keys): hand out the expensive ones first.
   auto block_of = [&](int64_t t) { return causal ? nqb - 1 - t : t; };
+  // Threads only for enough arithmetic (~4 MFLOP each): a parallel region costs a scheduler
+  // time slice when other processes hold the cores.
+  const int64_t flops = 4 * b * hq * lq * lk * q.size(3) / (causal ? 2 : 1);
+  const int64_t max_workers = std::max<int64_t>(1, flops / (int64_t{4} << 20));
   parallel_items<std::vector<float>>(b * hq * nqb, [&](std::vector<float>& x, int64_t it) {
     {
       const int64_t bi = it / (hq * nqb), h = (it / nqb) % hq, qb = block_of(it % nqb);
@@ -72,7 +76,7 @@ at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tens
       at::Tensor o = out.select(0, bi).select(0, h).narrow(0, i0, n);  // [n, D] rows H*D apart
       at::mm_out(o, p, vb);
     }
-  });
+  }, max_workers);
   return out;
 }
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <atomic>
 #include <string>
 
@@ -39,10 +40,10 @@ inline void check_contiguous(const at::Tensor& t, const char* op, const char* na
 // OpenMP threads do not inherit it, and ATen ops on inference tensors (torch.inference_mode)
 // would otherwise fail in them.
 template <typename State, typename Body>
-void parallel_items(int64_t items, Body&& body) {
+void parallel_items(int64_t items, Body&& body, int64_t max_workers = INT64_MAX) {
   if (items <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), items, max_workers}));
   const at::ThreadLocalState caller;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard tls(caller);
