@@ -81,10 +81,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         k = k.repeat_interleave(groups, dim=1)  # [B, Hq, Lk, D]
         v = v.repeat_interleave(groups, dim=1)
     mask, empty = _open_empty_rows(build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device))
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hq, Lq, Lk], as transformers' eager
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
     return out if empty is None else out.masked_fill(empty, 0)
 
 
@@ -117,8 +117,13 @@ def zero_empty_rows(out: torch.Tensor, causal: bool, key_padding_mask: torch.Ten
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Attention used by every component; the compiled kernels plug in here."""
-    if _library.use_compiled():
+    """Attention used by every component; the compiled kernels plug in here.
+
+    The compiled kernels are inference kernels (no backward): when gradients are needed the
+    reference path runs.
+    """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not needs_grad and _library.use_compiled():
         out = None
         if q.is_cuda:
             from . import cuda_dispatch
