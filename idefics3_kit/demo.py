@@ -100,9 +100,12 @@ def run(model_dir: str | None = None, preset: str | None = None, seed: int | Non
 
     if preset is not None:
         return run_random(preset, seed or 0)
+    if model_dir is None and not os.path.exists(os.path.join(shipped_model_dir(), "config.json")):
+        print("(no trained demo model is shipped in this build yet: showing the tiny preset with random weights)")
+        return run_random("tiny", seed or 0)
     model_dir = model_dir or shipped_model_dir()
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"no trained model at {model_dir}; run with --preset tiny for random weights")
+        raise FileNotFoundError(f"no checkpoint (config.json) in {model_dir}")
     model = VLM.from_pretrained(model_dir).eval()
     processor = Processor.from_pretrained(model_dir)
     print(component_tree(model))

