@@ -345,45 +345,20 @@ def add_inspect_parser(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def _image_grid(height: int, width: int, longest_edge: int, tile: int) -> tuple[int, int]:
-    """(rows, cols) of the Idefics3 image splitting (reference §1.3-1.5)."""
-    import math
-
-    ar = width / height
-    if width >= height:
-        w, h = longest_edge, int(longest_edge / ar)
-        h += h % 2
-    else:
-        h, w = longest_edge, int(longest_edge * ar)
-        w += w % 2
-    h, w = max(h, 1), max(w, 1)
-    ar = w / h
-    if w >= h:
-        w = math.ceil(w / tile) * tile
-        h = math.ceil(int(w / ar) / tile) * tile
-    else:
-        h = math.ceil(h / tile) * tile
-        w = math.ceil(int(h * ar) / tile) * tile
-    if h > tile or w > tile:
-        return h // tile, w // tile
-    return 0, 0
-
-
-def _preprocessor_sizes(path: str, tile_default: int) -> tuple[int, int]:
-    import json
+def _splitter_config(path: str, tile_default: int):
+    """The checkpoint's image settings (the splitter's own reader), or 4 tiles x the vision tile."""
     import os
 
-    file = os.path.join(path, "preprocessor_config.json")
-    longest, tile = 4 * tile_default, tile_default
-    if os.path.exists(file):
-        try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-            longest = int(data.get("size", {}).get("longest_edge", longest))
-            tile = int(data.get("max_image_size", {}).get("longest_edge", tile))
-        except (ValueError, TypeError, AttributeError, OSError):
-            pass
-    return longest, tile
+    from .components.splitter import SplitterConfig
+    from .processing import _image_settings
+    from .tokenization import read_json
+
+    proc_file = os.path.join(path, "processor_config.json")
+    proc_cfg = read_json(proc_file, "processor_config.json") if os.path.isfile(proc_file) else {}
+    try:
+        return SplitterConfig.from_hf(_image_settings(path, proc_cfg))
+    except ValueError:
+        return SplitterConfig(longest_edge=4 * tile_default, tile_size=tile_default)
 
 
 def cmd_inspect(args) -> int:
@@ -425,11 +400,13 @@ def cmd_inspect(args) -> int:
     print(f"context: {context:,} tokens; {cfg.image_seq_len} image tokens per tile; image token id "
           f"{cfg.image_token_id}")
     if images:
-        tile_default = getattr(cfg.vision, "image_size", 512)
-        longest, tile = _preprocessor_sizes(args.model, tile_default)
+        from .components.splitter import plan_tiles
+
+        splitter_cfg = _splitter_config(args.model, getattr(cfg.vision, "image_size", 512))
         used = 0
         for path, im in images:
-            rows, cols = _image_grid(im.height, im.width, longest, tile)
+            plan = plan_tiles(im.height, im.width, splitter_cfg)
+            rows, cols = plan.rows, plan.cols
             tiles = rows * cols + 1 if rows else 1
             n = tiles * cfg.image_seq_len
             # per tile: <fake> + <row_r_col_c> around the image tokens; a newline per row; global block tags

@@ -286,4 +286,7 @@ def test_checkpoint_fixture_is_consistent(checkpoint):
 ])
 def test_inspect_tile_grid_matches_the_reference_table(hw, sizes, grid):
     # idefics3-reference.md §1.12 worked examples (H x W in, rows x cols out)
-    assert cli._image_grid(*hw, *sizes) == grid
+    from idefics3_kit.components.splitter import SplitterConfig, plan_tiles
+
+    plan = plan_tiles(*hw, SplitterConfig(longest_edge=sizes[0], tile_size=sizes[1]))
+    assert (plan.rows, plan.cols) == grid
