@@ -71,10 +71,10 @@ def dispatch(q, k, v, *, causal, key_padding_mask, scale):
     if key_padding_mask is not None:
         mask = key_padding_mask.to(torch.bool).contiguous()
     ops = torch.ops.idefics3_kit
+    if q.shape[2] == 1:  # one query sees every (unmasked) key, causal or not: the decode kernel
+        return ops.decode_attention(q, k, v, mask, None, scale)
     if PREFER_TORCH_NONCAUSAL and not causal:
         return None
     if not causal:
         return ops.vision_attention(q, k, v, mask, scale)
-    if q.shape[2] == 1:
-        return ops.decode_attention(q, k, v, mask, None, scale)
     return ops.prefill_attention(q, k, v, mask, scale)
