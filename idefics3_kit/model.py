@@ -317,10 +317,8 @@ class VLM(nn.Module):
                       skip_special_tokens=skip_special_tokens, **kwargs)
 
 
-def _read_generation_config(path: str) -> dict:
-    file = os.path.join(path, "generation_config.json")
-    if not os.path.exists(file):
-        return {}
+def read_json_object(file: str) -> dict:
+    """A JSON object from ``file``, or a ValueError naming the file."""
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
@@ -329,6 +327,11 @@ def _read_generation_config(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{file}: must hold a JSON object")
     return data
+
+
+def _read_generation_config(path: str) -> dict:
+    file = os.path.join(path, "generation_config.json")
+    return read_json_object(file) if os.path.exists(file) else {}
 
 
 def _default_generation_config(cfg: VLMConfig) -> dict:

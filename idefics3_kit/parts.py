@@ -23,7 +23,6 @@ of the selected part that is missing, left over or of the wrong shape is an erro
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import torch
@@ -42,14 +41,9 @@ def read_config_json(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: no config.json (expected a checkpoint directory written by transformers)")
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: must hold a JSON object")
-    return data
+    from .model import read_json_object
+
+    return read_json_object(file)
 
 
 def _header_names(path: str) -> set[str]:

@@ -55,6 +55,12 @@ class _Projection(nn.Module):
         return self.proj(x)
 
 
+def _require_dims(cfg: ConnectorConfig) -> None:
+    if not cfg.in_dim or not cfg.out_dim:
+        raise ValueError("ConnectorConfig.in_dim/out_dim must be set (VLMConfig fills them in; "
+                         f"got in_dim={cfg.in_dim}, out_dim={cfg.out_dim})")
+
+
 @register("connector", "pixel_shuffle")
 class PixelShuffleConnector(nn.Module):
     """Pixel shuffle by ``scale_factor`` then a bias-free projection (Idefics3Connector)."""
@@ -63,9 +69,7 @@ class PixelShuffleConnector(nn.Module):
 
     def __init__(self, cfg: ConnectorConfig):
         super().__init__()
-        if not cfg.in_dim or not cfg.out_dim:
-            raise ValueError("ConnectorConfig.in_dim/out_dim must be set (VLMConfig fills them in; "
-                             f"got in_dim={cfg.in_dim}, out_dim={cfg.out_dim})")
+        _require_dims(cfg)
         self.config = cfg
         self.scale_factor = cfg.scale_factor
         self.modality_projection = _Projection(cfg.in_dim * cfg.scale_factor ** 2, cfg.out_dim)
@@ -98,9 +102,7 @@ class MLPConnector(nn.Module):
 
     def __init__(self, cfg: ConnectorConfig):
         super().__init__()
-        if not cfg.in_dim or not cfg.out_dim:
-            raise ValueError("ConnectorConfig.in_dim/out_dim must be set (VLMConfig fills them in; "
-                             f"got in_dim={cfg.in_dim}, out_dim={cfg.out_dim})")
+        _require_dims(cfg)
         self.config = cfg
         self.scale_factor = cfg.scale_factor
         self.modality_projection = _MLPProjection(cfg.in_dim * cfg.scale_factor ** 2, cfg.hidden_dim or cfg.out_dim,
