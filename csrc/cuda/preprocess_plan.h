@@ -34,15 +34,15 @@ struct ImageGeometry {
 };
 
 // Process-wide cache of quantized coefficient tables keyed by (in_size, out_size).
-inline std::shared_ptr<const pillow::AxisCoeffs> cached_coeffs(int in_size, int out_size) {
+inline std::shared_ptr<const pillow::FlatCoeffs> cached_coeffs(int in_size, int out_size) {
   static std::mutex mu;
-  static std::map<std::pair<int, int>, std::shared_ptr<const pillow::AxisCoeffs>> cache;
+  static std::map<std::pair<int, int>, std::shared_ptr<const pillow::FlatCoeffs>> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto key = std::make_pair(in_size, out_size);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   if (cache.size() >= 512) cache.clear();  // bounded; tables are cheap to rebuild
-  auto a = std::make_shared<const pillow::AxisCoeffs>(pillow::precompute_coeffs(in_size, out_size));
+  auto a = std::make_shared<const pillow::FlatCoeffs>(pillow::precompute_coeffs(in_size, out_size));
   cache.emplace(key, a);
   return a;
 }

@@ -55,27 +55,33 @@ class _Projection(nn.Module):
         return self.proj(x)
 
 
-def _require_dims(cfg: ConnectorConfig) -> None:
-    if not cfg.in_dim or not cfg.out_dim:
-        raise ValueError("ConnectorConfig.in_dim/out_dim must be set (VLMConfig fills them in; "
-                         f"got in_dim={cfg.in_dim}, out_dim={cfg.out_dim})")
-
-
-@register("connector", "pixel_shuffle")
-class PixelShuffleConnector(nn.Module):
-    """Pixel shuffle by ``scale_factor`` then a bias-free projection (Idefics3Connector)."""
+class _ShuffleThenProject(nn.Module):
+    """Pixel shuffle by ``scale_factor``, then ``modality_projection`` (built by the subclass)."""
 
     config_class = ConnectorConfig
 
     def __init__(self, cfg: ConnectorConfig):
         super().__init__()
-        _require_dims(cfg)
+        if not cfg.in_dim or not cfg.out_dim:
+            raise ValueError("ConnectorConfig.in_dim/out_dim must be set (VLMConfig fills them in; "
+                             f"got in_dim={cfg.in_dim}, out_dim={cfg.out_dim})")
         self.config = cfg
         self.scale_factor = cfg.scale_factor
-        self.modality_projection = _Projection(cfg.in_dim * cfg.scale_factor ** 2, cfg.out_dim)
+        self.modality_projection = self.projection(cfg.in_dim * cfg.scale_factor ** 2, cfg)
+
+    def projection(self, shuffled_dim: int, cfg: ConnectorConfig) -> nn.Module:
+        raise NotImplementedError
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.modality_projection(pixel_shuffle(hidden, self.scale_factor))
+
+
+@register("connector", "pixel_shuffle")
+class PixelShuffleConnector(_ShuffleThenProject):
+    """Pixel shuffle by ``scale_factor`` then a bias-free projection (Idefics3Connector)."""
+
+    def projection(self, shuffled_dim: int, cfg: ConnectorConfig) -> nn.Module:
+        return _Projection(shuffled_dim, cfg.out_dim)
 
 
 class _MLPProjection(nn.Module):
@@ -89,7 +95,7 @@ class _MLPProjection(nn.Module):
 
 
 @register("connector", "mlp")
-class MLPConnector(nn.Module):
+class MLPConnector(_ShuffleThenProject):
     """Pixel shuffle by ``scale_factor``, then Linear-GELU-Linear (LLaVA-style projector).
 
     [N, P, in_dim] -> shuffle [N, P/s², s²·in_dim] -> Linear(s²·in_dim, hidden_dim) -> GELU (erf)
@@ -98,15 +104,5 @@ class MLPConnector(nn.Module):
     saved checkpoint). ``scale_factor`` 1 gives LLaVA's plain two-layer projector.
     """
 
-    config_class = ConnectorConfig
-
-    def __init__(self, cfg: ConnectorConfig):
-        super().__init__()
-        _require_dims(cfg)
-        self.config = cfg
-        self.scale_factor = cfg.scale_factor
-        self.modality_projection = _MLPProjection(cfg.in_dim * cfg.scale_factor ** 2, cfg.hidden_dim or cfg.out_dim,
-                                                  cfg.out_dim)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.modality_projection(pixel_shuffle(hidden, self.scale_factor))
+    def projection(self, shuffled_dim: int, cfg: ConnectorConfig) -> nn.Module:
+        return _MLPProjection(shuffled_dim, cfg.hidden_dim or cfg.out_dim, cfg.out_dim)
