@@ -24,11 +24,16 @@ void softmax_block(const at::Tensor& s, at::Tensor& p, int64_t i0, int64_t lq, i
   raw_t* pp = reinterpret_cast<raw_t*>(p.data_ptr<scalar_t>());
   for (int64_t r = 0; r < n; ++r) {
     const int64_t pos = lk - lq + i0 + r;  // absolute key position of this query
-    // Open rows (nothing to attend) see every key, unmasked, like the reference.
-    const bool open = causal ? pos < first_valid : first_valid >= lk;
-    const int64_t valid = (causal && !open) ? std::min(kv, pos + 1) : kv;
-    attn::softmax_row(sp + r * kv, static_cast<int>(kv), static_cast<int>(valid), scale, open ? nullptr : bias,
-                      x.data(), pp + r * kv);
+    // Empty rows (no unmasked key at or before the query) get probabilities 0, so output 0:
+    // the reference's rule for a query with nothing to attend to.
+    const bool empty = causal ? pos < first_valid : first_valid >= lk;
+    if (empty) {
+      std::fill(pp + r * kv, pp + (r + 1) * kv, raw_t{0});  // 0.0f and bf16 +0 are both all-zero bits
+      continue;
+    }
+    const int64_t valid = causal ? std::min(kv, pos + 1) : kv;
+    attn::softmax_row(sp + r * kv, static_cast<int>(kv), static_cast<int>(valid), scale, bias, x.data(),
+                      pp + r * kv);
   }
 }
 
@@ -60,9 +65,8 @@ at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tens
       const int64_t bi = it / (hq * nqb), h = (it / nqb) % hq, qb = block_of(it % nqb);
       const int64_t i0 = qb * qblock, n = std::min(qblock, lq - i0);
       const int64_t first_valid = info.first_valid[bi];
-      // Keys this block needs: a causal block without open rows stops after its last row.
-      const bool any_open = causal ? (lk - lq + i0) < first_valid : first_valid >= lk;
-      const int64_t kv = (causal && !any_open) ? lk - lq + i0 + n : lk;
+      // Keys this block needs: a causal block stops after its last row.
+      const int64_t kv = causal ? lk - lq + i0 + n : lk;
       const at::Tensor qb_rows = q.select(0, bi).select(0, h).narrow(0, i0, n);  // [n, D]
       const at::Tensor kb = k.select(0, bi).select(0, h / groups).narrow(0, 0, kv);  // [kv, D]
       const at::Tensor vb = v.select(0, bi).select(0, h / groups).narrow(0, 0, kv);

@@ -4,7 +4,7 @@
 // Semantics (idefics3_kit/ops/attention.py, attention_ref): q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]
 // with stride(-1) == 1 (any other strides); query head h reads key/value head h / (Hq / Hkv);
 // with causal, query i sits at key position Lk - Lq + i; key_mask [B, Lk] bool, True = attend;
-// a query row left with no key to attend is opened up to all Lk keys (finite padding output).
+// a query row left with no key to attend to outputs 0 (the reference semantics).
 // Rounding points match the reference: scores q·kᵀ in the input dtype, softmax in fp32,
 // probabilities cast to the input dtype, then P·V in the input dtype.
 #pragma once
@@ -54,7 +54,7 @@ inline void check_key_mask(const char* op, const std::optional<at::Tensor>& key_
 }
 
 // Per batch row: the additive fp32 bias (0 / -inf) of the key mask and the first attendable key
-// (Lk when none), used to find the rows that must be opened up.
+// (Lk when none), used to find the rows that have nothing to attend to (they output 0).
 struct KeyMaskInfo {
   at::Tensor bias;                  // [B, Lk] float, undefined without a mask
   std::vector<int64_t> first_valid; // [B]

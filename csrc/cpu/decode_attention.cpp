@@ -46,19 +46,18 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t groups = hq / hkv;
   at::Tensor out = attention_output(q);
 
-  // Valid keys of each row: j < len[b] and key_mask; a row with none is opened up to all keys.
+  // Valid keys of each row: j < len[b] and key_mask; a row with none outputs 0 (the reference's
+  // rule for a query with nothing to attend to) and reads no keys.
   std::vector<int64_t> len(b, l);
   std::vector<const uint8_t*> mask(b, nullptr);
+  std::vector<char> empty(b, 0);
   for (int64_t i = 0; i < b; ++i) {
     if (cache_seqlens) len[i] = cache_seqlens->data_ptr<int32_t>()[i];
     const uint8_t* m = key_mask ? reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>()) + i * l : nullptr;
     bool any = false;
     for (int64_t j = 0; j < len[i] && !any; ++j) any = !m || m[j];
-    if (any) {
-      mask[i] = m;
-    } else {
-      len[i] = l;
-    }
+    mask[i] = m;
+    empty[i] = !any;
   }
 
   const int64_t split = split_length(b, hkv, l), nsplit = (l + split - 1) / split;
@@ -79,6 +78,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   // Combine the splits of one (batch, key/value head) group into its G query heads' outputs.
   auto combine = [&](int64_t group) {
     const int64_t bi = group / hkv, hk = group % hkv, base = group * nsplit;
+    if (empty[bi]) {
+      for (int64_t g = 0; g < groups; ++g) out.select(0, bi).select(0, hk * groups + g).zero_();
+      return;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       const float* o = op_ + base * groups * d + g * d;
       const float* m = mp + base * groups + g;
@@ -109,6 +112,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
     std::vector<float> qf(groups * d), row(d), x(groups * split);
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
       const int64_t bi = it / (hkv * nsplit), hk = (it / nsplit) % hkv, s = it % nsplit;
+      if (empty[bi]) {
+        if (done[bi * hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == nsplit) combine(bi * hkv + hk);
+        continue;
+      }
       const int64_t j0 = std::min(s * split, len[bi]), j1 = std::min((s + 1) * split, len[bi]);
       attn::DecodeArgs a;
       a.d = d;

@@ -100,7 +100,7 @@ def attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
 def zero_empty_rows(out: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """Set to 0 the query rows that may attend to nothing (the reference semantics).
 
-    Compiled kernels keep such rows finite by opening them up; this makes their output equal
+    The CUDA kernels keep such rows finite by opening them up; this makes their output equal
     to the reference without a host synchronisation: with a causal mask, query i (key
     position Lk - Lq + i) is empty iff no unmasked key lies at or before it.
     """
@@ -124,16 +124,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad and _library.use_compiled():
-        out = None
         if q.is_cuda:
             from . import cuda_dispatch
 
             out = cuda_dispatch.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+            if out is not None:  # the CUDA kernels still open empty rows (CPU ones write 0 themselves)
+                return zero_empty_rows(out, causal, key_padding_mask)
         else:
             from . import attention_compiled
 
             out = attention_compiled.dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                               scale=scale)
-        if out is not None:
-            return zero_empty_rows(out, causal, key_padding_mask)
+            if out is not None:
+                return out
     return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)

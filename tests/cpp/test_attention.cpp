@@ -30,7 +30,7 @@ at::Tensor call_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // Naive attention in double: query i at key position lk - lq + i when causal; rows with no key
-// left are opened up to every key (the reference semantics).
+// left output 0 (the reference semantics).
 at::Tensor naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& mask, double scale,
                  bool causal) {
   const int64_t b = q.size(0), hq = q.size(1), lq = q.size(2), d = q.size(3), hkv = k.size(1), lk = k.size(2);
@@ -50,8 +50,9 @@ at::Tensor naive(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         }
         std::vector<double> s(lk, -INFINITY);
         double mx = -INFINITY;
+        if (!any) continue;  // the output row stays 0
         for (int64_t j = 0; j < lk; ++j) {
-          if (any && !allowed[j]) continue;
+          if (!allowed[j]) continue;
           double acc = 0;
           for (int64_t c = 0; c < d; ++c) acc += qa[bi][h][i][c] * ka[bi][hk][j][c];
           s[j] = acc * scale;
@@ -74,7 +75,7 @@ double max_err(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor padding_mask(int64_t b, int64_t lk) {
   auto m = at::ones({b, lk}, at::kBool);
-  m.index_put_({0}, false);  // batch 0: nothing to attend, the row is opened up
+  m.index_put_({0}, false);  // batch 0: nothing to attend, the rows output 0
   if (b > 1) m.index_put_({1, at::indexing::Slice(0, lk / 2)}, false);  // left padding
   return m;
 }
