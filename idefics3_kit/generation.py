@@ -42,9 +42,10 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_length {self.max_length}")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys.narrow(2, self.length, k.shape[2]).copy_(k)
+        values.narrow(2, self.length, v.shape[2]).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         self.length += n

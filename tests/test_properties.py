@@ -125,3 +125,19 @@ def test_presets_have_the_reference_token_counts(name):
     expected = {"idefics3-8b": 169, "smolvlm-instruct": 81, "smolvlm-256m": 64}.get(name, cfg.image_seq_len)
     assert cfg.image_seq_len == expected
     assert ik.VLMConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+@given(half=st.integers(1, 40), heads=st.integers(1, 4), length=st.integers(1, 5),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+def test_rolled_rope_is_bit_identical_to_rotate_half(half, heads, length, dtype, seed):
+    """The decode fast path's rope (roll + signed sin) equals the transformers-style formula bit for bit."""
+    from idefics3_kit.components.decoder import apply_rope, apply_rope_rolled, rope_cos_sin, signed_sin
+
+    g = torch.Generator().manual_seed(seed)
+    hd = 2 * half
+    x = (torch.randn(2, heads, length, hd, generator=g) * 3).to(dtype)  # [B, H, L, hd]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = rope_cos_sin(inv_freq, torch.randint(0, 4096, (2, length), generator=g), dtype)  # [B, L, hd]
+    expected = apply_rope(x, cos, sin)
+    got = apply_rope_rolled(x, cos[:, None], signed_sin(sin)[:, None])
+    assert torch.equal(got, expected)
