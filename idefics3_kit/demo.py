@@ -64,6 +64,8 @@ def run_random(preset: str = "tiny", seed: int = 0) -> int:
 # ---- the trained demo model ----------------------------------------------------------------------
 
 def example_image_path() -> str:
+    """The bundled example, 160x128 px: a red circle in the top-left quarter and a blue square
+    in the bottom-right one (drawn with synthetic.py's shapes)."""
     import os
 
     return os.path.join(os.path.dirname(__file__), "assets", "example.png")
@@ -73,15 +75,17 @@ def fresh_example(seed: int):
     """A newly drawn image with a circle of a random colour, and the question about it."""
     import random
 
-    from .synthetic import COLOURS, _Shape, _draw_shape
     from PIL import Image, ImageDraw
 
+    from .synthetic import COLOURS, IMAGE_SIZES, _Shape, _draw_shape
+
     rng = random.Random(seed)
-    width, height = rng.choice((128, 160, 192)), rng.choice((96, 128))
+    width, height = rng.choice(IMAGE_SIZES)  # near-square, like the training images
     image = Image.new("RGB", (width, height), (245, 245, 240))
     colour = rng.choice(sorted(COLOURS))
-    size = int(height * 0.6)
-    x0, y0 = rng.randint(0, width - size), rng.randint(0, height - size)
+    size = int(min(width, height) / 2 * 0.75)  # inside one quarter, like the training shapes
+    x0 = rng.choice((0, width // 2)) + rng.randint(0, width // 2 - size)
+    y0 = rng.choice((0, height // 2)) + rng.randint(0, height // 2 - size)
     _draw_shape(ImageDraw.Draw(image), _Shape("circle", colour, (x0, y0, x0 + size, y0 + size)))
     return image, "What colour is the circle?", colour
 
@@ -114,6 +118,7 @@ def run(model_dir: str | None = None, preset: str | None = None, seed: int | Non
     fresh, fresh_question, fresh_truth = fresh_example(seed)
     questions = [("example.png", bundled, "What colour is the circle?", None),
                  ("example.png", bundled, "How many shapes are there?", None),
+                 ("example.png", bundled, "Is the square on the left or the right?", None),
                  (f"fresh image (seed {seed})", fresh, fresh_question, fresh_truth)]
     answers = answer(model, processor, [q[1] for q in questions], [q[2] for q in questions])
     for (name, image, question, truth), reply in zip(questions, answers):

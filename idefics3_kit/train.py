@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .config import VLMConfig
 from .model import VLM
@@ -45,6 +46,7 @@ class TrainConfig:
     save_every: int = 250
     seed: int = 0
     num_threads: int = 0  # 0: torch's default
+    vision_warmup: dict = field(default_factory=dict)  # {"steps": N, "lr": x, "batch_size": n}: see warm_up_vision
 
     def __post_init__(self):
         bad = [c for c in self.freeze if c not in COMPONENTS]
@@ -126,15 +128,37 @@ class Collator:
                 "pixel_values": batch["pixel_values"], "pixel_attention_mask": batch["pixel_attention_mask"]}
 
 
-def synthetic_batches(data_cfg: dict, batch_size: int, start_index: int = 0):
-    """Endless batches of synthetic examples; example i is a pure function of (seed, i)."""
-    from .synthetic import make_example
+def synthetic_batches(data_cfg: dict, batch_size: int, start_index: int = 0, examples_per_step: int | None = None):
+    """Endless batches of synthetic examples; example i is a pure function of (seed, i, stage).
+
+    ``data_cfg["kinds"]`` lists the question kinds to draw from (a kind listed twice is drawn
+    twice as often; default: the evaluation's kinds) and ``data_cfg["max_shapes"]`` caps the
+    shapes per image. ``data_cfg["stages"]`` is a curriculum: a list of
+    ``{"until_step": N, "kinds": [...], "max_shapes": M}`` whose settings apply before optimizer
+    step N (first match wins), the top-level ones after the last.
+    """
+    from .synthetic import QUESTION_KINDS, make_example
 
     seed = int(data_cfg.get("seed", 0))
+    per_step = examples_per_step or batch_size
     index = start_index
     while True:
-        yield [make_example(seed * 1_000_003 + index + k) for k in range(batch_size)]
+        stage = data_stage(data_cfg, index // per_step)
+        kinds = tuple(stage.get("kinds", data_cfg.get("kinds", QUESTION_KINDS)))
+        max_shapes = int(stage.get("max_shapes", data_cfg.get("max_shapes", 3)))
+        yield [make_example(seed * 1_000_003 + index + k, kinds=kinds, max_shapes=max_shapes)
+               for k in range(batch_size)]
         index += batch_size
+
+
+def data_stage(data_cfg: dict, step: int) -> dict:
+    """The curriculum stage in force at optimizer ``step`` ({} once past every stage)."""
+    for stage in data_cfg.get("stages", []):
+        if "until_step" not in stage:
+            raise ValueError(f"data.stages: every stage needs 'until_step', got {stage}")
+        if step < int(stage["until_step"]):
+            return stage
+    return {}
 
 
 # ---- model, optimizer, schedule ---------------------------------------------------------------
@@ -189,6 +213,60 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
+# ---- vision warm-up ---------------------------------------------------------------------------
+
+
+def warm_up_vision(model: VLM, processor, spec: dict, seed: int = 0, progress: bool = True) -> float:
+    """Pretrain the vision tower and connector on what each tile shows, before the VLM loop.
+
+    A real Idefics3 starts from a pretrained SigLIP; a tower trained from scratch through the
+    language loss alone learns colours (the mean of a tile) quickly but shapes and letters
+    hardly at all (docs/training.md). This stage gives it that start on synthetic images:
+    linear heads on the mean image feature of each of the 2x2 tiles predict the shape and
+    colour in that cell, and a head on the global tile predicts the word. The heads are
+    dropped afterwards. Returns the last loss.
+    """
+    from tqdm.auto import tqdm
+
+    from .synthetic import COLOURS, NO_LABEL, SHAPES, WORDS, make_tile_labels
+
+    steps, batch_size, lr = int(spec.get("steps", 0)), int(spec.get("batch_size", 32)), float(spec.get("lr", 1e-3))
+    if steps <= 0:
+        return float("nan")
+    classes = {"shape": [NO_LABEL, *SHAPES], "colour": [NO_LABEL, *sorted(COLOURS)],
+               "word": [NO_LABEL, *(w.lower() for w in WORDS)]}
+    dim = model.decoder.hidden_size
+    heads = torch.nn.ModuleDict({name: torch.nn.Linear(dim, len(c)) for name, c in classes.items()})
+    params = [*model.vision.parameters(), *model.connector.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    loss = torch.zeros(())
+    bar = tqdm(range(steps), disable=not progress, desc="vision warm-up")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20)
+        items = [make_tile_labels(seed * 1_000_003 + 500_000_000 + step * batch_size + i) for i in range(batch_size)]
+        batch = processor(text=["<image>"] * batch_size, images=[[it.image] for it in items], return_tensors="pt")
+        pixels = batch["pixel_values"]  # [B, 5, 3, S, S]: 2x2 tiles then the global one
+        if pixels.shape[1] != 5:
+            raise ValueError(f"vision warm-up needs images split into 2x2 tiles + global, got {pixels.shape[1]} tiles")
+        feats = model.get_image_features(pixels, batch["pixel_attention_mask"]).mean(dim=1)  # [B*5, Dt]
+        feats = feats.view(batch_size, 5, dim)
+        cells, glob = feats[:, :4].reshape(-1, dim), feats[:, 4]  # [B*4, Dt], [B, Dt]
+
+        def target(name, values):
+            return torch.tensor([classes[name].index(v) for v in values])
+
+        loss = (F.cross_entropy(heads["shape"](cells), target("shape", [s for it in items for s in it.cell_shapes]))
+                + F.cross_entropy(heads["colour"](cells), target("colour", [c for it in items for c in it.cell_colours]))
+                + F.cross_entropy(heads["word"](glob), target("word", [it.word for it in items])))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
 # ---- checkpoints ------------------------------------------------------------------------------
 
 STATE_FILE = "trainer_state.pt"
@@ -240,12 +318,15 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     processor = load_or_build_processor({"path": last} if resuming else cfg.processor, cfg.out_dir)
     model = VLM.from_pretrained(last) if resuming else build_model(cfg.model, processor)
     model.train()
+    if not resuming and cfg.vision_warmup:
+        warm_up_vision(model, processor, cfg.vision_warmup, cfg.seed, progress)
     freeze(model, cfg.freeze)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = load_trainer_state(last, optimizer, scheduler) if resuming else 0
     collate = Collator(processor)
-    micro_batches = synthetic_batches(cfg.data, cfg.batch_size, start * cfg.batch_size * cfg.grad_accum)
+    per_step = cfg.batch_size * cfg.grad_accum
+    micro_batches = synthetic_batches(cfg.data, cfg.batch_size, start * per_step, per_step)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train")
     for step in bar:

@@ -98,3 +98,68 @@ def test_cli_train(tmp_path, processor, tmp_path_factory):
     missing = subprocess.run([sys.executable, "-m", "idefics3_kit.cli", "train", "--config", str(tmp_path / "no.json")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "training config not found" in missing.stderr
+
+
+# ---- synthetic data and the curriculum ---------------------------------------------------------
+
+
+def test_describe_names_every_shape():
+    from idefics3_kit.synthetic import COLOURS, SHAPES
+
+    for seed in range(40):
+        example = make_example(seed, "describe")
+        words = example.answer.split()
+        if len(words) == 1:  # a word image: the word itself
+            continue
+        pairs = list(zip(words[::2], words[1::2]))
+        assert len(words) % 2 == 0 and 1 <= len(pairs) <= 3, example.answer
+        assert all(c in COLOURS and s in SHAPES for c, s in pairs), example.answer
+
+
+def test_max_shapes_caps_the_shapes():
+    for seed in range(30):
+        assert make_example(seed, "count", max_shapes=1).answer == "one"
+        assert make_example(seed, "side", max_shapes=1).answer in ("left", "right")  # side keeps two
+    with pytest.raises(ValueError, match="max_shapes must be 1, 2 or 3, got 4"):
+        make_example(0, max_shapes=4)
+    with pytest.raises(ValueError, match="unknown question kind 'smell'"):
+        make_example(0, "smell")
+
+
+def test_curriculum_stages_apply_by_step_and_resume_identically():
+    data = {"seed": 3, "kinds": ["count"], "stages": [{"until_step": 2, "kinds": ["count"], "max_shapes": 1}]}
+    assert T.data_stage(data, 1)["max_shapes"] == 1 and T.data_stage(data, 2) == {}
+    stream = T.synthetic_batches(data, batch_size=4, examples_per_step=8)  # grad_accum 2
+    batches = [next(stream) for _ in range(6)]  # steps 0, 0, 1, 1, 2, 2
+    assert all(e.answer == "one" for b in batches[:4] for e in b)
+    resumed = T.synthetic_batches(data, batch_size=4, start_index=16, examples_per_step=8)
+    for expected in batches[4:]:
+        got = next(resumed)
+        assert [e.answer for e in got] == [e.answer for e in expected]
+        assert [e.image.tobytes() for e in got] == [e.image.tobytes() for e in expected]
+    with pytest.raises(ValueError, match="needs 'until_step'"):
+        T.data_stage({"stages": [{"kinds": ["count"]}]}, 0)
+
+
+def test_tile_labels_put_each_shape_in_its_cell():
+    from idefics3_kit.synthetic import NO_LABEL, make_tile_labels
+
+    for seed in range(30):
+        labels = make_tile_labels(seed)
+        if labels.word != NO_LABEL:
+            assert labels.cell_shapes == [NO_LABEL] * 4
+            continue
+        filled = [s != NO_LABEL for s in labels.cell_shapes]
+        assert 1 <= sum(filled) <= 3 and filled == [c != NO_LABEL for c in labels.cell_colours]
+
+
+def test_vision_warm_up_trains_only_the_vision_side(processor):
+    torch.manual_seed(0)
+    model = T.build_model({"demo": True}, processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = T.warm_up_vision(model, processor, {"steps": 2, "batch_size": 4, "lr": 1e-3}, progress=False)
+    assert loss == loss  # finite
+    after = model.state_dict()
+    assert set(after) == set(before)  # the heads are not part of the model
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]) == name.startswith("decoder."), name
