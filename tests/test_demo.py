@@ -48,3 +48,10 @@ def test_bad_preset_is_one_line_error():
     result = run_cli("demo", "--preset", "nope")
     assert result.returncode == 2
     assert "unknown preset 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(SHIPPED, reason="a trained demo model is shipped")
+def test_demo_without_a_shipped_model_says_so_and_shows_the_random_preset(tmp_path):
+    result = run_cli("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "no trained demo model is shipped" in result.stdout and "predicted next tokens" in result.stdout
