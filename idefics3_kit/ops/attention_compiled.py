@@ -12,8 +12,8 @@ without AVX2 (the kernels' portable path would be slower than torch's own).
 Policy from benchmarks/attention_cpu.py (2 threads, torch 2.13): for non-causal (vision)
 attention torch's own fused CPU kernel (scaled_dot_product_attention) measured faster than our
 GEMM + softmax blocks (x0.6-0.9), so those calls fall back to it (``PREFER_TORCH_NONCAUSAL``;
-set it False to run the compiled vision kernel). Causal prefill (x1.0-1.9) uses the compiled
-kernel; decode (x2-4 at 4k keys) from ``DECODE_MIN_KEYS`` keys on.
+set it False to run the compiled vision kernel). Causal prefill (x1.0-1.9) and decode (x2-4)
+use the compiled kernels.
 """
 
 from __future__ import annotations
@@ -26,11 +26,6 @@ from . import _library
 
 _DTYPES = (torch.float32, torch.bfloat16)
 PREFER_TORCH_NONCAUSAL = True
-# One-query (decode) calls with fewer keys than this go to torch's SDPA: there the kernel's
-# gain is lost in the step (SmolVLM-256M shapes, ~130 keys: 43.6 vs 42.0 tok/s, bf16), while
-# its fp32 accumulation order differs from SDPA's and bf16 greedy output drifts from
-# transformers' (docs/generation.md, run E). From here on the kernel's 2-4x pays.
-DECODE_MIN_KEYS = 1024
 _FAST_CPU = None
 
 
@@ -77,8 +72,6 @@ def dispatch(q, k, v, *, causal, key_padding_mask, scale):
         mask = key_padding_mask.to(torch.bool).contiguous()
     ops = torch.ops.idefics3_kit
     if q.shape[2] == 1:  # one query sees every (unmasked) key, causal or not: the decode kernel
-        if k.shape[2] < DECODE_MIN_KEYS:
-            return None
         return ops.decode_attention(q, k, v, mask, None, scale)
     if PREFER_TORCH_NONCAUSAL and not causal:
         return None

@@ -139,7 +139,6 @@ def test_decode_cache_seqlens_bounds_keys():
 @pytest.mark.parametrize("causal,lq", [(False, 33), (True, 20), (True, 1)])
 def test_dispatch_routes_model_layouts(causal, lq, monkeypatch):
     monkeypatch.setattr(attention_compiled, "PREFER_TORCH_NONCAUSAL", False)
-    monkeypatch.setattr(attention_compiled, "DECODE_MIN_KEYS", 0)
     # The components pass [B, L, H, D] projections viewed as [B, H, L, D] (non-contiguous).
     b, h, d = 2, 4, 64
     x = torch.randn(b, lq if not causal else 40, h, d).transpose(1, 2)
@@ -159,10 +158,6 @@ def test_dispatch_policy_sends_vision_to_torch():
     expect_torch = attention_compiled.PREFER_TORCH_NONCAUSAL
     assert (attention_compiled.dispatch(q, q, q, causal=False, key_padding_mask=None, scale=None) is None) == expect_torch
     assert attention_compiled.dispatch(q, q, q, causal=True, key_padding_mask=None, scale=None) is not None
-    one, keys = torch.randn(1, 2, 1, 16), torch.randn(1, 2, attention_compiled.DECODE_MIN_KEYS, 16)
-    assert attention_compiled.dispatch(one, keys[:, :, :-1], keys[:, :, :-1], causal=False, key_padding_mask=None,
-                                       scale=None) is None  # short context: torch's SDPA
-    assert attention_compiled.dispatch(one, keys, keys, causal=False, key_padding_mask=None, scale=None) is not None
 
 
 @needs_ext
