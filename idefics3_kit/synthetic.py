@@ -25,9 +25,10 @@ SHAPES = ("circle", "square", "triangle")
 WORDS = ("CAT", "DOG", "SUN", "BOX", "CAR", "HAT", "PEN", "MAP")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 QUESTION_KINDS = ("colour", "shape", "count", "side", "word")
-# Training also asks for a description that names every shape in reading order ("red circle blue
-# square"): several supervised words per image about every object, where a question supervises
-# one. Evaluation asks only QUESTION_KINDS.
+# Training also asks for a description that names every shape with its cell, in reading order
+# ("top left red circle bottom right blue square"): several supervised words per image about
+# every object and where it is, where a question supervises one. Evaluation asks only
+# QUESTION_KINDS.
 TRAINING_KINDS = QUESTION_KINDS + ("describe",)
 DESCRIBE_QUESTION = "Describe the image."
 
@@ -49,6 +50,18 @@ class _Shape:
     @property
     def centre_x(self) -> float:
         return (self.box[0] + self.box[2]) / 2
+
+    @property
+    def centre_y(self) -> float:
+        return (self.box[1] + self.box[3]) / 2
+
+
+CELL_NAMES = ("top left", "top right", "bottom left", "bottom right")
+
+
+def _cell_of(shape: _Shape, width: int, height: int) -> int:
+    """Which cell of the 2x2 grid (reading order) the shape's centre lies in."""
+    return 2 * int(shape.centre_y >= height / 2) + int(shape.centre_x >= width / 2)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: _Shape) -> None:
@@ -95,6 +108,12 @@ def _background(rng: random.Random) -> tuple:
 IMAGE_SIZES = ((96, 96), (128, 128), (160, 160), (192, 192), (160, 128), (128, 160), (192, 160), (160, 192))
 
 
+# Words are drawn bold (a stroke of this many pixels around the glyphs): the global tile shrinks
+# an image about 3x, and thin strokes of 1-2 pixels there are what a small tower trained from
+# scratch could not read.
+WORD_STROKE = 2
+
+
 def make_image(rng: random.Random, kind: str, max_shapes: int = 3):
     """An image for a question kind: (image, shapes drawn, word drawn or None).
 
@@ -107,10 +126,11 @@ def make_image(rng: random.Random, kind: str, max_shapes: int = 3):
     if kind == "word":
         word = rng.choice(WORDS)
         font = ImageFont.load_default(size=int(min(width, height) * 0.42))
-        left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+        left, top, right, bottom = draw.textbbox((0, 0), word, font=font, stroke_width=WORD_STROKE)
         x = rng.uniform(0, max(width - (right - left), 0)) - left
         y = rng.uniform(0, max(height - (bottom - top), 0)) - top
-        draw.text((x, y), word, fill=COLOURS[rng.choice(("red", "blue", "green", "purple"))], font=font)
+        colour = COLOURS[rng.choice(("red", "blue", "green", "purple"))]
+        draw.text((x, y), word, fill=colour, font=font, stroke_width=WORD_STROKE, stroke_fill=colour)
         return image, [], word
     count = rng.randint(2, max(2, max_shapes)) if kind == "side" else rng.randint(1, max_shapes)
     shapes = _place_shapes(rng, width, height, count)
@@ -119,13 +139,15 @@ def make_image(rng: random.Random, kind: str, max_shapes: int = 3):
     return image, shapes, None
 
 
-def _question(rng: random.Random, kind: str, shapes: list[_Shape], word, width: int) -> tuple[str, str]:
+def _question(rng: random.Random, kind: str, shapes: list[_Shape], word, width: int, height: int) -> tuple[str, str]:
     if kind == "word":
         return "What word is written?", word.lower()
     if kind == "describe":
         if word is not None:
             return DESCRIBE_QUESTION, word.lower()
-        return DESCRIBE_QUESTION, " ".join(f"{s.colour} {s.kind}" for s in shapes)  # reading order
+        # reading order, each shape after its cell: "top left red circle bottom right blue square"
+        return DESCRIBE_QUESTION, " ".join(f"{CELL_NAMES[_cell_of(s, width, height)]} {s.colour} {s.kind}"
+                                           for s in shapes)
     if kind == "count":
         return "How many shapes are there?", COUNT_WORDS[len(shapes)]
     target = rng.choice(shapes)
@@ -148,7 +170,7 @@ def make_example(seed: int, kind: str | None = None, kinds: tuple = QUESTION_KIN
         raise ValueError(f"unknown question kind {kind!r}; choose from {list(TRAINING_KINDS)}")
     image, shapes, word = make_image(rng, "word" if kind == "describe" and rng.random() < 0.2 else kind,
                                     max_shapes)
-    question, answer = _question(rng, kind, shapes, word, image.width)
+    question, answer = _question(rng, kind, shapes, word, image.width, image.height)
     return Example(image, question, answer, kind)
 
 
@@ -160,7 +182,7 @@ def corpus_lines() -> list[str]:
     lines += [f"Is the {s} on the left or the right?" for s in SHAPES]
     lines += list(COLOURS) + list(SHAPES) + [w.lower() for w in WORDS] + list(COUNT_WORDS.values())
     lines += ["left", "right", "User:", "Assistant:", "What is in this image?", DESCRIBE_QUESTION]
-    lines += [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    lines += [f"{cell} {c} {s}" for cell in CELL_NAMES for c in COLOURS for s in SHAPES]
     return lines
 
 
@@ -177,15 +199,15 @@ class TileLabels:
     word: str  # the word drawn (lower case) or NO_LABEL
 
 
-def make_tile_labels(seed: int) -> TileLabels:
-    """An image like the question images (1-3 shapes in cells, or a word) with what each of the
-    2x2 cells holds: the targets of ``train.warm_up_vision``."""
+def make_tile_labels(seed: int, word_fraction: float = 0.25) -> TileLabels:
+    """An image like the question images (1-3 shapes in cells, or, with probability
+    ``word_fraction``, a word) with what each of the 2x2 cells holds: the targets of
+    ``train.warm_up_vision``."""
     rng = random.Random(seed)
-    kind = "word" if rng.random() < 0.25 else "count"
+    kind = "word" if rng.random() < word_fraction else "count"
     image, shapes, word = make_image(rng, kind)
     cell_shapes, cell_colours = [NO_LABEL] * 4, [NO_LABEL] * 4
     for shape in shapes:
-        x0, y0, x1, y1 = shape.box
-        cell = 2 * int((y0 + y1) / 2 >= image.height / 2) + int((x0 + x1) / 2 >= image.width / 2)
+        cell = _cell_of(shape, image.width, image.height)
         cell_shapes[cell], cell_colours[cell] = shape.kind, shape.colour
     return TileLabels(image, cell_shapes, cell_colours, word.lower() if word else NO_LABEL)

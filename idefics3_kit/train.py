@@ -216,21 +216,35 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ---- vision warm-up ---------------------------------------------------------------------------
 
 
+WARMUP_KEYS = {"steps", "lr", "batch_size", "per_token", "word_fraction"}
+
+
 def warm_up_vision(model: VLM, processor, spec: dict, seed: int = 0, progress: bool = True) -> float:
     """Pretrain the vision tower and connector on what each tile shows, before the VLM loop.
 
     A real Idefics3 starts from a pretrained SigLIP; a tower trained from scratch through the
     language loss alone learns colours (the mean of a tile) quickly but shapes and letters
     hardly at all (docs/training.md). This stage gives it that start on synthetic images:
-    linear heads on the mean image feature of each of the 2x2 tiles predict the shape and
-    colour in that cell, and a head on the global tile predicts the word. The heads are
+    linear heads on the image features of each of the 2x2 tiles predict the shape and colour
+    in that cell, and a head on the global tile's features predicts the word. The heads are
     dropped afterwards. Returns the last loss.
+
+    ``spec["per_token"]`` (default true) applies the heads to every image token of a tile, not
+    only to the tile's mean: the decoder answers "what colour is the circle?" by attending to
+    the tokens that say "circle" and reading their colour, which is easiest when every token
+    of the circle's tile says both (docs/training.md has the measured difference).
+    ``spec["word_fraction"]`` (default 0.25) is the share of word images.
     """
     from tqdm.auto import tqdm
 
     from .synthetic import COLOURS, NO_LABEL, SHAPES, WORDS, make_tile_labels
 
+    unknown = set(spec) - WARMUP_KEYS
+    if unknown:
+        raise ValueError(f"vision_warmup: unknown keys {sorted(unknown)}; expected some of {sorted(WARMUP_KEYS)}")
     steps, batch_size, lr = int(spec.get("steps", 0)), int(spec.get("batch_size", 32)), float(spec.get("lr", 1e-3))
+    per_token = bool(spec.get("per_token", True))
+    word_fraction = float(spec.get("word_fraction", 0.25))
     if steps <= 0:
         return float("nan")
     classes = {"shape": [NO_LABEL, *SHAPES], "colour": [NO_LABEL, *sorted(COLOURS)],
@@ -241,28 +255,37 @@ def warm_up_vision(model: VLM, processor, spec: dict, seed: int = 0, progress: b
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     loss = torch.zeros(())
     bar = tqdm(range(steps), disable=not progress, desc="vision warm-up")
+
+    def target(name, values, repeat):
+        return torch.tensor([classes[name].index(v) for v in values]).repeat_interleave(repeat)
+
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20)
-        items = [make_tile_labels(seed * 1_000_003 + 500_000_000 + step * batch_size + i) for i in range(batch_size)]
+        items = [make_tile_labels(seed * 1_000_003 + 500_000_000 + step * batch_size + i, word_fraction) for i in range(batch_size)]
         batch = processor(text=["<image>"] * batch_size, images=[[it.image] for it in items], return_tensors="pt")
         pixels = batch["pixel_values"]  # [B, 5, 3, S, S]: 2x2 tiles then the global one
         if pixels.shape[1] != 5:
             raise ValueError(f"vision warm-up needs images split into 2x2 tiles + global, got {pixels.shape[1]} tiles")
-        feats = model.get_image_features(pixels, batch["pixel_attention_mask"]).mean(dim=1)  # [B*5, Dt]
-        feats = feats.view(batch_size, 5, dim)
-        cells, glob = feats[:, :4].reshape(-1, dim), feats[:, 4]  # [B*4, Dt], [B, Dt]
-
-        def target(name, values):
-            return torch.tensor([classes[name].index(v) for v in values])
-
-        loss = (F.cross_entropy(heads["shape"](cells), target("shape", [s for it in items for s in it.cell_shapes]))
-                + F.cross_entropy(heads["colour"](cells), target("colour", [c for it in items for c in it.cell_colours]))
-                + F.cross_entropy(heads["word"](glob), target("word", [it.word for it in items])))
+        feats = model.get_image_features(pixels, batch["pixel_attention_mask"])  # [B*5, T, Dt]
+        if not per_token:
+            feats = feats.mean(dim=1, keepdim=True)  # [B*5, 1, Dt]
+        tokens = feats.shape[1]
+        feats = feats.view(batch_size, 5, tokens, dim)
+        cells, glob = feats[:, :4].reshape(-1, dim), feats[:, 4].reshape(-1, dim)  # [B*4*T, Dt], [B*T, Dt]
+        shapes = target("shape", [s for it in items for s in it.cell_shapes], tokens)
+        colours = target("colour", [c for it in items for c in it.cell_colours], tokens)
+        words = target("word", [it.word for it in items], tokens)
+        loss = (F.cross_entropy(heads["shape"](cells), shapes) + F.cross_entropy(heads["colour"](cells), colours)
+                + F.cross_entropy(heads["word"](glob), words))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        with torch.no_grad():
+            has_word = words != 0
+            word_acc = (heads["word"](glob[has_word]).argmax(-1) == words[has_word]).float().mean()
+            shape_acc = (heads["shape"](cells).argmax(-1) == shapes).float().mean()
+        bar.set_postfix(loss=f"{float(loss):.4f}", shape_acc=f"{float(shape_acc):.3f}", word_acc=f"{float(word_acc):.3f}")
     optimizer.zero_grad(set_to_none=True)
     return float(loss)
 

@@ -103,17 +103,19 @@ def test_cli_train(tmp_path, processor, tmp_path_factory):
 # ---- synthetic data and the curriculum ---------------------------------------------------------
 
 
-def test_describe_names_every_shape():
-    from idefics3_kit.synthetic import COLOURS, SHAPES
+def test_describe_names_every_shape_with_its_cell():
+    from idefics3_kit.synthetic import CELL_NAMES, COLOURS, SHAPES
 
     for seed in range(40):
         example = make_example(seed, "describe")
         words = example.answer.split()
         if len(words) == 1:  # a word image: the word itself
             continue
-        pairs = list(zip(words[::2], words[1::2]))
-        assert len(words) % 2 == 0 and 1 <= len(pairs) <= 3, example.answer
-        assert all(c in COLOURS and s in SHAPES for c, s in pairs), example.answer
+        groups = [words[i:i + 4] for i in range(0, len(words), 4)]  # [row, column, colour, shape]
+        assert len(words) % 4 == 0 and 1 <= len(groups) <= 3, example.answer
+        cells = [CELL_NAMES.index(" ".join(g[:2])) for g in groups]
+        assert cells == sorted(set(cells)), example.answer  # reading order, one shape per cell
+        assert all(g[2] in COLOURS and g[3] in SHAPES for g in groups), example.answer
 
 
 def test_max_shapes_caps_the_shapes():
@@ -163,3 +165,24 @@ def test_vision_warm_up_trains_only_the_vision_side(processor):
     assert set(after) == set(before)  # the heads are not part of the model
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]) == name.startswith("decoder."), name
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_vision_warm_up_per_token_or_tile_mean(processor, per_token):
+    torch.manual_seed(0)
+    model = T.build_model({"demo": True}, processor)
+    spec = {"steps": 1, "batch_size": 2, "per_token": per_token, "word_fraction": 0.5}
+    assert T.warm_up_vision(model, processor, spec, progress=False) > 0
+
+
+def test_vision_warm_up_rejects_unknown_keys(processor):
+    model = T.build_model({"demo": True}, processor)
+    with pytest.raises(ValueError, match="unknown keys \\['step'\\]"):
+        T.warm_up_vision(model, processor, {"step": 10}, progress=False)
+
+
+def test_word_fraction_controls_word_images():
+    from idefics3_kit.synthetic import NO_LABEL, make_tile_labels
+
+    assert all(make_tile_labels(s, word_fraction=1.0).word != NO_LABEL for s in range(10))
+    assert all(make_tile_labels(s, word_fraction=0.0).word == NO_LABEL for s in range(10))
