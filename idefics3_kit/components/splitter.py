@@ -478,8 +478,11 @@ class Idefics3Splitter:
         target = torch.device(device) if device is not None else torch.device("cpu")
         on_gpu = target.type == "cuda" and _cuda_kernel_available()
         alloc = target if on_gpu else torch.device("cpu")
-        pixel_values = torch.zeros(len(rgb), max_tiles, 3, s, s, dtype=dtype, device=alloc)  # padding tiles stay 0
-        pixel_mask = torch.zeros(len(rgb), max_tiles, s, s, dtype=torch.int64, device=alloc)
+        # Uninitialized: the op writes every tile an image fills, and only the padding tiles of
+        # samples with fewer tiles are zeroed here (zeroing all of it first cost as much as a
+        # resize: tens of megabytes at SmolVLM's 512-px tiles).
+        pixel_values = torch.empty(len(rgb), max_tiles, 3, s, s, dtype=dtype, device=alloc)
+        pixel_mask = torch.empty(len(rgb), max_tiles, s, s, dtype=torch.int64, device=alloc)
         flat_images, geometry = [], []
         for sample_index, (sample_rgb, sample_plans) in enumerate(zip(rgb, plans)):
             first_tile = 0
@@ -487,6 +490,8 @@ class Idefics3Splitter:
                 flat_images.append(img)
                 geometry += [sample_index, first_tile, *p.resized, *p.grid_size, p.rows, p.cols]
                 first_tile += p.tiles
+            pixel_values[sample_index, first_tile:].zero_()  # padding tiles: 0, masked out
+            pixel_mask[sample_index, first_tile:].zero_()
         if flat_images:
             preprocess_op.preprocess_into(flat_images, pixel_values, pixel_mask, geometry,
                                           cfg.image_mean, cfg.image_std, cfg.rescale_factor)
