@@ -165,7 +165,8 @@ def data_stage(data_cfg: dict, step: int) -> dict:
 
 
 def build_model(model_cfg: dict, processor=None) -> VLM:
-    """A model from ``{"init": dir}``, ``{"demo": true}``, ``{"preset": name, ...}`` or a VLMConfig dict."""
+    """A model from ``{"init": dir}``, ``{"demo": true, ...}``, ``{"preset": name, ...}`` or a VLMConfig dict
+    (``demo`` and ``preset`` take per-component overrides: ``"decoder": {"hidden_size": 256}``)."""
     spec = dict(model_cfg)
     if "init" in spec:
         return VLM.from_pretrained(spec["init"])
@@ -173,8 +174,11 @@ def build_model(model_cfg: dict, processor=None) -> VLM:
         from .demo_model import demo_model_config
 
         tok = processor.tokenizer
-        return VLM(demo_model_config(len(tok), processor.image_token_id, tok.pad_token_id,
-                                     processor.end_of_utterance_token_id))
+        cfg = demo_model_config(len(tok), processor.image_token_id, tok.pad_token_id,
+                                processor.end_of_utterance_token_id)
+        parts = {kind: getattr(cfg, kind).replace(**spec[kind]) for kind in ("vision", "connector", "decoder")
+                 if kind in spec}  # {"demo": true, "decoder": {"num_key_value_heads": 6}}
+        return VLM(cfg.replace(**parts) if parts else cfg)
     if "preset" in spec:
         cfg = VLMConfig.preset(spec.pop("preset"))
         parts = {}

@@ -186,3 +186,9 @@ def test_word_fraction_controls_word_images():
 
     assert all(make_tile_labels(s, word_fraction=1.0).word != NO_LABEL for s in range(10))
     assert all(make_tile_labels(s, word_fraction=0.0).word == NO_LABEL for s in range(10))
+
+
+def test_demo_model_takes_component_overrides(processor):
+    model = T.build_model({"demo": True, "decoder": {"num_key_value_heads": 6}}, processor)
+    assert model.config.decoder.num_key_value_heads == 6
+    assert model.config.vision == T.build_model({"demo": True}, processor).config.vision
