@@ -46,7 +46,7 @@ class TrainConfig:
     save_every: int = 250
     seed: int = 0
     num_threads: int = 0  # 0: torch's default
-    vision_warmup: dict = field(default_factory=dict)  # {"steps": N, "lr": x, "batch_size": n}: see warm_up_vision
+    vision_warmup: dict = field(default_factory=dict)  # {"steps": N, "lr": x, ...}: see warm_up_vision
 
     def __post_init__(self):
         bad = [c for c in self.freeze if c not in COMPONENTS]
@@ -174,21 +174,22 @@ def build_model(model_cfg: dict, processor=None) -> VLM:
         from .demo_model import demo_model_config
 
         tok = processor.tokenizer
+        spec.pop("demo")
         cfg = demo_model_config(len(tok), processor.image_token_id, tok.pad_token_id,
                                 processor.end_of_utterance_token_id)
-        parts = {kind: getattr(cfg, kind).replace(**spec[kind]) for kind in ("vision", "connector", "decoder")
-                 if kind in spec}  # {"demo": true, "decoder": {"num_key_value_heads": 6}}
-        return VLM(cfg.replace(**parts) if parts else cfg)
+        return VLM(with_overrides(cfg, spec))  # e.g. {"demo": true, "decoder": {"num_key_value_heads": 6}}
     if "preset" in spec:
-        cfg = VLMConfig.preset(spec.pop("preset"))
-        parts = {}
-        for kind in ("vision", "connector", "decoder"):
-            if kind in spec:
-                parts[kind] = getattr(cfg, kind).replace(**spec.pop(kind))
-        cfg = cfg.replace(**parts, **spec)
-    else:
-        cfg = VLMConfig.from_dict(spec)
-    return VLM(cfg)
+        return VLM(with_overrides(VLMConfig.preset(spec.pop("preset")), spec))
+    return VLM(VLMConfig.from_dict(spec))
+
+
+def with_overrides(cfg: VLMConfig, overrides: dict) -> VLMConfig:
+    """``cfg`` with per-component fields (``{"decoder": {...}}``) and top-level fields replaced;
+    an unknown field is an error from ``replace``."""
+    overrides = dict(overrides)
+    parts = {kind: getattr(cfg, kind).replace(**overrides.pop(kind))
+             for kind in ("vision", "connector", "decoder") if kind in overrides}
+    return cfg.replace(**parts, **overrides) if parts or overrides else cfg
 
 
 def freeze(model: VLM, components) -> None:
@@ -266,7 +267,8 @@ def warm_up_vision(model: VLM, processor, spec: dict, seed: int = 0, progress: b
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20)
-        items = [make_tile_labels(seed * 1_000_003 + 500_000_000 + step * batch_size + i, word_fraction) for i in range(batch_size)]
+        first = seed * 1_000_003 + 500_000_000 + step * batch_size
+        items = [make_tile_labels(first + i, word_fraction) for i in range(batch_size)]
         batch = processor(text=["<image>"] * batch_size, images=[[it.image] for it in items], return_tensors="pt")
         pixels = batch["pixel_values"]  # [B, 5, 3, S, S]: 2x2 tiles then the global one
         if pixels.shape[1] != 5:
@@ -285,11 +287,13 @@ def warm_up_vision(model: VLM, processor, spec: dict, seed: int = 0, progress: b
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            has_word = words != 0
-            word_acc = (heads["word"](glob[has_word]).argmax(-1) == words[has_word]).float().mean()
-            shape_acc = (heads["shape"](cells).argmax(-1) == shapes).float().mean()
-        bar.set_postfix(loss=f"{float(loss):.4f}", shape_acc=f"{float(shape_acc):.3f}", word_acc=f"{float(word_acc):.3f}")
+        if progress:  # accuracies of this batch (before the step) for the bar
+            with torch.no_grad():
+                has_word = words != 0
+                word_acc = (heads["word"](glob[has_word]).argmax(-1) == words[has_word]).float().mean()
+                shape_acc = (heads["shape"](cells).argmax(-1) == shapes).float().mean()
+            bar.set_postfix(loss=f"{float(loss):.4f}", shape_acc=f"{float(shape_acc):.3f}",
+                            word_acc=f"{float(word_acc):.3f}")
     optimizer.zero_grad(set_to_none=True)
     return float(loss)
 

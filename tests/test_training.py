@@ -192,3 +192,8 @@ def test_demo_model_takes_component_overrides(processor):
     model = T.build_model({"demo": True, "decoder": {"num_key_value_heads": 6}}, processor)
     assert model.config.decoder.num_key_value_heads == 6
     assert model.config.vision == T.build_model({"demo": True}, processor).config.vision
+
+
+def test_demo_model_rejects_unknown_overrides(processor):
+    with pytest.raises((TypeError, ValueError), match="decoderr"):
+        T.build_model({"demo": True, "decoderr": {"hidden_size": 64}}, processor)

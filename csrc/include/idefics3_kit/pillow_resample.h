@@ -56,7 +56,7 @@ inline double lanczos(double x) {
 // taps 2p and 2p + 1 packed as two int16 in one int32 (low half = tap 2p; a missing odd tap
 // has weight 0): pair_hi[i * kpairs + p], pair_lo[...]. sum(pixel * k) is then
 // 2^11 * sum(pixel * hi) + sum(pixel * lo), computed exactly with pairwise 16-bit multiply-adds
-// (vpmaddwd), which run twice as fast as the 32-bit multiplies of the plain loop.
+// (vpdpwssd, see pair_block), which run twice as fast as the 32-bit multiplies of the plain loop.
 constexpr int kSplitBits = 11;
 
 struct AxisCoeffs {
@@ -64,7 +64,7 @@ struct AxisCoeffs {
   int out_size = 0;
   int ksize = 0;
   int kpairs = 0;
-  bool pairs_ok = false;  // pair_hi / pair_lo hold the weights exactly (pairs_fit)
+  bool pairs_ok = false;  // pair_hi / pair_lo hold the weights exactly (checked in split_coeffs)
   std::vector<int> first;
   std::vector<int> count;
   std::vector<int32_t> k;
