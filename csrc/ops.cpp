@@ -31,6 +31,17 @@ TORCH_LIBRARY(idefics3_kit, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? cache_seqlens, float scale) "
       "-> Tensor");
+  // bf16 linear over a few rows (decode steps): x [..., K], weights [N_i, K] -> [..., sum N_i],
+  // the outputs of the weights side by side (q|k|v, gate|up without a concatenated copy).
+  m.def("decode_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
+  // Llama RMSNorm: weight * cast(x * rsqrt(mean(x^2) + eps)), statistics in float32.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // Every layer of a one-token Llama decode step: x [B, 1, D] -> [B, 1, D]; params holds 12
+  // entries per layer (input norm, q, k, v, q/k/v biases or None, o, post norm, gate, up, down);
+  // the new keys/values are written at position `past` of each layer's cache [B, Hkv, Lmax, hd].
+  m.def(
+      "decode_layers(Tensor x, Tensor?[] params, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor cos, "
+      "Tensor sin_signed, Tensor? key_mask, int past, int num_heads, int num_kv_heads, float eps) -> Tensor");
 }
 
 #ifndef IDEFICS3_KIT_NO_PYTHON

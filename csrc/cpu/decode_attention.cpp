@@ -8,6 +8,7 @@
 #include <atomic>
 
 #include "attention_common.h"
+#include "kernels.h"
 
 namespace idefics3_kit {
 namespace {
@@ -33,6 +34,8 @@ void check_seqlens(const std::optional<at::Tensor>& seqlens, int64_t b, int64_t 
   for (int64_t i = 0; i < b; ++i)
     TORCH_CHECK(s[i] >= 0 && s[i] <= l, op, ": cache_seqlens[", i, "] must be in [0, ", l, "], got ", s[i]);
 }
+
+}  // namespace
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& key_mask,
@@ -135,8 +138,6 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
 

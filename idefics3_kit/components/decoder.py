@@ -40,9 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm computes xf * rsqrt(mean(xf²) + eps) bit-identically to the three-op formula
-        # (checked over dtypes, widths 1..8192) with less Python per call (decode steps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)  # one compiled pass per row for CPU inference
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
@@ -168,6 +166,9 @@ def _fused_fresh(owner: nn.Module, layers: tuple):
 def fused_linear(owner: nn.Module, layers: tuple, x: torch.Tensor, split: bool = True):
     """The outputs of ``layers`` on ``x`` from one fused matmul (concatenated on the last dim
     when ``split`` is False), or None when not applicable."""
+    y = ops.decode_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
+    if y is not None:  # compiled few-row kernel: reads the separate weights in one call
+        return y.split([layer.weight.shape[0] for layer in layers], dim=-1) if split else y
     if x.dtype != torch.bfloat16 or x.numel() > PACKED_MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():
         return None
     f = _fused_fresh(owner, layers)
@@ -188,7 +189,11 @@ def _fresh(layer: nn.Linear) -> bool:
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, through the packed weight when there is a fresh one and few rows, without autograd."""
+    """``layer(x)``, through the compiled few-row kernel or the packed weight when there is a
+    fresh one and few rows, without autograd."""
+    y = ops.decode_linear(x, [layer.weight], [layer.bias])
+    if y is not None:
+        return y
     if (x.dtype == torch.bfloat16 and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
             and _fresh(layer)):
         return torch.ops.mkldnn._linear_pointwise(x, _PACKED[layer][2], layer.bias, "none", [], "")
@@ -261,6 +266,42 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, key_padding_mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), rope, key_padding_mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _decode_layer_params(decoder: "CausalDecoder", x: torch.Tensor, cache) -> list | None:
+    """The flat parameter list ``decode_layers`` takes (12 per layer), or None when the step is
+    not one it covers: one token per row on CPU, float32 (any batch) or bfloat16 with the
+    few-row linear kernel, inference, the compiled backend, plain Llama layers (SiLU, no o_proj
+    or MLP biases, no subclassed parts), a KVCache, and a head dim the decode kernel takes."""
+    from ..generation import KVCache
+    from ..ops import attention_compiled, linear as linear_ops, _library
+
+    if (x.shape[1] != 1 or type(cache) is not KVCache or x.device.type != "cpu" or torch.is_grad_enabled()
+            or not _library.use_compiled() or not hasattr(torch.ops.idefics3_kit, "decode_layers")):
+        return None
+    if x.dtype == torch.bfloat16:
+        if not linear_ops.applies(x, decoder.model.embed_tokens.weight):
+            return None
+    elif x.dtype != torch.float32:
+        return None
+    hd = decoder.config.head_dim
+    if hd % 8 or not 8 <= hd <= 512 or not attention_compiled._fast_cpu() or decoder.config.hidden_act != "silu":
+        return None
+    params = []
+    for layer in decoder.model.layers:
+        if (type(layer) is not DecoderLayer or type(layer.self_attn) is not DecoderAttention
+                or type(layer.mlp) is not GatedMLP or type(layer.input_layernorm) is not RMSNorm
+                or type(layer.post_attention_layernorm) is not RMSNorm):
+            return None
+        a, m = layer.self_attn, layer.mlp
+        if a.o_proj.bias is not None or any(p.bias is not None for p in (m.gate_proj, m.up_proj, m.down_proj)):
+            return None
+        params += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                   a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.weight, layer.post_attention_layernorm.weight,
+                   m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+    if any(p is not None and p.dtype != x.dtype for p in params):
+        return None
+    return params
 
 
 class _TextModel(nn.Module):
@@ -344,6 +385,21 @@ class CausalDecoder(nn.Module):
             self._inv_freq_cache[key] = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, device)
         return self._inv_freq_cache[key]
 
+    def _decode_layers(self, x, rope, key_padding_mask, cache) -> torch.Tensor | None:
+        """All layers of a one-token cached step in one compiled call (``decode_layers``), or
+        None where it does not apply (the Python layers then run; results are bit-identical)."""
+        params = _decode_layer_params(self, x, cache)
+        if params is None:
+            return None
+        if cache.length + 1 > cache.max_length:
+            raise ValueError(f"KV cache overflow: {cache.length + 1} tokens do not fit in max_length {cache.max_length}")
+        cos, _, sin_signed = rope
+        mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
+        layer0 = self.model.layers[0]
+        return torch.ops.idefics3_kit.decode_layers(
+            x, params, cache.keys, cache.values, cos, sin_signed, mask, cache.length,
+            layer0.self_attn.num_heads, layer0.self_attn.num_kv_heads, layer0.input_layernorm.eps)
+
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
                 cache=None, logits_to_keep: int = 0, output_hidden_states: bool = False) -> DecoderOutput:
         """Run the decoder over ``L`` new tokens.
@@ -368,7 +424,10 @@ class CausalDecoder(nn.Module):
                                  f"got {tuple(attention_mask.shape)}")
             key_padding_mask = None if bool(attention_mask.all()) else attention_mask.bool()
         hidden = [x] if output_hidden_states else None
-        for layer in self.model.layers:
+        fused = None if output_hidden_states else self._decode_layers(x, rope, key_padding_mask, cache)
+        if fused is not None:
+            x = fused
+        for layer in self.model.layers if fused is None else ():
             x = layer(x, rope, key_padding_mask, cache)
             if hidden is not None:
                 hidden.append(x)

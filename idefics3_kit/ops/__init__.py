@@ -11,8 +11,11 @@ reference ops.
 from . import _library
 from ._library import backend, build_info, extension_error, has_extension, use_reference
 from .attention import attention, attention_ref
+from .linear import decode_linear, decode_linear_ref
+from .norm import rms_norm, rms_norm_ref
 
 _library.has_extension()  # load the extension now (quietly) so torch.ops.idefics3_kit.* exist
 
-__all__ = ["attention", "attention_ref", "backend", "build_info", "extension_error", "has_extension",
+__all__ = ["attention", "attention_ref", "backend", "decode_linear", "decode_linear_ref",
+           "rms_norm", "rms_norm_ref", "build_info", "extension_error", "has_extension",
            "use_reference"]

@@ -45,4 +45,21 @@ def register() -> None:
         def _decode(q, k, v, key_mask, cache_seqlens, scale):
             return attention_out(q)
 
+    if hasattr(ns, "decode_linear"):
+        @torch.library.register_fake(lib + "decode_linear")
+        def _decode_linear(x, weights, biases):
+            torch._check(len(weights) > 0, lambda: "decode_linear: weights must not be empty")
+            return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+    if hasattr(ns, "rms_norm"):
+        @torch.library.register_fake(lib + "rms_norm")
+        def _rms_norm(x, weight, eps):
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    if hasattr(ns, "decode_layers"):
+        @torch.library.register_fake(lib + "decode_layers")
+        def _decode_layers(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads, num_kv_heads,
+                           eps):
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     _registered = True

@@ -1,0 +1,121 @@
+// decode_layers on CPU: every decoder layer of a one-token decode step in one call.
+//
+// The same ATen ops and kernels, in the same order, as the Python layers run for this step
+// (components/decoder.py: RMSNorm, q|k|v projection, rotate-half RoPE through a roll, cache
+// write, decode attention, o_proj, residual, RMSNorm, gate|up, SiLU gate, down, residual), so the
+// result is bit-identical to them; what goes away is the Python between the ~40 ops of each
+// layer, which at SmolVLM-256M shapes is a third of a bf16 decode step.
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace idefics3_kit {
+namespace {
+
+constexpr int64_t kParamsPerLayer = 12;
+// Slots of one layer in the params list (None where a projection has no bias).
+enum Param : int64_t { kInNorm, kQ, kK, kV, kQBias, kKBias, kVBias, kO, kPostNorm, kGate, kUp, kDown };
+
+at::Tensor need(const c10::List<std::optional<at::Tensor>>& params, int64_t layer, Param slot) {
+  const std::optional<at::Tensor> t = params.get(layer * kParamsPerLayer + slot);
+  TORCH_CHECK(t.has_value() && t->defined(), "decode_layers: params[", layer * kParamsPerLayer + slot, "] (layer ", layer,
+              ", slot ", static_cast<int>(slot), ") must be a tensor, got None");
+  return *t;
+}
+
+// x [B, 1, K] through the given weights, outputs side by side on the last dim.
+at::Tensor project(const at::Tensor& x, std::vector<at::Tensor> weights, c10::List<std::optional<at::Tensor>> biases) {
+  if (x.scalar_type() == at::kBFloat16) return decode_linear_cpu(x, weights, biases);
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < weights.size(); ++i) outs.push_back(at::linear(x, weights[i], biases.get(i)));
+  return outs.size() == 1 ? outs[0] : at::cat(outs, -1);
+}
+
+void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cache, const at::TensorList v_cache,
+                const at::Tensor& cos, const at::Tensor& sin_signed, const std::optional<at::Tensor>& key_mask,
+                int64_t past, int64_t heads, int64_t kv_heads) {
+  const char* op = "decode_layers";
+  check_cpu(x, op, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, op, ": x must be [B, 1, D] (one new token per sequence), got ",
+              shape_str(x));
+  TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == layers && static_cast<int64_t>(v_cache.size()) == layers, op,
+              ": k_cache and v_cache must hold one tensor per layer (", layers, " layers from params), got ",
+              k_cache.size(), " and ", v_cache.size());
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, op, ": num_heads (", heads,
+              ") must be a positive multiple of num_kv_heads (", kv_heads, ")");
+  for (int64_t l = 0; l < layers; ++l) {
+    for (const at::Tensor* c : {&k_cache[l], &v_cache[l]}) {
+      TORCH_CHECK(c->dim() == 4 && c->size(0) == x.size(0) && c->size(1) == kv_heads, op, ": cache of layer ", l,
+                  " must be [B, Hkv, Lmax, hd] with B = ", x.size(0), ", Hkv = ", kv_heads, ", got ", shape_str(*c));
+      TORCH_CHECK(c->scalar_type() == x.scalar_type() && c->device().is_cpu(), op, ": cache of layer ", l,
+                  " must be a CPU ", x.scalar_type(), " tensor, got ", c->scalar_type(), " on ", c->device());
+      TORCH_CHECK(past >= 0 && past < c->size(2), op, ": past (", past, ") must be in [0, Lmax = ", c->size(2),
+                  "): the new token is written at position past");
+    }
+  }
+  const int64_t hd = k_cache[0].size(3);
+  for (const at::Tensor* r : {&cos, &sin_signed})
+    TORCH_CHECK(r->dim() == 4 && r->size(0) == x.size(0) && r->size(1) == 1 && r->size(2) == 1 && r->size(3) == hd &&
+                    r->scalar_type() == x.scalar_type(),
+                op, ": cos and sin_signed must be [B, 1, 1, hd] = [", x.size(0), ", 1, 1, ", hd, "] in x's dtype, got ",
+                shape_str(*r), " ", r->scalar_type());
+  if (key_mask) {
+    check_dtype(*key_mask, at::kBool, op, "key_mask");
+    TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == x.size(0) && key_mask->size(1) == past + 1, op,
+                ": key_mask must be [B, past + 1] = [", x.size(0), ", ", past + 1, "], got ", shape_str(*key_mask));
+  }
+}
+
+}  // namespace
+
+at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params,
+                             at::TensorList k_cache, at::TensorList v_cache, const at::Tensor& cos,
+                             const at::Tensor& sin_signed, const std::optional<at::Tensor>& key_mask, int64_t past,
+                             int64_t heads, int64_t kv_heads, double eps) {
+  TORCH_CHECK(params.size() % kParamsPerLayer == 0 && params.size() > 0, "decode_layers: params must hold ",
+              kParamsPerLayer, " entries per layer, got ", params.size());
+  const int64_t layers = static_cast<int64_t>(params.size()) / kParamsPerLayer;
+  check_args(x_in, layers, k_cache, v_cache, cos, sin_signed, key_mask, past, heads, kv_heads);
+  const int64_t b = x_in.size(0), hd = k_cache[0].size(3), inter_rows = heads + kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const std::optional<at::Tensor> mask = key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt;
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    auto bias = [&](Param slot) { return params.get(l * kParamsPerLayer + slot); };
+    // attention block
+    const at::Tensor h = rms_norm_cpu(x, need(params, l, kInNorm), eps);
+    const at::Tensor qkv = project(h, {need(params, l, kQ), need(params, l, kK), need(params, l, kV)},
+                                   c10::List<std::optional<at::Tensor>>({bias(kQBias), bias(kKBias), bias(kVBias)}));
+    TORCH_CHECK(qkv.size(-1) == (heads + 2 * kv_heads) * hd, "decode_layers: layer ", l, ": q|k|v projections give ",
+                qkv.size(-1), " features, expected (num_heads + 2 num_kv_heads) * head_dim = ",
+                (heads + 2 * kv_heads) * hd);
+    const at::Tensor qk_in = qkv.narrow(-1, 0, inter_rows * hd).view({b, 1, inter_rows, hd});
+    const at::Tensor qk = qk_in * cos + at::roll(qk_in, {hd / 2}, {-1}) * sin_signed;  // [B, 1, H + Hkv, hd]
+    const at::Tensor q = qk.narrow(2, 0, heads).transpose(1, 2);                        // [B, H, 1, hd]
+    const at::Tensor k = qk.narrow(2, heads, kv_heads).transpose(1, 2);                 // [B, Hkv, 1, hd]
+    const at::Tensor v = qkv.narrow(-1, inter_rows * hd, kv_heads * hd).view({b, 1, kv_heads, hd}).transpose(1, 2);
+    k_cache[l].narrow(2, past, 1).copy_(k);
+    v_cache[l].narrow(2, past, 1).copy_(v);
+    const at::Tensor attn = decode_attention_cpu(q, k_cache[l].narrow(2, 0, past + 1), v_cache[l].narrow(2, 0, past + 1),
+                                                 mask, std::nullopt, scale);  // [B, H, 1, hd] over [B, 1, H, hd] memory
+    const at::Tensor o = project(attn.transpose(1, 2).reshape({b, 1, heads * hd}), {need(params, l, kO)},
+                                 c10::List<std::optional<at::Tensor>>({std::nullopt}));
+    x = x + o;
+    // MLP block
+    const at::Tensor h2 = rms_norm_cpu(x, need(params, l, kPostNorm), eps);
+    const at::Tensor gu = project(h2, {need(params, l, kGate), need(params, l, kUp)},
+                                  c10::List<std::optional<at::Tensor>>({std::nullopt, std::nullopt}));
+    const int64_t inter = gu.size(-1) / 2;
+    const at::Tensor act = at::silu(gu.narrow(-1, 0, inter)) * gu.narrow(-1, inter, inter);
+    x = x + project(act, {need(params, l, kDown)}, c10::List<std::optional<at::Tensor>>({std::nullopt}));
+  }
+  return x;
+}
+
+TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) { m.impl("decode_layers", &decode_layers_cpu); }
+
+}  // namespace idefics3_kit

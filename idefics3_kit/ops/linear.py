@@ -1,0 +1,65 @@
+"""Few-row bf16 linear for decode steps: ``decode_linear(x, weights, biases)``.
+
+A one-token decode step reads every decoder weight once for one row of activations; that is
+bandwidth work, and at the decoder's narrow shapes (K = 576) oneDNN's bf16 matmul streams the
+weights at about half the speed of the compiled loop (benchmarks/linear_cpu.py). The op also
+takes several weights at once (q|k|v, gate|up) and writes their outputs side by side, so fused
+projections need no concatenated weight copy.
+
+``decode_linear`` returns None when the compiled kernel does not apply (the caller then runs its
+usual ``F.linear`` path): not bf16 on a CPU with AVX-512 BF16, more than ``MAX_ROWS`` rows,
+autograd on, the reference backend forced, or the extension absent.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _library
+
+# Rows up to which the kernel beats oneDNN (measured at SmolVLM-256M shapes, 2 threads: one row
+# ~1.4-1.9x, two rows ~1.2x, four rows slower: oneDNN's AMX path wins once there are rows to share
+# each weight load).
+MAX_ROWS = 2
+
+
+def decode_linear_ref(x: torch.Tensor, weights, biases=None) -> torch.Tensor:
+    """Reference: each weight's linear accumulated in float32, bias added, rounded once to x's
+    dtype; the outputs concatenated on the last dim."""
+    biases = biases if biases is not None else [None] * len(weights)
+    outs = []
+    for w, b in zip(weights, biases):
+        y = x.float() @ w.float().T
+        outs.append((y if b is None else y + b.float()).to(x.dtype))
+    return torch.cat(outs, dim=-1)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU runs the kernel's vectorized path (Linux /proc/cpuinfo; else False)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``decode_linear`` would run the compiled kernel for this input and weight."""
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "decode_linear")
+            and cpu_has_avx512_bf16())
+
+
+def decode_linear(x: torch.Tensor, weights, biases) -> torch.Tensor | None:
+    """x [..., K] @ each of ``weights`` [N_i, K] (+ bias) -> [..., sum N_i], or None when the
+    compiled kernel does not apply."""
+    if not applies(x, weights[0]):
+        return None
+    return torch.ops.idefics3_kit.decode_linear(x, list(weights), list(biases))

@@ -1,0 +1,37 @@
+"""RMSNorm as one op: ``rms_norm(x, weight, eps)``.
+
+The reference is transformers' LlamaRMSNorm: statistics in float32, the normalized row cast back
+to x's dtype, then multiplied by the weight in that dtype. torch runs that as several ATen ops per
+call (F.rms_norm decomposes into pow/mean/add/rsqrt/mul plus the casts); a one-token decode step
+calls it twice per layer on a single row, where those per-op costs are the whole cost. The
+compiled kernel does one pass per row; results agree with the reference to float32 rounding of
+the sum of squares (its summation order differs), i.e. at most one bf16 ulp after the casts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _library
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * cast(x / rms(x)), the statistics in float32 (F.rms_norm: bit-identical to the
+    three-op formula over dtypes and widths 1..8192)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _compiled_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return (not needs_grad and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and weight.device.type == "cpu" and x.dim() >= 1
+            and _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "rms_norm"))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x's last dim; the compiled kernel for CPU float32/bfloat16 inference, else the
+    reference (autograd, other devices and dtypes, mixed dtypes)."""
+    if _compiled_applies(x, weight):
+        return torch.ops.idefics3_kit.rms_norm(x, weight, float(eps))
+    return rms_norm_ref(x, weight, eps)
