@@ -126,6 +126,36 @@ def test_decode_matches_reference_on_cache_views(b, hkv, groups, lk, d, dtype, m
 
 
 @needs_ext
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+@pytest.mark.parametrize("groups", [1, 4, 7, 16])
+@pytest.mark.parametrize("lk", [1, 15, 16, 17, 33, 300])
+def test_decode_bf16_tile_path_shapes(d, groups, lk):
+    # The AMX path (bf16, head dim a multiple of 32 up to 128, <= 16 heads per group) on CPUs that
+    # have it: partial 16-key score blocks, partial 32-key value blocks, masks. Elsewhere the
+    # same shapes exercise the AVX-512 / portable kernels.
+    q, k, v, kpm = _inputs(2, 2 * groups, 2, 1, lk, d, "random" if lk > 1 else None, d + groups + lk)
+    _check_close(q, k, v, kpm, True, torch.bfloat16,
+                 lambda ql, kl, vl: torch.ops.idefics3_kit.decode_attention(ql, kl, vl, kpm, None, 1 / math.sqrt(d)))
+
+
+@needs_ext
+def test_decode_amx_and_vector_paths_agree():
+    # The same bf16 call with the tile path on and off (IDEFICS3_KIT_NO_AMX, read once per process).
+    code = ("import torch, idefics3_kit.ops; g = torch.Generator().manual_seed(0); "
+            "q = torch.randn(1, 8, 1, 128, generator=g).bfloat16(); k = torch.randn(1, 2, 777, 128, generator=g).bfloat16(); "
+            "v = torch.randn(1, 2, 777, 128, generator=g).bfloat16(); "
+            "torch.save(torch.ops.idefics3_kit.decode_attention(q, k, v, None, None, 0.088), __import__('sys').argv[1])")
+    outs = []
+    for flag in ("0", "1"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ik_decode_amx_{os.getpid()}_{flag}.pt")
+        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "IDEFICS3_KIT_NO_AMX": flag})
+        outs.append(torch.load(path))
+        os.remove(path)
+    # both within bf16 rounding of each other (they round the probabilities at different points)
+    assert _max_err(outs[0], outs[1]) <= 2e-2
+
+
+@needs_ext
 def test_decode_cache_seqlens_bounds_keys():
     q, k, v, _ = _inputs(2, 4, 2, 1, 50, 64, None, 3)
     lens = torch.tensor([20, 50], dtype=torch.int32)

@@ -415,6 +415,11 @@ inline bool available() {
 }
 
 }  // namespace avx512
+}  // namespace attn
+}  // namespace idefics3_kit
+#include "decode_amx.h"
+namespace idefics3_kit {
+namespace attn {
 #endif
 
 // Dispatch: the AVX-512 path when the CPU has it, the portable loops otherwise.
@@ -429,6 +434,9 @@ inline void softmax_row(const in_t* s, int n, int valid, float scale, const floa
 // Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
 inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m, float* l,
                            float* qf, float* row, float* x) {
+#ifdef IK_HAVE_AMX_PATH
+  if (bf16 && amx::usable(a.d, a.groups)) return amx::decode_partial(a, j0, j1, o, m, l, x);
+#endif
 #ifdef IK_HAVE_AVX512_PATH
   if (avx512::available()) {
     if (bf16)

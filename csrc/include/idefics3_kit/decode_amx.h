@@ -1,0 +1,228 @@
+// bf16 decode attention on Intel AMX (Sapphire Rapids and later): the same partial result as
+// attn::decode_partial (unnormalized output, max and sum of one key range for all G query heads
+// of a key/value head), with both matrix products on the tile unit.
+//
+// Why: with AVX-512 the bf16 decode kernel is bound by arithmetic (converting bf16 to fp32 and
+// one FMA per element and head), not by reading the cache. On AMX one TDPBF16PS does
+// 16 x 16 x 32 multiply-adds, so the work per key drops to a few cycles and reading K/V is
+// what is left (benchmarks/attention_cpu.py).
+//
+//   scores:  S[16 keys, G] += K[16 keys, 32 dims] . Qvnni[16 dim pairs, G]     (K straight from the cache)
+//   output:  O[G, 16 dims] += P[G, 32 keys] . Vvnni[16 key pairs, 16 dims]   (V re-laid out in pairs)
+//
+// Numerics as torch's bf16 attention: bf16 products accumulated in fp32, softmax in fp32, the
+// probabilities rounded to bf16 before the product with V (attention_ref does the same).
+#pragma once
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__CUDACC__) && \
+    !defined(IDEFICS3_KIT_NO_AVX512) && (__GNUC__ >= 11 || defined(__clang__))
+#define IK_HAVE_AMX_PATH 1
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace idefics3_kit {
+namespace attn {
+namespace amx {
+
+#define IK_AMX_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")))
+
+constexpr int kMaxGroups = 16;  // query heads per key/value head: the columns of one tile
+constexpr int kMaxChunks = 4;   // head dim / 32 tiles of Q held at once (head dim <= 128)
+
+// AMX needs CPU support and, on Linux, a per-process permission for the tile state.
+// IDEFICS3_KIT_NO_AMX=1 turns the path off (comparisons, debugging).
+inline bool available() {
+  static const bool ok = [] {
+    const char* off = std::getenv("IDEFICS3_KIT_NO_AMX");
+    if (off && *off && *off != '0') return false;
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+    if (!amx_bf16 || !amx_tile || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512bf16"))
+      return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Whether this call can run here: bf16, head dim a multiple of 32 up to 128, <= 16 heads per group.
+inline bool usable(int64_t d, int64_t groups) {
+  return d % 32 == 0 && d / 32 <= kMaxChunks && groups >= 1 && groups <= kMaxGroups && available();
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0 scores [16 keys x G], tmm1 K rows (scores) / V pairs (output) [16 x 64 B],
+// tmm2..5 Q chunks [16 dim pairs x G], tmm6 output [G x 16 dims], tmm7 probabilities [G x 32 keys].
+IK_AMX_FN inline void configure(int groups) {
+  TileConfig cfg;
+  const uint16_t g_bytes = static_cast<uint16_t>(groups * 4);
+  cfg.rows[0] = 16, cfg.colsb[0] = g_bytes;
+  cfg.rows[1] = 16, cfg.colsb[1] = 64;
+  for (int t = 2; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = g_bytes;
+  cfg.rows[6] = static_cast<uint8_t>(groups), cfg.colsb[6] = 64;
+  cfg.rows[7] = static_cast<uint8_t>(groups), cfg.colsb[7] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+IK_AMX_FN inline void load_q_tiles(const uint16_t* qv, int64_t chunks, int64_t stride_bytes) {
+  const int64_t tile = 16 * stride_bytes / 2;  // elements per Q chunk tile
+  _tile_loadd(2, qv, stride_bytes);
+  if (chunks > 1) _tile_loadd(3, qv + tile, stride_bytes);
+  if (chunks > 2) _tile_loadd(4, qv + 2 * tile, stride_bytes);
+  if (chunks > 3) _tile_loadd(5, qv + 3 * tile, stride_bytes);
+}
+
+// S[16, G] for keys kr .. kr + 15 (row stride k_stride elements) over `chunks` 32-dim chunks.
+IK_AMX_FN inline void score_block(const uint16_t* kr, int64_t k_stride, int64_t chunks, float* s, int groups) {
+  const int64_t kb = k_stride * 2;
+  _tile_zero(0);
+  _tile_loadd(1, kr, kb);
+  _tile_dpbf16ps(0, 1, 2);
+  if (chunks > 1) {
+    _tile_loadd(1, kr + 32, kb);
+    _tile_dpbf16ps(0, 1, 3);
+  }
+  if (chunks > 2) {
+    _tile_loadd(1, kr + 64, kb);
+    _tile_dpbf16ps(0, 1, 4);
+  }
+  if (chunks > 3) {
+    _tile_loadd(1, kr + 96, kb);
+    _tile_dpbf16ps(0, 1, 5);
+  }
+  _tile_stored(0, s, groups * 4);
+}
+
+// Output column of lane `i` (0..15) of tile 2c + h: the pair interleave (vpunpck{l,h}wd) works
+// within 128-bit lanes, so tile columns map to head-dim indices in groups of four.
+inline int64_t out_column(int64_t chunk, int half, int i) { return chunk * 32 + 8 * (i / 4) + 4 * half + (i % 4); }
+
+// V rows [j, j + 32) (rows past n: zeros) re-laid out as d / 16 tiles [16 key pairs][16 x 2]:
+// row p of a tile holds (v[2p][c], v[2p + 1][c]) for its 16 columns c (see out_column).
+IK_AMX_FN inline void repack_v_block(const uint16_t* v, int64_t v_stride, int64_t j, int64_t n, int64_t d, uint16_t* out) {
+  const int64_t chunks = d / 32;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t p = 0; p < 16; ++p) {
+    const int64_t r = j + 2 * p;
+    const uint16_t* r0 = v + r * v_stride;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i a = r < n ? _mm512_loadu_si512(r0 + c * 32) : zero;
+      const __m512i b = r + 1 < n ? _mm512_loadu_si512(r0 + v_stride + c * 32) : zero;
+      uint16_t* t = out + (2 * c * 16 + p) * 32;
+      _mm512_storeu_si512(t, _mm512_unpacklo_epi16(a, b));
+      _mm512_storeu_si512(t + 16 * 32, _mm512_unpackhi_epi16(a, b));
+    }
+  }
+}
+
+IK_AMX_FN inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 32)
+    acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(a + i)),
+                           reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + i)));
+  return _mm512_reduce_add_ps(acc);
+}
+
+IK_AMX_FN inline uint16_t to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);  // finite inputs: exp of scores <= 1
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// decode_partial for bf16 on AMX. x: [G][j1 - j0] float scratch (the caller's).
+IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                                     float* x) {
+  const int64_t d = a.d, G = a.groups, n = j1 - j0, chunks = d / 32;
+  const int64_t n16 = n / 16 * 16, n32 = (n + 31) / 32 * 32;
+  const auto* q = static_cast<const uint16_t*>(a.q);
+  const auto* k = static_cast<const uint16_t*>(a.k) + j0 * a.k_stride;
+  const auto* v = static_cast<const uint16_t*>(a.v) + j0 * a.v_stride;
+  const uint8_t* km = a.key_mask ? a.key_mask + j0 : nullptr;
+  thread_local std::vector<uint16_t> qv, pb;
+  qv.assign(chunks * 16 * G * 2, 0);
+  pb.assign(G * n32, 0);
+  // Q as B tiles: row r of chunk c holds, for each head g, dims (32c + 2r, 32c + 2r + 1).
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* qg = q + g * a.q_stride + c * 32 + 2 * r;
+        uint16_t* dst = qv.data() + ((c * 16 + r) * G + g) * 2;
+        dst[0] = qg[0], dst[1] = qg[1];
+      }
+  configure(static_cast<int>(G));
+  load_q_tiles(qv.data(), chunks, G * 4);
+
+  // 1) scores for all keys of the range, scaled, masked keys -inf
+  alignas(64) float s[16 * kMaxGroups];
+  for (int64_t jb = 0; jb < n16; jb += 16) {
+    score_block(k + jb * a.k_stride, a.k_stride, chunks, s, static_cast<int>(G));
+    for (int64_t r = 0; r < 16; ++r) {
+      const bool masked = km && !km[jb + r];
+      for (int64_t g = 0; g < G; ++g) x[g * n + jb + r] = masked ? kNegInf : s[r * G + g] * a.scale;
+    }
+  }
+  for (int64_t j = n16; j < n; ++j)  // the last n % 16 keys with vector dot products
+    for (int64_t g = 0; g < G; ++g)
+      x[g * n + j] = (km && !km[j]) ? kNegInf : dot_bf16(q + g * a.q_stride, k + j * a.k_stride, d) * a.scale;
+
+  // 2) softmax statistics per head; probabilities rounded to bf16 as the A tile [G x n32]
+  for (int64_t g = 0; g < G; ++g) {
+    float* xg = x + g * n;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, avx512::lane_mask(n - j), xg + j));
+    const float mg = _mm512_reduce_max_ps(mx);
+    const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = avx512::lane_mask(n - j);
+      const __m512 e = _mm512_maskz_mov_ps(mk, avx512::exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + j), mv)));
+      sum = _mm512_add_ps(sum, e);
+      avx512::store(pb.data() + g * n32 + j, e, mk);
+    }
+    m[g] = mg;
+    l[g] = _mm512_reduce_add_ps(sum);
+  }
+
+  // 3) O[G, d] = P . V, 32 keys at a time: the block's V pairs are re-laid out into an L1-sized
+  //    buffer, then each 16-column output tile (kept in memory) takes one tile product.
+  const int64_t tiles = d / 16;
+  alignas(64) uint16_t vblk[2 * kMaxChunks][16 * 32];
+  alignas(64) float oacc[2 * kMaxChunks][kMaxGroups * 16];
+  for (int64_t t = 0; t < tiles; ++t) std::fill(oacc[t], oacc[t] + G * 16, 0.0f);
+  for (int64_t b = 0; b < n32 / 32; ++b) {
+    repack_v_block(v, a.v_stride, b * 32, n, d, vblk[0]);
+    _tile_loadd(7, pb.data() + b * 32, n32 * 2);
+    for (int64_t t = 0; t < tiles; ++t) {
+      _tile_loadd(6, oacc[t], 64);
+      _tile_loadd(1, vblk[t], 64);
+      _tile_dpbf16ps(6, 7, 1);
+      _tile_stored(6, oacc[t], 64);
+    }
+  }
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t g = 0; g < G; ++g)
+      for (int i = 0; i < 16; ++i) o[g * d + out_column(t / 2, static_cast<int>(t % 2), i)] = oacc[t][g * 16 + i];
+  _tile_release();
+}
+
+}  // namespace amx
+}  // namespace attn
+}  // namespace idefics3_kit
+#endif
