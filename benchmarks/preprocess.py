@@ -45,8 +45,9 @@ def ours(img: Image.Image):
     arr = torch.from_numpy(np.array(img))  # [H, W, 3] uint8
     g = image_geometry(arr.shape[0], arr.shape[1], LONGEST, TILE)
     n = num_tiles(g)
-    pv = torch.empty(1, n, 3, TILE, TILE)  # every tile is written: no padding to zero here
-    pm = torch.empty(1, n, TILE, TILE, dtype=torch.int64)
+    # allocated as the splitter does (ops.empty_pooled); every tile is written: no padding to zero
+    pv = ops.empty_pooled((1, n, 3, TILE, TILE), torch.float32)
+    pm = ops.empty_pooled((1, n, TILE, TILE), torch.int64)
     P.preprocess_into([arr], pv, pm, g, MEAN, STD, RESCALE)
     return pv, pm
 

@@ -36,6 +36,10 @@ TORCH_LIBRARY(idefics3_kit, m) {
   m.def("decode_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
   // Llama RMSNorm: weight * cast(x * rsqrt(mean(x^2) + eps)), statistics in float32.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // Uninitialized CPU tensor whose memory goes back to a bounded pool when freed (large
+  // preprocessing outputs reuse already-faulted pages); release_pooled frees the idle buffers.
+  m.def("empty_pooled(int[] size, ScalarType dtype) -> Tensor");
+  m.def("release_pooled() -> int");
   // Every layer of a one-token Llama decode step: x [B, 1, D] -> [B, 1, D]; params holds 12
   // entries per layer (input norm, q, k, v, q/k/v biases or None, o, post norm, gate, up, down);
   // the new keys/values are written at position `past` of each layer's cache [B, Hkv, Lmax, hd].

@@ -394,6 +394,8 @@ class CausalDecoder(nn.Module):
         if cache.length + 1 > cache.max_length:
             raise ValueError(f"KV cache overflow: {cache.length + 1} tokens do not fit in max_length {cache.max_length}")
         cos, _, sin_signed = rope
+        if cos.shape[0] != x.shape[0]:  # position_ids [1, 1] shared by the batch: the layers broadcast it
+            cos, sin_signed = cos.expand(x.shape[0], -1, -1, -1), sin_signed.expand(x.shape[0], -1, -1, -1)
         mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
         layer0 = self.model.layers[0]
         return torch.ops.idefics3_kit.decode_layers(

@@ -12,10 +12,11 @@ from . import _library
 from ._library import backend, build_info, extension_error, has_extension, use_reference
 from .attention import attention, attention_ref
 from .linear import decode_linear, decode_linear_ref
+from .memory import empty_pooled, release_pooled
 from .norm import rms_norm, rms_norm_ref
 
 _library.has_extension()  # load the extension now (quietly) so torch.ops.idefics3_kit.* exist
 
-__all__ = ["attention", "attention_ref", "backend", "decode_linear", "decode_linear_ref",
-           "rms_norm", "rms_norm_ref", "build_info", "extension_error", "has_extension",
+__all__ = ["attention", "attention_ref", "backend", "decode_linear", "decode_linear_ref", "empty_pooled",
+           "rms_norm", "rms_norm_ref", "build_info", "extension_error", "has_extension", "release_pooled",
            "use_reference"]

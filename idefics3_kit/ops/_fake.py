@@ -62,4 +62,9 @@ def register() -> None:
                            eps):
             return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    if hasattr(ns, "empty_pooled"):
+        @torch.library.register_fake(lib + "empty_pooled")
+        def _empty_pooled(size, dtype):
+            return torch.empty(size, dtype=dtype)
+
     _registered = True

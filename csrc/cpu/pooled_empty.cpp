@@ -1,0 +1,105 @@
+// empty_pooled / release_pooled: large CPU tensors whose memory is kept for reuse after the
+// tensor is freed.
+//
+// Why: the preprocessing op fills tens of megabytes per call (13 tiles x 3 x 512 x 512 float32
+// plus the mask at SmolVLM geometry). A fresh allocation of that size is a fresh mmap, and the
+// kernel zeroes every page on first touch: measured, that cost as much as the resize itself
+// whenever other work had run between calls. Buffers handed back by the tensors' deleter are
+// reused by the next request of the same byte size, already faulted in. The pool holds at most
+// IDEFICS3_KIT_POOL_MB megabytes (default 1024, 0 disables it); release_pooled() frees them.
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
+#include "common.h"
+
+namespace idefics3_kit {
+namespace {
+
+constexpr size_t kMinPooledBytes = size_t{1} << 20;  // smaller tensors: the plain allocator is cheap
+constexpr size_t kAlign = 64;
+
+struct Pool {
+  std::mutex mu;
+  std::multimap<size_t, void*> idle;  // byte size -> buffer
+  size_t held = 0;
+  const size_t cap = [] {
+    const char* env = std::getenv("IDEFICS3_KIT_POOL_MB");
+    const long mb = env && *env ? std::strtol(env, nullptr, 10) : 1024;
+    return mb > 0 ? static_cast<size_t>(mb) << 20 : size_t{0};
+  }();
+};
+
+Pool& pool() {
+  static Pool* p = new Pool;  // never destroyed: tensors may be freed during static destruction
+  return *p;
+}
+
+void* take(size_t bytes) {
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto it = p.idle.find(bytes);
+    if (it != p.idle.end()) {
+      void* buf = it->second;
+      p.idle.erase(it);
+      p.held -= bytes;
+      return buf;
+    }
+  }
+  void* buf = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+  TORCH_CHECK(buf != nullptr, "empty_pooled: out of memory allocating ", bytes, " bytes");
+  return buf;
+}
+
+void give_back(void* buf, size_t bytes) {
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    if (p.held + bytes <= p.cap) {
+      p.idle.emplace(bytes, buf);
+      p.held += bytes;
+      return;
+    }
+  }
+  std::free(buf);
+}
+
+at::Tensor empty_pooled(at::IntArrayRef size, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (const int64_t s : size) {
+    TORCH_CHECK(s >= 0, "empty_pooled: sizes must be non-negative, got ", size);
+    numel *= s;
+  }
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  if (bytes < kMinPooledBytes || pool().cap == 0) return at::empty(size, options);
+  void* buf = take(bytes);
+  return at::from_blob(buf, size, [bytes](void* ptr) { give_back(ptr, bytes); }, options);
+}
+
+int64_t release_pooled() {
+  Pool& p = pool();
+  std::multimap<size_t, void*> idle;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    idle.swap(p.idle);
+    p.held = 0;
+  }
+  int64_t freed = 0;
+  for (const auto& [bytes, buf] : idle) {
+    std::free(buf);
+    freed += static_cast<int64_t>(bytes);
+  }
+  return freed;
+}
+
+}  // namespace
+
+// No tensor arguments to dispatch on: one kernel for every dispatch key.
+TORCH_LIBRARY_IMPL(idefics3_kit, CompositeExplicitAutograd, m) {
+  m.impl("empty_pooled", &empty_pooled);
+  m.impl("release_pooled", &release_pooled);
+}
+
+}  // namespace idefics3_kit

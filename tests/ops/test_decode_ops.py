@@ -1,0 +1,529 @@
+"""Decode-step ops: decode_linear and rms_norm against their references (PyTorch-derived
+tolerances), and decode_layers bit-identical to the Python decoder layers it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import idefics3_kit as ik
+from idefics3_kit import ops
+from idefics3_kit.components import decoder as decoder_mod
+from idefics3_kit.components.decoder import CausalDecoder, Llama3Decoder, Qwen2Decoder, _decode_layer_params
+from idefics3_kit.generation import KVCache
+from idefics3_kit.ops import attention_compiled
+from idefics3_kit.ops import linear as linear_ops
+from idefics3_kit.ops.linear import decode_linear_ref
+from idefics3_kit.ops.norm import rms_norm_ref
+
+needs_ext = pytest.mark.skipif(not ops.has_extension(),
+                               reason=f"compiled extension not built ({ops.extension_error()})")
+ns = torch.ops.idefics3_kit
+
+
+def _ulp_bf16(v: torch.Tensor) -> torch.Tensor:
+    """One bfloat16 ulp at |v| (8 significant bits), as float32; the subnormal spacing below."""
+    a = v.float().abs().clamp_min(2.0 ** -126)
+    return torch.exp2(torch.floor(torch.log2(a)) - 7)
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ---- decode_linear ----------------------------------------------------------------------------
+
+def _linear_inputs(lead, k, outs, seed):
+    """x [*lead, K] bf16; weights [N_i, K] bf16; biases None / bf16 / fp32 per ``outs`` entry."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g).bfloat16()
+    weights, biases = [], []
+    for n, bias_dtype in outs:
+        weights.append((torch.randn(n, k, generator=g) / max(1.0, k ** 0.5) * 4).bfloat16())
+        biases.append(None if bias_dtype is None else torch.randn(n, generator=g).to(bias_dtype))
+    return x, weights, biases
+
+
+def _fp32_linear(x, weights, biases):
+    return torch.cat([F.linear(x.float(), w.float(), None if b is None else b.float())
+                      for w, b in zip(weights, biases)], dim=-1)
+
+
+def _check_linear(x, weights, biases, y):
+    n_total = sum(w.shape[0] for w in weights)
+    assert y.shape == (*x.shape[:-1], n_total) and y.dtype == torch.bfloat16
+    assert torch.isfinite(y.float()).all()
+    ref32 = _fp32_linear(x, weights, biases)
+    # PyTorch's own bf16 linear (bf16 biases, as a bf16 nn.Linear holds them) sets the tolerance
+    torch_bf16 = torch.cat([F.linear(x, w, None if b is None else b.bfloat16()) for w, b in zip(weights, biases)], -1)
+    assert _max_err(y, ref32) <= 2 * _max_err(torch_bf16, ref32) + 1e-3 * max(1.0, ref32.abs().max().item())
+    # the reference: the same fp32 sums (another order) rounded once -> at most one bf16 ulp apart,
+    # plus the fp32 reassociation slack
+    ref = decode_linear_ref(x, weights, biases)
+    assert ref.shape == y.shape and ref.dtype == torch.bfloat16
+    mag = torch.cat([F.linear(x.float().abs(), w.float().abs(), None if b is None else b.float().abs())
+                     for w, b in zip(weights, biases)], dim=-1)
+    bound = _ulp_bf16(torch.maximum(y.float().abs(), ref.float().abs())) + 2.0 ** -18 * mag
+    assert ((y.float() - ref.float()).abs() <= bound).all()
+
+
+def test_decode_linear_ref_is_fp32_linear_rounded_once():
+    x, weights, biases = _linear_inputs((3,), 40, [(5, None), (7, torch.float32), (2, torch.bfloat16)], 0)
+    ref = decode_linear_ref(x, weights, biases)
+    assert torch.equal(ref, _fp32_linear(x, weights, biases).bfloat16())
+    assert torch.equal(decode_linear_ref(x, weights), _fp32_linear(x, weights, [None] * 3).bfloat16())
+
+
+leads = st.sampled_from(["rows", "b1k", "4d"])
+ks = st.sampled_from([1, 2, 31, 32, 33, 64, 576]) | st.integers(1, 700)
+outs = st.lists(st.tuples(st.integers(1, 70), st.sampled_from([None, torch.bfloat16, torch.float32])),
+                min_size=1, max_size=3)
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 6), lead=leads, k=ks, outs=outs, seed=st.integers(0, 1000))
+def test_decode_linear_matches_reference(rows, lead, k, outs, seed):
+    shape = {"rows": (rows,), "b1k": (rows, 1), "4d": (1, 1, rows)}[lead]  # [M, K], [B, 1, K], [1, 1, M, K]
+    x, weights, biases = _linear_inputs(shape, k, outs, seed)
+    _check_linear(x, weights, biases, ns.decode_linear(x, weights, biases))
+
+
+@needs_ext
+def test_decode_linear_layouts_and_empty_rows():
+    x, weights, biases = _linear_inputs((4,), 96, [(9, torch.float32), (5, None)], 1)
+    y = ns.decode_linear(x, weights, biases)
+    # a 1-D x is one row; a non-contiguous x (a strided view) gives the same values
+    assert torch.equal(ns.decode_linear(x[2], weights, biases), y[2])
+    wide = torch.zeros(4, 200, dtype=torch.bfloat16)
+    wide[:, 7:103] = x
+    strided = wide[:, 7:103]
+    assert not strided.is_contiguous()
+    assert torch.equal(ns.decode_linear(strided, weights, biases), y)
+    # no rows at all: an empty [0, N] result
+    empty = ns.decode_linear(x[:0], weights, biases)
+    assert empty.shape == (0, 14) and empty.dtype == torch.bfloat16
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_linear_split_over_workers(threads):
+    # Enough weight bytes for several workers; the split points fall inside weights and the row
+    # counts are not multiples of 4 (the per-worker ranges are).
+    x, weights, biases = _linear_inputs((1, 1), 576, [(130, torch.bfloat16), (201, None), (67, torch.float32)], 2)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ns.decode_linear(x, weights, biases)
+        torch.set_num_threads(threads)
+        y = ns.decode_linear(x, weights, biases)
+        with torch.inference_mode():
+            y_inf = ns.decode_linear(x, weights, biases)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y, serial) and torch.equal(y_inf, serial)  # each output's sum does not depend on the split
+    _check_linear(x, weights, biases, y)
+
+
+@needs_ext
+def test_decode_linear_dispatch():
+    x, weights, biases = _linear_inputs((1, 1), 64, [(8, None), (4, torch.bfloat16)], 3)
+    fast = linear_ops.cpu_has_avx512_bf16()
+    with torch.no_grad():
+        y = ops.decode_linear(x, weights, biases)
+        assert (y is not None) == fast
+        if fast:
+            assert torch.equal(y, ns.decode_linear(x, weights, biases))
+            assert linear_ops.applies(x.expand(linear_ops.MAX_ROWS, 1, 64), weights[0])
+        # not applicable: more rows than MAX_ROWS, float32, the reference backend forced
+        many = x.expand(linear_ops.MAX_ROWS + 1, 1, 64).contiguous()
+        assert ops.decode_linear(many, weights, biases) is None
+        assert ops.decode_linear(x.float(), [w.float() for w in weights], biases) is None
+        with ops.use_reference():
+            assert ops.decode_linear(x, weights, biases) is None
+    assert ops.decode_linear(x, weights, biases) is None  # autograd on
+
+
+# ---- rms_norm ---------------------------------------------------------------------------------
+
+def _check_rms_norm(x, w, eps, out):
+    ref = rms_norm_ref(x, w, eps)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+    assert torch.isfinite(out.float()).all()
+    if x.dtype == torch.float32:
+        # the sum of squares in another order, 1/sqrt vs rsqrt: a few float32 roundings
+        assert ((out - ref).abs() <= 1e-6 * ref.abs() + 1e-30).all()
+    else:
+        # The normalized row is cast to bf16 before the weight multiplies it: a float32 ulp in
+        # the statistics can move that cast by one bf16 ulp (|w| times that in the product),
+        # then the product rounds once more.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+        bound = w.float().abs() * _ulp_bf16(normed) + _ulp_bf16(torch.maximum(out.float().abs(), ref.float().abs()))
+        assert ((out.float() - ref.float()).abs() <= bound).all()
+
+
+dims = st.sampled_from([1, 2, 15, 16, 17, 96, 576, 3000]) | st.integers(1, 3000)
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d=dims, rows=st.integers(1, 5), three_d=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       eps=st.sampled_from([1e-6, 1e-5, 0.1]), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       inference=st.booleans(), seed=st.integers(0, 1000))
+def test_rms_norm_matches_reference(d, rows, three_d, dtype, eps, scale, inference, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, 1, d) if three_d else (rows, d)
+    with torch.inference_mode(inference):
+        x = (torch.randn(*shape, generator=g) * scale).to(dtype)
+        w = (torch.randn(d, generator=g) * 2).to(dtype)
+        out = ns.rms_norm(x, w, eps)
+        _check_rms_norm(x, w, eps, out)
+        # unit weight: the normalized row itself, at most one ulp from the reference's cast
+        ones = torch.ones(d, dtype=dtype)
+        out1, ref1 = ns.rms_norm(x, ones, eps), rms_norm_ref(x, ones, eps)
+        tol = 1e-6 * ref1.abs() + 1e-30 if dtype == torch.float32 else _ulp_bf16(ref1)
+        assert ((out1.float() - ref1.float()).abs() <= tol).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_many_rows_and_views_under_inference_mode(dtype):
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():  # rows over several parallel chunks, on worker threads
+            x = torch.randn(300, 2, 576).to(dtype)
+            w = torch.randn(576).to(dtype)
+            out = ns.rms_norm(x, w, 1e-5)
+            _check_rms_norm(x, w, 1e-5, out)
+            t = x.transpose(0, 1)  # non-contiguous x: same rows, same results
+            assert torch.equal(ns.rms_norm(t, w, 1e-5), out.transpose(0, 1))
+            assert ns.rms_norm(x[:0], w, 1e-5).shape == (0, 2, 576)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
+def test_rms_norm_dispatch():
+    x = torch.randn(3, 64)
+    w = torch.randn(64)
+    with torch.no_grad():
+        assert torch.equal(ops.rms_norm(x, w, 1e-5), ns.rms_norm(x, w, 1e-5))
+        with ops.use_reference():
+            assert torch.equal(ops.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+        # mixed dtypes and float16 go to the reference
+        assert torch.equal(ops.rms_norm(x.bfloat16(), w, 1e-5), rms_norm_ref(x.bfloat16(), w, 1e-5))
+        assert torch.equal(ops.rms_norm(x.half(), w.half(), 1e-5), rms_norm_ref(x.half(), w.half(), 1e-5))
+    # autograd: the reference, gradients flow
+    wg = w.clone().requires_grad_()
+    out = ops.rms_norm(x, wg, 1e-5)
+    out.sum().backward()
+    assert out.grad_fn is not None and wg.grad is not None and torch.isfinite(wg.grad).all()
+
+
+# ---- decode_layers: bit-identical to the Python layers ------------------------------------------
+
+def _tiny_decoder(dtype):
+    torch.manual_seed(0)
+    return ik.VLM(ik.VLMConfig.preset("tiny")).decoder.to(dtype).eval()
+
+
+def _qwen2_decoder(dtype):
+    torch.manual_seed(1)
+    cfg = ik.Qwen2DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2)
+    dec = Qwen2Decoder(cfg).to(dtype).eval()
+    with torch.no_grad():  # nn.Linear's default biases are small; make them matter
+        for layer in dec.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.normal_()
+    return dec
+
+
+DECODERS = {"tiny": _tiny_decoder, "qwen2": _qwen2_decoder}
+
+
+def _expect_fused(dtype, b) -> bool:
+    if not attention_compiled._fast_cpu():
+        return False
+    return dtype == torch.float32 or (linear_ops.cpu_has_avx512_bf16() and b <= linear_ops.MAX_ROWS)
+
+
+def _run_decode(dec, b, padded, steps, prefill=7, shared_positions=False, seed=0):
+    """Prefill ``prefill`` tokens (none: the first step starts from an empty cache), then
+    ``steps`` one-token steps; the logits of each call and the cache. ``shared_positions``:
+    position_ids [1, L] for the whole batch (no padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, dec.vocab_size, (b, prefill + steps), generator=g)
+    mask = torch.ones(b, prefill, dtype=torch.long)
+    if padded:
+        mask[-1, :3] = 0  # left padding in the last row
+    cache = dec.new_cache(b, prefill + steps + 2)
+    logits = []
+    with torch.inference_mode():
+        if prefill:
+            pos = torch.arange(prefill)[None] if shared_positions else (mask.cumsum(-1) - 1).clamp_min(0)
+            logits.append(dec(input_ids=ids[:, :prefill], cache=cache, attention_mask=mask if padded else None,
+                              position_ids=pos).logits)
+        for t in range(prefill, prefill + steps):
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
+            pos = torch.tensor([[t]]) if shared_positions else (mask.cumsum(-1) - 1)[:, -1:]
+            out = dec(input_ids=ids[:, t:t + 1], cache=cache, attention_mask=mask if padded else None,
+                      position_ids=pos)
+            logits.append(out.logits)
+    return logits, cache
+
+
+def _compare_fused_and_python(dec, dtype, b, monkeypatch, steps=3, prefill=7, **kw):
+    fused_ran = []
+    original = CausalDecoder._decode_layers
+
+    def spy(self, *args):
+        out = original(self, *args)
+        fused_ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(CausalDecoder, "_decode_layers", spy)
+    fused_logits, fused_cache = _run_decode(dec, b, steps=steps, prefill=prefill, **kw)
+    # a prefill (several tokens) runs the Python layers; each one-token step the fused op
+    assert fused_ran == [False] * (prefill > 0) + [_expect_fused(dtype, b)] * steps
+
+    monkeypatch.setattr(CausalDecoder, "_decode_layers", lambda *a, **k: None)
+    python_logits, python_cache = _run_decode(dec, b, steps=steps, prefill=prefill, **kw)
+    monkeypatch.setattr(CausalDecoder, "_decode_layers", original)
+
+    assert len(fused_logits) == len(python_logits) == (prefill > 0) + steps
+    for got, want in zip(fused_logits, python_logits):
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert fused_cache.length == python_cache.length == prefill + steps
+    for got, want in zip(fused_cache.keys + fused_cache.values, python_cache.keys + python_cache.values):
+        assert torch.equal(got, want)
+        assert got[:, :, prefill + steps:].count_nonzero() == 0  # nothing written past the last step
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["tiny", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_layers_bit_identical_to_python_layers(name, dtype, b, padded, monkeypatch):
+    _compare_fused_and_python(DECODERS[name](dtype), dtype, b, monkeypatch, padded=padded)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["empty_cache", "shared_positions"])
+def test_decode_layers_bit_identical_edge_steps(dtype, case, monkeypatch):
+    dec = _tiny_decoder(dtype)
+    if case == "empty_cache":  # the very first token is a one-token step: past = 0
+        _compare_fused_and_python(dec, dtype, 2, monkeypatch, steps=2, prefill=0, padded=False)
+    else:  # position_ids [1, 1] for a batch of 2: the Python layers broadcast the rotary tables
+        _compare_fused_and_python(dec, dtype, 2, monkeypatch, padded=False, shared_positions=True)
+
+
+def _op_args(dec, b=2, past=3, dtype=None):
+    """decode_layers arguments for ``dec`` at position ``past`` (random caches, rope, mask)."""
+    dtype = dtype or dec.model.embed_tokens.weight.dtype
+    g = torch.Generator().manual_seed(5)
+    cache = dec.new_cache(b, past + 3)
+    x = torch.randn(b, 1, dec.hidden_size, generator=g).to(dtype)
+    with torch.no_grad():
+        params = _decode_layer_params(dec, x, cache)
+    assert params is not None
+    params = [None if p is None else p.detach() for p in params]
+    for c in cache.keys + cache.values:
+        c.copy_(torch.randn(c.shape, generator=g))
+    hd = dec.config.head_dim
+    cos, sin = (torch.randn(b, 1, 1, hd, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(b, past + 1, dtype=torch.bool)
+    mask[-1, 0] = False
+    c = dec.config
+    return [x, params, cache.keys, cache.values, cos, sin, mask, past, c.num_attention_heads, c.num_key_value_heads,
+            c.rms_norm_eps]
+
+
+# ---- opcheck ----------------------------------------------------------------------------------
+
+@needs_ext
+def test_opcheck_decode_linear():
+    x, weights, biases = _linear_inputs((2, 1), 48, [(6, None), (5, torch.float32), (3, torch.bfloat16)], 4)
+    torch.library.opcheck(ns.decode_linear.default, (x, weights, biases))
+    torch.library.opcheck(ns.decode_linear.default, (x[0, 0], weights[:1], [None]))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_rms_norm(dtype):
+    x = torch.randn(3, 2, 40).to(dtype)
+    torch.library.opcheck(ns.rms_norm.default, (x, torch.randn(40).to(dtype), 1e-5))
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["tiny", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_decode_layers(name, dtype):
+    if dtype == torch.bfloat16 and not linear_ops.cpu_has_avx512_bf16():
+        pytest.skip("bf16 decode_layers applies with AVX-512 BF16 only")
+    torch.library.opcheck(ns.decode_layers.default, tuple(_op_args(DECODERS[name](dtype))))
+
+
+@needs_ext
+def test_decode_layers_writes_the_caches_at_past():
+    args = _op_args(_tiny_decoder(torch.float32), past=3)
+    before = [c.clone() for c in args[2] + args[3]]
+    with torch.no_grad():
+        ns.decode_layers(*args)
+    for old, new in zip(before, args[2] + args[3]):
+        changed = (old != new).any(-1).any(1)  # [B, Lmax]: positions whose keys/values changed
+        assert changed[:, 3].all() and not changed[:, :3].any() and not changed[:, 4:].any()
+
+
+# ---- argument checks --------------------------------------------------------------------------
+
+@needs_ext
+def test_decode_linear_bad_arguments():
+    x, weights, biases = _linear_inputs((1, 1), 32, [(4, None), (3, None)], 5)
+    w = weights[0]
+    cases = [
+        (lambda: ns.decode_linear(x.float(), weights, biases), "x must be BFloat16"),
+        (lambda: ns.decode_linear(x, [w.float()], [None]), r"weights\[0\] must be BFloat16"),
+        (lambda: ns.decode_linear(x, [w, w[:, :31].contiguous()], biases),
+         r"weights\[1\] must be \[N, K\] with K = 32"),
+        (lambda: ns.decode_linear(x, [w[0]], [None]), r"weights\[0\] must be 2-D"),
+        (lambda: ns.decode_linear(x, [w.t().contiguous().t()], [None]), r"weights\[0\] must be contiguous"),
+        (lambda: ns.decode_linear(x, [w], [torch.zeros(5)]), r"biases\[0\] must be \[N\] = \[4\]"),
+        (lambda: ns.decode_linear(x, [w], [torch.zeros(4, 1)]), r"biases\[0\] must be \[N\]"),
+        (lambda: ns.decode_linear(x, [w], [torch.zeros(4, dtype=torch.float16)]),
+         r"biases\[0\] must be bfloat16 or float32"),
+        (lambda: ns.decode_linear(x, [], []), "weights must hold at least one"),
+        (lambda: ns.decode_linear(x, weights, [None]), "biases must have one entry"),
+        (lambda: ns.decode_linear(x[0, 0, 0], [w], [None]), "at least one dimension"),
+        (lambda: ns.decode_linear(x[..., :0], [w[:, :0]], [None]), "must be positive"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+@needs_ext
+def test_rms_norm_bad_arguments():
+    x = torch.randn(2, 8)
+    cases = [
+        (lambda: ns.rms_norm(x.half(), torch.ones(8).half(), 1e-5), "x must be float32 or bfloat16"),
+        (lambda: ns.rms_norm(x, torch.ones(8).bfloat16(), 1e-5), "weight must be Float, got BFloat16"),
+        (lambda: ns.rms_norm(x.bfloat16(), torch.ones(8), 1e-5), "weight must be BFloat16, got Float"),
+        (lambda: ns.rms_norm(x, torch.ones(7), 1e-5), r"weight must be \[D\] = \[8\]"),
+        (lambda: ns.rms_norm(x, torch.ones(1, 8), 1e-5), r"weight must be \[D\] = \[8\]"),
+        (lambda: ns.rms_norm(x[0, 0], torch.ones(1), 1e-5), "at least one dimension"),
+        (lambda: ns.rms_norm(x, torch.ones(8), -1.0), "eps must be >= 0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+@needs_ext
+def test_decode_layers_bad_arguments():
+    dec = _tiny_decoder(torch.float32)
+    good = _op_args(dec, b=2, past=3)
+    x, params, kc, vc, cos, sin, mask, past, h, hkv, eps = good
+
+    def with_(**changes):
+        names = ["x", "params", "kc", "vc", "cos", "sin", "mask", "past", "h", "hkv", "eps"]
+        args = dict(zip(names, good))
+        args.update(changes)
+        return lambda: ns.decode_layers(*[args[n] for n in names])
+
+    cases = [
+        (with_(params=params[:-1]), "params must hold 12 entries per layer, got 23"),
+        (with_(params=[]), "params must hold 12 entries per layer, got 0"),
+        (with_(params=params[:1] + [None] + params[2:]), r"params\[1\] \(layer 0, slot 1\) must be a tensor"),
+        (with_(kc=kc[:1]), "k_cache and v_cache must hold one tensor per layer"),
+        (with_(vc=vc + vc[:1]), "k_cache and v_cache must hold one tensor per layer"),
+        (with_(past=6), r"past \(6\) must be in \[0, Lmax = 6\)"),
+        (with_(past=-1), r"past \(-1\) must be in"),
+        (with_(cos=cos[..., :8]), r"cos and sin_signed must be \[B, 1, 1, hd\]"),
+        (with_(sin=sin[:1]), r"cos and sin_signed must be \[B, 1, 1, hd\]"),
+        (with_(cos=cos.bfloat16()), "cos and sin_signed must be"),
+        (with_(mask=mask[:, :3]), r"key_mask must be \[B, past \+ 1\] = \[2, 4\]"),
+        (with_(mask=mask[:1]), r"key_mask must be \[B, past \+ 1\]"),
+        (with_(mask=mask.long()), "key_mask must be Bool"),
+        (with_(x=torch.randn(2, 2, dec.hidden_size)), r"x must be \[B, 1, D\]"),
+        (with_(x=x.half()), "x must be float32 or bfloat16"),
+        (with_(h=5), "must be a positive multiple of num_kv_heads"),
+        (with_(kc=[c[:1] for c in kc]), r"cache of layer 0 must be \[B, Hkv, Lmax, hd\]"),
+        (with_(vc=[c.bfloat16() for c in vc]), "cache of layer 0 must be a CPU Float tensor"),
+        (with_(h=3, hkv=1, kc=[c[:, :1] for c in kc], vc=[c[:, :1] for c in vc]), r"q\|k\|v projections give"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+# ---- when the fused path applies ---------------------------------------------------------------
+
+class _OtherCache(KVCache):
+    pass
+
+
+@needs_ext
+def test_decode_layer_params_falls_back_to_python_layers():
+    dec = _tiny_decoder(torch.float32)
+    x = torch.randn(1, 1, dec.hidden_size)
+    cache = dec.new_cache(1, 8)
+    assert _decode_layer_params(dec, x, cache) is None  # autograd on
+    cfg = dec.config
+    with torch.no_grad():
+        assert _decode_layer_params(dec, x, cache) is not None
+        with ops.use_reference():
+            assert _decode_layer_params(dec, x, cache) is None
+        assert _decode_layer_params(dec, torch.randn(1, 2, dec.hidden_size), cache) is None  # two tokens
+        assert _decode_layer_params(dec, x, None) is None
+        other = _OtherCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 8, cfg.head_dim, torch.float32, "cpu")
+        assert _decode_layer_params(dec, x, other) is None
+        assert _decode_layer_params(dec, x.half(), cache) is None
+        assert _decode_layer_params(dec, x.bfloat16(), cache) is None  # float32 weights, bf16 x
+        gelu = Llama3Decoder(cfg.replace(hidden_act="gelu")).eval()
+        assert _decode_layer_params(gelu, x, cache) is None
+        o_bias = Llama3Decoder(cfg.replace(attention_bias=True)).eval()  # q/k/v and o_proj biases
+        assert o_bias.model.layers[0].self_attn.o_proj.bias is not None
+        assert _decode_layer_params(o_bias, x, cache) is None
+        mlp_bias = Llama3Decoder(cfg.replace(mlp_bias=True)).eval()
+        assert _decode_layer_params(mlp_bias, x, cache) is None
+
+        class Norm(decoder_mod.RMSNorm):
+            pass
+
+        sub = _tiny_decoder(torch.float32)
+        sub.model.layers[1].post_attention_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps)
+        assert _decode_layer_params(sub, x, cache) is None
+        # bf16: only up to decode_linear's MAX_ROWS rows (and with AVX-512 BF16)
+        dec16 = _tiny_decoder(torch.bfloat16)
+        rows = linear_ops.MAX_ROWS
+        x16 = torch.randn(rows + 1, 1, cfg.hidden_size).bfloat16()
+        assert _decode_layer_params(dec16, x16, dec16.new_cache(rows + 1, 8)) is None
+        few = _decode_layer_params(dec16, x16[:rows], dec16.new_cache(rows, 8))
+        assert (few is not None) == linear_ops.cpu_has_avx512_bf16()
+
+
+@needs_ext
+def test_decode_layers_cache_overflow(monkeypatch):
+    dec = _tiny_decoder(torch.float32)
+    ids = torch.randint(3, dec.vocab_size, (2, 6))
+    cache = dec.new_cache(2, 5)
+    with torch.inference_mode():
+        dec(input_ids=ids[:, :5], cache=cache)
+        step = dec.embed(ids[:, 5:])
+        assert _decode_layer_params(dec, step, cache) is not None  # the fused path takes this step
+        snapshot = [c.clone() for c in cache.keys + cache.values]
+        with pytest.raises(ValueError, match="KV cache overflow: 6 tokens do not fit in max_length 5"):
+            dec(input_ids=ids[:, 5:], cache=cache)
+        assert cache.length == 5
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, cache.keys + cache.values))
+        # the Python layers refuse it alike
+        monkeypatch.setattr(CausalDecoder, "_decode_layers", lambda *a, **k: None)
+        with pytest.raises(ValueError, match="KV cache overflow"):
+            dec(input_ids=ids[:, 5:], cache=cache)
