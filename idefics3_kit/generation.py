@@ -212,7 +212,7 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     next_pos = positions[:, -1] + 1
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
     cache = model.decoder.new_cache(b, total)
-    if b <= 32 and _want_prepack(model.decoder):
+    if b <= 32 and _want_prepack(model.decoder, b):
         model.decoder.prepack_for_decode()  # bf16 on CPU: packed weights, bit-identical logits (decoder.py)
     logits = prefill(model, cache, input_ids, attention_mask, positions, pixel_values, pixel_attention_mask,
                      mask_all_ones=all_ones)
@@ -234,14 +234,24 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
 PREPACK_AUTO_MAX_BYTES = 2 * 1024 ** 3
 
 
-def _want_prepack(decoder) -> bool:
+def _want_prepack(decoder, batch_size: int) -> bool:
     """IDEFICS3_KIT_PREPACK=0: never; =1: always; unset: when the decoder's weights take at most
-    2 GiB (the packed copy doubles them: fine for SmolVLM-256M/500M, opt-in for larger models)."""
+    2 GiB (the packed copy doubles them: fine for SmolVLM-256M/500M, opt-in for larger models)
+    and the compiled few-row kernel (ops.decode_linear, which reads the plain weights) does not
+    already cover this batch size."""
     if not hasattr(decoder, "prepack_for_decode"):
         return False
     setting = os.environ.get("IDEFICS3_KIT_PREPACK", "auto")
     if setting in ("0", "1"):
         return setting == "1"
+    weight = next(decoder.parameters(), None)
+    if weight is None:
+        return False
+    from .ops import linear as linear_ops
+
+    rows = torch.empty(batch_size, 1, 1, dtype=weight.dtype, device=weight.device)  # [B, 1, K=1]: one row each
+    if linear_ops.applies(rows, weight):
+        return False
     return sum(p.numel() * p.element_size() for p in decoder.parameters()) <= PREPACK_AUTO_MAX_BYTES
 
 

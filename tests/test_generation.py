@@ -169,3 +169,18 @@ def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype
                            model.decoder(input_ids=ids[:1, :3]).logits)
     D.unpack(model)
     assert D._FUSED.get(attn) is None
+
+
+def test_auto_prepack_skips_batch_sizes_the_few_row_kernel_covers(monkeypatch):
+    # ops.decode_linear reads the plain weights for <= MAX_ROWS rows: a packed copy (the decoder's
+    # weights once more) would be unused memory there; larger batches still get it.
+    from idefics3_kit.ops import linear as L
+
+    monkeypatch.delenv("IDEFICS3_KIT_PREPACK", raising=False)
+    decoder = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).decoder
+    with torch.inference_mode():
+        kernel = L.applies(torch.empty(1, 1, 1, dtype=torch.bfloat16), decoder.model.embed_tokens.weight)
+        assert G._want_prepack(decoder, 1) is (not kernel)
+        assert G._want_prepack(decoder, L.MAX_ROWS + 1) is True
+        monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
+        assert G._want_prepack(decoder, 1) is True

@@ -6,10 +6,13 @@
 // kernel zeroes every page on first touch: measured, that cost as much as the resize itself
 // whenever other work had run between calls. Buffers handed back by the tensors' deleter are
 // reused by the next request of the same byte size, already faulted in. The pool holds at most
-// IDEFICS3_KIT_POOL_MB megabytes (default 1024, 0 disables it); release_pooled() frees them.
+// IDEFICS3_KIT_POOL_MB megabytes of idle buffers (default 512, 0 disables it), dropping the least
+// recently returned ones first; release_pooled() frees them all.
 #include <cstdlib>
-#include <map>
+#include <iterator>
+#include <list>
 #include <mutex>
+#include <utility>
 
 #include "common.h"
 
@@ -21,11 +24,11 @@ constexpr size_t kAlign = 64;
 
 struct Pool {
   std::mutex mu;
-  std::multimap<size_t, void*> idle;  // byte size -> buffer
+  std::list<std::pair<size_t, void*>> idle;  // (byte size, buffer), most recently returned first
   size_t held = 0;
   const size_t cap = [] {
     const char* env = std::getenv("IDEFICS3_KIT_POOL_MB");
-    const long mb = env && *env ? std::strtol(env, nullptr, 10) : 1024;
+    const long mb = env && *env ? std::strtol(env, nullptr, 10) : 512;
     return mb > 0 ? static_cast<size_t>(mb) << 20 : size_t{0};
   }();
 };
@@ -39,8 +42,8 @@ void* take(size_t bytes) {
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    auto it = p.idle.find(bytes);
-    if (it != p.idle.end()) {
+    for (auto it = p.idle.begin(); it != p.idle.end(); ++it) {  // a handful of entries at most
+      if (it->first != bytes) continue;
       void* buf = it->second;
       p.idle.erase(it);
       p.held -= bytes;
@@ -54,15 +57,21 @@ void* take(size_t bytes) {
 
 void give_back(void* buf, size_t bytes) {
   Pool& p = pool();
+  std::list<std::pair<size_t, void*>> evicted;
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    if (p.held + bytes <= p.cap) {
-      p.idle.emplace(bytes, buf);
+    if (bytes <= p.cap) {
+      p.idle.emplace_front(bytes, buf);
       p.held += bytes;
-      return;
+      buf = nullptr;
+      while (p.held > p.cap) {  // least recently returned first
+        p.held -= p.idle.back().first;
+        evicted.splice(evicted.begin(), p.idle, std::prev(p.idle.end()));
+      }
     }
   }
   std::free(buf);
+  for (const auto& entry : evicted) std::free(entry.second);
 }
 
 at::Tensor empty_pooled(at::IntArrayRef size, at::ScalarType dtype) {
@@ -80,7 +89,7 @@ at::Tensor empty_pooled(at::IntArrayRef size, at::ScalarType dtype) {
 
 int64_t release_pooled() {
   Pool& p = pool();
-  std::multimap<size_t, void*> idle;
+  std::list<std::pair<size_t, void*>> idle;
   {
     std::lock_guard<std::mutex> lock(p.mu);
     idle.swap(p.idle);

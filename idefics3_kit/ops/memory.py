@@ -1,8 +1,8 @@
 """Pooled CPU allocation for large, repeatedly requested outputs (the preprocessing batch).
 
 ``empty_pooled(shape, dtype)`` is ``torch.empty`` whose memory, once the tensor is freed, is
-kept (up to ``IDEFICS3_KIT_POOL_MB`` megabytes, default 1024; 0 turns pooling off) and handed to
-the next request of the same byte size. A fresh multi-megabyte allocation is a fresh mmap whose
+kept (up to ``IDEFICS3_KIT_POOL_MB`` megabytes of idle buffers, default 512, the least recently
+returned dropped first; 0 turns pooling off) and handed to the next request of the same byte size. A fresh multi-megabyte allocation is a fresh mmap whose
 pages the kernel zeroes on first touch; at SmolVLM geometry that measured as much time as the
 resize itself (docs/ops.md). ``release_pooled()`` frees the idle buffers and returns their bytes.
 The reference backend (or a missing extension) uses plain ``torch.empty``.

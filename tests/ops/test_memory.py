@@ -76,3 +76,14 @@ def test_reference_backend_uses_torch_empty():
     with ops.use_reference():
         t = ops.empty_pooled(BIG, torch.bfloat16)
     assert t.dtype == torch.bfloat16 and t.shape == BIG
+
+
+@needs_ext
+def test_pool_drops_least_recently_returned_buffers_over_the_cap():
+    # cap 5 MiB, buffers of 3 MiB: returning the second evicts the first; a third size never fits
+    code = ("import torch, idefics3_kit.ops as o; a = o.empty_pooled((3, 512, 512)); b = o.empty_pooled((3, 512, 512)); "
+            "pb = b.data_ptr(); del a; del b; c = o.empty_pooled((3, 512, 512)); print(c.data_ptr() == pb); del c; "
+            "big = o.empty_pooled((6, 512, 512)); del big; print(o.release_pooled())")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, "IDEFICS3_KIT_POOL_MB": "5"})
+    assert out.stdout.split() == ["True", str(3 * 512 * 512 * 4)]
