@@ -117,6 +117,11 @@ void test_decode_on_cache_views() {
   auto out = call_decode(q, k, v, std::nullopt, lens, 0.1);
   auto mask = at::arange(lk).unsqueeze(0) < lens.unsqueeze(1);
   CHECK(max_err(out, naive(q, k, v, Opt(mask), 0.1, true)) < 1e-5);
+  // bf16 views of a bf16 cache with per-row lengths (the AMX path on CPUs that have it: partial
+  // 16-key score blocks and 32-key value blocks at each row's end, a one-key row).
+  auto kb = kc.to(at::kBFloat16).narrow(2, 0, lk), vb = vc.to(at::kBFloat16).narrow(2, 0, lk);
+  auto out_bf16 = call_decode(q.to(at::kBFloat16), kb, vb, std::nullopt, lens, 0.1);
+  CHECK(max_err(out_bf16, naive(q, k, v, Opt(mask), 0.1, true)) < 5e-2);
 }
 
 void test_bad_arguments_throw() {
