@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _timing import compare  # noqa: E402
+from _timing import compare, set_threads_from_argv  # noqa: E402
 
 from idefics3_kit import ops  # noqa: E402
 from idefics3_kit.ops.attention import attention_sdpa  # noqa: E402
@@ -88,10 +88,7 @@ def prefill_case(dtype, b, hq, hkv, length, d, masked=False):
 
 
 def main() -> None:
-    # 2 threads (the CI machine's size) unless --threads N: on a machine shared with other work, a
-    # 1-thread run shows the per-core speed without waits for a descheduled second thread.
-    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
-    torch.set_num_threads(threads)
+    set_threads_from_argv()
     print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)   "
           f"cpu: {torch.backends.cpu.get_cpu_capability()}")
     for d in (64, 128):

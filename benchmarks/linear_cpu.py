@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _timing import compare  # noqa: E402
+from _timing import compare, set_threads_from_argv  # noqa: E402
 
 import idefics3_kit as ik  # noqa: E402
 from idefics3_kit import ops  # noqa: E402
@@ -97,8 +97,7 @@ def decode_step_case(dtype):
 
 
 def main() -> None:
-    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
-    torch.set_num_threads(threads)
+    set_threads_from_argv()
     print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f}   "
           f"avx512_bf16: {ops.linear.cpu_has_avx512_bf16()}")
     if not ops.has_extension():

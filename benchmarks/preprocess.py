@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _geometry import image_geometry, num_tiles  # noqa: E402
-from _timing import compare  # noqa: E402
+from _timing import compare, set_threads_from_argv  # noqa: E402
 
 from idefics3_kit import ops  # noqa: E402
 from idefics3_kit.ops import preprocess as P  # noqa: E402
@@ -55,10 +55,7 @@ def ours(img: Image.Image):
 def main() -> None:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    # 2 threads (the CI machine's size) unless --threads N: on a machine shared with other work, a
-    # 1-thread run shows the per-core speed without waits for a descheduled second thread.
-    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
-    torch.set_num_threads(threads)
+    set_threads_from_argv()
     print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)")
     hf = Idefics3ImageProcessorPil(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE})
     for w, h in [(1600, 900), (640, 480)]:

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 
+#include "bf16.h"
 #include "pillow_resample.h"  // IK_MULTIVERSION, IK_ALWAYS_INLINE
 
 namespace idefics3_kit {
@@ -20,25 +21,10 @@ namespace attn {
 constexpr int kLanes = 16;  // one AVX-512 register of floats
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-IK_ALWAYS_INLINE float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// Round to nearest even, as torch's float -> bfloat16 cast (inputs here are finite).
-IK_ALWAYS_INLINE uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 IK_ALWAYS_INLINE float load_f(const float* p, int64_t i) { return p[i]; }
-IK_ALWAYS_INLINE float load_f(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+IK_ALWAYS_INLINE float load_f(const uint16_t* p, int64_t i) { return bf16_bits_to_float(p[i]); }
 IK_ALWAYS_INLINE void store_f(float* p, int64_t i, float v) { p[i] = v; }
-IK_ALWAYS_INLINE void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+IK_ALWAYS_INLINE void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16_rne(v); }
 
 // exp(x) for x <= 0 (softmax arguments), relative error ~1e-7; exactly 0 below -87 and for -inf.
 // 2^(x log2 e) = 2^n * 2^f with n = round(.), |f| <= 1/2, 2^f by a degree-7 Taylor series.
@@ -368,7 +354,7 @@ IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, fl
 
 IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m) {
-  __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as float_to_bf16
+  __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as float_to_bf16_rne
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));

@@ -139,13 +139,6 @@ IK_AMX_FN inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t d)
   return _mm512_reduce_add_ps(acc);
 }
 
-IK_AMX_FN inline uint16_t to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);  // finite inputs: exp of scores <= 1
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 // decode_partial for bf16 on AMX. x: [G][j1 - j0] float scratch (the caller's).
 IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
                                      float* x) {

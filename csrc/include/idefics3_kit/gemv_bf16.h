@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "pillow_resample.h"  // IK_ALWAYS_INLINE
 
 namespace idefics3_kit {
@@ -27,21 +28,8 @@ struct Job {
   int64_t y_stride;
 };
 
-IK_ALWAYS_INLINE float bf16_bits_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// Round to nearest even like torch's float -> bfloat16 cast, NaN kept quiet.
-IK_ALWAYS_INLINE uint16_t float_to_bf16_rne(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using idefics3_kit::bf16_bits_to_float;  // gemv::-qualified names for the kernels' callers
+using idefics3_kit::float_to_bf16_rne;
 
 // Portable fallback: the same sums in a plain loop (CPUs without AVX-512 BF16).
 inline void rows_portable(const Job& j, int64_t r0, int64_t r1) {
