@@ -14,16 +14,9 @@
 // probabilities rounded to bf16 before the product with V (attention_ref does the same).
 #pragma once
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__CUDACC__) && \
-    !defined(IDEFICS3_KIT_NO_AVX512) && (__GNUC__ >= 11 || defined(__clang__))
-#define IK_HAVE_AMX_PATH 1
+#include "amx.h"
 
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <cstdlib>
+#ifdef IK_HAVE_AMX_PATH
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -32,40 +25,16 @@ namespace idefics3_kit {
 namespace attn {
 namespace amx {
 
-#define IK_AMX_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")))
-
 constexpr int kMaxGroups = 16;  // query heads per key/value head: the columns of one tile
 constexpr int kMaxChunks = 4;   // head dim / 32 tiles of Q held at once (head dim <= 128)
 
-// AMX needs CPU support and, on Linux, a per-process permission for the tile state.
-// IDEFICS3_KIT_NO_AMX=1 turns the path off (comparisons, debugging).
-inline bool available() {
-  static const bool ok = [] {
-    const char* off = std::getenv("IDEFICS3_KIT_NO_AMX");
-    if (off && *off && *off != '0') return false;
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
-    if (!amx_bf16 || !amx_tile || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512bf16"))
-      return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
+using idefics3_kit::amx::available;
+using idefics3_kit::amx::TileConfig;
 
 // Whether this call can run here: bf16, head dim a multiple of 32 up to 128, <= 16 heads per group.
 inline bool usable(int64_t d, int64_t groups) {
   return d % 32 == 0 && d / 32 <= kMaxChunks && groups >= 1 && groups <= kMaxGroups && available();
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // tmm0 scores [16 keys x G], tmm1 K rows (scores) / V pairs (output) [16 x 64 B],
 // tmm2..5 Q chunks [16 dim pairs x G], tmm6 output [G x 16 dims], tmm7 probabilities [G x 32 keys].
