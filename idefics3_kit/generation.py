@@ -249,8 +249,7 @@ def _want_prepack(decoder, batch_size: int) -> bool:
         return False
     from .ops import linear as linear_ops
 
-    rows = torch.empty(batch_size, 1, 1, dtype=weight.dtype, device=weight.device)  # [B, 1, K=1]: one row each
-    if linear_ops.applies(rows, weight):
+    if weight.device.type == "cpu" and linear_ops.covers(batch_size, weight.dtype):
         return False
     return sum(p.numel() * p.element_size() for p in decoder.parameters()) <= PREPACK_AUTO_MAX_BYTES
 

@@ -179,7 +179,7 @@ def test_auto_prepack_skips_batch_sizes_the_few_row_kernel_covers(monkeypatch):
     monkeypatch.delenv("IDEFICS3_KIT_PREPACK", raising=False)
     decoder = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).decoder
     with torch.inference_mode():
-        kernel = L.applies(torch.empty(1, 1, 1, dtype=torch.bfloat16), decoder.model.embed_tokens.weight)
+        kernel = L.covers(1, torch.bfloat16)
         assert G._want_prepack(decoder, 1) is (not kernel)
         assert G._want_prepack(decoder, L.MAX_ROWS + 1) is True
         monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")

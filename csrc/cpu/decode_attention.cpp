@@ -6,6 +6,7 @@
 // output with its running max and sum, and a log-sum-exp combine merges the ranges. Splitting
 // the context is what keeps both threads busy when B * Hkv is small.
 #include <atomic>
+#include <cstring>
 
 #include "attention_common.h"
 #include "kernels.h"
@@ -48,6 +49,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   check_seqlens(cache_seqlens, b, l);
   const int64_t groups = hq / hkv;
   at::Tensor out = attention_output(q);
+  if (b == 0) return out;
 
   // Valid keys of each row: j < len[b] and key_mask; a row with none outputs 0 (the reference's
   // rule for a query with nothing to attend to) and reads no keys.
@@ -81,8 +83,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   // Combine the splits of one (batch, key/value head) group into its G query heads' outputs.
   auto combine = [&](int64_t group) {
     const int64_t bi = group / hkv, hk = group % hkv, base = group * nsplit;
-    if (empty[bi]) {
-      for (int64_t g = 0; g < groups; ++g) out.select(0, bi).select(0, hk * groups + g).zero_();
+    if (empty[bi]) {  // raw stores: ATen calls from worker threads would lack the caller's inference mode
+      char* base = static_cast<char*>(out.data_ptr());
+      for (int64_t g = 0; g < groups; ++g)
+        std::memset(base + (bi * os0 + (hk * groups + g) * os1) * esize, 0, static_cast<size_t>(d * esize));
       return;
     }
     for (int64_t g = 0; g < groups; ++g) {

@@ -1,7 +1,7 @@
 // decode_layers on CPU: every decoder layer of a one-token decode step in one call.
 //
-// The same ATen ops and kernels, in the same order, as the Python layers run for this step
-// (components/decoder.py: RMSNorm, q|k|v projection, rotate-half RoPE through a roll, cache
+// The same ATen ops and kernels, in the same order and on the same layouts, as the Python layers
+// run for this step (components/decoder.py: RMSNorm, q|k|v projection, rotate-half RoPE through a roll, cache
 // write, decode attention, o_proj, residual, RMSNorm, gate|up, SiLU gate, down, residual), so the
 // result is bit-identical to them; what goes away is the Python between the ~40 ops of each
 // layer, which at SmolVLM-256M shapes is a third of a bf16 decode step.
@@ -18,19 +18,44 @@ constexpr int64_t kParamsPerLayer = 12;
 // Slots of one layer in the params list (None where a projection has no bias).
 enum Param : int64_t { kInNorm, kQ, kK, kV, kQBias, kKBias, kVBias, kO, kPostNorm, kGate, kUp, kDown };
 
+const char* const kSlotNames[kParamsPerLayer] = {"input norm", "q_proj", "k_proj", "v_proj", "q bias", "k bias",
+                                                  "v bias", "o_proj", "post-attention norm", "gate_proj", "up_proj",
+                                                  "down_proj"};
+
 at::Tensor need(const c10::List<std::optional<at::Tensor>>& params, int64_t layer, Param slot) {
   const std::optional<at::Tensor> t = params.get(layer * kParamsPerLayer + slot);
   TORCH_CHECK(t.has_value() && t->defined(), "decode_layers: params[", layer * kParamsPerLayer + slot, "] (layer ", layer,
-              ", slot ", static_cast<int>(slot), ") must be a tensor, got None");
+              " ", kSlotNames[slot], ") must be a tensor, got None");
   return *t;
 }
 
-// x [B, 1, K] through the given weights, outputs side by side on the last dim.
+// x [B, 1, K] through the given weights, outputs side by side on the last dim (q|k|v, or one
+// projection). bf16: one decode_linear call, as the Python layers make it; float32: at::linear
+// per weight (what nn.Linear runs), joined by an exact copy.
 at::Tensor project(const at::Tensor& x, std::vector<at::Tensor> weights, c10::List<std::optional<at::Tensor>> biases) {
   if (x.scalar_type() == at::kBFloat16) return decode_linear_cpu(x, weights, biases);
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < weights.size(); ++i) outs.push_back(at::linear(x, weights[i], biases.get(i)));
   return outs.size() == 1 ? outs[0] : at::cat(outs, -1);
+}
+
+// RMSNorm as ops.rms_norm runs it: the compiled row kernel for bf16, torch's own for float32
+// (which keeps float32 logits equal to transformers').
+at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (x.scalar_type() == at::kBFloat16) return rms_norm_cpu(x, weight, eps);
+  return weight * at::rms_norm(x, {x.size(-1)}, std::nullopt, eps);
+}
+
+// silu(gate) * up. The Python layers apply SiLU to split views of one decode_linear output in
+// bf16 and to a separate, contiguous F.linear output in float32; SiLU's vectorized and scalar
+// exp differ in the last bit, so the layout must be the same here, not only the values.
+at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor& up_w) {
+  if (x.scalar_type() == at::kBFloat16) {
+    const at::Tensor gu = decode_linear_cpu(x, {gate_w, up_w}, c10::List<std::optional<at::Tensor>>({std::nullopt, std::nullopt}));
+    const int64_t inter = gate_w.size(0);
+    return at::silu(gu.narrow(-1, 0, inter)) * gu.narrow(-1, inter, up_w.size(0));
+  }
+  return at::silu(at::linear(x, gate_w)) * at::linear(x, up_w);
 }
 
 void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cache, const at::TensorList v_cache,
@@ -58,12 +83,15 @@ void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cach
     }
   }
   const int64_t hd = k_cache[0].size(3);
+  check_cpu(cos, op, "cos");
+  check_cpu(sin_signed, op, "sin_signed");
   for (const at::Tensor* r : {&cos, &sin_signed})
     TORCH_CHECK(r->dim() == 4 && r->size(0) == x.size(0) && r->size(1) == 1 && r->size(2) == 1 && r->size(3) == hd &&
                     r->scalar_type() == x.scalar_type(),
                 op, ": cos and sin_signed must be [B, 1, 1, hd] = [", x.size(0), ", 1, 1, ", hd, "] in x's dtype, got ",
                 shape_str(*r), " ", r->scalar_type());
   if (key_mask) {
+    check_cpu(*key_mask, op, "key_mask");
     check_dtype(*key_mask, at::kBool, op, "key_mask");
     TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == x.size(0) && key_mask->size(1) == past + 1, op,
                 ": key_mask must be [B, past + 1] = [", x.size(0), ", ", past + 1, "], got ", shape_str(*key_mask));
@@ -87,7 +115,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
   for (int64_t l = 0; l < layers; ++l) {
     auto bias = [&](Param slot) { return params.get(l * kParamsPerLayer + slot); };
     // attention block
-    const at::Tensor h = rms_norm_cpu(x, need(params, l, kInNorm), eps);
+    const at::Tensor h = norm(x, need(params, l, kInNorm), eps);
     const at::Tensor qkv = project(h, {need(params, l, kQ), need(params, l, kK), need(params, l, kV)},
                                    c10::List<std::optional<at::Tensor>>({bias(kQBias), bias(kKBias), bias(kVBias)}));
     TORCH_CHECK(qkv.size(-1) == (heads + 2 * kv_heads) * hd, "decode_layers: layer ", l, ": q|k|v projections give ",
@@ -106,11 +134,8 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
                                  c10::List<std::optional<at::Tensor>>({std::nullopt}));
     x = x + o;
     // MLP block
-    const at::Tensor h2 = rms_norm_cpu(x, need(params, l, kPostNorm), eps);
-    const at::Tensor gu = project(h2, {need(params, l, kGate), need(params, l, kUp)},
-                                  c10::List<std::optional<at::Tensor>>({std::nullopt, std::nullopt}));
-    const int64_t inter = gu.size(-1) / 2;
-    const at::Tensor act = at::silu(gu.narrow(-1, 0, inter)) * gu.narrow(-1, inter, inter);
+    const at::Tensor h2 = norm(x, need(params, l, kPostNorm), eps);
+    const at::Tensor act = gated(h2, need(params, l, kGate), need(params, l, kUp));
     x = x + project(act, {need(params, l, kDown)}, c10::List<std::optional<at::Tensor>>({std::nullopt}));
   }
   return x;

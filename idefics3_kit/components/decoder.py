@@ -166,6 +166,8 @@ def _fused_fresh(owner: nn.Module, layers: tuple):
 def fused_linear(owner: nn.Module, layers: tuple, x: torch.Tensor, split: bool = True):
     """The outputs of ``layers`` on ``x`` from one fused matmul (concatenated on the last dim
     when ``split`` is False), or None when not applicable."""
+    if not _plain_linear(*layers):
+        return None
     y = ops.decode_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
     if y is not None:  # compiled few-row kernel: reads the separate weights in one call
         return y.split([layer.weight.shape[0] for layer in layers], dim=-1) if split else y
@@ -176,6 +178,19 @@ def fused_linear(owner: nn.Module, layers: tuple, x: torch.Tensor, split: bool =
         return None
     y = torch.ops.mkldnn._linear_pointwise(x, f[2], None, "none", [], "")
     return y.split(f[3], dim=-1) if split else y
+
+
+def _plain(*modules: nn.Module) -> bool:
+    """True when running these modules' math directly (compiled kernels, packed weights) is the
+    same as calling them: no subclass overriding ``forward`` for the projections (LoRA-style
+    wrappers), and no forward hooks on the modules or installed globally."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+
+
+def _plain_linear(*layers: nn.Module) -> bool:
+    return all(type(layer) is nn.Linear for layer in layers) and _plain(*layers)
 
 
 def _weight_key(w: torch.Tensor) -> tuple:
@@ -191,6 +206,8 @@ def _fresh(layer: nn.Linear) -> bool:
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``, through the compiled few-row kernel or the packed weight when there is a
     fresh one and few rows, without autograd."""
+    if not _plain_linear(layer):
+        return layer(x)
     y = ops.decode_linear(x, [layer.weight], [layer.bias])
     if y is not None:
         return y
@@ -272,7 +289,8 @@ def _decode_layer_params(decoder: "CausalDecoder", x: torch.Tensor, cache) -> li
     """The flat parameter list ``decode_layers`` takes (12 per layer), or None when the step is
     not one it covers: one token per row on CPU, float32 (any batch) or bfloat16 with the
     few-row linear kernel, inference, the compiled backend, plain Llama layers (SiLU, no o_proj
-    or MLP biases, no subclassed parts), a KVCache, and a head dim the decode kernel takes."""
+    or MLP biases, one eps, no subclassed parts, no forward hooks), contiguous CPU parameters, a
+    KVCache, and a head dim the decode kernel takes."""
     from ..generation import KVCache
     from ..ops import attention_compiled, linear as linear_ops, _library
 
@@ -280,7 +298,7 @@ def _decode_layer_params(decoder: "CausalDecoder", x: torch.Tensor, cache) -> li
             or not _library.use_compiled() or not hasattr(torch.ops.idefics3_kit, "decode_layers")):
         return None
     if x.dtype == torch.bfloat16:
-        if not linear_ops.applies(x, decoder.model.embed_tokens.weight):
+        if not linear_ops.covers(x.shape[0] * x.shape[1], x.dtype):
             return None
     elif x.dtype != torch.float32:
         return None
@@ -294,12 +312,18 @@ def _decode_layer_params(decoder: "CausalDecoder", x: torch.Tensor, cache) -> li
                 or type(layer.post_attention_layernorm) is not RMSNorm):
             return None
         a, m = layer.self_attn, layer.mlp
+        projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not _plain_linear(*projs) or not _plain(layer, a, m, *norms) or m.act is not F.silu:
+            return None
         if a.o_proj.bias is not None or any(p.bias is not None for p in (m.gate_proj, m.up_proj, m.down_proj)):
             return None
+        if any(n.eps != decoder.model.layers[0].input_layernorm.eps for n in norms):
+            return None  # the op takes one eps
         params += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
                    a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.weight, layer.post_attention_layernorm.weight,
                    m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
-    if any(p is not None and p.dtype != x.dtype for p in params):
+    if any(p is not None and (p.dtype != x.dtype or p.device.type != "cpu" or not p.is_contiguous()) for p in params):
         return None
     return params
 

@@ -49,17 +49,37 @@ def cpu_has_avx512_bf16() -> bool:
     return False
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``decode_linear`` would run the compiled kernel for this input and weight."""
-    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+def covers(rows: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled kernel runs here for ``rows`` rows of ``dtype`` (bf16, at most
+    MAX_ROWS rows, no autograd, the compiled backend, a CPU with AVX-512 BF16)."""
+    return (dtype == torch.bfloat16 and rows <= MAX_ROWS and not torch.is_grad_enabled()
             and _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "decode_linear")
             and cpu_has_avx512_bf16())
+
+
+def applies(x: torch.Tensor, weights, biases=None) -> bool:
+    """Whether ``decode_linear`` would run the compiled kernel for this input, weights [N_i, K]
+    (a tensor or a sequence) and biases; anything the op would refuse (a non-contiguous or
+    non-bf16 weight, a bias of another shape or dtype) makes it False, so callers fall back."""
+    weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    if x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] == 0 or not weights:
+        return False
+    if not covers(x.numel() // x.shape[-1], x.dtype):
+        return False
+    for w in weights:
+        if not (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous()
+                and w.shape[1] == x.shape[-1]):
+            return False
+    for w, b in zip(weights, biases or []):
+        if b is not None and not (b.device.type == "cpu" and b.dim() == 1 and b.shape[0] == w.shape[0]
+                                  and b.dtype in (torch.bfloat16, torch.float32)):
+            return False
+    return True
 
 
 def decode_linear(x: torch.Tensor, weights, biases) -> torch.Tensor | None:
     """x [..., K] @ each of ``weights`` [N_i, K] (+ bias) -> [..., sum N_i], or None when the
     compiled kernel does not apply."""
-    if not applies(x, weights[0]):
+    if not applies(x, weights, biases):
         return None
     return torch.ops.idefics3_kit.decode_linear(x, list(weights), list(biases))

@@ -1,12 +1,14 @@
 """RMSNorm as one op: ``rms_norm(x, weight, eps)``.
 
 The reference is transformers' LlamaRMSNorm: statistics in float32, the normalized row cast back
-to x's dtype, then multiplied by the weight in that dtype. torch runs that as several ATen ops per
-call (F.rms_norm decomposes into pow/mean/add/rsqrt/mul plus the casts); a one-token decode step
-calls it twice per layer on a single row, where those per-op costs are the whole cost. The
-compiled kernel does one pass per row; its sum of squares is added in another order, so the
-normalized row can differ from the reference by float32 rounding: at most one bf16 ulp before the
-weight multiplies it, and |weight| * that ulp plus one rounding of the product after (tested).
+to x's dtype, then multiplied by the weight in that dtype. torch runs that as several ATen ops
+per call (F.rms_norm decomposes into pow, mean, add, rsqrt and mul, plus the two casts and the
+weight multiply); a one-token decode step calls it twice per layer on a single row, where those
+per-op costs are the whole cost. The compiled kernel (bfloat16 only: float32 keeps torch's, so
+float32 logits stay equal to transformers') does one pass per row. Its sum of squares is added
+in another order, so the normalized row can differ from the reference by float32 rounding: at
+most one bf16 ulp before the weight multiplies it, and |weight| times that ulp plus one rounding
+of the product after (tested).
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def _compiled_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (not needs_grad and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (not needs_grad and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and weight.dtype == x.dtype and weight.device.type == "cpu" and x.dim() >= 1
             and _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "rms_norm"))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x's last dim; the compiled kernel for CPU float32/bfloat16 inference, else the
-    reference (autograd, other devices and dtypes, mixed dtypes)."""
+    """RMSNorm of x's last dim; the compiled kernel for CPU bfloat16 inference, else the
+    reference (float32, autograd, other devices and dtypes, mixed dtypes)."""
     if _compiled_applies(x, weight):
         return torch.ops.idefics3_kit.rms_norm(x, weight, float(eps))
     return rms_norm_ref(x, weight, eps)

@@ -211,7 +211,10 @@ def test_rms_norm_dispatch():
     x = torch.randn(3, 64)
     w = torch.randn(64)
     with torch.no_grad():
-        assert torch.equal(ops.rms_norm(x, w, 1e-5), ns.rms_norm(x, w, 1e-5))
+        xb, wb = x.bfloat16(), w.bfloat16()
+        assert torch.equal(ops.rms_norm(xb, wb, 1e-5), ns.rms_norm(xb, wb, 1e-5))
+        # float32 stays on torch's own (float32 logits equal to transformers')
+        assert torch.equal(ops.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
         with ops.use_reference():
             assert torch.equal(ops.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
         # mixed dtypes and float16 go to the reference
@@ -322,6 +325,98 @@ def test_decode_layers_bit_identical_edge_steps(dtype, case, monkeypatch):
         _compare_fused_and_python(dec, dtype, 2, monkeypatch, steps=2, prefill=0, padded=False)
     else:  # position_ids [1, 1] for a batch of 2: the Python layers broadcast the rotary tables
         _compare_fused_and_python(dec, dtype, 2, monkeypatch, padded=False, shared_positions=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_decode_layers_bit_identical_with_odd_widths_and_tile_head_dims(dtype, b, monkeypatch):
+    # intermediate_size 100: SiLU's vector/scalar split falls inside rows, so the gate's layout
+    # matters (float32: a contiguous F.linear output, as the Python layers use). head_dim 64:
+    # bf16 attention on the AMX path where the CPU has it.
+    torch.manual_seed(3)
+    cfg = ik.DecoderConfig(vocab_size=128, hidden_size=128, intermediate_size=100, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    dec = Llama3Decoder(cfg).to(dtype).eval()
+    _compare_fused_and_python(dec, dtype, b, monkeypatch, padded=b > 1)
+
+
+def _hooked(dec, where):
+    layer = dec.model.layers[0]
+    if where == "layer":
+        layer.register_forward_hook(lambda m, i, o: None)
+    elif where == "mlp":
+        layer.mlp.register_forward_pre_hook(lambda m, i: None)
+    elif where == "projection":
+        layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: o * 0)
+    elif where == "subclass":
+        class Zero(torch.nn.Linear):
+            def forward(self, x):
+                return super().forward(x) * 0
+        old = layer.mlp.down_proj
+        new = Zero(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+        layer.mlp.down_proj = new
+    return dec
+
+
+@needs_ext
+@pytest.mark.parametrize("where", ["layer", "mlp", "projection", "subclass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hooks_and_linear_subclasses_run(where, dtype):
+    # Compiled paths read weights directly; a hook or an overridden forward must still take effect,
+    # so those steps run the Python layers and call the modules.
+    dec = _hooked(_tiny_decoder(dtype), where)
+    x = torch.zeros(1, 1, dec.hidden_size, dtype=dtype)
+    with torch.inference_mode():
+        assert _decode_layer_params(dec, x, dec.new_cache(1, 4)) is None
+    plain = _tiny_decoder(dtype)
+    ids = torch.randint(0, dec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        outs = []
+        for model in (dec, plain):
+            cache = model.new_cache(1, 8)
+            model(input_ids=ids, cache=cache)
+            outs.append(model(input_ids=ids[:, :1], cache=cache).logits)
+    if where in ("projection", "subclass"):  # the module's own forward zeroed its output
+        assert not torch.equal(outs[0], outs[1])
+    else:
+        assert torch.equal(outs[0], outs[1])
+    if where == "projection":
+        from idefics3_kit.components.decoder import linear
+        layer = dec.model.layers[0].self_attn.o_proj
+        with torch.inference_mode():
+            assert linear(layer, torch.ones(1, 1, layer.in_features, dtype=dtype)).count_nonzero() == 0
+
+
+@needs_ext
+def test_decode_linear_falls_back_for_weights_it_does_not_take():
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, 32, dtype=torch.bfloat16).t()  # [32, 64], not contiguous
+    with torch.inference_mode():
+        assert ops.decode_linear(x, [w], [None]) is None
+        assert ops.decode_linear(x, [w.contiguous()], [torch.zeros(32, dtype=torch.float16)]) is None
+        assert ops.decode_linear(x, [w.contiguous(), w.contiguous().float()], [None, None]) is None
+        # the decoder's linear falls back to F.linear for such a layer instead of raising
+        from idefics3_kit.components.decoder import linear
+        layer = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+        layer.weight = torch.nn.Parameter(w, requires_grad=False)
+        assert torch.equal(linear(layer, x), torch.nn.functional.linear(x, w))
+
+
+@needs_ext
+def test_decode_attention_empty_batch_and_masked_rows_under_inference_mode():
+    torch.set_num_threads(2)
+    q = torch.randn(0, 4, 1, 64)
+    assert ns.decode_attention(q, torch.randn(0, 2, 5, 64), torch.randn(0, 2, 5, 64), None, None, 0.1).shape == (0, 4, 1, 64)
+    with torch.inference_mode():  # fully masked rows are zeroed from worker threads
+        q = torch.randn(4, 8, 1, 64).bfloat16()
+        k = torch.randn(4, 2, 2048, 64).bfloat16()
+        mask = torch.ones(4, 2048, dtype=torch.bool)
+        mask[1] = mask[3] = False
+        out = ns.decode_attention(q, k, k, mask, None, 0.1)
+    assert out[1].count_nonzero() == 0 and out[3].count_nonzero() == 0 and out[0].count_nonzero() > 0
 
 
 def _op_args(dec, b=2, past=3, dtype=None):
@@ -440,7 +535,7 @@ def test_decode_layers_bad_arguments():
     cases = [
         (with_(params=params[:-1]), "params must hold 12 entries per layer, got 23"),
         (with_(params=[]), "params must hold 12 entries per layer, got 0"),
-        (with_(params=params[:1] + [None] + params[2:]), r"params\[1\] \(layer 0, slot 1\) must be a tensor"),
+        (with_(params=params[:1] + [None] + params[2:]), r"params\[1\] \(layer 0 q_proj\) must be a tensor"),
         (with_(kc=kc[:1]), "k_cache and v_cache must hold one tensor per layer"),
         (with_(vc=vc + vc[:1]), "k_cache and v_cache must hold one tensor per layer"),
         (with_(past=6), r"past \(6\) must be in \[0, Lmax = 6\)"),
