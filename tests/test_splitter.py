@@ -220,3 +220,14 @@ def test_base64_and_urls():
     assert torch.equal(to_rgb(encoded), to_rgb(f"data:image/png;base64,{encoded}"))
     with pytest.raises(ValueError, match="URLs are not downloaded"):
         to_rgb("https://example.com/cat.png")
+
+
+def test_images_too_thin_to_split_get_a_clear_error():
+    # 49x1 at longest_edge 49 / tile 49: the grid would be 0 px wide (transformers' processor
+    # fails on it as well, with a message about its size dictionary)
+    from idefics3_kit.components.splitter import SplitterConfig, plan_tiles
+
+    cfg = SplitterConfig(longest_edge=49, tile_size=49)
+    with pytest.raises(ValueError, match=r"49x1 \(height x width\) is too thin to split.*do_image_splitting=False"):
+        plan_tiles(49, 1, cfg)
+    assert plan_tiles(49, 1, SplitterConfig(longest_edge=49, tile_size=49, do_image_splitting=False)).tiles == 1

@@ -216,6 +216,10 @@ def plan_tiles(height: int, width: int, cfg: SplitterConfig) -> TilePlan:
     if not cfg.do_image_splitting:
         return TilePlan(height, width, (h1, w1), (s, s), 0, 0, s)
     h2, w2 = stage2_size(h1, w1, s)
+    if h2 < 1 or w2 < 1:  # transformers' processor fails on these too (its resize gets a 0 size)
+        raise ValueError(f"image of {height}x{width} (height x width) is too thin to split: resized to {h1}x{w1}, "
+                         f"its tile grid would be {h2}x{w2} pixels at tile_size {s}; pad it, or pass "
+                         "do_image_splitting=False")
     if h2 > s or w2 > s:
         return TilePlan(height, width, (h1, w1), (h2, w2), h2 // s, w2 // s, s)
     return TilePlan(height, width, (h1, w1), (h2, w2), 0, 0, s)
