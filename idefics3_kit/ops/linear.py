@@ -2,7 +2,7 @@
 
 A one-token decode step reads every decoder weight once for one row of activations; that is
 bandwidth work, and at the decoder's narrow shapes (K = 576) oneDNN's bf16 matmul streams the
-weights at about half the speed of the compiled loop (benchmarks/linear_cpu.py). The op also
+weights 1.2-1.7x slower than the compiled loop (benchmarks/linear_cpu.py). The op also
 takes several weights at once (q|k|v, gate|up) and writes their outputs side by side, so fused
 projections need no concatenated weight copy.
 
@@ -20,8 +20,8 @@ import torch
 from . import _library
 
 # Rows up to which the kernel beats oneDNN (measured at SmolVLM-256M shapes, 2 threads: one row
-# ~1.4-1.9x, two rows ~1.2x, four rows slower: oneDNN's AMX path wins once there are rows to share
-# each weight load).
+# 1.2-1.7x, two rows ~1.2x, four rows about even (0.8-1.5x per shape, slower on the LM head): with
+# more rows vdpbf16ps turns compute-bound while oneDNN's AMX path shares each weight load).
 MAX_ROWS = 2
 
 

@@ -11,7 +11,8 @@
 //   output:  O[G, 16 dims] += P[G, 32 keys] . Vvnni[16 key pairs, 16 dims]   (V re-laid out in pairs)
 //
 // Numerics as torch's bf16 attention: bf16 products accumulated in fp32, softmax in fp32, the
-// probabilities rounded to bf16 before the product with V (attention_ref does the same).
+// probabilities rounded to bf16 before the product with V, as torch's bf16 attention does (here the
+// unnormalized exp(s - max) of each key range; attention_ref rounds the normalized ones).
 #pragma once
 
 #include "amx.h"
