@@ -8,6 +8,7 @@
 // reused by the next request of the same byte size, already faulted in. The pool holds at most
 // IDEFICS3_KIT_POOL_MB megabytes of idle buffers (default 512, 0 disables it), dropping the least
 // recently returned ones first; release_pooled() frees them all.
+#include <cstdint>
 #include <cstdlib>
 #include <iterator>
 #include <list>
@@ -78,13 +79,22 @@ at::Tensor empty_pooled(at::IntArrayRef size, at::ScalarType dtype) {
   int64_t numel = 1;
   for (const int64_t s : size) {
     TORCH_CHECK(s >= 0, "empty_pooled: sizes must be non-negative, got ", size);
+    TORCH_CHECK(s == 0 || numel <= INT64_MAX / s, "empty_pooled: ", size, " holds more than 2^63 elements");
     numel *= s;
   }
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const size_t item = c10::elementSize(dtype);
+  TORCH_CHECK(numel == 0 || static_cast<size_t>(numel) <= SIZE_MAX / item, "empty_pooled: ", size, " of ", dtype,
+              " does not fit in memory addresses");
+  const size_t bytes = static_cast<size_t>(numel) * item;
   if (bytes < kMinPooledBytes || pool().cap == 0) return at::empty(size, options);
   void* buf = take(bytes);
-  return at::from_blob(buf, size, [bytes](void* ptr) { give_back(ptr, bytes); }, options);
+  try {
+    return at::from_blob(buf, size, [bytes](void* ptr) { give_back(ptr, bytes); }, options);
+  } catch (...) {
+    give_back(buf, bytes);
+    throw;
+  }
 }
 
 int64_t release_pooled() {

@@ -17,6 +17,6 @@ from .norm import rms_norm, rms_norm_ref
 
 _library.has_extension()  # load the extension now (quietly) so torch.ops.idefics3_kit.* exist
 
-__all__ = ["attention", "attention_ref", "backend", "decode_linear", "decode_linear_ref", "empty_pooled",
-           "rms_norm", "rms_norm_ref", "build_info", "extension_error", "has_extension", "release_pooled",
+__all__ = ["attention", "attention_ref", "backend", "build_info", "decode_linear", "decode_linear_ref",
+           "empty_pooled", "extension_error", "has_extension", "release_pooled", "rms_norm", "rms_norm_ref",
            "use_reference"]

@@ -408,7 +408,8 @@ namespace idefics3_kit {
 namespace attn {
 #endif
 
-// Dispatch: the AVX-512 path when the CPU has it, the portable loops otherwise.
+// Dispatch: AMX tiles for bf16 decode where usable, the AVX-512 path when the CPU has it, the
+// portable loops otherwise.
 template <typename in_t, typename out_t>
 inline void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
 #ifdef IK_HAVE_AVX512_PATH

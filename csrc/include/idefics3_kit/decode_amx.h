@@ -109,19 +109,12 @@ IK_AMX_FN inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t d)
   return _mm512_reduce_add_ps(acc);
 }
 
-// decode_partial for bf16 on AMX. x: [G][j1 - j0] float scratch (the caller's).
-IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
-                                     float* x) {
-  const int64_t d = a.d, G = a.groups, n = j1 - j0, chunks = d / 32;
-  const int64_t n16 = n / 16 * 16, n32 = (n + 31) / 32 * 32;
+// Q [G, d] of one group as B tiles (kept in tmm2..5): row r of chunk c holds, for each head g,
+// dims (32c + 2r, 32c + 2r + 1).
+IK_AMX_FN inline void load_q(const DecodeArgs& a, std::vector<uint16_t>& qv) {
+  const int64_t G = a.groups, chunks = a.d / 32;
   const auto* q = static_cast<const uint16_t*>(a.q);
-  const auto* k = static_cast<const uint16_t*>(a.k) + j0 * a.k_stride;
-  const auto* v = static_cast<const uint16_t*>(a.v) + j0 * a.v_stride;
-  const uint8_t* km = a.key_mask ? a.key_mask + j0 : nullptr;
-  thread_local std::vector<uint16_t> qv, pb;
   qv.assign(chunks * 16 * G * 2, 0);
-  pb.assign(G * n32, 0);
-  // Q as B tiles: row r of chunk c holds, for each head g, dims (32c + 2r, 32c + 2r + 1).
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t r = 0; r < 16; ++r)
       for (int64_t g = 0; g < G; ++g) {
@@ -129,24 +122,33 @@ IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1
         uint16_t* dst = qv.data() + ((c * 16 + r) * G + g) * 2;
         dst[0] = qg[0], dst[1] = qg[1];
       }
-  configure(static_cast<int>(G));
   load_q_tiles(qv.data(), chunks, G * 4);
+}
 
-  // 1) scores for all keys of the range, scaled, masked keys -inf
+// 1) x[g][j] = scale * q_g . k_j for keys [j0, j0 + n), -inf where masked: 16-key tile products,
+//    the last n % 16 keys with vector dot products.
+IK_AMX_FN inline void scores(const DecodeArgs& a, int64_t j0, int64_t n, float* x) {
+  const int64_t G = a.groups, d = a.d, n16 = n / 16 * 16;
+  const auto* q = static_cast<const uint16_t*>(a.q);
+  const auto* k = static_cast<const uint16_t*>(a.k) + j0 * a.k_stride;
+  const uint8_t* km = a.key_mask ? a.key_mask + j0 : nullptr;
   alignas(64) float s[16 * kMaxGroups];
   for (int64_t jb = 0; jb < n16; jb += 16) {
-    score_block(k + jb * a.k_stride, a.k_stride, chunks, s, static_cast<int>(G));
+    score_block(k + jb * a.k_stride, a.k_stride, d / 32, s, static_cast<int>(G));
     for (int64_t r = 0; r < 16; ++r) {
       const bool masked = km && !km[jb + r];
       for (int64_t g = 0; g < G; ++g) x[g * n + jb + r] = masked ? kNegInf : s[r * G + g] * a.scale;
     }
   }
-  for (int64_t j = n16; j < n; ++j)  // the last n % 16 keys with vector dot products
+  for (int64_t j = n16; j < n; ++j)
     for (int64_t g = 0; g < G; ++g)
       x[g * n + j] = (km && !km[j]) ? kNegInf : dot_bf16(q + g * a.q_stride, k + j * a.k_stride, d) * a.scale;
+}
 
-  // 2) softmax statistics per head; probabilities rounded to bf16 as the A tile [G x n32]
-  for (int64_t g = 0; g < G; ++g) {
+// 2) per head: max m, sum l of exp(x - m), and exp(x - m) rounded to bf16 as rows of the
+//    probability tile pb [G][n32] (keys past n stay 0).
+IK_AMX_FN inline void softmax_rows(int64_t groups, int64_t n, int64_t n32, float* x, uint16_t* pb, float* m, float* l) {
+  for (int64_t g = 0; g < groups; ++g) {
     float* xg = x + g * n;
     __m512 mx = _mm512_set1_ps(kNegInf);
     for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, avx512::lane_mask(n - j), xg + j));
@@ -157,21 +159,25 @@ IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1
       const __mmask16 mk = avx512::lane_mask(n - j);
       const __m512 e = _mm512_maskz_mov_ps(mk, avx512::exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + j), mv)));
       sum = _mm512_add_ps(sum, e);
-      avx512::store(pb.data() + g * n32 + j, e, mk);
+      avx512::store(pb + g * n32 + j, e, mk);
     }
     m[g] = mg;
     l[g] = _mm512_reduce_add_ps(sum);
   }
+}
 
-  // 3) O[G, d] = P . V, 32 keys at a time: the block's V pairs are re-laid out into an L1-sized
-  //    buffer, then each 16-column output tile (kept in memory) takes one tile product.
-  const int64_t tiles = d / 16;
+// 3) o[G][d] = P . V over keys [j0, j0 + n), 32 keys at a time: each block's V pairs are re-laid
+//    out into an L1-sized buffer, then each 16-column output tile (kept in memory) takes one product.
+IK_AMX_FN inline void weighted_values(const DecodeArgs& a, int64_t j0, int64_t n, int64_t n32, const uint16_t* pb,
+                                      float* o) {
+  const int64_t G = a.groups, d = a.d, tiles = d / 16;
+  const auto* v = static_cast<const uint16_t*>(a.v) + j0 * a.v_stride;
   alignas(64) uint16_t vblk[2 * kMaxChunks][16 * 32];
   alignas(64) float oacc[2 * kMaxChunks][kMaxGroups * 16];
   for (int64_t t = 0; t < tiles; ++t) std::fill(oacc[t], oacc[t] + G * 16, 0.0f);
   for (int64_t b = 0; b < n32 / 32; ++b) {
     repack_v_block(v, a.v_stride, b * 32, n, d, vblk[0]);
-    _tile_loadd(7, pb.data() + b * 32, n32 * 2);
+    _tile_loadd(7, pb + b * 32, n32 * 2);
     for (int64_t t = 0; t < tiles; ++t) {
       _tile_loadd(6, oacc[t], 64);
       _tile_loadd(1, vblk[t], 64);
@@ -182,6 +188,19 @@ IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 16; ++i) o[g * d + out_column(t / 2, static_cast<int>(t % 2), i)] = oacc[t][g * 16 + i];
+}
+
+// decode_partial for bf16 on AMX. x: [G][j1 - j0] float scratch (the caller's).
+IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
+                                     float* x) {
+  const int64_t n = j1 - j0, n32 = (n + 31) / 32 * 32;
+  thread_local std::vector<uint16_t> qv, pb;
+  pb.assign(a.groups * n32, 0);
+  configure(static_cast<int>(a.groups));
+  load_q(a, qv);
+  scores(a, j0, n, x);
+  softmax_rows(a.groups, n, n32, x, pb.data(), m, l);
+  weighted_values(a, j0, n, n32, pb.data(), o);
   _tile_release();
 }
 
