@@ -19,10 +19,11 @@ import torch
 
 from . import _library
 
-# Rows up to which the kernel beats oneDNN (measured at SmolVLM-256M shapes, 2 threads: one row
-# 1.2-1.7x, two rows ~1.2x, four rows about even (0.8-1.5x per shape, slower on the LM head): with
-# more rows vdpbf16ps turns compute-bound while oneDNN's AMX path shares each weight load).
-MAX_ROWS = 2
+# Rows up to which the kernel is used (measured at SmolVLM-256M shapes, 2 threads): one row
+# 1.2-1.7x faster than oneDNN, two ~1.2x, four about even per projection (0.8-1.5x; vdpbf16ps
+# turns compute-bound while oneDNN's AMX path shares each weight load). Up to four rows it still
+# pays: it lets decode_layers run the whole step (bf16 batch 4 decode 1.56x -> 1.97x transformers).
+MAX_ROWS = 4
 
 
 def decode_linear_ref(x: torch.Tensor, weights, biases=None) -> torch.Tensor:
