@@ -39,13 +39,18 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B, Hkv, L, hd] after the cached tokens; return views of all tokens so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_length {self.max_length}")
+        end = self.check_room(k.shape[2])
         keys, values = self.keys[layer], self.values[layer]
         keys.narrow(2, self.length, k.shape[2]).copy_(k)
         values.narrow(2, self.length, v.shape[2]).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def check_room(self, n: int) -> int:
+        """The length after writing ``n`` more tokens; a clear error when they do not fit."""
+        end = self.length + n
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_length {self.max_length}")
+        return end
 
     def advance(self, n: int) -> None:
         self.length += n

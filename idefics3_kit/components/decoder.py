@@ -305,26 +305,51 @@ def _decode_layer_params(decoder: "CausalDecoder", x: torch.Tensor, cache) -> li
     hd = decoder.config.head_dim
     if hd % 8 or not 8 <= hd <= 512 or not attention_compiled._fast_cpu() or decoder.config.hidden_act != "silu":
         return None
-    params = []
-    for layer in decoder.model.layers:
-        if (type(layer) is not DecoderLayer or type(layer.self_attn) is not DecoderAttention
-                or type(layer.mlp) is not GatedMLP or type(layer.input_layernorm) is not RMSNorm
-                or type(layer.post_attention_layernorm) is not RMSNorm):
-            return None
-        a, m = layer.self_attn, layer.mlp
-        projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if not _plain_linear(*projs) or not _plain(layer, a, m, *norms) or m.act is not F.silu:
-            return None
-        if a.o_proj.bias is not None or any(p.bias is not None for p in (m.gate_proj, m.up_proj, m.down_proj)):
-            return None
-        if any(n.eps != decoder.model.layers[0].input_layernorm.eps for n in norms):
-            return None  # the op takes one eps
-        params += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                   a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.weight, layer.post_attention_layernorm.weight,
-                   m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
-    if any(p is not None and (p.dtype != x.dtype or p.device.type != "cpu" or not p.is_contiguous()) for p in params):
+    return _layer_params(decoder, x.dtype)
+
+
+_PARAM_ORDER = (("input_layernorm", "weight"), ("self_attn.q_proj", "weight"), ("self_attn.k_proj", "weight"),
+                ("self_attn.v_proj", "weight"), ("self_attn.q_proj", "bias"), ("self_attn.k_proj", "bias"),
+                ("self_attn.v_proj", "bias"), ("self_attn.o_proj", "weight"), ("post_attention_layernorm", "weight"),
+                ("mlp.gate_proj", "weight"), ("mlp.up_proj", "weight"), ("mlp.down_proj", "weight"))
+
+
+def _layer_params(decoder: "CausalDecoder", dtype: torch.dtype) -> list | None:
+    """The 12 tensors per layer for decode_layers, or None when a layer is not a plain Llama
+    layer. Runs every decode step, so modules and parameters are read from their dicts
+    (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
+    if not _plain():  # global forward hooks
         return None
+    params = []
+    eps = None
+    for layer in decoder.model.layers:
+        mods = {"": layer}
+        for path in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+            mods[path] = layer._modules[path]
+        a, m = mods["self_attn"]._modules, mods["mlp"]._modules
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            mods["self_attn." + name] = a[name]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mods["mlp." + name] = m[name]
+        if (type(layer) is not DecoderLayer or type(mods["self_attn"]) is not DecoderAttention
+                or type(mods["mlp"]) is not GatedMLP or type(mods["input_layernorm"]) is not RMSNorm
+                or type(mods["post_attention_layernorm"]) is not RMSNorm or mods["mlp"].__dict__["act"] is not F.silu):
+            return None
+        for path, mod in mods.items():
+            if mod._forward_hooks or mod._forward_pre_hooks or ("_proj" in path and type(mod) is not nn.Linear):
+                return None
+        for path in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            if mods[path]._parameters["bias"] is not None:
+                return None
+        layer_eps = {mods["input_layernorm"].eps, mods["post_attention_layernorm"].eps}
+        if len(layer_eps) != 1 or (eps is not None and layer_eps != {eps}):
+            return None  # the op takes one eps
+        eps = layer_eps.pop()
+        for path, name in _PARAM_ORDER:
+            p = mods[path]._parameters[name]
+            if p is not None and (p.dtype != dtype or not p.is_cpu or not p.is_contiguous()):
+                return None
+            params.append(p)
     return params
 
 
@@ -415,8 +440,7 @@ class CausalDecoder(nn.Module):
         params = _decode_layer_params(self, x, cache)
         if params is None:
             return None
-        if cache.length + 1 > cache.max_length:
-            raise ValueError(f"KV cache overflow: {cache.length + 1} tokens do not fit in max_length {cache.max_length}")
+        cache.check_room(1)
         cos, _, sin_signed = rope
         if cos.shape[0] != x.shape[0]:  # position_ids [1, 1] shared by the batch: the layers broadcast it
             cos, sin_signed = cos.expand(x.shape[0], -1, -1, -1), sin_signed.expand(x.shape[0], -1, -1, -1)
@@ -453,10 +477,11 @@ class CausalDecoder(nn.Module):
         fused = None if output_hidden_states else self._decode_layers(x, rope, key_padding_mask, cache)
         if fused is not None:
             x = fused
-        for layer in self.model.layers if fused is None else ():
-            x = layer(x, rope, key_padding_mask, cache)
-            if hidden is not None:
-                hidden.append(x)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, rope, key_padding_mask, cache)
+                if hidden is not None:
+                    hidden.append(x)
         if cache is not None:
             cache.advance(length)
         x = self.model.norm(x)
