@@ -139,6 +139,24 @@ def test_decode_bf16_tile_path_shapes(d, groups, lk):
 
 
 @needs_ext
+@pytest.mark.parametrize("mask_kind", [None, "first_chunk_masked", "random"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_bf16_rows_of_several_chunks(mask_kind, d):
+    # Eight (batch, kv head) rows, so each row is one item of 700 keys and the AMX path walks it in
+    # chunks of 256, 256 and 188 keys with a running max. Key 650 of every row gets the largest
+    # score by far, so the max rises in the last chunk and the earlier chunks' sums and outputs
+    # must be rescaled; with the first chunk masked, the max starts at -inf in a later chunk.
+    b, hkv, groups, lk = 2, 4, 4, 700
+    q, k, v, kpm = _inputs(b, hkv * groups, hkv, 1, lk, d, "random" if mask_kind == "random" else None, 17)
+    k[:, :, 650] = q.view(b, hkv, groups, d).mean(2) * 2
+    if mask_kind == "first_chunk_masked":
+        kpm = torch.ones(b, lk, dtype=torch.bool)
+        kpm[:, :256] = False
+    _check_close(q, k, v, kpm, True, torch.bfloat16,
+                 lambda ql, kl, vl: torch.ops.idefics3_kit.decode_attention(ql, kl, vl, kpm, None, 1 / math.sqrt(d)))
+
+
+@needs_ext
 def test_decode_amx_and_vector_paths_agree():
     # The same bf16 call with the tile path on and off (IDEFICS3_KIT_NO_AMX, read once per process).
     code = ("import torch, idefics3_kit.ops; g = torch.Generator().manual_seed(0); "

@@ -422,7 +422,7 @@ inline void softmax_row(const in_t* s, int n, int valid, float scale, const floa
 inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m, float* l,
                            float* qf, float* row, float* x) {
 #ifdef IK_HAVE_AMX_PATH
-  if (bf16 && amx::usable(a.d, a.groups)) return amx::decode_partial(a, j0, j1, o, m, l, x);
+  if (bf16 && amx::usable(a.d, a.groups)) return amx::decode_partial(a, j0, j1, o, m, l);
 #endif
 #ifdef IK_HAVE_AVX512_PATH
   if (avx512::available()) {

@@ -19,6 +19,7 @@
 
 #ifdef IK_HAVE_AMX_PATH
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -125,59 +126,84 @@ IK_AMX_FN inline void load_q(const DecodeArgs& a, std::vector<uint16_t>& qv) {
   load_q_tiles(qv.data(), chunks, G * 4);
 }
 
-// 1) x[g][j] = scale * q_g . k_j for keys [j0, j0 + n), -inf where masked: 16-key tile products,
-//    the last n % 16 keys with vector dot products.
-IK_AMX_FN inline void scores(const DecodeArgs& a, int64_t j0, int64_t n, float* x) {
-  const int64_t G = a.groups, d = a.d, n16 = n / 16 * 16;
-  const auto* q = static_cast<const uint16_t*>(a.q);
-  const auto* k = static_cast<const uint16_t*>(a.k) + j0 * a.k_stride;
-  const uint8_t* km = a.key_mask ? a.key_mask + j0 : nullptr;
-  alignas(64) float s[16 * kMaxGroups];
-  for (int64_t jb = 0; jb < n16; jb += 16) {
-    score_block(k + jb * a.k_stride, a.k_stride, d / 32, s, static_cast<int>(G));
-    for (int64_t r = 0; r < 16; ++r) {
-      const bool masked = km && !km[jb + r];
-      for (int64_t g = 0; g < G; ++g) x[g * n + jb + r] = masked ? kNegInf : s[r * G + g] * a.scale;
-    }
-  }
-  for (int64_t j = n16; j < n; ++j)
-    for (int64_t g = 0; g < G; ++g)
-      x[g * n + j] = (km && !km[j]) ? kNegInf : dot_bf16(q + g * a.q_stride, k + j * a.k_stride, d) * a.scale;
+// Keys per chunk. Each chunk runs scores, softmax and P.V back to back with a running max
+// (online softmax), so the exps of one chunk overlap the hardware prefetch of the next chunk's
+// K and V instead of being a separate pass over the whole range with the memory idle.
+constexpr int64_t kChunk = 256;
+
+// Lanes 0..15 of a key mask (1 = attend) as a bit mask; all set without one.
+IK_AMX_FN inline __mmask16 keep_lanes(const uint8_t* km) {
+  if (!km) return 0xFFFF;
+  return _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(km)), _mm_set1_epi8(-1));
 }
 
-// 2) per head: max m, sum l of exp(x - m), and exp(x - m) rounded to bf16 as rows of the
-//    probability tile pb [G][n32] (keys past n stay 0).
-IK_AMX_FN inline void softmax_rows(int64_t groups, int64_t n, int64_t n32, float* x, uint16_t* pb, float* m, float* l) {
+// 1) x[g][j] = scale * q_g . k_j for the n <= kChunk keys at k (-inf where masked), and mx[g]
+//    raised to their max. 16-key tile products give S[16 keys][G]; a gather per head turns the
+//    tile's columns into rows of x. The last n % 16 keys take vector dot products.
+IK_AMX_FN inline void scores_chunk(const DecodeArgs& a, const uint16_t* k, const uint8_t* km, int64_t n, float* x,
+                                   float* mx) {
+  const int64_t G = a.groups, n16 = n / 16 * 16;
+  const auto* q = static_cast<const uint16_t*>(a.q);
+  alignas(64) float s[16 * kMaxGroups];
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(static_cast<int>(G)));
+  const __m512 scale = _mm512_set1_ps(a.scale), neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 mxv[kMaxGroups];  // per-lane maxima, reduced once per chunk
+  for (int64_t g = 0; g < G; ++g) mxv[g] = neg_inf;
+  for (int64_t jb = 0; jb < n16; jb += 16) {
+    score_block(k + jb * a.k_stride, a.k_stride, a.d / 32, s, static_cast<int>(G));
+    const __mmask16 keep = keep_lanes(km ? km + jb : nullptr);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 xg = _mm512_mask_mul_ps(neg_inf, keep, _mm512_i32gather_ps(column, s + g, 4), scale);
+      _mm512_store_ps(x + g * kChunk + jb, xg);
+      mxv[g] = _mm512_max_ps(mxv[g], xg);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) mx[g] = std::max(mx[g], _mm512_reduce_max_ps(mxv[g]));
+  for (int64_t j = n16; j < n; ++j)
+    for (int64_t g = 0; g < G; ++g) {
+      const float xj = (km && !km[j]) ? kNegInf : dot_bf16(q + g * a.q_stride, k + j * a.k_stride, a.d) * a.scale;
+      x[g * kChunk + j] = xj;
+      mx[g] = std::max(mx[g], xj);
+    }
+}
+
+// 2) with the running max m raised to mx: the earlier sum l and output rows (oacc, [d / 16]
+//    tiles of [G][16]) rescaled by exp(m_old - m), l += sum of exp(x - m) over the chunk, and
+//    those weights rounded to bf16 as the rows of the probability tile pb [G][kChunk] (keys past
+//    n stay 0).
+IK_AMX_FN inline void softmax_chunk(int64_t groups, int64_t tiles, int64_t n, const float* x, const float* mx,
+                                    uint16_t* pb, float* m, float* l, float (*oacc)[kMaxGroups * 16]) {
   for (int64_t g = 0; g < groups; ++g) {
-    float* xg = x + g * n;
-    __m512 mx = _mm512_set1_ps(kNegInf);
-    for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, avx512::lane_mask(n - j), xg + j));
-    const float mg = _mm512_reduce_max_ps(mx);
-    const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
+    if (mx[g] > m[g]) {  // (a chunk that is all masked leaves m at -inf and its weights 0)
+      const float alpha = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mx[g]);
+      m[g] = mx[g];
+      l[g] *= alpha;
+      const __m512 av = _mm512_set1_ps(alpha);
+      for (int64_t t = 0; t < tiles; ++t) _mm512_store_ps(oacc[t] + g * 16, _mm512_mul_ps(_mm512_load_ps(oacc[t] + g * 16), av));
+    }
+    const float* xg = x + g * kChunk;
+    const __m512 mv = _mm512_set1_ps(m[g] == kNegInf ? 0.0f : m[g]);  // all masked so far: every weight is 0
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 mk = avx512::lane_mask(n - j);
       const __m512 e = _mm512_maskz_mov_ps(mk, avx512::exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + j), mv)));
       sum = _mm512_add_ps(sum, e);
-      avx512::store(pb + g * n32 + j, e, mk);
+      avx512::store(pb + g * kChunk + j, e, mk);
     }
-    m[g] = mg;
-    l[g] = _mm512_reduce_add_ps(sum);
+    l[g] += _mm512_reduce_add_ps(sum);
   }
 }
 
-// 3) o[G][d] = P . V over keys [j0, j0 + n), 32 keys at a time: each block's V pairs are re-laid
-//    out into an L1-sized buffer, then each 16-column output tile (kept in memory) takes one product.
-IK_AMX_FN inline void weighted_values(const DecodeArgs& a, int64_t j0, int64_t n, int64_t n32, const uint16_t* pb,
-                                      float* o) {
-  const int64_t G = a.groups, d = a.d, tiles = d / 16;
-  const auto* v = static_cast<const uint16_t*>(a.v) + j0 * a.v_stride;
+// 3) oacc += P . V for the n keys at v, 32 at a time: each block's V pairs are re-laid out into
+//    an L1-sized buffer, then each 16-column output tile takes one product.
+IK_AMX_FN inline void weighted_values_chunk(const DecodeArgs& a, const uint16_t* v, int64_t n, const uint16_t* pb,
+                                            float (*oacc)[kMaxGroups * 16]) {
+  const int64_t tiles = a.d / 16;
   alignas(64) uint16_t vblk[2 * kMaxChunks][16 * 32];
-  alignas(64) float oacc[2 * kMaxChunks][kMaxGroups * 16];
-  for (int64_t t = 0; t < tiles; ++t) std::fill(oacc[t], oacc[t] + G * 16, 0.0f);
-  for (int64_t b = 0; b < n32 / 32; ++b) {
-    repack_v_block(v, a.v_stride, b * 32, n, d, vblk[0]);
-    _tile_loadd(7, pb + b * 32, n32 * 2);
+  for (int64_t b = 0; b < (n + 31) / 32; ++b) {
+    repack_v_block(v, a.v_stride, b * 32, n, a.d, vblk[0]);
+    _tile_loadd(7, pb + b * 32, kChunk * 2);
     for (int64_t t = 0; t < tiles; ++t) {
       _tile_loadd(6, oacc[t], 64);
       _tile_loadd(1, vblk[t], 64);
@@ -185,23 +211,36 @@ IK_AMX_FN inline void weighted_values(const DecodeArgs& a, int64_t j0, int64_t n
       _tile_stored(6, oacc[t], 64);
     }
   }
+}
+
+// decode_partial for bf16 on AMX: keys [j0, j1) in chunks of kChunk.
+IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l) {
+  const int64_t G = a.groups, d = a.d, tiles = d / 16;
+  alignas(64) float x[kMaxGroups * kChunk];
+  alignas(64) uint16_t pb[kMaxGroups * kChunk];
+  alignas(64) float oacc[2 * kMaxChunks][kMaxGroups * 16];
+  thread_local std::vector<uint16_t> qv;
+  for (int64_t t = 0; t < tiles; ++t) std::fill(oacc[t], oacc[t] + G * 16, 0.0f);
+  std::fill(m, m + G, kNegInf);
+  std::fill(l, l + G, 0.0f);
+  configure(static_cast<int>(G));
+  load_q(a, qv);
+  const auto* k = static_cast<const uint16_t*>(a.k);
+  const auto* v = static_cast<const uint16_t*>(a.v);
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, j1 - c0);
+    float mx[kMaxGroups];
+    std::fill(mx, mx + G, kNegInf);
+    scores_chunk(a, k + c0 * a.k_stride, a.key_mask ? a.key_mask + c0 : nullptr, n, x, mx);
+    if (n % 32)  // the last P block's keys past n must be 0 in every row
+      for (int64_t g = 0; g < G; ++g) std::fill(pb + g * kChunk + n, pb + g * kChunk + (n + 31) / 32 * 32, uint16_t{0});
+    softmax_chunk(G, tiles, n, x, mx, pb, m, l, oacc);
+    weighted_values_chunk(a, v + c0 * a.v_stride, n, pb, oacc);
+  }
+  _tile_release();
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 16; ++i) o[g * d + out_column(t / 2, static_cast<int>(t % 2), i)] = oacc[t][g * 16 + i];
-}
-
-// decode_partial for bf16 on AMX. x: [G][j1 - j0] float scratch (the caller's).
-IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
-                                     float* x) {
-  const int64_t n = j1 - j0, n32 = (n + 31) / 32 * 32;
-  thread_local std::vector<uint16_t> qv, pb;
-  pb.assign(a.groups * n32, 0);
-  configure(static_cast<int>(a.groups));
-  load_q(a, qv);
-  scores(a, j0, n, x);
-  softmax_rows(a.groups, n, n32, x, pb.data(), m, l);
-  weighted_values(a, j0, n, n32, pb.data(), o);
-  _tile_release();
 }
 
 }  // namespace amx
