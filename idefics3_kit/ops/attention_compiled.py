@@ -12,7 +12,7 @@ without AVX2 (the kernels' portable path would be slower than torch's own).
 Policy from benchmarks/attention_cpu.py (2 threads, torch 2.13): for non-causal (vision)
 attention torch's own fused CPU kernel (scaled_dot_product_attention) measured faster than our
 GEMM + softmax blocks (x0.6-0.9), so those calls fall back to it (``PREFER_TORCH_NONCAUSAL``;
-set it False to run the compiled vision kernel). Causal prefill (x1.0-1.9) and decode (x2.2-3.5)
+set it False to run the compiled vision kernel). Causal prefill (x1.0-1.9) and decode (x2.3-3.7)
 use the compiled kernels.
 """
 
