@@ -115,8 +115,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t kv_bytes = 2 * b * hkv * l * d * esize;
   const int64_t max_workers = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t workers = std::clamp<int64_t>(kv_bytes / kMinBytesPerWorker, 1, max_workers);
+  const bool scratch = !attn::decode_uses_amx(bf16, d, groups);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> qf(groups * d), row(d), x(groups * split);
+    std::vector<float> qf(scratch ? groups * d : 0), row(scratch ? d : 0), x(scratch ? groups * split : 0);
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
       const int64_t bi = it / (hkv * nsplit), hk = (it / nsplit) % hkv, s = it % nsplit;
       if (empty[bi]) {

@@ -18,8 +18,8 @@ namespace norm = idefics3_kit::norm;
 
 namespace {
 
-using gemv::bf16_bits_to_float;
-using gemv::float_to_bf16_rne;
+using idefics3_kit::bf16_bits_to_float;
+using idefics3_kit::float_to_bf16_rne;
 
 float float_of(uint32_t b) {
   float f;
@@ -239,19 +239,15 @@ void test_gemv_propagates_nan_and_inf() {
 
 // ---- rms_norm -------------------------------------------------------------------------------
 
-template <typename T>
-float value(T v);
-template <>
-float value<float>(float v) { return v; }
-template <>
-float value<uint16_t>(uint16_t v) { return bf16_bits_to_float(v); }
+// float or bf16 bits <-> float, with the kernel's own conversions.
+using norm::to_f;
 
 template <typename T>
-T from_float(float v);
-template <>
-float from_float<float>(float v) { return v; }
-template <>
-uint16_t from_float<uint16_t>(float v) { return float_to_bf16_rne(v); }
+T from_float(float v) {
+  T out;
+  norm::store(&out, v);
+  return out;
+}
 
 int64_t& mismatches() {
   static int64_t n = 0;
@@ -271,13 +267,13 @@ void check_rms_row(std::mt19937& rng, int64_t d, float eps, float scale) {
   for (auto& v : w) v = from_float<T>(dist(rng) * 2.0f);
   norm::row(x.data(), w.data(), d, eps, out.data());
   double ss = 0.0;
-  for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(value(x[i])) * value(x[i]);
+  for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(to_f(x[i])) * to_f(x[i]);
   const double inv = 1.0 / std::sqrt(ss / static_cast<double>(d) + static_cast<double>(eps));
   // float32 statistics: the sum of squares in 16 lanes then across, mean, +eps, sqrt, divide,
   // and the products: relative error at most about (d / 16 + 16 + 8) float32 roundings
   const double rel = (static_cast<double>(d) / 16.0 + 24.0) * std::ldexp(1.0, -24);
   for (int64_t i = 0; i < d; ++i) {
-    const double normed = value(x[i]) * inv, wv = value(w[i]), exact = wv * normed, got = value(out[i]);
+    const double normed = to_f(x[i]) * inv, wv = to_f(w[i]), exact = wv * normed, got = to_f(out[i]);
     CHECK(std::isfinite(got));
     if (!kBf16) {
       CHECK(std::fabs(got - exact) <= rel * std::fabs(exact) + 1e-37);
@@ -297,8 +293,8 @@ void check_rms_row(std::mt19937& rng, int64_t d, float eps, float scale) {
     const float inv_f = static_cast<float>(inv);
     int64_t differ = 0;
     for (int64_t i = 0; i < d; ++i) {
-      const float n_bf = value(from_float<T>(value(x[i]) * inv_f));
-      differ += out[i] != from_float<T>(value(w[i]) * n_bf);
+      const float n_bf = to_f(from_float<T>(to_f(x[i]) * inv_f));
+      differ += out[i] != from_float<T>(to_f(w[i]) * n_bf);
     }
     mismatches() += differ;
     compared() += d;

@@ -418,11 +418,21 @@ inline void softmax_row(const in_t* s, int n, int valid, float scale, const floa
   softmax_row_portable(s, n, valid, scale, bias, x, p);
 }
 
-// Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
+// Whether decode_partial takes the AMX path for these arguments (which needs no scratch).
+inline bool decode_uses_amx(bool bf16, int64_t d, int64_t groups) {
+#ifdef IK_HAVE_AMX_PATH
+  return bf16 && amx::usable(d, groups);
+#else
+  (void)bf16, (void)d, (void)groups;
+  return false;
+#endif
+}
+
+// Scratch (unused on the AMX path): qf [G * d], row [d], x [G * (j1 - j0)] floats.
 inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m, float* l,
                            float* qf, float* row, float* x) {
 #ifdef IK_HAVE_AMX_PATH
-  if (bf16 && amx::usable(a.d, a.groups)) return amx::decode_partial(a, j0, j1, o, m, l);
+  if (decode_uses_amx(bf16, a.d, a.groups)) return amx::decode_partial(a, j0, j1, o, m, l);
 #endif
 #ifdef IK_HAVE_AVX512_PATH
   if (avx512::available()) {

@@ -28,9 +28,6 @@ struct Job {
   int64_t y_stride;
 };
 
-using idefics3_kit::bf16_bits_to_float;  // gemv::-qualified names for the kernels' callers
-using idefics3_kit::float_to_bf16_rne;
-
 // Portable fallback: the same sums in a plain loop (CPUs without AVX-512 BF16).
 inline void rows_portable(const Job& j, int64_t r0, int64_t r1) {
   for (int64_t m = 0; m < j.rows_x; ++m) {

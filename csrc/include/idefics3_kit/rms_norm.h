@@ -9,18 +9,18 @@
 #include <cmath>
 #include <cstdint>
 
-#include "gemv_bf16.h"        // bf16 <-> float
+#include "bf16.h"
 #include "pillow_resample.h"  // IK_MULTIVERSION, IK_ALWAYS_INLINE
 
 namespace idefics3_kit {
 namespace norm {
 
 IK_ALWAYS_INLINE float to_f(float v) { return v; }
-IK_ALWAYS_INLINE float to_f(uint16_t v) { return gemv::bf16_bits_to_float(v); }
+IK_ALWAYS_INLINE float to_f(uint16_t v) { return bf16_bits_to_float(v); }
 IK_ALWAYS_INLINE float round_as(float v, const float*) { return v; }
-IK_ALWAYS_INLINE float round_as(float v, const uint16_t*) { return to_f(gemv::float_to_bf16_rne(v)); }
+IK_ALWAYS_INLINE float round_as(float v, const uint16_t*) { return to_f(float_to_bf16_rne(v)); }
 IK_ALWAYS_INLINE void store(float* p, float v) { *p = v; }
-IK_ALWAYS_INLINE void store(uint16_t* p, float v) { *p = gemv::float_to_bf16_rne(v); }
+IK_ALWAYS_INLINE void store(uint16_t* p, float v) { *p = float_to_bf16_rne(v); }
 
 template <typename T>
 IK_ALWAYS_INLINE void row_impl(const T* x, const T* w, int64_t d, float eps, T* out) {
