@@ -87,11 +87,11 @@ def kernel_table(iters: int) -> None:
 def e2e(iters: int, prompt_tokens: int) -> None:
     """TTFT (one 1600x900 image = 17 tiles + text) and one decode step of Idefics3-8B-shaped models
     (random weights; no checkpoint needed)."""
-    from idefics3_kit import presets
+    from idefics3_kit.config import VLMConfig
     from idefics3_kit.model import VLM
     from idefics3_kit.ops import use_reference
 
-    cfg = presets.idefics3_8b()
+    cfg = VLMConfig.preset("idefics3-8b")
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = VLM(cfg).to(torch.bfloat16).eval()
@@ -161,9 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--prompt-tokens", type=int, default=2600)
     args = ap.parse_args(argv)
-    from idefics3_kit.ops import cuda_dispatch
+    from idefics3_kit.ops import _library
 
-    if not torch.cuda.is_available() or not cuda_dispatch.has_cuda_kernel("vision_attention"):
+    if not torch.cuda.is_available() or not _library.has_kernel("vision_attention", "cuda"):
         print("attention_cuda: no CUDA device or no CUDA attention kernels; nothing to measure")
         return 0
     p = torch.cuda.get_device_properties(0)

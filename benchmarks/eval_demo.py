@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from idefics3_kit import VLM, Processor  # noqa: E402
-from idefics3_kit.demo_model import evaluate, shipped_model_dir  # noqa: E402
+from idefics3_kit.recipes.demo.model import evaluate, shipped_model_dir  # noqa: E402
 
 
 def main() -> int:

@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-cpu", action="store_true", help="skip the (slow) CPU and transformers baselines")
     args = ap.parse_args(argv)
 
-    from idefics3_kit.ops import cuda_dispatch
-    from idefics3_kit.ops.preprocess import preprocess_into
+    from idefics3_kit.ops import _library
+    from idefics3_kit.ops.preprocess import alloc_batch, preprocess_into
 
-    if not torch.cuda.is_available() or not cuda_dispatch.has_cuda_kernel("preprocess_into"):
+    if not torch.cuda.is_available() or not _library.has_kernel("preprocess_into", "cuda"):
         print("preprocess_cuda: no CUDA device or no CUDA preprocessing kernel; nothing to measure")
         return 0
     geo = _geometry()
@@ -61,14 +61,14 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)")
     print(f"{args.batch} images {args.height}x{args.width} -> {tiles} tiles of 364, {args.dtype} out")
 
-    pv, pm = cuda_dispatch.alloc_batch(args.batch, tiles, 364, dtype=dtype)
+    pv, pm = alloc_batch(args.batch, tiles, 364, dtype=dtype, device="cuda")
     for _ in range(3):  # warm-up (module load, allocator, pinned pool)
-        cuda_dispatch.preprocess_into(images, pv, pm, geometry, MEAN, STD, RESCALE)
+        preprocess_into(images, pv, pm, geometry, MEAN, STD, RESCALE)
     torch.cuda.synchronize()
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
-        cuda_dispatch.preprocess_into(images, pv, pm, geometry, MEAN, STD, RESCALE)
+        preprocess_into(images, pv, pm, geometry, MEAN, STD, RESCALE)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     gpu = args.batch / statistics.median(times)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     dev_times = []
     for _ in range(args.iters):
         start.record()
-        cuda_dispatch.preprocess_into(dev_images, pv, pm, geometry, MEAN, STD, RESCALE)
+        preprocess_into(dev_images, pv, pm, geometry, MEAN, STD, RESCALE)
         end.record()
         end.synchronize()
         dev_times.append(start.elapsed_time(end) / 1e3)

@@ -1,14 +1,17 @@
-"""idefics3_kit: the Idefics3 vision-language model as swappable, registered parts."""
+"""idefics3_kit: the Idefics3 vision-language model as swappable, registered parts.
 
-from . import ops, registry
-from .config import (ClipVisionConfig, ConnectorConfig, DecoderConfig, Qwen2DecoderConfig, VisionConfig,
-                     VLMConfig)
+Importing the package registers the built-in components (``idefics3_kit.components``) before
+anything looks them up; plugins load on the first lookup that misses.
+"""
+
+from . import components, ops, registry  # components first: importing it registers the built-ins
+from .components import ClipVisionConfig, KVCache, Qwen2DecoderConfig, SplitterConfig, TilePlan
+from .config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
 from .model import VLM, VLMOutput
-from .processing import BatchFeature, ImagePlan, Processor
-from .components.splitter import SplitterConfig
+from .processing import BatchFeature, Processor
 
 __version__ = "0.1.0"
 
 __all__ = ["VLM", "VLMConfig", "VLMOutput", "VisionConfig", "ConnectorConfig", "DecoderConfig", "ClipVisionConfig",
-           "Qwen2DecoderConfig", "Processor", "BatchFeature", "ImagePlan", "SplitterConfig", "ops", "registry",
-           "__version__"]
+           "Qwen2DecoderConfig", "KVCache", "Processor", "BatchFeature", "TilePlan", "SplitterConfig", "components",
+           "ops", "registry", "__version__"]

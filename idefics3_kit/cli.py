@@ -43,14 +43,14 @@ def add_demo_parser(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from . import demo
+    from .recipes.demo import run as demo
 
     return demo.run(model_dir=args.model, preset=args.preset, seed=args.seed, split_picture=args.out)
 
 
 # ---- plan ------------------------------------------------------------------------------------
 
-SMOLVLM_256M = dict(longest_edge=2048, tile_size=512, image_seq_len=64)  # geometry when no --model is given
+DEFAULT_PRESET = "smolvlm-256m"  # geometry when no --model is given (the splitter's defaults are its)
 
 
 def add_plan_parser(sub) -> None:
@@ -67,7 +67,11 @@ def add_plan_parser(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from .components.splitter import SplitterConfig, plan_tiles, to_rgb
+    import dataclasses
+
+    from .components.splitter import SplitterConfig, plan_tiles
+    from .config import VLMConfig
+    from .processing.images import to_rgb
 
     overrides = {k: v for k, v in (("longest_edge", args.longest_edge), ("tile_size", args.tile_size))
                  if v is not None}
@@ -78,48 +82,45 @@ def cmd_plan(args) -> int:
     if args.no_split:
         overrides["do_image_splitting"] = False
     rgb = to_rgb(args.image, where=f"image {args.image}")
-    prompt_tokens = None
     if args.model:
         from .processing import Processor
 
         proc = Processor.from_pretrained(args.model, image_seq_len=args.image_seq_len, **overrides)
-        cfg, seq_len = proc.splitter.config, proc.image_seq_len
-        prompt_tokens = proc.plan(rgb.shape[1], rgb.shape[0]).prompt_tokens
+        cfg = proc.splitter.config
+        plan = proc.plan(rgb.shape[1], rgb.shape[0])
     else:
-        settings = {**SMOLVLM_256M, **overrides}
-        seq_len = args.image_seq_len or settings.pop("image_seq_len")
-        settings.pop("image_seq_len", None)
-        cfg = SplitterConfig(**settings)
-    plan = plan_tiles(rgb.shape[0], rgb.shape[1], cfg)
-    _print_plan(args.image, plan, cfg, seq_len, prompt_tokens)
+        cfg = SplitterConfig(**overrides)
+        seq_len = args.image_seq_len or VLMConfig.preset(DEFAULT_PRESET).image_seq_len
+        plan = dataclasses.replace(plan_tiles(rgb.shape[0], rgb.shape[1], cfg), image_seq_len=seq_len)
+    _print_plan(args.image, plan, cfg)
     if args.out:
-        from .visualize import draw_plan
+        from .processing.picture import draw_plan
 
-        draw_plan(rgb, plan, seq_len).save(args.out)
+        draw_plan(rgb, plan, plan.image_seq_len).save(args.out)
         print(f"picture       {args.out}")
     return 0
 
 
-def _print_plan(name, plan, cfg, seq_len, prompt_tokens) -> None:
+def _print_plan(name, plan, cfg) -> None:
     print(f"image         {name}: {plan.width}x{plan.height} (width x height)")
     print(f"settings      longest_edge {cfg.longest_edge}, tile {cfg.tile_size}, "
-          f"splitting {'on' if cfg.do_image_splitting else 'off'}, {seq_len} tokens per tile")
+          f"splitting {'on' if cfg.do_image_splitting else 'off'}, {plan.image_seq_len} tokens per tile")
     print(f"resized       {plan.resized[1]}x{plan.resized[0]}, then {plan.grid_size[1]}x{plan.grid_size[0]}")
     print(f"rows          {plan.rows}")
     print(f"cols          {plan.cols}")
     print(f"tiles         {plan.tiles}" + (" (rows x cols + global)" if plan.rows * plan.cols else " (unsplit)"))
-    print(f"image tokens  {plan.tiles * seq_len}")
-    if prompt_tokens is not None:
-        print(f"prompt tokens {prompt_tokens} (with the tile tags and newlines, for this tokenizer)")
+    print(f"image tokens  {plan.image_tokens}")
+    if plan.prompt_tokens is not None:
+        print(f"prompt tokens {plan.prompt_tokens} (with the tile tags and newlines, for this tokenizer)")
 
 
 # ---- shared: loading, images, sampling flags -------------------------------------------------
 
 def _progress(**kw):
-    """A tqdm bar on stderr (disabled by --no-progress)."""
-    from tqdm import tqdm
+    """A progress bar on stderr (disabled by --no-progress; none without tqdm)."""
+    from .train.progress import progress_bar
 
-    return tqdm(file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
+    return progress_bar(file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
 
 
 def _add_model_flags(p, dtype: bool = True) -> None:
@@ -176,7 +177,8 @@ def _load(args, with_processor: bool = True):
 
     import torch
 
-    from .model import VLM, resolve_dtype
+    from .hf import resolve_dtype
+    from .model import VLM
 
     if not os.path.isdir(args.model):
         raise UserError(f"model directory not found: {args.model}")
@@ -196,17 +198,16 @@ def _load(args, with_processor: bool = True):
 
 
 def _open_image(path: str):
+    """A decoded image (uint8 RGB tensor) for a path the user gave, or a one-line error."""
     import os
+
+    from .processing.images import to_rgb
 
     if not os.path.isfile(path):
         raise UserError(f"image not found: {path}")
     try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except OSError as exc:
+        return to_rgb(path, where=f"image {path}")
+    except ValueError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
 
 
@@ -345,40 +346,24 @@ def add_inspect_parser(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def _splitter_config(path: str, tile_default: int):
-    """The checkpoint's image settings (the splitter's own reader), or 4 tiles x the vision tile."""
-    import os
-
-    from .components.splitter import SplitterConfig
-    from .processing import _image_settings
-    from .tokenization import read_json
-
-    proc_file = os.path.join(path, "processor_config.json")
-    proc_cfg = read_json(proc_file, "processor_config.json") if os.path.isfile(proc_file) else {}
-    try:
-        return SplitterConfig.from_hf(_image_settings(path, proc_cfg))
-    except ValueError:
-        return SplitterConfig(longest_edge=4 * tile_default, tile_size=tile_default)
-
-
 def cmd_inspect(args) -> int:
     import os
 
-    from . import checkpoint
     from .config import VLMConfig
+    from .hf import weights
 
     if not os.path.isdir(args.model):
         raise UserError(f"model directory not found: {args.model}")
     images = [(path, _open_image(path)) for path in args.image]
     cfg = VLMConfig.from_pretrained(args.model)
-    shapes = checkpoint.read_header_shapes(checkpoint.checkpoint_files(args.model))
-    counts, dtypes = {"vision": 0, "connector": 0, "decoder": 0, "other": 0}, set()
+    shapes = weights.read_header_shapes(weights.checkpoint_files(args.model))
+    counts = {"vision": 0, "connector": 0, "decoder": 0, "other": 0}
     for hf_name, shape in shapes.items():
-        ours = checkpoint.from_hf_name(hf_name) or "other"
+        ours = (weights.from_hf_name(hf_name) or "other").split(".")[0]
         n = 1
         for d in shape:
             n *= d
-        counts[ours.split(".")[0] if ours.split(".")[0] in counts else "other"] += n
+        counts[ours if ours in counts else "other"] += n
     total = sum(counts.values())
     print(f"{args.model}")
     print(f"VLM ({total:,} parameters)")
@@ -400,24 +385,44 @@ def cmd_inspect(args) -> int:
     print(f"context: {context:,} tokens; {cfg.image_seq_len} image tokens per tile; image token id "
           f"{cfg.image_token_id}")
     if images:
-        from .components.splitter import plan_tiles
-
-        splitter_cfg = _splitter_config(args.model, getattr(cfg.vision, "image_size", 512))
+        plan_of = _planner(args.model, cfg)
         used = 0
-        for path, im in images:
-            plan = plan_tiles(im.height, im.width, splitter_cfg)
-            rows, cols = plan.rows, plan.cols
-            tiles = rows * cols + 1 if rows else 1
-            n = tiles * cfg.image_seq_len
-            # per tile: <fake> + <row_r_col_c> around the image tokens; a newline per row; global block tags
-            tags = rows * (cols * 2 + 1) + 3 if rows else 3
-            used += n + tags
-            grid = f"{rows}x{cols} tiles + global" if rows else "1 tile"
-            print(f"image {path}: {im.width}x{im.height} px -> {grid} = {tiles} tiles x {cfg.image_seq_len} "
-                  f"= {n:,} image tokens (+~{tags} tag tokens)")
-        print(f"token budget: ~{used:,} of {context:,} tokens for the images, ~{context - used:,} left for text "
+        for path, rgb in images:
+            plan = plan_of(rgb)
+            used += plan.prompt_tokens if plan.prompt_tokens is not None else plan.image_tokens
+            grid = f"{plan.rows}x{plan.cols} tiles + global" if plan.rows * plan.cols else "1 tile"
+            cost = (f"{plan.prompt_tokens:,} prompt tokens with the tags" if plan.prompt_tokens is not None
+                    else "tag tokens not counted: no tokenizer in the checkpoint")
+            print(f"image {path}: {rgb.shape[1]}x{rgb.shape[0]} px -> {grid} = {plan.tiles} tiles x "
+                  f"{cfg.image_seq_len} = {plan.image_tokens:,} image tokens ({cost})")
+        print(f"token budget: {used:,} of {context:,} tokens for the images, {context - used:,} left for text "
               "and the answer")
     return 0
+
+
+def _planner(path: str, cfg):
+    """rgb -> TilePlan: the checkpoint's processor when it loads (exact prompt tokens), else the
+    image settings alone, else 4 tiles x the vision tile."""
+    import dataclasses
+
+    from . import files
+    from .components.splitter import SplitterConfig, plan_tiles
+    from .processing import Processor
+    from .processing.processor import image_settings
+
+    try:
+        proc = Processor.from_pretrained(path, image_seq_len=cfg.image_seq_len)
+        return lambda rgb: proc.plan(rgb.shape[1], rgb.shape[0])
+    except ValueError:
+        pass
+    try:
+        proc_cfg = files.read_json_if_exists(f"{path}/processor_config.json", "processor_config.json")
+        splitter = SplitterConfig.from_hf(image_settings(path, proc_cfg))
+    except ValueError:
+        tile = getattr(cfg.vision, "image_size", 512)
+        splitter = SplitterConfig(longest_edge=4 * tile, tile_size=tile)
+    return lambda rgb: dataclasses.replace(plan_tiles(rgb.shape[0], rgb.shape[1], splitter),
+                                           image_seq_len=cfg.image_seq_len)
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -435,6 +440,7 @@ def add_train_parser(sub) -> None:
 def cmd_train(args) -> int:
     import dataclasses
 
+    from .recipes import demo  # noqa: F401  (registers the demo's synthetic data source and model)
     from .train import TrainConfig, train
 
     cfg = TrainConfig.from_file(args.config)

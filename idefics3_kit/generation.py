@@ -1,7 +1,9 @@
-"""KV cache and generation.
+"""Generation: the decoding loop over a VLM (greedy, sampling), streaming hooks.
 
-The cache is preallocated once per generation for the whole sequence (prompt + new
-tokens): each layer writes its new keys/values into place, nothing is concatenated per step.
+The model's KV cache (``decoder.new_cache``) is preallocated once per generation for the whole
+sequence (prompt + new tokens). Every step goes through the model's own ``forward`` (its
+``__call__``), so the hooks of wrappers users add (FSDP2's unsharding, for one) run as they do
+in training.
 
 The loop is a handful of small functions (gpt-fast style), see docs/generation.md:
 
@@ -13,55 +15,13 @@ The loop is a handful of small functions (gpt-fast style), see docs/generation.m
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from . import ops
 from .components.sampler import SamplerState, build_chain, make_generators
-
-
-class KVCache:
-    """Static per-layer key/value buffers [B, Hkv, max_length, head_dim].
-
-    ``length`` counts the tokens already written; the decoder writes L new tokens at
-    ``[length, length + L)`` in every layer, then calls ``advance(L)`` once.
-    """
-
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int,
-                 head_dim: int, dtype: torch.dtype, device):
-        shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_length = max_length
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v [B, Hkv, L, hd] after the cached tokens; return views of all tokens so far."""
-        end = self.check_room(k.shape[2])
-        keys, values = self.keys[layer], self.values[layer]
-        keys.narrow(2, self.length, k.shape[2]).copy_(k)
-        values.narrow(2, self.length, v.shape[2]).copy_(v)
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
-
-    def check_room(self, n: int) -> int:
-        """The length after writing ``n`` more tokens; a clear error when they do not fit."""
-        end = self.length + n
-        if end > self.max_length:
-            raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_length {self.max_length}")
-        return end
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` of the batch (e.g. to drop finished sequences)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
 
 
 # ---- generation ------------------------------------------------------------------------------
@@ -148,16 +108,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=None,
             pixel_attention_mask=None, mask_all_ones: bool = False) -> torch.Tensor:
     """Run the prompt (images merged in, features computed once) -> last-position logits [B, V]."""
-    embeds, _ = model.embed_inputs(input_ids, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask)
-    out = model.decoder(inputs_embeds=embeds, position_ids=position_ids,
-                        attention_mask=None if mask_all_ones else attention_mask, cache=cache, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=None if mask_all_ones else attention_mask,
+                position_ids=position_ids, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                cache=cache, logits_to_keep=1)
     return out.logits[:, -1]
 
 
 def decode_one(model, cache, tokens: torch.Tensor, positions: torch.Tensor, attention_mask) -> torch.Tensor:
     """One cached step: tokens [B] at positions [B] -> logits [B, V]."""
-    out = model.decoder(input_ids=tokens[:, None], position_ids=positions[:, None],
-                        attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    out = model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=attention_mask,
+                cache=cache, logits_to_keep=1)
     return out.logits[:, -1]
 
 
@@ -217,8 +177,7 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     next_pos = positions[:, -1] + 1
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
     cache = model.decoder.new_cache(b, total)
-    if b <= 32 and _want_prepack(model.decoder, b):
-        model.decoder.prepack_for_decode()  # bf16 on CPU: packed weights, bit-identical logits (decoder.py)
+    ops.prepare_decode(model.decoder, b)  # bf16 on CPU: packed weights where they pay (ops/matmul.py)
     logits = prefill(model, cache, input_ids, attention_mask, positions, pixel_values, pixel_attention_mask,
                      mask_all_ones=all_ones)
     for step in range(max_new):
@@ -234,29 +193,6 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
             return
         logits = decode_one(model, cache, nxt, next_pos + step,
                             None if all_ones else mask[:, :length + step + 1])
-
-
-PREPACK_AUTO_MAX_BYTES = 2 * 1024 ** 3
-
-
-def _want_prepack(decoder, batch_size: int) -> bool:
-    """IDEFICS3_KIT_PREPACK=0: never; =1: always; unset: when the decoder's weights take at most
-    2 GiB (the packed copy doubles them: fine for SmolVLM-256M/500M, opt-in for larger models)
-    and the compiled few-row kernel (ops.decode_linear, which reads the plain weights) does not
-    already cover this batch size."""
-    if not hasattr(decoder, "prepack_for_decode"):
-        return False
-    setting = os.environ.get("IDEFICS3_KIT_PREPACK", "auto")
-    if setting in ("0", "1"):
-        return setting == "1"
-    weight = next(decoder.parameters(), None)
-    if weight is None:
-        return False
-    from .ops import linear as linear_ops
-
-    if weight.device.type == "cpu" and linear_ops.covers(batch_size, weight.dtype):
-        return False
-    return sum(p.numel() * p.element_size() for p in decoder.parameters()) <= PREPACK_AUTO_MAX_BYTES
 
 
 def generate(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,

@@ -10,7 +10,6 @@ Data flow (shapes for one batch):
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -18,11 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint, registry
+from . import files, registry
 from .config import VLMConfig
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+from .generation import generate as _generate
+from .hf import parts, weights
+from .hf.parts import resolve_dtype
+from .streaming import stream as _stream
 
 
 @dataclass
@@ -41,14 +41,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits = logits.float()
     labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].to(logits.device)  # [B, L], shifted left
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
-
-
-def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
 
 
 class VLM(nn.Module):
@@ -139,15 +131,16 @@ class VLM(nn.Module):
         b, t = pixel_values.shape[:2]
         pixels = pixel_values.to(self.dtype).reshape(b * t, *pixel_values.shape[2:])  # [B*T, 3, H, W]
         real = (pixels != 0).flatten(1).any(dim=1)  # [B*T]
-        pixels = pixels[real]
-        if pixel_attention_mask is None:
-            pixel_mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool, device=pixels.device)
-        else:
+        pixels = pixels[real]  # [N, 3, H, W]: a data-dependent size (one graph break under torch.compile)
+        patch_mask = None
+        if pixel_attention_mask is not None:
             pixel_mask = pixel_attention_mask.reshape(b * t, *pixel_attention_mask.shape[2:])[real]
-        p = self.vision.patch_size
-        n, h, w = pixel_mask.shape
-        gh, gw = h // p, w // p  # pixels past the last whole patch are ignored, as the conv does
-        patch_mask = pixel_mask[:, :gh * p, :gw * p].reshape(n, gh, p, gw, p).sum(dim=(2, 4)) > 0  # [N, gh, gw]
+            p = self.vision.patch_size
+            n, h, w = pixel_mask.shape
+            gh, gw = h // p, w // p  # pixels past the last whole patch are ignored, as the conv does
+            patch_mask = pixel_mask[:, :gh * p, :gw * p].reshape(n, gh, p, gw, p).sum(dim=(2, 4)) > 0  # [N, gh, gw]
+            if not torch.compiler.is_compiling() and bool(patch_mask.all()):
+                patch_mask = None  # every patch real: the same result through faster attention (eager only)
         hidden = self.vision(pixels, patch_mask)
         return self.connector(hidden)
 
@@ -158,21 +151,20 @@ class VLM(nn.Module):
         else:
             image_embed = self.decoder.embed(torch.tensor(self.image_token_id, device=inputs_embeds.device))
             is_image = (inputs_embeds == image_embed).all(-1)
-        n_tokens = int(is_image.sum())
-        rows = features.reshape(-1, features.shape[-1])
-        if n_tokens != rows.shape[0]:
-            per_tile = features.shape[1] if features.dim() == 3 else 1
-            raise ValueError(f"{n_tokens} image tokens but {rows.shape[0]} image features "
-                             f"({rows.shape[0] // max(per_tile, 1)} tiles x {per_tile} tokens per tile)")
-        out = inputs_embeds.clone()
-        out[is_image] = rows.to(inputs_embeds.dtype)
-        return out
+        rows = features.reshape(-1, features.shape[-1])  # [N_real * S_img, Dt]
+        if not torch.compiler.is_compiling():  # a count that needs the values: checked in eager mode
+            n_tokens = int(is_image.sum())
+            if n_tokens != rows.shape[0]:
+                per_tile = features.shape[1] if features.dim() == 3 else 1
+                raise ValueError(f"{n_tokens} image tokens but {rows.shape[0]} image features "
+                                 f"({rows.shape[0] // max(per_tile, 1)} tiles x {per_tile} tokens per tile)")
+        return inputs_embeds.masked_scatter(is_image[..., None], rows.to(inputs_embeds.dtype))
 
     # ---- forward ---------------------------------------------------------------------------
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        if input_ids.numel():
+        if input_ids.numel() and not torch.compiler.is_compiling():  # value checks: eager mode
             lo, hi = int(input_ids.min()), int(input_ids.max())
             vocab = self.decoder.vocab_size
             if lo < 0 or hi >= vocab:
@@ -216,11 +208,6 @@ class VLM(nn.Module):
                          image_hidden_states=features)
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def _tied(self) -> dict:
-        if self.config.decoder.tie_word_embeddings:
-            return {"decoder.lm_head.weight": "decoder.model.embed_tokens.weight"}
-        return {}
-
     @classmethod
     def from_parts(cls, vision, decoder, connector="pixel_shuffle", *, image_token_id: int | None = None,
                    dtype=None, device=None) -> "VLM":
@@ -228,7 +215,7 @@ class VLM(nn.Module):
 
         ``vision`` / ``decoder``: a checkpoint directory written by transformers (CLIPVisionModel,
         SiglipVisionModel, CLIP/SigLIP dual encoders or Idefics3 for vision; Qwen2/Llama
-        ...ForCausalLM or Idefics3 for the decoder; see ``parts``), an already built component
+        ...ForCausalLM or Idefics3 for the decoder; see ``hf.parts``), an already built component
         module (used as is, weights shared), or a component config (fresh random weights).
         ``connector``: a registry name (default config of that connector) or a ConnectorConfig /
         dict; its in_dim/out_dim come from the neighbours (explicit values must match, and the
@@ -237,8 +224,6 @@ class VLM(nn.Module):
         append a new token (id = old vocab_size; embedding and LM-head row = mean of the others;
         a decoder module passed in is grown in place). Add the same token to your tokenizer.
         """
-        from . import parts
-
         dtype = resolve_dtype(dtype)
         vision_mod, _ = parts.resolve_part("vision", vision, dtype=dtype, device=device)
         decoder_mod, decoder_dir = parts.resolve_part("decoder", decoder, dtype=dtype, device=device)
@@ -272,24 +257,27 @@ class VLM(nn.Module):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         config = VLMConfig.from_pretrained(path)
-        dtype = resolve_dtype(dtype)
         with torch.device("meta"):
             model = cls(config)
-        checkpoint.load_into(model, path, dtype=dtype, device=device, tied=model._tied())
-        if model._tied() and hasattr(model.decoder, "tie_weights"):
-            model.decoder.tie_weights()  # load_state_dict(assign=True) gives each name its own Parameter
+        weights.load_into(model, path, dtype=resolve_dtype(dtype), device=device)
         model.generation_config = _read_generation_config(path)
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
-        """Write config.json, generation_config.json and safetensors weights (HF layout)."""
+        """Write config.json, generation_config.json and safetensors weights (HF layout).
+
+        Works on a wrapped model too (``hf.weights.export_state``): activation-checkpoint wrappers,
+        peft LoRA (saved merged), torchao quantized weights (saved dequantized). With distributed
+        parameters (FSDP2, tensor parallel) it is a collective: call it on every rank; rank 0 writes.
+        """
+        state = weights.export_state(self)
+        if state is None:
+            return  # a rank other than 0 of a distributed model: it took part in the gather
         path = os.fspath(path)
         self.config.save_pretrained(path)
-        checkpoint.save(self, path, skip=self._tied().keys(), max_shard_bytes=max_shard_bytes)
+        weights.save_state(state, path, max_shard_bytes=max_shard_bytes)
         gen = dict(self.generation_config) or _default_generation_config(self.config)
-        with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump(gen, f, indent=2, sort_keys=True)
-            f.write("\n")
+        files.write_json(os.path.join(path, "generation_config.json"), gen, sort_keys=True)
 
     # ---- generation (idefics3_kit.generation / idefics3_kit.streaming) --------------------
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
@@ -301,9 +289,7 @@ class VLM(nn.Module):
         custom SamplerChain), streamer (``put(ids)``/``end()``). Defaults come from the
         checkpoint's generation_config.json. See docs/generation.md.
         """
-        from .generation import generate
-
-        return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **kwargs)
+        return _generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **kwargs)
 
     def stream(self, processor, input_ids=None, attention_mask=None, pixel_values=None,
                pixel_attention_mask=None, skip_special_tokens: bool = True, **kwargs):
@@ -311,27 +297,12 @@ class VLM(nn.Module):
 
         ``processor`` is the Processor (or a ``tokenizers.Tokenizer``) used to decode.
         """
-        from .streaming import stream
-
-        return stream(self, processor, input_ids, attention_mask, pixel_values, pixel_attention_mask,
-                      skip_special_tokens=skip_special_tokens, **kwargs)
-
-
-def read_json_object(file: str) -> dict:
-    """A JSON object from ``file``, or a ValueError naming the file."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: must hold a JSON object")
-    return data
+        return _stream(self, processor, input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                       skip_special_tokens=skip_special_tokens, **kwargs)
 
 
 def _read_generation_config(path: str) -> dict:
-    file = os.path.join(path, "generation_config.json")
-    return read_json_object(file) if os.path.exists(file) else {}
+    return files.read_json_if_exists(os.path.join(path, "generation_config.json"), "generation_config.json")
 
 
 def _default_generation_config(cfg: VLMConfig) -> dict:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .generation import generate_steps
+
 REPLACEMENT = "\ufffd"
 
 
@@ -83,8 +85,6 @@ class TextStreamer:
 def stream(model, tokenizer, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
            skip_special_tokens: bool = True, **kwargs):
     """Iterator of text pieces for one prompt (batch size 1); pieces never split a character."""
-    from .generation import generate_steps
-
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream takes one prompt (batch size 1), got a batch of {input_ids.shape[0]}; "
                          "use generate for batches")

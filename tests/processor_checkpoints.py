@@ -64,7 +64,7 @@ def tiny_tokenizer(bos: bool = True):
     """A TextTokenizer built without transformers: byte-level BPE, <s> added as BOS when ``bos``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from idefics3_kit.tokenization import TextTokenizer
+    from idefics3_kit.processing.tokenizer import TextTokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from idefics3_kit.demo_model import shipped_model_dir
+from idefics3_kit.recipes.demo.model import shipped_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.exists(os.path.join(shipped_model_dir(), "config.json"))

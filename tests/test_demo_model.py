@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from idefics3_kit import VLM, Processor
-from idefics3_kit.demo_model import HELD_OUT_SEED, answer, evaluate, shipped_model_dir
-from idefics3_kit.synthetic import make_example
+from idefics3_kit.recipes.demo.model import HELD_OUT_SEED, answer, evaluate, shipped_model_dir
+from idefics3_kit.recipes.demo.synthetic import make_example
 
 SHIPPED = shipped_model_dir()
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED, "config.json")),

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import idefics3_kit as ik
-from idefics3_kit.checkpoint import CheckpointError
+from idefics3_kit.hf.weights import CheckpointError
 
 
 @pytest.fixture()

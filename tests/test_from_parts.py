@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import idefics3_kit as ik
 from idefics3_kit import registry
-from idefics3_kit.parts import load_component
+from idefics3_kit.hf.parts import load_component
 from tests.backbone_ckpts import clip_checkpoint, qwen2_checkpoint, siglip_checkpoint
 
 
@@ -116,7 +116,7 @@ def test_idefics3_checkpoint_as_a_source_of_parts(tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_add_token_keeps_old_logits(tmp_path, tied):
-    from idefics3_kit.parts import add_token
+    from idefics3_kit.hf.parts import add_token
 
     ref = qwen2_checkpoint(tmp_path, seed=14, tie_word_embeddings=tied)
     dec = load_component("decoder", tmp_path)

@@ -58,15 +58,19 @@ def test_cache_is_preallocated_once_and_written_in_place(model, monkeypatch):
 
     def spy(batch_size, max_length, **kw):
         cache = original(batch_size, max_length, **kw)
-        made.append((cache, max_length, [k.data_ptr() for k in cache.keys]))
+        made.append((cache, max_length))
         return cache
 
     monkeypatch.setattr(model.decoder, "new_cache", spy)
     ids = torch.randint(3, 200, (1, 5))
+    buffers = []
+    hook = model.decoder.register_forward_hook(lambda m, i, o: buffers.append([k.data_ptr() for k in made[0][0].keys]))
     model.generate(input_ids=ids, max_new_tokens=9, eos_token_id=[])
+    hook.remove()
     assert len(made) == 1
-    cache, max_length, ptrs = made[0]
-    assert max_length == 5 + 9 and [k.data_ptr() for k in cache.keys] == ptrs
+    cache, max_length = made[0]
+    assert max_length == 5 + 9 and all(k.shape[2] == max_length for k in cache.keys)
+    assert len(buffers) == 9 and all(b == buffers[0] for b in buffers)  # allocated by the prefill, then reused
     assert cache.length == 5 + 8  # the last token is sampled, never fed back
 
 
@@ -128,13 +132,13 @@ def test_custom_sampler_chain_from_the_registry(model):
 def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype):
     import copy
 
-    from idefics3_kit.components import decoder as D
+    from idefics3_kit.ops import matmul
 
     torch.manual_seed(0)
     model = ik.VLM(ik.VLMConfig.preset("tiny")).eval().to(dtype)
     attn = model.decoder.model.layers[0].self_attn
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    ids = torch.randint(3, 200, (3, 12))
+    ids = torch.randint(3, 200, (matmul.MAX_ROWS + 2, 12))  # more rows than the few-row kernel takes
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
 
@@ -150,37 +154,37 @@ def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype
 
     monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "0")
     plain = run()
-    assert D._fused_fresh(attn, projs) is None
+    assert matmul.packed_for(projs) is None
     monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
     fused = run()
-    if dtype == torch.bfloat16 and D.can_prepack(model.decoder.lm_head.weight):
-        assert D._fused_fresh(attn, projs) is not None and D._fresh(model.decoder.lm_head)
+    if dtype == torch.bfloat16 and matmul._can_pack(model.decoder.lm_head.weight):
+        assert matmul.packed_for(projs) is not None and matmul.packed_for((model.decoder.lm_head,)) is not None
     else:
-        assert D._fused_fresh(attn, projs) is None  # fp32: nothing to gain, nothing kept
+        assert matmul.packed_for(projs) is None  # fp32: nothing to gain, nothing kept
     assert torch.equal(plain, fused)
     assert torch.equal(copy.deepcopy(model).decoder.lm_head.weight, model.decoder.lm_head.weight)
     with torch.no_grad():
         attn.q_proj.weight.mul_(2)  # modified in place: the fused copy is stale and not used
-    assert D._fused_fresh(attn, projs) is None
+    assert matmul.packed_for(projs) is None
     model.to(torch.float16).to(dtype)  # swapped weights: stale too
-    assert not D._fresh(model.decoder.lm_head)
+    assert matmul.packed_for((model.decoder.lm_head,)) is None
     with torch.no_grad():
         assert torch.equal(model.decoder(input_ids=ids[:1, :3]).logits,
                            model.decoder(input_ids=ids[:1, :3]).logits)
-    D.unpack(model)
-    assert D._FUSED.get(attn) is None
+    matmul.unpack(model)
+    assert matmul._PACKS.get(attn.q_proj) is None
 
 
 def test_auto_prepack_skips_batch_sizes_the_few_row_kernel_covers(monkeypatch):
     # ops.decode_linear reads the plain weights for <= MAX_ROWS rows: a packed copy (the decoder's
     # weights once more) would be unused memory there; larger batches still get it.
-    from idefics3_kit.ops import linear as L
+    from idefics3_kit.ops import matmul
 
     monkeypatch.delenv("IDEFICS3_KIT_PREPACK", raising=False)
     decoder = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).decoder
     with torch.inference_mode():
-        kernel = L.covers(1, torch.bfloat16)
-        assert G._want_prepack(decoder, 1) is (not kernel)
-        assert G._want_prepack(decoder, L.MAX_ROWS + 1) is True
+        kernel = matmul.covers(1, torch.bfloat16)
+        assert matmul.prepare_decode(decoder, 1) is (not kernel)
+        assert matmul.prepare_decode(decoder, matmul.MAX_ROWS + 1) is True
         monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
-        assert G._want_prepack(decoder, 1) is True
+        assert matmul.prepare_decode(decoder, 1) is True

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from idefics3_kit import registry
-from idefics3_kit.components.splitter import Idefics3Splitter, SplitterConfig, plan_tiles, to_rgb
+from idefics3_kit.components.splitter import Idefics3Splitter, SplitterConfig, plan_tiles
+from idefics3_kit.processing.images import to_rgb, to_rgb_batch
 from idefics3_kit.ops import preprocess as preprocess_op
 
 DATA = Path(__file__).parent / "data"
@@ -148,13 +149,20 @@ def test_pixel_limit(monkeypatch):
     big = np.zeros((100, 101, 3), np.uint8)
     with pytest.raises(ValueError, match="over the limit of 10000"):
         to_rgb(big, max_pixels=10000)
-    splitter = Idefics3Splitter(SMALL.replace(max_pixels=10000))
     with pytest.raises(ValueError, match="10100 pixels"):
-        splitter([[big]])
+        to_rgb_batch([[big]], SMALL.replace(max_pixels=10000).pixel_limit())
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # Pillow's own limit is followed by default
     with pytest.raises(ValueError, match="limit of 5000"):
-        Idefics3Splitter(SMALL)([[big]])
-    assert Idefics3Splitter(SMALL.replace(max_pixels=0))([[big]]).pixel_values.shape[1] == 10
+        to_rgb_batch([[big]], SMALL.pixel_limit())
+    rgb = to_rgb_batch([[big]], SMALL.replace(max_pixels=0).pixel_limit())
+    assert Idefics3Splitter(SMALL)(rgb).pixel_values.shape[1] == 10
+
+
+def test_splitter_takes_only_uint8_rgb_tensors():
+    with pytest.raises(ValueError, match=r"image \(sample 0, position 0\): the splitter takes uint8 RGB tensors"):
+        Idefics3Splitter(SMALL)([[np.zeros((8, 8, 3), np.uint8)]])
+    with pytest.raises(ValueError, match="a torch.float32 tensor of shape"):
+        Idefics3Splitter(SMALL)([[torch.zeros(8, 8, 3)]])
 
 
 def test_nothing_is_processed_when_a_later_image_is_bad(monkeypatch):
@@ -162,7 +170,7 @@ def test_nothing_is_processed_when_a_later_image_is_bad(monkeypatch):
     monkeypatch.setattr(preprocess_op, "preprocess_into", lambda *a, **k: calls.append(a))
     good = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="image 2 "):
-        Idefics3Splitter(SMALL)([[good], [good, b"corrupt"]])
+        to_rgb_batch([[good], [good, b"corrupt"]])
     assert calls == []
 
 
@@ -170,7 +178,8 @@ def test_batch_layout_padding_tiles_and_order():
     """Tiles are row-major with the global tile last; padding tiles are all zero with a zero mask."""
     splitter = Idefics3Splitter(SMALL)
     image = np.random.default_rng(2).integers(0, 256, (30, 60, 3), dtype=np.uint8)  # -> 48×96 -> 64×96: 2×3
-    out = splitter([[image], [], [image, image]])
+    rgb = to_rgb(image)
+    out = splitter([[rgb], [], [rgb, rgb]])
     assert [[(p.rows, p.cols) for p in sample] for sample in out.plans] == [[(2, 3)], [], [(2, 3), (2, 3)]]
     assert out.pixel_values.shape == (3, 14, 3, 32, 32) and out.pixel_attention_mask.dtype == torch.int64
     assert out.pixel_attention_mask.sum(dim=(2, 3)).tolist() == [[1024] * 7 + [0] * 7, [0] * 14, [1024] * 14]
@@ -184,7 +193,7 @@ def test_batch_layout_padding_tiles_and_order():
 
 def test_bf16_output_and_overrides():
     image = np.full((10, 10, 3), 200, np.uint8)
-    out = Idefics3Splitter(SMALL)([[image]], dtype=torch.bfloat16, do_image_splitting=False)
+    out = Idefics3Splitter(SMALL)([[to_rgb(image)]], dtype=torch.bfloat16, do_image_splitting=False)
     assert out.pixel_values.dtype == torch.bfloat16 and out.pixel_values.shape == (1, 1, 3, 32, 32)
     assert Idefics3Splitter(SMALL).plan(10, 10, tile_size=16).tiles == 37
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from idefics3_kit import train as T
-from idefics3_kit.synthetic import make_example
+from idefics3_kit.recipes.demo import training as demo_training
+from idefics3_kit.recipes.demo.synthetic import make_example
 
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    from idefics3_kit.demo_model import build_processor
+    from idefics3_kit.recipes.demo.model import build_processor
 
     return build_processor(str(tmp_path_factory.mktemp("proc")), vocab_size=320)
 
@@ -58,7 +59,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, processor, tmp_p
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     collate = T.Collator(processor)
     batch = collate([make_example(123_456 + i) for i in range(8)])
-    fresh = T.build_model({"demo": True}, processor)
+    fresh = demo_training.build_demo_model({"demo": True}, processor)
     with torch.no_grad():
         assert straight(**batch).loss < fresh(**batch).loss
 
@@ -68,7 +69,7 @@ def test_freezing_keeps_components_fixed(tmp_path, processor, tmp_path_factory):
     processor.save_pretrained(proc_dir)
     cfg = tiny_cfg(tmp_path, proc_dir, steps=2, freeze=["vision", "decoder"], model={"demo": True})
     torch.manual_seed(0)
-    before = T.build_model(cfg.model, processor).state_dict()
+    before = demo_training.build_demo_model(cfg.model, processor).state_dict()
     torch.manual_seed(0)
     after = T.train(cfg, progress=False).state_dict()
     for name, tensor in before.items():
@@ -104,7 +105,7 @@ def test_cli_train(tmp_path, processor, tmp_path_factory):
 
 
 def test_describe_names_every_shape_with_its_cell():
-    from idefics3_kit.synthetic import CELL_NAMES, COLOURS, SHAPES
+    from idefics3_kit.recipes.demo.synthetic import CELL_NAMES, COLOURS, SHAPES
 
     for seed in range(40):
         example = make_example(seed, "describe")
@@ -130,21 +131,21 @@ def test_max_shapes_caps_the_shapes():
 
 def test_curriculum_stages_apply_by_step_and_resume_identically():
     data = {"seed": 3, "kinds": ["count"], "stages": [{"until_step": 2, "kinds": ["count"], "max_shapes": 1}]}
-    assert T.data_stage(data, 1)["max_shapes"] == 1 and T.data_stage(data, 2) == {}
-    stream = T.synthetic_batches(data, batch_size=4, examples_per_step=8)  # grad_accum 2
+    assert demo_training.data_stage(data, 1)["max_shapes"] == 1 and demo_training.data_stage(data, 2) == {}
+    stream = demo_training.synthetic_batches(data, batch_size=4, examples_per_step=8)  # grad_accum 2
     batches = [next(stream) for _ in range(6)]  # steps 0, 0, 1, 1, 2, 2
     assert all(e.answer == "one" for b in batches[:4] for e in b)
-    resumed = T.synthetic_batches(data, batch_size=4, start_index=16, examples_per_step=8)
+    resumed = demo_training.synthetic_batches(data, batch_size=4, start_index=16, examples_per_step=8)
     for expected in batches[4:]:
         got = next(resumed)
         assert [e.answer for e in got] == [e.answer for e in expected]
         assert [e.image.tobytes() for e in got] == [e.image.tobytes() for e in expected]
     with pytest.raises(ValueError, match="needs 'until_step'"):
-        T.data_stage({"stages": [{"kinds": ["count"]}]}, 0)
+        demo_training.data_stage({"stages": [{"kinds": ["count"]}]}, 0)
 
 
 def test_tile_labels_put_each_shape_in_its_cell():
-    from idefics3_kit.synthetic import NO_LABEL, make_tile_labels
+    from idefics3_kit.recipes.demo.synthetic import NO_LABEL, make_tile_labels
 
     for seed in range(30):
         labels = make_tile_labels(seed)
@@ -157,9 +158,9 @@ def test_tile_labels_put_each_shape_in_its_cell():
 
 def test_vision_warm_up_trains_only_the_vision_side(processor):
     torch.manual_seed(0)
-    model = T.build_model({"demo": True}, processor)
+    model = demo_training.build_demo_model({"demo": True}, processor)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = T.warm_up_vision(model, processor, {"steps": 2, "batch_size": 4, "lr": 1e-3}, progress=False)
+    loss = demo_training.warm_up_vision(model, processor, {"steps": 2, "batch_size": 4, "lr": 1e-3}, progress=False)
     assert loss == loss  # finite
     after = model.state_dict()
     assert set(after) == set(before)  # the heads are not part of the model
@@ -170,30 +171,30 @@ def test_vision_warm_up_trains_only_the_vision_side(processor):
 @pytest.mark.parametrize("per_token", [True, False])
 def test_vision_warm_up_per_token_or_tile_mean(processor, per_token):
     torch.manual_seed(0)
-    model = T.build_model({"demo": True}, processor)
+    model = demo_training.build_demo_model({"demo": True}, processor)
     spec = {"steps": 1, "batch_size": 2, "per_token": per_token, "word_fraction": 0.5}
-    assert T.warm_up_vision(model, processor, spec, progress=False) > 0
+    assert demo_training.warm_up_vision(model, processor, spec, progress=False) > 0
 
 
 def test_vision_warm_up_rejects_unknown_keys(processor):
-    model = T.build_model({"demo": True}, processor)
+    model = demo_training.build_demo_model({"demo": True}, processor)
     with pytest.raises(ValueError, match="unknown keys \\['step'\\]"):
-        T.warm_up_vision(model, processor, {"step": 10}, progress=False)
+        demo_training.warm_up_vision(model, processor, {"step": 10}, progress=False)
 
 
 def test_word_fraction_controls_word_images():
-    from idefics3_kit.synthetic import NO_LABEL, make_tile_labels
+    from idefics3_kit.recipes.demo.synthetic import NO_LABEL, make_tile_labels
 
     assert all(make_tile_labels(s, word_fraction=1.0).word != NO_LABEL for s in range(10))
     assert all(make_tile_labels(s, word_fraction=0.0).word == NO_LABEL for s in range(10))
 
 
 def test_demo_model_takes_component_overrides(processor):
-    model = T.build_model({"demo": True, "decoder": {"num_key_value_heads": 6}}, processor)
+    model = demo_training.build_demo_model({"demo": True, "decoder": {"num_key_value_heads": 6}}, processor)
     assert model.config.decoder.num_key_value_heads == 6
-    assert model.config.vision == T.build_model({"demo": True}, processor).config.vision
+    assert model.config.vision == demo_training.build_demo_model({"demo": True}, processor).config.vision
 
 
 def test_demo_model_rejects_unknown_overrides(processor):
     with pytest.raises((TypeError, ValueError), match="decoderr"):
-        T.build_model({"demo": True, "decoderr": {"hidden_size": 64}}, processor)
+        demo_training.build_demo_model({"demo": True, "decoderr": {"hidden_size": 64}}, processor)

@@ -1,16 +1,20 @@
 """Decoders: token ids or embeddings [B, L] -> logits [B, L, V], with an optional KV cache.
 
-``llama3`` is the Llama architecture as transformers implements it (LlamaForCausalLM):
-RMSNorm computed in float32, rotary embeddings (rotate-half) with default, linear or
-Llama-3.1 frequency scaling, grouped-query attention, SiLU-gated MLP, final norm and an
-untied (or tied) LM head. Parameter names match the checkpoint under ``model.text_model.``
-(and ``lm_head.``).
+``llama3`` is the Llama architecture as transformers implements it (LlamaForCausalLM): RMSNorm
+computed in float32, rotary embeddings (rotate-half) with default, linear or Llama-3.1 frequency
+scaling, grouped-query attention, SiLU-gated MLP, final norm and an untied (or tied) LM head.
+``qwen2`` is the same layer with Qwen2's fixed biases. Parameter names match the checkpoint
+under ``model.text_model.`` (and ``lm_head.``).
+
+This file is the architecture. Speed lives in ``idefics3_kit.ops``: the projections go through
+``ops.linear``/``ops.linears``, attention through ``ops.attention``, and a one-token cached step
+may run every layer in one compiled call (``ops.decode_layers``); each steps aside for wrapped,
+hooked, quantized or distributed modules and gives the same answer as the code here.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +22,110 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import DecoderConfig, Qwen2DecoderConfig
+from ..config import DecoderConfig, require
+from ..ops.fast_path import plain_module, plain_modules
 from ..registry import register
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass(frozen=True)
+class Qwen2DecoderConfig(DecoderConfig):
+    """Qwen2 / Qwen2.5 decoder (transformers' Qwen2ForCausalLM).
+
+    Defaults are Qwen2.5-0.5B-Instruct's config.json (special-token ids left None, as in
+    transformers' Qwen2Config: they come with the checkpoint). The architecture differs from Llama only
+    in fixed biases (q/k/v projections with bias, o_proj and MLP without), so
+    ``attention_bias``/``mlp_bias`` must stay False. Sliding-window attention is not
+    implemented: a config in which some layer would use it (``use_sliding_window`` with
+    ``max_window_layers < num_hidden_layers``) is refused.
+    """
+
+    name: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    use_sliding_window: bool = False
+    sliding_window: int | None = None  # the checkpoint says 32768; transformers drops it when sliding is off
+    max_window_layers: int = 21
+
+    def __post_init__(self):
+        super().__post_init__()
+        c = "Qwen2DecoderConfig"
+        require(not self.attention_bias, c, "attention_bias",
+                "Qwen2 always has q/k/v biases and no o_proj bias; leave attention_bias False")
+        require(not self.mlp_bias, c, "mlp_bias", "Qwen2's MLP has no biases; leave mlp_bias False")
+        sliding = [i for i in range(self.num_hidden_layers) if i >= self.max_window_layers]
+        require(not (self.use_sliding_window and self.sliding_window and sliding), c, "use_sliding_window",
+                f"sliding-window attention is not implemented (layers {sliding[:3]}... would use a window of "
+                f"{self.sliding_window}); set use_sliding_window=False")
+
+
+# ---- the KV cache ---------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per-layer key/value buffers [B, Hkv, max_length, head_dim], preallocated for the whole
+    sequence (prompt + new tokens): each layer writes its new keys/values in place.
+
+    A layer's buffers are allocated by its first write, with the batch, head count, head dim,
+    dtype and device of the keys that flow, so the cache fits whatever the projections give
+    (the local heads of a tensor-parallel shard, an autocast dtype). ``length`` counts the
+    tokens already written; the decoder writes L new tokens at ``[length, length + L)`` in every
+    layer, then calls ``advance(L)`` once.
+    """
+
+    def __init__(self, num_layers: int, max_length: int, dtype: torch.dtype | None = None):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.max_length = max_length
+        self.dtype = dtype  # None: the keys' dtype
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v [B, Hkv, L, hd] after the cached tokens; return views of all tokens so far."""
+        end = self.check_room(k.shape[2])
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.keys[layer] = torch.zeros(shape, dtype=self.dtype or k.dtype, device=k.device)
+            self.values[layer] = torch.zeros(shape, dtype=self.dtype or v.dtype, device=v.device)
+        keys, values = self.keys[layer], self.values[layer]
+        keys.narrow(2, self.length, k.shape[2]).copy_(k)
+        values.narrow(2, self.length, v.shape[2]).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def allocate(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        """Allocate the layers not written yet (for a step that writes them without ``update``)."""
+        for i, k in enumerate(self.keys):
+            if k is None:
+                shape = (batch_size, num_kv_heads, self.max_length, head_dim)
+                self.keys[i] = torch.zeros(shape, dtype=self.dtype or dtype, device=device)
+                self.values[i] = torch.zeros(shape, dtype=self.dtype or dtype, device=device)
+
+    def check_room(self, n: int) -> int:
+        """The length after writing ``n`` more tokens; a clear error when they do not fit."""
+        end = self.length + n
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_length {self.max_length}")
+        return end
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` of the batch (e.g. to drop finished sequences or follow beams)."""
+        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
 
 
 @dataclass
@@ -31,16 +135,7 @@ class DecoderOutput:
     last_hidden_state: torch.Tensor | None = None
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) in float32, cast back, then scaled by the weight in the input dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)  # one compiled pass per row for CPU inference
+# ---- rotary position embeddings -------------------------------------------------------------------
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
@@ -87,138 +182,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated: rotate_half(x) * sin == roll(x, hd/2) * signed_sin(sin),
-    bit for bit ((-a) * b and a * (-b) round alike), in 2 ops instead of 4 per call."""
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.cat((-s1, s2), dim=-1)
+# ---- the layers -----------------------------------------------------------------------------------
 
 
-def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``apply_rope`` (bit-identical) with ``signed_sin``; any layout whose last dim is hd."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
+@plain_module
+class RMSNorm(nn.Module):
+    """x / rms(x) in float32, cast back, then scaled by the weight in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
-# ---- prepacked bf16 weights for decoding on CPU -------------------------------------------------
-# torch's bf16 F.linear on CPU goes through oneDNN and re-lays-out the weight on every call,
-# which dominates a one-token decode step. Weights packed once into oneDNN's layout give
-# bit-identical results for up to PACKED_MAX_ROWS rows (checked for every decoder shape and
-# 1..32 rows; tests/test_generation.py checks the logits) at a fraction of the time. The plain
-# weights stay (prefill, training, saving); the packed copy costs the weights' memory once more.
-
-PACKED_MAX_ROWS = 32
-_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()  # kept off the modules:
-# deepcopy/pickle of a model never sees the opaque oneDNN tensors
-
-
-def can_prepack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def prepack(layer: nn.Linear) -> bool:
-    """Attach a oneDNN-packed copy of ``layer.weight`` for small-batch inference; False if not applicable."""
-    w = layer.weight
-    if not can_prepack(w):
-        _PACKED.pop(layer, None)
-        return False
-    with torch.no_grad():
-        _PACKED[layer] = (w, _weight_key(w), torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
-    return True
-
-
-def unpack(module: nn.Module) -> None:
-    """Drop the packed and fused copies under ``module`` (frees their memory)."""
-    for m in module.modules():
-        _PACKED.pop(m, None)
-        _FUSED.pop(m, None)
-
-
-# Fused projections (q|k|v and gate|up) for the same small-batch inference steps: one packed
-# bf16 matmul instead of three (two). Outputs are bit-identical to the separate projections
-# (checked for 1..32 rows; also for fp32 MKL, where fusing was measured not to pay and is off).
-_FUSED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def fuse(owner: nn.Module, layers: tuple) -> bool:
-    """Keep a concatenated, oneDNN-packed bf16 weight of ``layers`` for ``owner`` (CPU bf16 only)."""
-    ws = [layer.weight for layer in layers]
-    if any(layer.bias is not None for layer in layers) or len({(w.dtype, w.device) for w in ws}) != 1:
-        return False
-    if not can_prepack(ws[0]):  # measured: fp32 fusion alone gains nothing (bandwidth-bound) but costs memory
-        return False
-    with torch.no_grad():
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.cat([x.detach() for x in ws]), 1)
-    _FUSED[owner] = (tuple(ws), tuple(_weight_key(x) for x in ws), w, [x.shape[0] for x in ws])
-    return True
-
-
-def _fused_fresh(owner: nn.Module, layers: tuple):
-    f = _FUSED.get(owner)
-    if f is None:
-        return None
-    for layer, w, key in zip(layers, f[0], f[1]):
-        if layer.weight is not w or _weight_key(w) != key:
-            return None
-    return f
-
-
-def fused_linear(owner: nn.Module, layers: tuple, x: torch.Tensor, split: bool = True):
-    """The outputs of ``layers`` on ``x`` from one fused matmul (concatenated on the last dim
-    when ``split`` is False), or None when not applicable."""
-    if not _plain_linear(*layers):
-        return None
-    y = ops.decode_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
-    if y is not None:  # compiled few-row kernel: reads the separate weights in one call
-        return y.split([layer.weight.shape[0] for layer in layers], dim=-1) if split else y
-    if x.dtype != torch.bfloat16 or x.numel() > PACKED_MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():
-        return None
-    f = _fused_fresh(owner, layers)
-    if f is None:
-        return None
-    y = torch.ops.mkldnn._linear_pointwise(x, f[2], None, "none", [], "")
-    return y.split(f[3], dim=-1) if split else y
-
-
-def _plain(*modules: nn.Module) -> bool:
-    """True when running these modules' math directly (compiled kernels, packed weights) is the
-    same as calling them: no subclass overriding ``forward`` for the projections (LoRA-style
-    wrappers), and no forward hooks on the modules or installed globally."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
-
-
-def _plain_linear(*layers: nn.Module) -> bool:
-    return all(type(layer) is nn.Linear for layer in layers) and _plain(*layers)
-
-
-def _weight_key(w: torch.Tensor) -> tuple:
-    """Changes when the weight is modified in place or its data swapped (``module.to(...)``)."""
-    return w._version, w.data_ptr(), w.dtype
-
-
-def _fresh(layer: nn.Linear) -> bool:
-    packed = _PACKED.get(layer)
-    return packed is not None and packed[0] is layer.weight and packed[1] == _weight_key(layer.weight)
-
-
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, through the compiled few-row kernel or the packed weight when there is a
-    fresh one and few rows, without autograd."""
-    if not _plain_linear(layer):
-        return layer(x)
-    y = ops.decode_linear(x, [layer.weight], [layer.bias])
-    if y is not None:
-        return y
-    if (x.dtype == torch.bfloat16 and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
-            and _fresh(layer)):
-        return torch.ops.mkldnn._linear_pointwise(x, _PACKED[layer][2], layer.bias, "none", [], "")
-    return layer(x)
-
-
+@plain_module
 class DecoderAttention(nn.Module):
-    """Grouped-query self-attention with RoPE and an optional KV cache."""
+    """Grouped-query self-attention with RoPE and an optional KV cache.
+
+    Head counts come from the projections' outputs (views with -1), so a tensor-parallel plan
+    that shards q/k/v by heads works on the local heads.
+    """
 
     def __init__(self, cfg: DecoderConfig, layer_idx: int, qkv_bias: bool, o_bias: bool):
         super().__init__()
@@ -232,33 +218,27 @@ class DecoderAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
 
     def forward(self, x, rope, key_padding_mask, cache) -> torch.Tensor:
-        """x [B, L, D]; rope = (cos, sin, sin_signed), each [B, L, 1, hd]."""
+        """x [B, L, D]; rope = (cos, sin), each [B, 1, L, hd]; key_padding_mask [B, past + L] or None."""
         b, length, _ = x.shape
-        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        cos, sin, sin_signed = rope
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = fused_linear(self, projs, x, split=False)  # [B, L, (H + 2 Hkv) hd] or None
-        if qkv is not None:
-            # decode fast path: q and k rotated together (one rope for both, fewer ops per step)
-            qk = apply_rope_rolled(qkv[..., :(h + hkv) * hd].view(b, length, h + hkv, hd), cos, sin_signed)
-            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # [B, H(kv), L, hd]
-            v = qkv[..., (h + hkv) * hd:].view(b, length, hkv, hd).transpose(1, 2)
-        else:
-            q, k, v = [linear(p, x) for p in projs]
-            cos_t, sin_t = cos.transpose(1, 2), sin.transpose(1, 2)  # [B, 1, L, hd]
-            q = apply_rope(q.view(b, length, h, hd).transpose(1, 2), cos_t, sin_t)  # [B, H, L, hd]
-            k = apply_rope(k.view(b, length, hkv, hd).transpose(1, 2), cos_t, sin_t)  # [B, Hkv, L, hd]
-            v = v.view(b, length, hkv, hd).transpose(1, 2)
+        hd = self.head_dim
+        q, k, v = ops.linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        cos, sin = rope
+        q = apply_rope(q.view(b, length, -1, hd).transpose(1, 2), cos, sin)  # [B, H, L, hd]
+        k = apply_rope(k.view(b, length, -1, hd).transpose(1, 2), cos, sin)  # [B, Hkv, L, hd]
+        v = v.view(b, length, -1, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + L, hd]
         # one new token (cached decoding) is the last position: it may see every key, so the
         # causal mask is all true and is skipped (no mask built per layer and step)
         out = ops.attention(q, k, v, causal=length > 1, key_padding_mask=key_padding_mask)
-        out = out.transpose(1, 2).reshape(b, length, h * hd)  # [B, L, H*hd]
-        return linear(self.o_proj, out)
+        out = out.transpose(1, 2).reshape(b, length, -1)  # [B, L, H*hd]
+        return ops.linear(self.o_proj, out)
 
 
+@plain_module
 class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x))."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -267,12 +247,14 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projs = (self.gate_proj, self.up_proj)
-        gate, up = fused_linear(self, projs, x) or [linear(p, x) for p in projs]
-        return linear(self.down_proj, self.act(gate) * up)
+        gate, up = ops.linears(x, (self.gate_proj, self.up_proj))
+        return ops.linear(self.down_proj, self.act(gate) * up)
 
 
+@plain_module
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, cfg: DecoderConfig, layer_idx: int, qkv_bias: bool, o_bias: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -285,74 +267,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _decode_layer_params(decoder: "CausalDecoder", x: torch.Tensor, cache) -> list | None:
-    """The flat parameter list ``decode_layers`` takes (12 per layer), or None when the step is
-    not one it covers: one token per row on CPU, float32 (any batch) or bfloat16 with the
-    few-row linear kernel, inference, the compiled backend, plain Llama layers (SiLU, no o_proj
-    or MLP biases, one eps, no subclassed parts, no forward hooks), contiguous CPU parameters, a
-    KVCache, and a head dim the decode kernel takes."""
-    from ..generation import KVCache
-    from ..ops import attention_compiled, linear as linear_ops, _library
-
-    if (x.shape[1] != 1 or type(cache) is not KVCache or x.device.type != "cpu" or torch.is_grad_enabled()
-            or not _library.use_compiled() or not hasattr(torch.ops.idefics3_kit, "decode_layers")):
-        return None
-    if x.dtype == torch.bfloat16:
-        if not linear_ops.covers(x.shape[0] * x.shape[1], x.dtype):
-            return None
-    elif x.dtype != torch.float32:
-        return None
-    hd = decoder.config.head_dim
-    if hd % 8 or not 8 <= hd <= 512 or not attention_compiled._fast_cpu() or decoder.config.hidden_act != "silu":
-        return None
-    return _layer_params(decoder, x.dtype)
-
-
-_PARAM_ORDER = (("input_layernorm", "weight"), ("self_attn.q_proj", "weight"), ("self_attn.k_proj", "weight"),
-                ("self_attn.v_proj", "weight"), ("self_attn.q_proj", "bias"), ("self_attn.k_proj", "bias"),
-                ("self_attn.v_proj", "bias"), ("self_attn.o_proj", "weight"), ("post_attention_layernorm", "weight"),
-                ("mlp.gate_proj", "weight"), ("mlp.up_proj", "weight"), ("mlp.down_proj", "weight"))
-
-
-def _layer_params(decoder: "CausalDecoder", dtype: torch.dtype) -> list | None:
-    """The 12 tensors per layer for decode_layers, or None when a layer is not a plain Llama
-    layer. Runs every decode step, so modules and parameters are read from their dicts
-    (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
-    if not _plain():  # global forward hooks
-        return None
-    params = []
-    eps = None
-    for layer in decoder.model.layers:
-        mods = {"": layer}
-        for path in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
-            mods[path] = layer._modules[path]
-        a, m = mods["self_attn"]._modules, mods["mlp"]._modules
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            mods["self_attn." + name] = a[name]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            mods["mlp." + name] = m[name]
-        if (type(layer) is not DecoderLayer or type(mods["self_attn"]) is not DecoderAttention
-                or type(mods["mlp"]) is not GatedMLP or type(mods["input_layernorm"]) is not RMSNorm
-                or type(mods["post_attention_layernorm"]) is not RMSNorm or mods["mlp"].__dict__["act"] is not F.silu):
-            return None
-        for path, mod in mods.items():
-            if mod._forward_hooks or mod._forward_pre_hooks or ("_proj" in path and type(mod) is not nn.Linear):
-                return None
-        for path in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            if mods[path]._parameters["bias"] is not None:
-                return None
-        layer_eps = {mods["input_layernorm"].eps, mods["post_attention_layernorm"].eps}
-        if len(layer_eps) != 1 or (eps is not None and layer_eps != {eps}):
-            return None  # the op takes one eps
-        eps = layer_eps.pop()
-        for path, name in _PARAM_ORDER:
-            p = mods[path]._parameters[name]
-            if p is not None and (p.dtype != dtype or not p.is_cpu or not p.is_contiguous()):
-                return None
-            params.append(p)
-    return params
-
-
 class _TextModel(nn.Module):
     """Holds embed_tokens / layers / norm so parameter names follow the checkpoint."""
 
@@ -361,6 +275,9 @@ class _TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, o_bias) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ---- the decoder ----------------------------------------------------------------------------------
 
 
 class CausalDecoder(nn.Module):
@@ -380,10 +297,31 @@ class CausalDecoder(nn.Module):
         self.tie_weights()
         self._inv_freq_cache: dict = {}
 
+    # ---- weights shared with the embeddings (the one owner of tying) ----------------------
+    def tied_weights(self) -> dict[str, str]:
+        """Parameter name -> the name it shares storage with (checkpoints store only the latter)."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
     def tie_weights(self) -> None:
         """Share the LM head with the embeddings when the config says so (again after loading)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def resize_token_embeddings(self, new_size: int) -> None:
+        """Grow (or shrink) the vocabulary to ``new_size``; new rows of the embeddings (and of an
+        untied LM head) are the mean of the existing ones, which keeps a new token's embedding and
+        logit in the range of the others."""
+        if not isinstance(new_size, int) or new_size < 1:
+            raise ValueError(f"resize_token_embeddings: new_size must be a positive integer, got {new_size!r}")
+        old = self.model.embed_tokens
+        self.model.embed_tokens = _resized_embedding(old, new_size)
+        if self.config.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.config.hidden_size, new_size, bias=False, device=old.weight.device,
+                                     dtype=old.weight.dtype)
+        else:
+            self.lm_head = _resized_head(self.lm_head, new_size)
+        self.config = self.config.replace(vocab_size=new_size)
+        self.tie_weights()
 
     # ---- the decoder contract ---------------------------------------------------------
     @property
@@ -397,35 +335,9 @@ class CausalDecoder(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def new_cache(self, batch_size: int, max_length: int, dtype=None, device=None):
-        """A preallocated KV cache for ``max_length`` tokens per sequence."""
-        from ..generation import KVCache
-
-        p = self.model.embed_tokens.weight
-        return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads,
-                       max_length, self.config.head_dim, dtype or p.dtype, device or p.device)
-
-    def prepack_for_decode(self) -> bool:
-        """Prepare weights for small-batch inference steps (<= PACKED_MAX_ROWS rows, no autograd):
-        fused q|k|v and gate|up projections, and on CPU in bf16 oneDNN-packed weights (see
-        ``prepack``). Bit-identical outputs; costs extra weight memory (``unpack`` frees it).
-        Idempotent: fresh copies are kept, stale ones rebuilt. Returns True if anything applies."""
-        done = False
-        fused_layers = set()
-        for module in self.modules():
-            if isinstance(module, DecoderAttention):
-                projs = (module.q_proj, module.k_proj, module.v_proj)
-            elif isinstance(module, GatedMLP):
-                projs = (module.gate_proj, module.up_proj)
-            else:
-                continue
-            if _fused_fresh(module, projs) is not None or fuse(module, projs):
-                fused_layers.update(projs)
-                done = True
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module not in fused_layers:
-                done = (_fresh(module) or prepack(module)) or done
-        return done
+    def new_cache(self, batch_size: int, max_length: int, dtype=None, device=None) -> KVCache:
+        """A KV cache for ``max_length`` tokens per sequence (buffers sized by the keys that flow)."""
+        return KVCache(len(self.model.layers), max_length, dtype)
 
     def inv_freq(self, device) -> torch.Tensor:
         key = str(device)
@@ -434,28 +346,13 @@ class CausalDecoder(nn.Module):
             self._inv_freq_cache[key] = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, device)
         return self._inv_freq_cache[key]
 
-    def _decode_layers(self, x, rope, key_padding_mask, cache) -> torch.Tensor | None:
-        """All layers of a one-token cached step in one compiled call (``decode_layers``), or
-        None where it does not apply (the Python layers then run; results are bit-identical)."""
-        params = _decode_layer_params(self, x, cache)
-        if params is None:
-            return None
-        cache.check_room(1)
-        cos, _, sin_signed = rope
-        if cos.shape[0] != x.shape[0]:  # position_ids [1, 1] shared by the batch: the layers broadcast it
-            cos, sin_signed = cos.expand(x.shape[0], -1, -1, -1), sin_signed.expand(x.shape[0], -1, -1, -1)
-        mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-        layer0 = self.model.layers[0]
-        return torch.ops.idefics3_kit.decode_layers(
-            x, params, cache.keys, cache.values, cos, sin_signed, mask, cache.length,
-            layer0.self_attn.num_heads, layer0.self_attn.num_kv_heads, layer0.input_layernorm.eps)
-
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
                 cache=None, logits_to_keep: int = 0, output_hidden_states: bool = False) -> DecoderOutput:
         """Run the decoder over ``L`` new tokens.
 
-        attention_mask: [B, past + L] with 1 for real tokens (covers cached tokens too).
-        position_ids: [B, L]; default ``past + arange(L)`` like transformers' plain forward.
+        attention_mask: [B, past + L] with 1 for real tokens (covers cached tokens too); None when
+        every token is real. position_ids: [B, L]; default ``past + arange(L)`` like transformers'
+        plain forward.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -465,18 +362,17 @@ class CausalDecoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=x.device)[None].expand(b, length)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, L, 1, hd]: broadcast over heads, once for all layers
-        rope = (cos, sin, signed_sin(sin))
+        rope = (cos[:, None], sin[:, None])  # [B, 1, L, hd]: broadcast over heads, once for all layers
         key_padding_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (b, past + length):
                 raise ValueError(f"attention_mask must be [B, past + L] = {(b, past + length)}, "
                                  f"got {tuple(attention_mask.shape)}")
-            key_padding_mask = None if bool(attention_mask.all()) else attention_mask.bool()
+            key_padding_mask = attention_mask.bool()
         hidden = [x] if output_hidden_states else None
-        fused = None if output_hidden_states else self._decode_layers(x, rope, key_padding_mask, cache)
-        if fused is not None:
-            x = fused
+        stepped = None if output_hidden_states else self._one_call_step(x, rope, key_padding_mask, cache)
+        if stepped is not None:
+            x = stepped
         else:
             for layer in self.model.layers:
                 x = layer(x, rope, key_padding_mask, cache)
@@ -488,16 +384,84 @@ class CausalDecoder(nn.Module):
         if hidden is not None:
             hidden[-1] = x
         kept = x[:, -logits_to_keep:] if logits_to_keep else x
-        return DecoderOutput(logits=linear(self.lm_head, kept), hidden_states=tuple(hidden) if hidden else None,
+        return DecoderOutput(logits=ops.linear(self.lm_head, kept), hidden_states=tuple(hidden) if hidden else None,
                              last_hidden_state=x)
 
+    # ---- one compiled call for a whole decode step ------------------------------------------
+    def _one_call_step(self, x, rope, key_padding_mask, cache) -> torch.Tensor | None:
+        """Every layer of a one-token cached step through ``ops.decode_layers`` (bit-identical to
+        the loop over the layers), or None where it does not apply."""
+        if type(cache) is not KVCache or x.shape[1] != 1:  # a cache subclass may write differently
+            return None
+        found = self._plain_llama_layers()
+        if found is None:
+            return None
+        weights, modules = found
+        cache.check_room(1)
+        cache.allocate(x.shape[0], self.config.num_key_value_heads, self.config.head_dim, x.dtype, x.device)
+        return ops.decode_layers(x, weights, cache.keys, cache.values, rope[0], rope[1], key_padding_mask,
+                                 cache.length, self.config.num_attention_heads, self.config.num_key_value_heads,
+                                 self.config.rms_norm_eps, modules)
 
-@register("decoder", "llama3")
+    def _plain_llama_layers(self):
+        """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from),
+        or None unless every layer is exactly this file's Llama layer with SiLU, no o_proj or MLP
+        biases and the config's eps. Runs every decode step, so modules are read from their dicts
+        (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
+        weights, modules = [], []
+        for layer in self.model.layers:
+            if type(layer) is not DecoderLayer:
+                return None
+            sub = layer._modules
+            attn, mlp, norm1, norm2 = sub["self_attn"], sub["mlp"], sub["input_layernorm"], sub["post_attention_layernorm"]
+            if not plain_modules((attn, mlp, norm1, norm2)) or mlp.__dict__["act"] is not F.silu:
+                return None
+            a, m = attn._modules, mlp._modules
+            q, k, v, o, gate, up, down = a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], \
+                m["up_proj"], m["down_proj"]
+            if norm1.eps != self.config.rms_norm_eps or norm2.eps != self.config.rms_norm_eps:
+                return None
+            if any(p._parameters["bias"] is not None for p in (o, gate, up, down)):
+                return None
+            w = [mod._parameters[n] for mod, n in ((norm1, "weight"), (q, "weight"), (k, "weight"), (v, "weight"),
+                                                    (q, "bias"), (k, "bias"), (v, "bias"), (o, "weight"),
+                                                    (norm2, "weight"), (gate, "weight"), (up, "weight"),
+                                                    (down, "weight"))]
+            weights.append(tuple(w))
+            modules += (layer, attn, mlp, norm1, norm2, q, k, v, o, gate, up, down)
+        return weights, modules
+
+
+def _resized_embedding(old: nn.Embedding, new_size: int) -> nn.Embedding:
+    w = old.weight.detach()
+    new = nn.Embedding(new_size, w.shape[1], device=w.device, dtype=w.dtype)
+    keep = min(new_size, w.shape[0])
+    with torch.no_grad():
+        new.weight[:keep] = w[:keep]
+        new.weight[keep:] = w.float().mean(0).to(w.dtype)
+    return new
+
+
+def _resized_head(old: nn.Linear, new_size: int) -> nn.Linear:
+    w = old.weight.detach()
+    new = nn.Linear(w.shape[1], new_size, bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    keep = min(new_size, w.shape[0])
+    with torch.no_grad():
+        new.weight[:keep] = w[:keep]
+        new.weight[keep:] = w.float().mean(0).to(w.dtype)
+        if old.bias is not None:
+            new.bias[:keep] = old.bias[:keep]
+            new.bias[keep:] = old.bias.float().mean().to(old.bias.dtype)
+    new.train(old.training)
+    return new
+
+
+@register("decoder", "llama3", hf={"model_types": ("llama",)})
 class Llama3Decoder(CausalDecoder):
     """Llama 3 / SmolLM2 decoder (biases on projections only if ``attention_bias``)."""
 
 
-@register("decoder", "qwen2")
+@register("decoder", "qwen2", hf={"model_types": ("qwen2",)})
 class Qwen2Decoder(CausalDecoder):
     """Qwen2 / Qwen2.5 decoder (transformers' Qwen2ForCausalLM).
 

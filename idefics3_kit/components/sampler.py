@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import registry
 from ..registry import register
 
 
@@ -368,8 +369,6 @@ def build_chain(do_sample: bool = False, temperature: float | None = None, top_k
                 repetition_penalty: float | None = None, min_new_tokens: int | None = None) -> SamplerChain:
     """The sampler chain for transformers-style generation arguments (None / neutral values skip
     a part; temperature/top-k/top-p/min-p only act when ``do_sample``, as in transformers)."""
-    from .. import registry
-
     procs = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         procs.append(registry.create("sampler", "repetition_penalty", penalty=float(repetition_penalty)))

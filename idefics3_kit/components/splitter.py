@@ -1,38 +1,29 @@
-"""Image splitter: any image -> uint8 RGB -> resized tiles in ``pixel_values [B, T, 3, S, S]``.
+"""Image splitter: uint8 RGB images -> resized tiles in ``pixel_values [B, T, 3, S, S]``.
 
 ``idefics3`` reproduces transformers' Idefics3 image processor (the Pillow backend,
-``Idefics3ImageProcessorPil``) bit for bit:
+``Idefics3ImageProcessorPil``) bit for bit, on images already converted to uint8 RGB
+[H, W, 3] tensors (``idefics3_kit.processing.images.to_rgb`` does that, as the Processor does):
 
-1. RGB conversion first (alpha composited over white; L, LA, P, CMYK, ... through Pillow; files
-   are loaded like transformers' ``load_image``: EXIF orientation applied, alpha dropped).
-2. Stage 1: the longest edge is resized to ``longest_edge`` (always, up or down); the short side
+1. Stage 1: the longest edge is resized to ``longest_edge`` (always, up or down); the short side
    is ``int(L / aspect)`` (or ``int(L * aspect)``), bumped to even, at least 1; a hard cap of
    4096 on the long side follows.
-3. Stage 2 (splitting on): both sides grow to multiples of the tile size ``S``.
-4. Tiles of S×S in row-major order, then the global tile (stage 2 resized to S×S) last.
+2. Stage 2 (splitting on): both sides grow to multiples of the tile size ``S``.
+3. Tiles of S×S in row-major order, then the global tile (stage 2 resized to S×S) last.
    Splitting off: stage 2 is S×S and is the only tile.
-5. Every resize is Pillow LANCZOS on uint8; rescale/normalize with the float64-then-float32 recipe.
+4. Every resize is Pillow LANCZOS on uint8; rescale/normalize with the float64-then-float32 recipe.
 
-All geometry is computed here on the host from ints; the pixel work (steps 2-5) goes through
-``ops.preprocess.preprocess_into`` so that a compiled kernel can replace it.
-
-Deliberate differences from the reference (documented in docs/processor.md): plain 2-D
-grayscale arrays are accepted; float arrays in [0, 1] are converted to uint8 once (no second
-rescale); 16-bit images are scaled to 8 bits instead of clipped; images over a pixel limit,
-corrupt files and modes without a meaningful RGB conversion are refused with a ValueError.
+All geometry is computed here on the host from ints (``TilePlan``, which also owns the prompt
+layout and token cost of an image); the pixel work (steps 2-4) goes through
+``ops.preprocess_into`` so that a compiled kernel can replace it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
-import os
-import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 
 from .. import ops
@@ -40,8 +31,9 @@ from ..ops import preprocess as preprocess_op
 from ..registry import register
 
 MAX_IMAGE_SIZE = 4096  # the reference's hard cap on the long side after stage 1
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-REFUSED_MODES = ("F",)  # float pixels of unknown range
+IMAGE_TOKEN = "<image>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TAG = "<global-img>"
 
 
 # --------------------------------------------------------------------------------------
@@ -151,10 +143,13 @@ def _triple(value) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Where one image of ``height``×``width`` goes: both resize stages and the tile grid.
+    """Where one image of ``height``×``width`` goes, and what it costs: the one owner of tiles,
+    rows/cols, the prompt layout and token cost, and the ints the preprocessing kernel takes.
 
     ``rows = cols = 0`` means a single S×S tile (no global tile); otherwise ``rows*cols`` tiles
-    plus the global one.
+    plus the global one. ``image_seq_len`` (``<image>`` tokens per tile) and ``prompt_tokens``
+    (every token the image adds to a prompt, tags included, for one tokenizer) are filled in by
+    the Processor, which knows them; the splitter leaves them 0 / None.
     """
 
     height: int
@@ -164,10 +159,47 @@ class TilePlan:
     rows: int
     cols: int
     tile_size: int
+    image_seq_len: int = 0
+    prompt_tokens: int | None = None
 
     @property
     def tiles(self) -> int:
-        return self.rows * self.cols + 1 if self.rows * self.cols else 1
+        return ops.tile_count(self.rows, self.cols)
+
+    @property
+    def image_tokens(self) -> int:
+        """``<image>`` tokens of this image: tiles × image_seq_len."""
+        return self.tiles * self.image_seq_len
+
+    @property
+    def fake_tokens(self) -> int:
+        """``<fake_token_around_image>`` tokens: one before each tile, two around the global block."""
+        return self.rows * self.cols + 2
+
+    def prompt_text(self, image_seq_len: int | None = None) -> str:
+        """The text that replaces this image's ``<image>`` in a prompt (see ``image_prompt``)."""
+        return image_prompt(self.rows, self.cols, image_seq_len or self.image_seq_len)
+
+    def geometry(self, sample: int, first_tile: int) -> list[int]:
+        """The 8 ints ``ops.preprocess_into`` takes for this image (``GEOMETRY_FIELDS`` order)."""
+        return [sample, first_tile, *self.resized, *self.grid_size, self.rows, self.cols]
+
+
+def image_prompt(rows: int, cols: int, image_seq_len: int) -> str:
+    """The Idefics3 token layout of one image with ``rows``×``cols`` tiles (reference §2.3)::
+
+        for each row r:  <fake><row_r_col_1><image>×S ... <fake><row_r_col_C><image>×S \\n
+        then:            \\n<fake><global-img><image>×S<fake>
+
+    and for an unsplit image only the last (global) block (``<fake>`` = ``<fake_token_around_image>``).
+    """
+    tile_tokens = IMAGE_TOKEN * image_seq_len
+    global_block = f"{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TAG}{tile_tokens}{FAKE_IMAGE_TOKEN}"
+    if rows == 0 and cols == 0:
+        return global_block
+    lines = ["".join(f"{FAKE_IMAGE_TOKEN}<row_{r}_col_{c}>{tile_tokens}" for c in range(1, cols + 1)) + "\n"
+             for r in range(1, rows + 1)]
+    return "".join(lines) + "\n" + global_block
 
 
 def stage1_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
@@ -226,187 +258,12 @@ def plan_tiles(height: int, width: int, cfg: SplitterConfig) -> TilePlan:
 
 
 # --------------------------------------------------------------------------------------
-# Image conversion: anything -> uint8 [H, W, 3] RGB
-
-
-def _pixel_check(height: int, width: int, where: str, limit: int | None) -> None:
-    if height < 1 or width < 1:
-        raise ValueError(f"{where} is empty ({width}x{height} pixels, width x height)")
-    if limit is not None and height * width > limit:
-        raise ValueError(f"{where} has {height * width} pixels ({width}x{height}), over the limit of {limit} "
-                         f"(a decompression-bomb guard: raise SplitterConfig.max_pixels or "
-                         f"PIL.Image.MAX_IMAGE_PIXELS to allow it)")
-
-
-def open_image(source, where: str, limit: int | None, decode: bool = True):
-    """Open a path or encoded bytes with Pillow and decode it now, so corrupt data fails here
-    (``decode=False``: read the header only, enough for the size). EXIF orientation is not applied."""
-    from PIL import Image, UnidentifiedImageError
-
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"{len(source)} bytes"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source))
-            _pixel_check(img.height, img.width, f"{where} ({name})", limit)
-            if decode:
-                img.load()
-    except FileNotFoundError:
-        raise ValueError(f"{where}: image file not found: {name}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{where}: cannot decode image ({name}): {exc}") from None
-    return img
-
-
-def load_encoded(source, where: str, limit: int | None):
-    """A file path, encoded bytes or base64 string -> an upright PIL image, as transformers' ``load_image``.
-
-    Like ``load_image`` the EXIF orientation is applied; URLs are refused (nothing is downloaded).
-    """
-    from PIL import ImageOps
-
-    if isinstance(source, str) and not os.path.isfile(source):
-        source = string_source(source, where)
-    img = open_image(source, where, limit)
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as exc:  # malformed EXIF data raises assorted errors inside Pillow
-        raise ValueError(f"{where}: cannot apply the EXIF orientation: {exc}") from None
-
-
-def string_source(text: str, where: str):
-    """A string that is not a file: a data URI or base64 (transformers accepts both), else not found."""
-    import base64
-    import binascii
-
-    if text.startswith(("http://", "https://")):
-        raise ValueError(f"{where}: URLs are not downloaded ({text}); fetch the image first")
-    payload = text.split(",", 1)[1] if text.startswith("data:image/") else text
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        data = b""
-    if len(data) < 8:  # not an encoded image either: report it as the missing file it most likely is
-        raise ValueError(f"{where}: image file not found: {text[:200]}")
-    return data
-
-
-def _pil_to_rgb(img, where: str, alpha_over_white: bool = True) -> np.ndarray:
-    """PIL image -> uint8 [H, W, 3]: alpha over white, 16-bit scaled, the rest via Pillow's convert.
-
-    ``alpha_over_white=False`` drops alpha instead (plain ``convert("RGB")``), which is what
-    transformers does to images it loads from files itself.
-    """
-    from PIL import Image
-
-    mode = img.mode
-    if mode in REFUSED_MODES:
-        raise ValueError(f"{where}: unsupported image mode {mode!r} (float pixels of unknown range); "
-                         f"convert it to 8-bit RGB or pass a float array in [0, 1]")
-    try:
-        if mode in SIXTEEN_BIT_MODES:
-            return _gray_to_rgb(_sixteen_to_eight(np.asarray(img), where))
-        if alpha_over_white and ("A" in img.getbands() or img.info.get("transparency") is not None):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.array(img if mode == "RGB" else img.convert("RGB"))  # one writable copy
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{where}: cannot convert image mode {mode!r} to RGB: {exc}") from None
-
-
-def _sixteen_to_eight(values: np.ndarray, where: str) -> np.ndarray:
-    """0..65535 -> 0..255 by rounding v/257 (the reference clips instead, turning photos white)."""
-    values = np.asarray(values).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise ValueError(f"{where}: 16-bit image values must be in [0, 65535], got "
-                         f"[{values.min()}, {values.max()}]")
-    return ((values * 255 + 32767) // 65535).astype(np.uint8)
-
-
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[:, :, None], 3, axis=2)
-
-
-def channels_last(arr: np.ndarray, where: str) -> np.ndarray:
-    """[H, W] / [C, H, W] / [H, W, C] -> [H, W, C]; channels-first wins when ambiguous (the reference's rule)."""
-    if arr.ndim == 2:
-        return arr[:, :, None]
-    if arr.ndim != 3:
-        raise ValueError(f"{where}: an image array must have 2 or 3 dimensions, got shape {tuple(arr.shape)}")
-    if arr.shape[0] in (1, 3, 4):
-        return np.moveaxis(arr, 0, -1)
-    if arr.shape[2] in (1, 3, 4):
-        return arr
-    raise ValueError(f"{where}: cannot find the channel axis of shape {tuple(arr.shape)} "
-                     f"(1, 3 or 4 channels, first or last)")
-
-
-def _to_uint8(hwc: np.ndarray, where: str) -> np.ndarray:
-    """uint8 stays; uint16 is scaled; floats must lie in [0, 1] and are rounded once to uint8."""
-    if hwc.dtype == np.uint8:
-        return hwc
-    if hwc.dtype == np.uint16:
-        return _sixteen_to_eight(hwc, where)
-    if np.issubdtype(hwc.dtype, np.floating):
-        values = hwc.astype(np.float64)
-        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
-            raise ValueError(f"{where}: float image values must be finite and in [0, 1], got "
-                             f"[{np.nanmin(values)}, {np.nanmax(values)}]")
-        return np.round(values * 255.0).astype(np.uint8)
-    raise ValueError(f"{where}: unsupported array dtype {hwc.dtype} (uint8, uint16 or float in [0, 1])")
-
-
-def _array_to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
-    """Numpy array (2-D, HWC or CHW; 1/3/4 channels) -> uint8 [H, W, 3]; RGBA composited over white."""
-    hwc = _to_uint8(channels_last(arr, where), where)
-    channels = hwc.shape[2]
-    if channels == 1:
-        return _gray_to_rgb(hwc[:, :, 0])
-    if channels == 3:
-        return hwc
-    alpha = hwc[:, :, 3:4] / 255.0  # float64, then round-half-even: the reference's numpy recipe
-    return np.round(alpha * hwc[:, :, :3] + (1 - alpha) * 255).astype(np.uint8)
-
-
-def is_image(obj) -> bool:
-    """True for the things ``to_rgb`` accepts as one image."""
-    from PIL import Image
-
-    return isinstance(obj, (Image.Image, np.ndarray, torch.Tensor, str, bytes, os.PathLike))
-
-
-def to_rgb(image, where: str = "image", max_pixels: int | None = None) -> torch.Tensor:
-    """Any supported image -> uint8 torch [H, W, 3] (contiguous), or a ValueError naming ``where``."""
-    from PIL import Image
-
-    if isinstance(image, (str, bytes, os.PathLike)):
-        rgb = _pil_to_rgb(load_encoded(image, where, max_pixels), where, alpha_over_white=False)
-    elif isinstance(image, Image.Image):
-        _pixel_check(image.height, image.width, where, max_pixels)
-        rgb = _pil_to_rgb(image, where)
-    elif isinstance(image, (np.ndarray, torch.Tensor)):
-        arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
-        if arr.ndim in (2, 3) and 0 in arr.shape:
-            raise ValueError(f"{where} is empty (array shape {tuple(arr.shape)})")
-        hwc_shape = channels_last(arr, where).shape
-        _pixel_check(hwc_shape[0], hwc_shape[1], where, max_pixels)
-        rgb = _array_to_rgb(arr, where)
-    else:
-        raise ValueError(f"{where}: unsupported image type {type(image).__name__} "
-                         f"(PIL image, numpy array, torch tensor, file path or encoded bytes)")
-    if not (rgb.flags.c_contiguous and rgb.flags.writeable):
-        rgb = np.array(rgb, order="C")  # torch wants writable memory; PIL's arrays are read-only
-    return torch.from_numpy(rgb)
-
-
-# --------------------------------------------------------------------------------------
 # The splitter component
 
 
 @dataclass
 class PreparedBatch:
-    """Images converted to uint8 RGB and planned, before any pixel work (see ``Idefics3Splitter.prepare``)."""
+    """Images checked and planned, before any pixel work (see ``Idefics3Splitter.prepare``)."""
 
     rgb: list[list[torch.Tensor]]  # per sample, uint8 [H, W, 3]
     plans: list[list[TilePlan]]
@@ -422,9 +279,19 @@ class SplitResult:
     plans: list[list[TilePlan]]
 
 
+def check_rgb(image, where: str) -> torch.Tensor:
+    """The splitter's input contract: a uint8 [H, W, 3] tensor."""
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
+        got = (f"a {image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor)
+               else type(image).__name__)
+        raise ValueError(f"{where}: the splitter takes uint8 RGB tensors [H, W, 3], got {got}; convert images with "
+                         f"idefics3_kit.processing.images.to_rgb (the Processor does)")
+    return image
+
+
 @register("splitter", "idefics3")
 class Idefics3Splitter:
-    """The Idefics3 image splitter: RGB conversion, two LANCZOS resizes, row-major tiles + global tile."""
+    """The Idefics3 image splitter: two LANCZOS resizes, row-major tiles + global tile."""
 
     config_class = SplitterConfig
 
@@ -444,29 +311,16 @@ class Idefics3Splitter:
         """Rows, cols and tiles for an image of ``height``×``width``, without touching pixels."""
         return plan_tiles(int(height), int(width), self.settings(**overrides))
 
-    def convert(self, images: Sequence[Sequence[Any]], max_pixels: int | None = None,
-                ) -> list[list[torch.Tensor]]:
-        """Every image to uint8 [H, W, 3], all of them before any pixel work (nothing half-done)."""
-        flat_index = 0
-        converted = []
-        for sample_index, sample in enumerate(images):
-            row = []
-            for position, image in enumerate(sample):
-                where = f"image {flat_index} (sample {sample_index}, position {position})"
-                row.append(to_rgb(image, where, max_pixels))
-                flat_index += 1
-            converted.append(row)
-        return converted
-
-    def __call__(self, images: Sequence[Sequence[Any]], dtype: torch.dtype = torch.float32,
+    def __call__(self, images: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype = torch.float32,
                  **overrides) -> SplitResult:
-        """A batch (one list of images per sample, possibly empty) -> padded tile tensors."""
+        """A batch (one list of uint8 RGB images per sample, possibly empty) -> padded tile tensors."""
         return self.fill(self.prepare(images, **overrides), dtype)
 
-    def prepare(self, images: Sequence[Sequence[Any]], **overrides) -> PreparedBatch:
-        """Convert and plan every image; all errors about the images surface here, before pixel work."""
+    def prepare(self, images: Sequence[Sequence[torch.Tensor]], **overrides) -> PreparedBatch:
+        """Check and plan every image; all errors about the images surface here, before pixel work."""
         cfg = self.settings(**overrides)
-        rgb = self.convert(images, cfg.pixel_limit())
+        rgb = [[check_rgb(img, f"image (sample {i}, position {j})") for j, img in enumerate(sample)]
+               for i, sample in enumerate(images)]
         plans = [[plan_tiles(img.shape[0], img.shape[1], cfg) for img in sample] for sample in rgb]
         return PreparedBatch(rgb, plans, cfg)
 
@@ -481,13 +335,12 @@ class Idefics3Splitter:
         s = cfg.tile_size
         max_tiles = max((sum(p.tiles for p in sample) for sample in plans), default=0)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        on_gpu = target.type == "cuda" and _cuda_kernel_available()
-        alloc = target if on_gpu else torch.device("cpu")
+        alloc = target if preprocess_op.fills_on(target.type) else torch.device("cpu")
         # Uninitialized: the op writes every tile an image fills, and only the padding tiles of
         # samples with fewer tiles are zeroed here (zeroing all of it first cost as much as a
-        # resize: tens of megabytes at SmolVLM's 512-px tiles).
-        # On the CPU from the pool (ops.empty_pooled): repeated calls reuse pages already faulted
-        # in instead of having the kernel zero ~70 MB of fresh memory each time.
+        # resize: tens of megabytes at SmolVLM's 512-px tiles). On the CPU from the pool
+        # (ops.empty_pooled): repeated calls reuse pages already faulted in instead of having the
+        # kernel zero ~70 MB of fresh memory each time.
         if alloc.type == "cpu":
             pixel_values = ops.empty_pooled((len(rgb), max_tiles, 3, s, s), dtype)
             pixel_mask = ops.empty_pooled((len(rgb), max_tiles, s, s), torch.int64)
@@ -499,19 +352,13 @@ class Idefics3Splitter:
             first_tile = 0
             for img, p in zip(sample_rgb, sample_plans):
                 flat_images.append(img)
-                geometry += [sample_index, first_tile, *p.resized, *p.grid_size, p.rows, p.cols]
+                geometry += p.geometry(sample_index, first_tile)
                 first_tile += p.tiles
             pixel_values[sample_index, first_tile:].zero_()  # padding tiles: 0, masked out
             pixel_mask[sample_index, first_tile:].zero_()
         if flat_images:
-            preprocess_op.preprocess_into(flat_images, pixel_values, pixel_mask, geometry,
-                                          cfg.image_mean, cfg.image_std, cfg.rescale_factor)
+            ops.preprocess_into(flat_images, pixel_values, pixel_mask, geometry, cfg.image_mean, cfg.image_std,
+                                cfg.rescale_factor)
         if alloc != target:
             pixel_values, pixel_mask = pixel_values.to(target), pixel_mask.to(target)
         return SplitResult(pixel_values, pixel_mask, plans)
-
-
-def _cuda_kernel_available() -> bool:
-    from ..ops import _library, cuda_dispatch
-
-    return _library.use_compiled() and cuda_dispatch.has_cuda_kernel("preprocess_into")

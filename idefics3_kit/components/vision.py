@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
 from .. import ops
-from ..config import ClipVisionConfig, VisionConfig
+from ..config import VisionConfig, require
 from ..registry import register
 
 ACTIVATIONS = {
@@ -71,14 +73,14 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        n, length, dim = x.shape
+        n, length, _ = x.shape
 
-        def heads(t):  # [N, L, D] -> [N, H, L, hd]
-            return t.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        def heads(t):  # [N, L, D] -> [N, H, L, hd] (H from the projection: local heads under TP)
+            return t.view(n, length, -1, self.head_dim).transpose(1, 2)
 
         out = ops.attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
                             causal=False, key_padding_mask=key_mask)
-        out = out.transpose(1, 2).reshape(n, length, dim)  # [N, L, D]
+        out = out.transpose(1, 2).reshape(n, length, -1)  # [N, L, D]
         return self.out_proj(out)
 
 
@@ -114,7 +116,8 @@ class SiglipEncoder(nn.Module):
         self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
-@register("vision", "siglip")
+@register("vision", "siglip", hf={"model_types": ("idefics3_vision", "siglip_vision_model"),
+                                  "dual_encoder": "siglip"})
 class SiglipVisionEncoder(nn.Module):
     """SigLIP ViT with variable-resolution position ids (Idefics3's vision tower)."""
 
@@ -131,14 +134,17 @@ class SiglipVisionEncoder(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixel_values [N, C, H, W], patch_mask [N, H/p, W/p] bool -> hidden [N, (H/p)(W/p), D]."""
+        """pixel_values [N, C, H, W], patch_mask [N, H/p, W/p] bool -> hidden [N, (H/p)(W/p), D].
+
+        ``patch_mask`` None means every patch is real (the same result as an all-true mask,
+        through faster attention); the caller knows, so nothing here branches on values.
+        """
         n, _, height, width = pixel_values.shape
+        key_mask = None if patch_mask is None else patch_mask.reshape(n, -1)
         if patch_mask is None:
             patch_mask = torch.ones(n, height // self.patch_size, width // self.patch_size,
                                     dtype=torch.bool, device=pixel_values.device)
         x = self.embeddings(pixel_values, patch_mask)
-        flat_mask = patch_mask.reshape(n, -1)
-        key_mask = None if bool(flat_mask.all()) else flat_mask  # no mask: same result, faster kernels
         for layer in self.encoder.layers:
             x = layer(x, key_mask)
         return self.post_layernorm(x)
@@ -146,6 +152,43 @@ class SiglipVisionEncoder(nn.Module):
 
 # --------------------------------------------------------------------------------------
 # CLIP
+
+
+@dataclass(frozen=True)
+class ClipVisionConfig(VisionConfig):
+    """CLIP ViT vision tower (transformers' CLIPVisionModel); defaults: openai/clip-vit-base-patch16.
+
+    ``feature_layer`` picks the hidden state handed to the connector, indexed like transformers'
+    ``hidden_states`` tuple (0: embeddings after pre_layrnorm, k: output of layer k): -1 is
+    ``last_hidden_state`` (the default), -2 the penultimate layer that LLaVA uses. The class
+    token is always dropped, so the connector sees the square patch grid. ``post_layernorm``
+    (applied by transformers only to the pooled class token) is kept for checkpoints but not
+    used for the features. ``projection_dim`` is carried for config.json round trips only.
+    ``interpolate_pos_encoding``: tiles of another size than ``image_size`` get bicubically
+    resized position embeddings, as transformers does when called with
+    ``interpolate_pos_encoding=True``; False refuses them.
+    """
+
+    name: str = "clip"
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    projection_dim: int = 512
+    feature_layer: int = -1
+    interpolate_pos_encoding: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.num_hidden_layers
+        require(isinstance(self.feature_layer, int) and -(n + 1) <= self.feature_layer <= n,
+                "ClipVisionConfig", "feature_layer",
+                f"must index the {n + 1} hidden states (-{n + 1}..{n}), got {self.feature_layer!r}")
+
+    @property
+    def num_layers_run(self) -> int:
+        """How many encoder layers produce the selected hidden state."""
+        return self.feature_layer % (self.num_hidden_layers + 1)
 
 
 class ClipEmbeddings(nn.Module):
@@ -178,7 +221,7 @@ class ClipEmbeddings(nn.Module):
         return torch.cat([cls, x], dim=1) + self.positions(h, w)  # [N, 1+P, D]
 
 
-@register("vision", "clip")
+@register("vision", "clip", hf={"model_types": ("clip_vision_model",), "dual_encoder": "clip"})
 class ClipVisionEncoder(nn.Module):
     """CLIP ViT (transformers' CLIPVisionModel) under the vision contract.
 
@@ -217,8 +260,7 @@ class ClipVisionEncoder(nn.Module):
             if flat.shape[1] != x.shape[1] - 1:
                 raise ValueError(f"clip vision encoder: patch_mask has {flat.shape[1]} patches per tile, "
                                  f"expected {x.shape[1] - 1}")
-            if not bool(flat.all()):
-                key_mask = torch.cat([flat.new_ones(n, 1), flat], dim=1)  # class token always attendable
+            key_mask = torch.cat([flat.new_ones(n, 1), flat], dim=1)  # class token always attendable
         for layer in self.encoder.layers[:self.config.num_layers_run]:
             x = layer(x, key_mask)
         return x[:, 1:]

@@ -1,22 +1,24 @@
-"""The Python face of the compiled kernels.
+"""The Python face of the compiled kernels: one file per op family.
 
-Each op has a reference PyTorch function (its specification and the fallback) and, when the
-``idefics3_kit._C`` extension is built and loaded, a compiled implementation registered as
-``torch.ops.idefics3_kit.*``. Components call only the functions exported here, never
-``torch.ops`` directly. ``backend()`` says which implementation runs; setting the
-environment variable ``IDEFICS3_KIT_FORCE_REFERENCE=1`` (or ``use_reference()``) forces the
-reference ops.
+Each op has a reference PyTorch function (its specification), a Python wrapper that runs the
+compiled implementation (``torch.ops.idefics3_kit.*``, from the ``idefics3_kit._C`` extension)
+where ``fast_path.usable`` allows it and the ordinary PyTorch code otherwise, and a fake kernel
+so it traces under torch.compile. Nothing outside this package calls ``torch.ops`` directly.
+
+``backend()`` says whether the compiled implementations run; ``IDEFICS3_KIT_FORCE_REFERENCE=1``
+(or ``use_reference()``) forces the reference ops.
 """
 
-from . import _library
+from . import _library, fast_path  # noqa: F401  (ops._library, ops.fast_path for callers)
 from ._library import backend, build_info, extension_error, has_extension, use_reference
 from .attention import attention, attention_ref
-from .linear import decode_linear, decode_linear_ref
+from .decode import decode_layers
+from .matmul import decode_linear, decode_linear_ref, linear, linears, prepare_decode, unpack
 from .memory import empty_pooled, release_pooled
 from .norm import rms_norm, rms_norm_ref
+from .preprocess import preprocess_into, resize_u8, tile_count
 
-_library.has_extension()  # load the extension now (quietly) so torch.ops.idefics3_kit.* exist
-
-__all__ = ["attention", "attention_ref", "backend", "build_info", "decode_linear", "decode_linear_ref",
-           "empty_pooled", "extension_error", "has_extension", "release_pooled", "rms_norm", "rms_norm_ref",
-           "use_reference"]
+__all__ = ["attention", "attention_ref", "backend", "build_info", "decode_layers", "decode_linear",
+           "decode_linear_ref", "empty_pooled", "extension_error", "fast_path", "has_extension", "linear", "linears",
+           "preprocess_into", "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref",
+           "tile_count", "unpack", "use_reference"]

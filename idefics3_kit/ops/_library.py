@@ -1,14 +1,23 @@
-"""Loading of the compiled extension and the choice of backend."""
+"""The compiled extension: loading it, the choice of backend, what it has for which device,
+and what this CPU can do (the one owner of every CPU-feature probe)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import importlib.util
+import json
 import logging
 import os
+from pathlib import Path
+
+import torch
 
 logger = logging.getLogger("idefics3_kit")
 
 FORCE_REFERENCE_ENV = "IDEFICS3_KIT_FORCE_REFERENCE"
+NAMESPACE = "idefics3_kit"
 
 _state = {"loaded": None, "error": None, "announced": False, "forced": False}
 
@@ -17,16 +26,10 @@ def _load() -> bool:
     if _state["loaded"] is not None:
         return _state["loaded"]
     try:
-        import importlib
-        import importlib.util
-
         if importlib.util.find_spec("idefics3_kit._C") is None:
             raise ImportError("idefics3_kit._C is not built (pip install --no-build-isolation -e . , or "
                               "python setup.py build_ext --inplace)")
         importlib.import_module("idefics3_kit._C")  # runs the TORCH_LIBRARY registrations
-        from . import _fake
-
-        _fake.register()
         _state["loaded"] = True
     except Exception as exc:  # ImportError, OSError (ABI mismatch), ...
         _state["loaded"] = False
@@ -36,6 +39,12 @@ def _load() -> bool:
 
 def _forced() -> bool:
     return _state["forced"] or os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0")
+
+
+def fast_paths_on() -> bool:
+    """False while the reference ops are forced (``IDEFICS3_KIT_FORCE_REFERENCE=1``, ``use_reference()``):
+    then every fast path, compiled or not, steps aside."""
+    return not _forced()
 
 
 def has_extension() -> bool:
@@ -50,7 +59,7 @@ def extension_error() -> str | None:
 
 
 def use_compiled() -> bool:
-    """True when ops should dispatch to the compiled extension."""
+    """True when ops should dispatch to the compiled extension (loaded and not forced off)."""
     if _forced():
         return False
     ok = _load()
@@ -61,11 +70,44 @@ def use_compiled() -> bool:
     return ok
 
 
+def defines(op: str) -> bool:
+    """True when the extension is loaded and declares ``idefics3_kit::<op>`` (any backend)."""
+    return _load() and hasattr(getattr(torch.ops, NAMESPACE), op)
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when the compiled ``op`` should run for tensors on ``device_type`` ("cpu" or "cuda")."""
+    if not use_compiled() or not defines(op):
+        return False
+    if device_type == "cpu":
+        return True
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "CUDA"))
+    except RuntimeError:
+        return False
+
+
+def op(name: str):
+    """``torch.ops.idefics3_kit.<name>``: the only way code outside ops/ reaches a compiled op is
+    through an op module's wrapper, and the wrappers reach it through here."""
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def register_fake(name: str):
+    """Decorator attaching a fake (meta) kernel to ``idefics3_kit::<name>`` when the op exists,
+    so it traces under torch.compile; a no-op without the extension."""
+    def decorator(fn):
+        if defines(name):
+            torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)
+        return fn
+
+    return decorator
+
+
 def build_info() -> dict | None:
     """What the extension was built from (written by setup.py), or None when it is absent."""
-    import json
-    from pathlib import Path
-
     path = Path(__file__).resolve().parent.parent / "_build_info.json"
     if not _load() or not path.exists():
         return None
@@ -86,3 +128,34 @@ def use_reference(enabled: bool = True):
         yield
     finally:
         _state["forced"] = old
+
+
+# ---- this CPU ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_is_vectorized() -> bool:
+    """Whether torch found AVX2 (or better) or an ARM vector unit: the kernels' portable path is
+    slower than torch's own on CPUs without one."""
+    try:
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "")
+    except Exception:  # older torch: assume a modern x86/ARM CPU
+        return True
+
+
+def cpu_has(flag: str) -> bool:
+    """e.g. ``cpu_has("avx512_bf16")``, ``cpu_has("amx_bf16")``."""
+    return flag in cpu_flags()

@@ -1,11 +1,21 @@
-"""Scaled dot-product attention shared by every tower.
+"""Scaled dot-product attention shared by every tower: the reference, the router, the fakes.
 
 One entry point, ``attention``, covers the three cases the model needs:
 - vision encoder: non-causal, with a key padding mask (patches of partially padded tiles);
 - decoder prefill: causal, grouped-query, with a key padding mask (left padding);
 - decoder decode: one query per sequence against the KV cache.
 
-The reference implementation below is the specification; compiled kernels must match it.
+``attention_ref`` is the specification; ``attention_sdpa`` gives the same semantics through
+torch's fused kernel and is the ordinary path. The router picks at most one compiled kernel:
+
+- one query (decode, causal or not)  -> ``decode_attention`` (k/v may be strided cache views)
+- causal, several queries (prefill)   -> ``prefill_attention`` (queries are the last Lq of Lk keys)
+- non-causal, several queries         -> ``vision_attention`` on CUDA; on the CPU torch's own
+  fused kernel measured faster than ours (x0.6-0.9, benchmarks/attention_cpu.py), so those
+  calls go straight to SDPA (``PREFER_TORCH_NONCAUSAL``) without entering the compiled path.
+
+A kernel runs only where ``fast_path.usable`` allows it and it covers the shapes (below);
+everything else, autograd included, runs ``attention_sdpa``.
 """
 
 from __future__ import annotations
@@ -15,7 +25,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _library
+from . import _library, fast_path
+
+PREFER_TORCH_NONCAUSAL = True
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = {"vision_attention": (64, 72, 128), "prefill_attention": (64, 128), "decode_attention": (64, 128)}
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> None:
@@ -26,7 +41,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) 
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)} "
                          "in batch and head dim")
-    if hq % k.shape[1] != 0:
+    if k.shape[1] == 0 or hq % k.shape[1] != 0:
         raise ValueError(f"attention: {hq} query heads are not a multiple of {k.shape[1]} key/value heads")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, k.shape[2]):
         raise ValueError(f"attention: key_padding_mask must be [B, Lk] = {(b, k.shape[2])}, "
@@ -52,17 +67,15 @@ def build_mask(lq: int, lk: int, causal: bool, key_padding_mask: torch.Tensor | 
 
 
 def _open_empty_rows(mask: torch.Tensor | None):
-    """(mask with fully masked rows opened, those rows [.., Lq, 1]) or (mask, None).
+    """(mask with fully masked rows opened, those rows [.., Lq, 1]), or (None, None).
 
     A query that may attend to nothing (a left-padding position under a causal mask) gets an
     output of exactly 0, as torch's fused kernels and transformers give; opening the row first
-    keeps the softmax finite.
+    keeps the softmax finite. No branch on the mask's values, so it traces and exports.
     """
     if mask is None:
         return None, None
     empty = ~mask.any(dim=-1, keepdim=True)
-    if not bool(empty.any()):
-        return mask, None
     return mask | empty, empty
 
 
@@ -89,7 +102,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
 
 
 def attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
-    """Same semantics through torch's fused scaled_dot_product_attention (faster reference)."""
+    """Same semantics through torch's fused scaled_dot_product_attention: the ordinary path."""
     _check(q, k, v, key_padding_mask)
     mask, empty = _open_empty_rows(build_mask(q.shape[2], k.shape[2], causal, key_padding_mask, q.device))
     gqa = q.shape[1] != k.shape[1]
@@ -115,26 +128,76 @@ def zero_empty_rows(out: torch.Tensor, causal: bool, key_padding_mask: torch.Ten
     return out * seen[:, None, :, None].to(out.dtype)
 
 
+# ---- the router ---------------------------------------------------------------------------------
+
+
+def _kernel_name(q: torch.Tensor, causal: bool) -> str | None:
+    if q.shape[2] == 1:  # one query sees every (unmasked) key, causal or not
+        return "decode_attention"
+    if causal:
+        return "prefill_attention"
+    if q.device.type == "cpu" and PREFER_TORCH_NONCAUSAL:
+        return None
+    return "vision_attention"
+
+
+def _cpu_covers(q, k, v, causal) -> bool:
+    d = q.shape[-1]
+    return (q.dtype in CPU_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and d % 8 == 0 and 8 <= d <= 512
+            and k.shape[2] > 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and not (causal and q.shape[2] > k.shape[2]) and _library.cpu_is_vectorized())
+
+
+def _cuda_covers(name, q, k, v, causal) -> bool:
+    return (q.dtype in CUDA_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] in CUDA_HEAD_DIMS[name] and not (causal and q.shape[2] > k.shape[2]))
+
+
+def compiled_kernel(q, k, v, causal: bool, key_padding_mask) -> str | None:
+    """The compiled kernel that runs this call, or None for the ordinary path."""
+    name = _kernel_name(q, causal)
+    if name is None or not fast_path.usable(name, (q, k, v, key_padding_mask)):
+        return None
+    covers = _cpu_covers(q, k, v, causal) if q.device.type == "cpu" else _cuda_covers(name, q, k, v, causal)
+    return name if covers else None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Attention used by every component; the compiled kernels plug in here.
+    """Attention used by every component: a compiled kernel where one applies, else SDPA."""
+    _check(q, k, v, key_padding_mask)
+    name = compiled_kernel(q, k, v, causal, key_padding_mask)
+    if name is None:
+        return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    kernel = _library.op(name)
+    out = kernel(q, k, v, mask, None, scale) if name == "decode_attention" else kernel(q, k, v, mask, scale)
+    if q.device.type == "cuda":  # the CUDA kernels open empty rows; the CPU ones write 0 themselves
+        out = zero_empty_rows(out, causal, key_padding_mask)
+    return out
 
-    The compiled kernels are inference kernels (no backward): when gradients are needed the
-    reference path runs.
-    """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not needs_grad and _library.use_compiled():
-        if q.is_cuda:
-            from . import cuda_dispatch
 
-            out = cuda_dispatch.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-            if out is not None:  # the CUDA kernels still open empty rows (CPU ones write 0 themselves)
-                return zero_empty_rows(out, causal, key_padding_mask)
-        else:
-            from . import attention_compiled
+# ---- fake kernels (shapes only, for torch.compile) -----------------------------------------------
 
-            out = attention_compiled.dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                              scale=scale)
-            if out is not None:
-                return out
-    return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+
+def attention_out(q: torch.Tensor) -> torch.Tensor:
+    """Output of the attention ops: [B, H, L, D] values stored as [B, L, H, D] in memory, so that
+    the callers' ``transpose(1, 2).reshape(B, L, H * D)`` is free."""
+    b, h, lq, d = q.shape
+    return q.new_empty((b, lq, h, d)).transpose(1, 2)
+
+
+@_library.register_fake("vision_attention")
+def _vision_fake(q, k, v, key_mask, scale):
+    return attention_out(q)
+
+
+@_library.register_fake("prefill_attention")
+def _prefill_fake(q, k, v, key_mask, scale):
+    return attention_out(q)
+
+
+@_library.register_fake("decode_attention")
+def _decode_fake(q, k, v, key_mask, cache_seqlens, scale):
+    return attention_out(q)

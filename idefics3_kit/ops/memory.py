@@ -2,10 +2,11 @@
 
 ``empty_pooled(shape, dtype)`` is ``torch.empty`` whose memory, once the tensor is freed, is
 kept (up to ``IDEFICS3_KIT_POOL_MB`` megabytes of idle buffers, default 512, the least recently
-returned dropped first; 0 turns pooling off) and handed to the next request of the same byte size. A fresh multi-megabyte allocation is a fresh mmap whose
-pages the kernel zeroes on first touch; at SmolVLM geometry that measured as much time as the
-resize itself (docs/ops.md). ``release_pooled()`` frees the idle buffers and returns their bytes.
-The reference backend (or a missing extension) uses plain ``torch.empty``.
+returned dropped first; 0 turns pooling off) and handed to the next request of the same byte
+size. A fresh multi-megabyte allocation is a fresh mmap whose pages the kernel zeroes on first
+touch; at SmolVLM geometry that measured as much time as the resize itself (docs/ops.md).
+``release_pooled()`` frees the idle buffers and returns their bytes. The reference backend (or a
+missing extension) uses plain ``torch.empty``.
 
 The tensors are ordinary CPU tensors, except that their storage cannot be resized in place.
 """
@@ -17,20 +18,21 @@ import torch
 from . import _library
 
 
-def _compiled() -> bool:
-    return _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "empty_pooled")
-
-
 def empty_pooled(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialized CPU tensor of ``shape`` whose memory is pooled after it is freed."""
     shape = [int(s) for s in shape]
-    if _compiled():
-        return torch.ops.idefics3_kit.empty_pooled(shape, dtype)
+    if _library.has_kernel("empty_pooled", "cpu") and not torch.compiler.is_compiling():
+        return _library.op("empty_pooled")(shape, dtype)
     return torch.empty(shape, dtype=dtype)
 
 
 def release_pooled() -> int:
     """Free the pool's idle buffers; returns the number of bytes freed (0 without the extension)."""
-    if _library.has_extension() and hasattr(torch.ops.idefics3_kit, "release_pooled"):
-        return int(torch.ops.idefics3_kit.release_pooled())
+    if _library.defines("release_pooled"):
+        return int(_library.op("release_pooled")())
     return 0
+
+
+@_library.register_fake("empty_pooled")
+def _empty_pooled_fake(size, dtype):
+    return torch.empty(size, dtype=dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _library
+from . import _library, fast_path
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,16 +25,15 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _compiled_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (not needs_grad and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and weight.dtype == x.dtype and weight.device.type == "cpu" and x.dim() >= 1
-            and _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "rms_norm"))
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x's last dim; the compiled kernel for CPU bfloat16 inference, else the
-    reference (float32, autograd, other devices and dtypes, mixed dtypes)."""
-    if _compiled_applies(x, weight):
-        return torch.ops.idefics3_kit.rms_norm(x, weight, float(eps))
+    reference (float32, autograd, other devices and dtypes, mixed dtypes, tensor subclasses)."""
+    if (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and x.dim() >= 1
+            and fast_path.usable("rms_norm", (x, weight))):
+        return _library.op("rms_norm")(x, weight, float(eps))
     return rms_norm_ref(x, weight, eps)
+
+
+@_library.register_fake("rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,8 +1,8 @@
 """Image preprocessing op: resize chain, tiles, rescale/normalize, written into the batch.
 
 The geometry (resized sizes, tile grid) is computed on the host by the splitter from plain
-ints; this op only moves pixels. For each image it performs, exactly as transformers'
-Idefics3 image processor with Pillow does:
+ints (its ``TilePlan`` packs them); this op only moves pixels. For each image it performs,
+exactly as transformers' Idefics3 image processor with Pillow does:
 
     uint8 RGB [H, W, 3] --LANCZOS--> stage 1 [h1, w1] --LANCZOS--> stage 2 [h2, w2]
     rows*cols > 0: tiles of S×S in row-major order, then stage 2 --LANCZOS--> S×S global tile
@@ -11,6 +11,7 @@ Idefics3 image processor with Pillow does:
 
 and writes the tiles into ``pixel_values[sample, first_tile:...]`` (fp32 or bf16) with the
 matching ``pixel_mask`` entries set to 1. A resize to the same size is a copy (Pillow too).
+With CUDA outputs the CUDA kernel fills them from host or device images (bit-equal).
 
 Geometry per image, 8 ints: (sample, first_tile, h1, w1, h2, w2, rows, cols).
 """
@@ -20,9 +21,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _library
+from . import _library, fast_path
 
 GEOMETRY_FIELDS = ("sample", "first_tile", "h1", "w1", "h2", "w2", "rows", "cols")
+
+
+def tile_count(rows: int, cols: int) -> int:
+    """Tiles one image takes: rows×cols plus the global tile, or a single tile when unsplit
+    (rows = cols = 0). The op's layout rule; ``TilePlan.tiles`` asks here."""
+    return rows * cols + 1 if rows * cols else 1
 
 
 def normalize_lut(mean, std, rescale: float) -> torch.Tensor:
@@ -51,7 +58,8 @@ def resize_u8_ref(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     return torch.from_numpy(out.reshape(out_h, out_w, c).copy())
 
 
-def _check_geometry(images, pixel_values, pixel_mask, geometry) -> None:
+def check_geometry(images, pixel_values, pixel_mask, geometry) -> None:
+    """Every image's tiles lie inside the batch and its sizes agree with its grid."""
     if len(geometry) != 8 * len(images):
         raise ValueError(f"preprocess: geometry needs 8 ints per image, got {len(geometry)} for {len(images)} images")
     if pixel_values.dim() != 5 or pixel_values.shape[2] != 3 or pixel_values.shape[3] != pixel_values.shape[4]:
@@ -63,7 +71,7 @@ def _check_geometry(images, pixel_values, pixel_mask, geometry) -> None:
         sample, first, h1, w1, h2, w2, rows, cols = geometry[8 * i: 8 * i + 8]
         if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[2] != 3:
             raise ValueError(f"preprocess: image {i} must be uint8 [H, W, 3], got {img.dtype} {tuple(img.shape)}")
-        n_tiles = rows * cols + 1 if rows * cols else 1
+        n_tiles = tile_count(rows, cols)
         if not (0 <= sample < b and 0 <= first and first + n_tiles <= t):
             raise ValueError(f"preprocess: image {i} writes tiles {first}..{first + n_tiles - 1} of sample "
                              f"{sample}, outside pixel_values {tuple(pixel_values.shape)}")
@@ -92,12 +100,12 @@ def _normalize_tile_into(tile: torch.Tensor, lut: np.ndarray, out: torch.Tensor)
 
 def preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, rescale) -> None:
     """Reference implementation (Pillow resizes, a float32 lookup table for the normalization)."""
-    _check_geometry(images, pixel_values, pixel_mask, geometry)
+    check_geometry(images, pixel_values, pixel_mask, geometry)
     lut = normalize_lut(mean, std, rescale).numpy()  # [3, 256]
     s = pixel_values.shape[-1]
     for i, img in enumerate(images):
         sample, first, h1, w1, h2, w2, rows, cols = geometry[8 * i: 8 * i + 8]
-        stage2 = resize_u8_ref(resize_u8_ref(img, h1, w1), h2, w2)  # [h2, w2, 3] uint8
+        stage2 = resize_u8_ref(resize_u8_ref(img.cpu(), h1, w1), h2, w2)  # [h2, w2, 3] uint8
         tiles = [stage2[r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(rows) for c in range(cols)]
         tiles.append(resize_u8_ref(stage2, s, s) if rows * cols else stage2)
         for j, tile in enumerate(tiles):
@@ -105,18 +113,61 @@ def preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, r
         pixel_mask[sample, first:first + len(tiles)] = 1
 
 
+def _compiled_fills(images, pixel_values, pixel_mask) -> bool:
+    """The kernel for the outputs' device runs when the outputs and the images are plain tensors
+    (the images may stay on the host for CUDA outputs)."""
+    if not fast_path.usable("preprocess_into", (pixel_values, pixel_mask)):
+        return False
+    device = fast_path.plain_tensors(images)
+    return device is not None and device in ("cpu", pixel_values.device.type)
+
+
+def fills_on(device_type: str) -> bool:
+    """Whether outputs on this device type are filled where they are (the CPU always; CUDA with the
+    kernel built); elsewhere the caller fills on the CPU and moves the result."""
+    return device_type == "cpu" or _library.has_kernel("preprocess_into", device_type)
+
+
 def preprocess_into(images, pixel_values, pixel_mask, geometry, mean, std, rescale) -> None:
-    """Fill ``pixel_values``/``pixel_mask`` in place; the compiled op when available."""
-    if _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "preprocess_into"):
-        _check_geometry(images, pixel_values, pixel_mask, geometry)
-        torch.ops.idefics3_kit.preprocess_into(list(images), pixel_values, pixel_mask, list(geometry),
-                                               [float(x) for x in mean], [float(x) for x in std], float(rescale))
+    """Fill ``pixel_values``/``pixel_mask`` in place; the compiled op where it applies."""
+    check_geometry(images, pixel_values, pixel_mask, geometry)
+    if _compiled_fills(images, pixel_values, pixel_mask):
+        _library.op("preprocess_into")(list(images), pixel_values, pixel_mask, [int(x) for x in geometry],
+                                       [float(x) for x in mean], [float(x) for x in std], float(rescale))
+        return
+    if pixel_values.device.type != "cpu":  # the reference fills on the host, then moves
+        host_v, host_m = pixel_values.cpu(), pixel_mask.cpu()
+        preprocess_into_ref(images, host_v, host_m, geometry, mean, std, rescale)
+        pixel_values.copy_(host_v)
+        pixel_mask.copy_(host_m)
         return
     preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, rescale)
 
 
 def resize_u8(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """Pillow-exact LANCZOS resize of uint8 [H, W, C]; the compiled op when available."""
-    if _library.use_compiled() and hasattr(torch.ops.idefics3_kit, "resize_u8"):
-        return torch.ops.idefics3_kit.resize_u8(image, out_h, out_w)
+    """Pillow-exact LANCZOS resize of uint8 [H, W, C]; the compiled op where it applies."""
+    if fast_path.usable("resize_u8", (image,)):
+        return _library.op("resize_u8")(image, out_h, out_w)
     return resize_u8_ref(image, out_h, out_w)
+
+
+def alloc_batch(batch: int, tiles: int, tile: int, *, device="cpu", dtype=torch.float32,
+                mask_dtype=torch.int64):
+    """Zeroed ``pixel_values`` [B, T, 3, S, S] and ``pixel_attention_mask`` [B, T, S, S] on ``device``.
+
+    The op writes only the real tiles; padding tiles stay zero (as transformers pads).
+    """
+    pv = torch.zeros(batch, tiles, 3, tile, tile, device=device, dtype=dtype)
+    pm = torch.zeros(batch, tiles, tile, tile, device=device, dtype=mask_dtype)
+    return pv, pm
+
+
+@_library.register_fake("resize_u8")
+def _resize_u8_fake(image, out_h, out_w):
+    torch._check(image.dim() == 3, lambda: "resize_u8: image must be [H, W, C]")
+    return image.new_empty((out_h, out_w, image.shape[2]))
+
+
+@_library.register_fake("preprocess_into")
+def _preprocess_into_fake(images, pixel_values, pixel_mask, geometry, mean, std, rescale):
+    return None

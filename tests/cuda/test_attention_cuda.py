@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from idefics3_kit.ops import cuda_dispatch
-from idefics3_kit.ops.attention import attention_ref, zero_empty_rows
+from idefics3_kit.ops import _library
+from idefics3_kit.ops.attention import attention, attention_ref, compiled_kernel, zero_empty_rows
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,7 +28,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 
 def _need(op):
-    if not cuda_dispatch.has_cuda_kernel(op):
+    if not _library.has_kernel(op, "cuda"):
         pytest.skip(f"the extension has no CUDA kernel for {op}")
 
 
@@ -177,10 +177,10 @@ def test_decode_cuda_graph():
 def test_dispatch_matches_semantics():
     _need("vision_attention")
     q, k, v = _qkv(2, 8, 2, 50, 50, 64, torch.bfloat16)
-    out = cuda_dispatch.attention(q, k, v, causal=True)
-    assert out is not None
+    assert compiled_kernel(q, k, v, True, None) == "prefill_attention"
+    out = attention(q, k, v, causal=True)
     _check_close(out, q, k, v, causal=True)
-    assert cuda_dispatch.attention(q.float(), k.float(), v.float()) is None  # fp32: not covered
+    assert compiled_kernel(q.float(), k.float(), v.float(), False, None) is None  # fp32: not covered
 
 
 @pytest.mark.parametrize("op", ["vision_attention", "prefill_attention", "decode_attention"])

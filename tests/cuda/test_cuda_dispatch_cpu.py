@@ -1,11 +1,13 @@
-"""idefics3_kit.ops.cuda_dispatch must be harmless where there is no CUDA kernel (CPU CI)."""
+"""The CUDA routing must be harmless where there is no CUDA kernel (CPU CI)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from idefics3_kit.ops import cuda_dispatch
+from idefics3_kit.ops import _library
+from idefics3_kit.ops.attention import compiled_kernel
+from idefics3_kit.ops.preprocess import alloc_batch, fills_on
 
 
 def test_has_cuda_kernel_is_false_without_cuda():
@@ -13,21 +15,22 @@ def test_has_cuda_kernel_is_false_without_cuda():
         pytest.skip("this machine has CUDA")
     for op in ("preprocess_into", "resize_u8", "vision_attention", "prefill_attention", "decode_attention",
                "no_such_op"):
-        assert cuda_dispatch.has_cuda_kernel(op) is False
+        assert _library.has_kernel(op, "cuda") is False
+    assert not fills_on("cuda") and fills_on("cpu")
 
 
-def test_attention_declines_cpu_tensors():
+def test_attention_routes_no_cpu_tensor_to_a_cuda_kernel():
     q = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16)
-    assert cuda_dispatch.attention(q, q, q) is None
-    assert cuda_dispatch.attention(q[:, :, :1], q, q, causal=True) is None
+    assert compiled_kernel(q, q, q, False, None) is None  # non-causal on the CPU: torch's SDPA
+    assert compiled_kernel(q[:, :, :1], q, q, True, None) in (None, "decode_attention")
 
 
 def test_alloc_batch_shapes():
-    pv, pm = cuda_dispatch.alloc_batch(2, 5, 28, device="cpu", dtype=torch.bfloat16)
+    pv, pm = alloc_batch(2, 5, 28, device="cpu", dtype=torch.bfloat16)
     assert pv.shape == (2, 5, 3, 28, 28) and pv.dtype == torch.bfloat16 and not pv.any()
     assert pm.shape == (2, 5, 28, 28) and pm.dtype == torch.int64 and not pm.any()
 
 
 def test_dispatch_query_api_exists():
-    # the check has_cuda_kernel relies on (private torch API): fails loudly if torch renames it
+    # the check has_kernel relies on (private torch API): fails loudly if torch renames it
     assert hasattr(torch._C, "_dispatch_has_kernel_for_dispatch_key")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from idefics3_kit.ops import cuda_dispatch
+from idefics3_kit.ops import _library
+from idefics3_kit.ops.preprocess import alloc_batch, preprocess_into
 from idefics3_kit.ops.preprocess import preprocess_into_ref, resize_u8_ref
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -41,7 +42,7 @@ _geo = _geometry_module()
 
 @pytest.fixture(autouse=True)
 def _need_kernel():
-    if not cuda_dispatch.has_cuda_kernel("preprocess_into"):
+    if not _library.has_kernel("preprocess_into", "cuda"):
         pytest.skip("the extension has no CUDA preprocessing kernel")
 
 
@@ -57,13 +58,13 @@ def _run_both(images, sizes, longest, tile, dtype, mask_dtype, on_device):
     ref_v = torch.zeros(b, tiles, 3, tile, tile, dtype=dtype)
     ref_m = torch.zeros(b, tiles, tile, tile, dtype=mask_dtype)
     preprocess_into_ref(images, ref_v, ref_m, geometry, MEAN, STD, RESCALE)
-    got_v, got_m = cuda_dispatch.alloc_batch(b, tiles, tile, dtype=dtype, mask_dtype=mask_dtype)
+    got_v, got_m = alloc_batch(b, tiles, tile, dtype=dtype, mask_dtype=mask_dtype, device="cuda")
     got_v.fill_(float("nan"))  # poison: padding tiles must be left alone, real ones all written
     ref_v_p = ref_v.clone()
     pad = ref_m.flatten(2).amax(-1) == 0
     ref_v_p[pad] = float("nan")
     imgs = [im.cuda() for im in images] if on_device else images
-    cuda_dispatch.preprocess_into(imgs, got_v, got_m, geometry, MEAN, STD, RESCALE)
+    preprocess_into(imgs, got_v, got_m, geometry, MEAN, STD, RESCALE)
     torch.cuda.synchronize()
     return got_v.cpu(), got_m.cpu(), ref_v_p, ref_m
 
@@ -106,8 +107,8 @@ def test_side_stream_and_no_sync():
     geometry, tiles = _geo.batch_geometry(sizes, 112, 28)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        pv, pm = cuda_dispatch.alloc_batch(1, tiles, 28)
-        cuda_dispatch.preprocess_into(images, pv, pm, geometry, MEAN, STD, RESCALE)
+        pv, pm = alloc_batch(1, tiles, 28, device="cuda")
+        preprocess_into(images, pv, pm, geometry, MEAN, STD, RESCALE)
     s.synchronize()
     ref_v = torch.zeros(1, tiles, 3, 28, 28)
     ref_m = torch.zeros(1, tiles, 28, 28, dtype=torch.int64)
@@ -119,7 +120,7 @@ def test_side_stream_and_no_sync():
 @given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 300), st.integers(1, 300), st.sampled_from([1, 3]),
        st.integers(0, 2**31 - 1))
 def test_resize_u8_matches_pillow(h, w, oh, ow, c, seed):
-    if not cuda_dispatch.has_cuda_kernel("resize_u8"):
+    if not _library.has_kernel("resize_u8", "cuda"):
         pytest.skip("no CUDA resize_u8 kernel")
     img = _image(np.random.default_rng(seed), h, w, c)
     got = torch.ops.idefics3_kit.resize_u8(img.cuda(), oh, ow).cpu()
@@ -127,7 +128,7 @@ def test_resize_u8_matches_pillow(h, w, oh, ow, c, seed):
 
 
 def test_opcheck_resize_u8():
-    if not cuda_dispatch.has_cuda_kernel("resize_u8"):
+    if not _library.has_kernel("resize_u8", "cuda"):
         pytest.skip("no CUDA resize_u8 kernel")
     img = _image(np.random.default_rng(2), 50, 70).cuda()
     torch.library.opcheck(torch.ops.idefics3_kit.resize_u8.default, (img, 20, 90),
@@ -149,7 +150,7 @@ def test_matches_compiled_cpu_op():
     cpu_v = torch.zeros(2, tiles, 3, 364, 364, dtype=torch.bfloat16)
     cpu_m = torch.zeros(2, tiles, 364, 364, dtype=torch.int64)
     torch.ops.idefics3_kit.preprocess_into(images, cpu_v, cpu_m, geometry, list(MEAN), list(STD), RESCALE)
-    gpu_v, gpu_m = cuda_dispatch.alloc_batch(2, tiles, 364, dtype=torch.bfloat16)
-    cuda_dispatch.preprocess_into(images, gpu_v, gpu_m, geometry, MEAN, STD, RESCALE)
+    gpu_v, gpu_m = alloc_batch(2, tiles, 364, dtype=torch.bfloat16, device="cuda")
+    preprocess_into(images, gpu_v, gpu_m, geometry, MEAN, STD, RESCALE)
     assert torch.equal(gpu_m.cpu(), cpu_m)
     assert torch.equal(_bits(gpu_v.cpu()), _bits(cpu_v))

@@ -13,8 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from idefics3_kit import ops
-from idefics3_kit.ops import attention_compiled
-from idefics3_kit.ops.attention import attention_ref, attention_sdpa, zero_empty_rows
+import importlib
+
+attention_ops = importlib.import_module("idefics3_kit.ops.attention")
+from idefics3_kit.ops.attention import attention_ref, attention_sdpa, compiled_kernel, zero_empty_rows
 
 needs_ext = pytest.mark.skipif(not ops.has_extension(),
                                reason=f"compiled extension not built ({ops.extension_error()})")
@@ -186,15 +188,15 @@ def test_decode_cache_seqlens_bounds_keys():
 @needs_ext
 @pytest.mark.parametrize("causal,lq", [(False, 33), (True, 20), (True, 1)])
 def test_dispatch_routes_model_layouts(causal, lq, monkeypatch):
-    monkeypatch.setattr(attention_compiled, "PREFER_TORCH_NONCAUSAL", False)
+    monkeypatch.setattr(attention_ops, "PREFER_TORCH_NONCAUSAL", False)
     # The components pass [B, L, H, D] projections viewed as [B, H, L, D] (non-contiguous).
     b, h, d = 2, 4, 64
     x = torch.randn(b, lq if not causal else 40, h, d).transpose(1, 2)
     q = torch.randn(b, lq, h, d).transpose(1, 2)
     kpm = torch.ones(b, x.shape[2], dtype=torch.bool)
     kpm[1, :3] = False
-    out = attention_compiled.dispatch(q, x, x, causal=causal, key_padding_mask=kpm, scale=None)
-    assert out is not None
+    assert compiled_kernel(q, x, x, causal, kpm) is not None
+    out = ops.attention(q, x, x, causal=causal, key_padding_mask=kpm)
     torch.testing.assert_close(out, attention_ref(q, x, x, causal=causal, key_padding_mask=kpm), atol=1e-5,
                                rtol=1e-5)
     assert out.transpose(1, 2).is_contiguous()  # the caller's reshape is free
@@ -203,17 +205,17 @@ def test_dispatch_routes_model_layouts(causal, lq, monkeypatch):
 @needs_ext
 def test_dispatch_policy_sends_vision_to_torch():
     q = torch.randn(1, 2, 5, 16)
-    expect_torch = attention_compiled.PREFER_TORCH_NONCAUSAL
-    assert (attention_compiled.dispatch(q, q, q, causal=False, key_padding_mask=None, scale=None) is None) == expect_torch
-    assert attention_compiled.dispatch(q, q, q, causal=True, key_padding_mask=None, scale=None) is not None
+    expect_torch = attention_ops.PREFER_TORCH_NONCAUSAL
+    assert (compiled_kernel(q, q, q, False, None) is None) == expect_torch
+    assert compiled_kernel(q, q, q, True, None) == "prefill_attention"
 
 
 @needs_ext
 def test_dispatch_falls_back_for_unsupported():
     q = torch.randn(1, 2, 3, 12)  # head dim not a multiple of 8
-    assert attention_compiled.dispatch(q, q, q, causal=False, key_padding_mask=None, scale=None) is None
+    assert compiled_kernel(q, q, q, True, None) is None
     q16 = torch.randn(1, 2, 3, 16).half()
-    assert attention_compiled.dispatch(q16, q16, q16, causal=False, key_padding_mask=None, scale=None) is None
+    assert compiled_kernel(q16, q16, q16, True, None) is None
     torch.testing.assert_close(ops.attention(q16, q16, q16), attention_ref(q16, q16, q16), atol=2e-3, rtol=2e-3)
 
 

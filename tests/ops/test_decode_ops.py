@@ -12,11 +12,10 @@ from hypothesis import strategies as st
 import idefics3_kit as ik
 from idefics3_kit import ops
 from idefics3_kit.components import decoder as decoder_mod
-from idefics3_kit.components.decoder import CausalDecoder, Llama3Decoder, Qwen2Decoder, _decode_layer_params
-from idefics3_kit.generation import KVCache
-from idefics3_kit.ops import attention_compiled
-from idefics3_kit.ops import linear as linear_ops
-from idefics3_kit.ops.linear import decode_linear_ref
+from idefics3_kit.components.decoder import CausalDecoder, KVCache, Llama3Decoder, Qwen2Decoder, rope_cos_sin
+from idefics3_kit.ops import _library
+from idefics3_kit.ops import matmul as linear_ops
+from idefics3_kit.ops.matmul import decode_linear_ref
 from idefics3_kit.ops.norm import rms_norm_ref
 
 needs_ext = pytest.mark.skipif(not ops.has_extension(),
@@ -131,7 +130,7 @@ def test_decode_linear_split_over_workers(threads):
 @needs_ext
 def test_decode_linear_dispatch():
     x, weights, biases = _linear_inputs((1, 1), 64, [(8, None), (4, torch.bfloat16)], 3)
-    fast = linear_ops.cpu_has_avx512_bf16()
+    fast = _library.cpu_has("avx512_bf16")
     with torch.no_grad():
         y = ops.decode_linear(x, weights, biases)
         assert (y is not None) == fast
@@ -144,7 +143,8 @@ def test_decode_linear_dispatch():
         assert ops.decode_linear(x.float(), [w.float() for w in weights], biases) is None
         with ops.use_reference():
             assert ops.decode_linear(x, weights, biases) is None
-    assert ops.decode_linear(x, weights, biases) is None  # autograd on
+    trained = [w.detach().clone().requires_grad_() for w in weights]
+    assert ops.decode_linear(x, trained, biases) is None  # autograd needed: the kernel has no backward
 
 
 # ---- rms_norm ---------------------------------------------------------------------------------
@@ -250,9 +250,9 @@ DECODERS = {"tiny": _tiny_decoder, "qwen2": _qwen2_decoder}
 
 
 def _expect_fused(dtype, b) -> bool:
-    if not attention_compiled._fast_cpu():
+    if not _library.cpu_is_vectorized():
         return False
-    return dtype == torch.float32 or (linear_ops.cpu_has_avx512_bf16() and b <= linear_ops.MAX_ROWS)
+    return dtype == torch.float32 or (_library.cpu_has("avx512_bf16") and b <= linear_ops.MAX_ROWS)
 
 
 def _run_decode(dec, b, padded, steps, prefill=7, shared_positions=False, seed=0):
@@ -282,21 +282,21 @@ def _run_decode(dec, b, padded, steps, prefill=7, shared_positions=False, seed=0
 
 def _compare_fused_and_python(dec, dtype, b, monkeypatch, steps=3, prefill=7, **kw):
     fused_ran = []
-    original = CausalDecoder._decode_layers
+    original = CausalDecoder._one_call_step
 
     def spy(self, *args):
         out = original(self, *args)
         fused_ran.append(out is not None)
         return out
 
-    monkeypatch.setattr(CausalDecoder, "_decode_layers", spy)
+    monkeypatch.setattr(CausalDecoder, "_one_call_step", spy)
     fused_logits, fused_cache = _run_decode(dec, b, steps=steps, prefill=prefill, **kw)
     # a prefill (several tokens) runs the Python layers; each one-token step the fused op
     assert fused_ran == [False] * (prefill > 0) + [_expect_fused(dtype, b)] * steps
 
-    monkeypatch.setattr(CausalDecoder, "_decode_layers", lambda *a, **k: None)
+    monkeypatch.setattr(CausalDecoder, "_one_call_step", lambda *a, **k: None)
     python_logits, python_cache = _run_decode(dec, b, steps=steps, prefill=prefill, **kw)
-    monkeypatch.setattr(CausalDecoder, "_decode_layers", original)
+    monkeypatch.setattr(CausalDecoder, "_one_call_step", original)
 
     assert len(fused_logits) == len(python_logits) == (prefill > 0) + steps
     for got, want in zip(fused_logits, python_logits):
@@ -341,6 +341,14 @@ def test_decode_layers_bit_identical_with_odd_widths_and_tile_head_dims(dtype, b
     _compare_fused_and_python(dec, dtype, b, monkeypatch, padded=b > 1)
 
 
+def _one_call_applies(dec, dtype) -> bool:
+    """Whether a one-token step of ``dec`` would run every layer in the compiled call."""
+    x = torch.zeros(1, 1, dec.hidden_size, dtype=dtype)
+    cos, sin = rope_cos_sin(dec.inv_freq("cpu"), torch.zeros(1, 1, dtype=torch.long), dtype)
+    with torch.inference_mode():
+        return dec._one_call_step(x, (cos[:, None], sin[:, None]), None, dec.new_cache(1, 4)) is not None
+
+
 def _hooked(dec, where):
     layer = dec.model.layers[0]
     if where == "layer":
@@ -368,9 +376,7 @@ def test_hooks_and_linear_subclasses_run(where, dtype):
     # Compiled paths read weights directly; a hook or an overridden forward must still take effect,
     # so those steps run the Python layers and call the modules.
     dec = _hooked(_tiny_decoder(dtype), where)
-    x = torch.zeros(1, 1, dec.hidden_size, dtype=dtype)
-    with torch.inference_mode():
-        assert _decode_layer_params(dec, x, dec.new_cache(1, 4)) is None
+    assert not _one_call_applies(dec, dtype)
     plain = _tiny_decoder(dtype)
     ids = torch.randint(0, dec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -384,10 +390,9 @@ def test_hooks_and_linear_subclasses_run(where, dtype):
     else:
         assert torch.equal(outs[0], outs[1])
     if where == "projection":
-        from idefics3_kit.components.decoder import linear
         layer = dec.model.layers[0].self_attn.o_proj
         with torch.inference_mode():
-            assert linear(layer, torch.ones(1, 1, layer.in_features, dtype=dtype)).count_nonzero() == 0
+            assert ops.linear(layer, torch.ones(1, 1, layer.in_features, dtype=dtype)).count_nonzero() == 0
 
 
 @needs_ext
@@ -399,10 +404,9 @@ def test_decode_linear_falls_back_for_weights_it_does_not_take():
         assert ops.decode_linear(x, [w.contiguous()], [torch.zeros(32, dtype=torch.float16)]) is None
         assert ops.decode_linear(x, [w.contiguous(), w.contiguous().float()], [None, None]) is None
         # the decoder's linear falls back to F.linear for such a layer instead of raising
-        from idefics3_kit.components.decoder import linear
         layer = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
         layer.weight = torch.nn.Parameter(w, requires_grad=False)
-        assert torch.equal(linear(layer, x), torch.nn.functional.linear(x, w))
+        assert torch.equal(ops.linear(layer, x), torch.nn.functional.linear(x, w))
 
 
 @needs_ext
@@ -424,11 +428,10 @@ def _op_args(dec, b=2, past=3, dtype=None):
     dtype = dtype or dec.model.embed_tokens.weight.dtype
     g = torch.Generator().manual_seed(5)
     cache = dec.new_cache(b, past + 3)
+    cache.allocate(b, dec.config.num_key_value_heads, dec.config.head_dim, dtype, "cpu")
     x = torch.randn(b, 1, dec.hidden_size, generator=g).to(dtype)
-    with torch.no_grad():
-        params = _decode_layer_params(dec, x, cache)
-    assert params is not None
-    params = [None if p is None else p.detach() for p in params]
+    weights, _ = dec._plain_llama_layers()
+    params = [None if p is None else p.detach() for layer in weights for p in layer]
     for c in cache.keys + cache.values:
         c.copy_(torch.randn(c.shape, generator=g))
     hd = dec.config.head_dim
@@ -460,7 +463,7 @@ def test_opcheck_rms_norm(dtype):
 @pytest.mark.parametrize("name", ["tiny", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_decode_layers(name, dtype):
-    if dtype == torch.bfloat16 and not linear_ops.cpu_has_avx512_bf16():
+    if dtype == torch.bfloat16 and not _library.cpu_has("avx512_bf16"):
         pytest.skip("bf16 decode_layers applies with AVX-512 BF16 only")
     torch.library.opcheck(ns.decode_layers.default, tuple(_op_args(DECODERS[name](dtype))))
 
@@ -564,44 +567,50 @@ class _OtherCache(KVCache):
     pass
 
 
+def _step_runs(dec, x, cache) -> bool:
+    """Whether ``dec._one_call_step`` runs every layer of this step in the compiled call."""
+    cos, sin = rope_cos_sin(dec.inv_freq("cpu"), torch.zeros(x.shape[0], x.shape[1], dtype=torch.long), x.dtype)
+    return dec._one_call_step(x, (cos[:, None], sin[:, None]), None, cache) is not None
+
+
 @needs_ext
 def test_decode_layer_params_falls_back_to_python_layers():
     dec = _tiny_decoder(torch.float32)
     x = torch.randn(1, 1, dec.hidden_size)
     cache = dec.new_cache(1, 8)
-    assert _decode_layer_params(dec, x, cache) is None  # autograd on
+    assert not _step_runs(dec, x, cache)  # autograd on
     cfg = dec.config
     with torch.no_grad():
-        assert _decode_layer_params(dec, x, cache) is not None
+        assert _step_runs(dec, x, cache)
         with ops.use_reference():
-            assert _decode_layer_params(dec, x, cache) is None
-        assert _decode_layer_params(dec, torch.randn(1, 2, dec.hidden_size), cache) is None  # two tokens
-        assert _decode_layer_params(dec, x, None) is None
-        other = _OtherCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 8, cfg.head_dim, torch.float32, "cpu")
-        assert _decode_layer_params(dec, x, other) is None
-        assert _decode_layer_params(dec, x.half(), cache) is None
-        assert _decode_layer_params(dec, x.bfloat16(), cache) is None  # float32 weights, bf16 x
+            assert not _step_runs(dec, x, cache)
+        assert not _step_runs(dec, torch.randn(1, 2, dec.hidden_size), cache)  # two tokens
+        assert not _step_runs(dec, x, None)
+        other = _OtherCache(cfg.num_hidden_layers, 8)
+        assert not _step_runs(dec, x, other)
+        assert not _step_runs(dec, x.half(), cache)
+        assert not _step_runs(dec, x.bfloat16(), cache)  # float32 weights, bf16 x
         gelu = Llama3Decoder(cfg.replace(hidden_act="gelu")).eval()
-        assert _decode_layer_params(gelu, x, cache) is None
+        assert not _step_runs(gelu, x, cache)
         o_bias = Llama3Decoder(cfg.replace(attention_bias=True)).eval()  # q/k/v and o_proj biases
         assert o_bias.model.layers[0].self_attn.o_proj.bias is not None
-        assert _decode_layer_params(o_bias, x, cache) is None
+        assert not _step_runs(o_bias, x, cache)
         mlp_bias = Llama3Decoder(cfg.replace(mlp_bias=True)).eval()
-        assert _decode_layer_params(mlp_bias, x, cache) is None
+        assert not _step_runs(mlp_bias, x, cache)
 
         class Norm(decoder_mod.RMSNorm):
             pass
 
         sub = _tiny_decoder(torch.float32)
         sub.model.layers[1].post_attention_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps)
-        assert _decode_layer_params(sub, x, cache) is None
+        assert not _step_runs(sub, x, cache)
         # bf16: only up to decode_linear's MAX_ROWS rows (and with AVX-512 BF16)
         dec16 = _tiny_decoder(torch.bfloat16)
         rows = linear_ops.MAX_ROWS
         x16 = torch.randn(rows + 1, 1, cfg.hidden_size).bfloat16()
-        assert _decode_layer_params(dec16, x16, dec16.new_cache(rows + 1, 8)) is None
-        few = _decode_layer_params(dec16, x16[:rows], dec16.new_cache(rows, 8))
-        assert (few is not None) == linear_ops.cpu_has_avx512_bf16()
+        assert not _step_runs(dec16, x16, dec16.new_cache(rows + 1, 8))
+        few = _step_runs(dec16, x16[:rows], dec16.new_cache(rows, 8))
+        assert few == _library.cpu_has("avx512_bf16")
 
 
 @needs_ext
@@ -612,13 +621,13 @@ def test_decode_layers_cache_overflow(monkeypatch):
     with torch.inference_mode():
         dec(input_ids=ids[:, :5], cache=cache)
         step = dec.embed(ids[:, 5:])
-        assert _decode_layer_params(dec, step, cache) is not None  # the fused path takes this step
+        assert dec._plain_llama_layers() is not None  # plain Llama layers: the fused path takes this step
         snapshot = [c.clone() for c in cache.keys + cache.values]
         with pytest.raises(ValueError, match="KV cache overflow: 6 tokens do not fit in max_length 5"):
             dec(input_ids=ids[:, 5:], cache=cache)
         assert cache.length == 5
         assert all(torch.equal(a, b) for a, b in zip(snapshot, cache.keys + cache.values))
         # the Python layers refuse it alike
-        monkeypatch.setattr(CausalDecoder, "_decode_layers", lambda *a, **k: None)
+        monkeypatch.setattr(CausalDecoder, "_one_call_step", lambda *a, **k: None)
         with pytest.raises(ValueError, match="KV cache overflow"):
             dec(input_ids=ids[:, 5:], cache=cache)

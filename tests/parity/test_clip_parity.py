@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from idefics3_kit import ClipVisionConfig, registry
-from idefics3_kit.parts import load_component
+from idefics3_kit.hf.parts import load_component
 from tests.backbone_ckpts import clip_checkpoint
 
 pytestmark = pytest.mark.parity

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from idefics3_kit import SplitterConfig
 from idefics3_kit.components.splitter import Idefics3Splitter, plan_tiles
+from idefics3_kit.processing.images import to_rgb
 from tests.strategies import big_geometries, geometries, image_sizes
 
 pytestmark = pytest.mark.parity
@@ -32,14 +33,14 @@ def test_plan_agrees_with_real_processing(size, geometry, splitting):
     except ValueError as exc:  # a grid side that rounds to 0 px: a clear error, from the splitter too
         assert "too thin to split" in str(exc) and splitting
         with pytest.raises(ValueError, match="too thin to split"):
-            Idefics3Splitter(cfg)([[_noise(*size, seed=0)]])
+            Idefics3Splitter(cfg)([[to_rgb(_noise(*size, seed=0))]])
         return
     assert plan.tiles == (plan.rows * plan.cols + 1 if plan.rows * plan.cols else 1)
     if plan.rows:
         assert plan.grid_size == (plan.rows * tile, plan.cols * tile)
     else:
         assert plan.grid_size == (tile, tile)
-    out = Idefics3Splitter(cfg)([[_noise(*size, seed=sum(size))]])
+    out = Idefics3Splitter(cfg)([[to_rgb(_noise(*size, seed=sum(size)))]])
     assert out.pixel_values.shape == (1, plan.tiles, 3, tile, tile)
     assert bool(out.pixel_attention_mask.all())
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from idefics3_kit import Qwen2DecoderConfig
-from idefics3_kit.parts import load_component
+from idefics3_kit.hf.parts import load_component
 from tests.backbone_ckpts import qwen2_checkpoint
 
 pytestmark = pytest.mark.parity
@@ -57,13 +57,13 @@ def test_qwen2_cached_decoding_matches_transformers(tmp_path):
 def test_qwen2_config_json_round_trip(tmp_path):
     qwen2_checkpoint(tmp_path, seed=0)
     data = json.loads((tmp_path / "config.json").read_text())
-    from idefics3_kit import hf_config
+    from idefics3_kit.config import sub_config_from_hf, sub_config_to_hf
 
-    cfg = hf_config.decoder_config_from_hf(data)
+    cfg = sub_config_from_hf("decoder", data)
     assert cfg.name == "qwen2" and cfg.rms_norm_eps == data["rms_norm_eps"]
-    back = hf_config.decoder_config_to_hf(cfg)
+    back = sub_config_to_hf("decoder", cfg)
     assert back["model_type"] == "qwen2" and back["rope_parameters"]["rope_theta"] == 1000000.0
-    assert hf_config.decoder_config_from_hf(back) == cfg
+    assert sub_config_from_hf("decoder", back) == cfg
 
 
 def test_qwen2_refuses_sliding_window_and_biases():

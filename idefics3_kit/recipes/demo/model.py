@@ -10,6 +10,16 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from ... import registry
+from ...components.splitter import SplitterConfig
+from ...config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
+from ...processing import Processor, TextTokenizer
+from ...train.collator import chat_messages
+from .synthetic import corpus_lines, make_example
+from .tokenizer import END_OF_UTTERANCE, IM_START, PAD, special_tokens, train_tokenizer
+
 SMOLVLM_CHAT_TEMPLATE = (
     "<|im_start|>"
     "{% for message in messages %}"
@@ -35,13 +45,6 @@ def shipped_model_dir() -> str:
 def build_processor(out_dir: str, tile: int = 48, longest_edge: int = 96, image_seq_len: int = 9,
                     vocab_size: int = 512):
     """Train the tokenizer, assemble a Processor, save it to ``out_dir`` and load it back."""
-    from . import registry
-    from .components.splitter import SplitterConfig
-    from .processing import Processor
-    from .synthetic import corpus_lines
-    from .tokenization import TextTokenizer
-    from .tokenizer_builder import END_OF_UTTERANCE, IM_START, PAD, special_tokens, train_tokenizer
-
     chat_lines = ["<|im_start|>User:<image>", "<end_of_utterance>\nAssistant: ", "User: Assistant:"]
     backend = train_tokenizer((corpus_lines() + chat_lines) * 50, vocab_size=vocab_size)
     tokenizer = TextTokenizer(backend, {
@@ -55,9 +58,7 @@ def build_processor(out_dir: str, tile: int = 48, longest_edge: int = 96, image_
     return Processor.from_pretrained(out_dir)
 
 
-def demo_model_config(vocab_size: int, image_token_id: int, pad_id: int, eos_id: int):
-    from .config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
-
+def demo_model_config(vocab_size: int, image_token_id: int, pad_id: int, eos_id: int) -> VLMConfig:
     g = DEMO_GEOMETRY
     return VLMConfig(
         vision=VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -77,10 +78,6 @@ HELD_OUT_SEED = 10_000_000  # training draws seeds from 0 upward; evaluation fro
 
 def answer(model, processor, images, questions, max_new_tokens: int = 6) -> list[str]:
     """Greedy answers of ``model`` to one question per image (batched, left padded)."""
-    import torch
-
-    from .train import chat_messages
-
     prompts = [processor.apply_chat_template(chat_messages(q), add_generation_prompt=True) for q in questions]
     batch = processor(text=prompts, images=[[img] for img in images], return_tensors="pt", padding=True)
     with torch.inference_mode():
@@ -91,8 +88,6 @@ def answer(model, processor, images, questions, max_new_tokens: int = 6) -> list
 
 def evaluate(model, processor, count: int = 200, first_seed: int = HELD_OUT_SEED, batch_size: int = 50) -> dict:
     """Exact-match accuracy on ``count`` fresh synthetic examples, overall and per question kind."""
-    from .synthetic import make_example
-
     examples = [make_example(first_seed + i) for i in range(count)]
     predictions = []
     for start in range(0, count, batch_size):

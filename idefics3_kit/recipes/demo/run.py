@@ -9,11 +9,20 @@ predicted next tokens (what the demo did before a trained model shipped).
 
 from __future__ import annotations
 
+import os
+import random
+import time
+
 import numpy as np
 import torch
 
-from .config import VLMConfig
-from .model import VLM
+from ...config import VLMConfig
+from ...model import VLM
+from ...processing import Processor
+from ...processing.images import to_rgb
+from ...processing.picture import draw_plan
+from .model import answer, shipped_model_dir
+from .synthetic import COLOURS, IMAGE_SIZES, _Shape, _draw_shape
 
 
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -66,18 +75,12 @@ def run_random(preset: str = "tiny", seed: int = 0) -> int:
 def example_image_path() -> str:
     """The bundled example, 160x128 px: a red circle in the top-left quarter and a blue square
     in the bottom-right one (drawn with synthetic.py's shapes)."""
-    import os
-
     return os.path.join(os.path.dirname(__file__), "assets", "example.png")
 
 
 def fresh_example(seed: int):
     """A newly drawn image with a circle of a random colour, and the question about it."""
-    import random
-
     from PIL import Image, ImageDraw
-
-    from .synthetic import COLOURS, IMAGE_SIZES, _Shape, _draw_shape
 
     rng = random.Random(seed)
     width, height = rng.choice(IMAGE_SIZES)  # near-square, like the training images
@@ -92,15 +95,7 @@ def fresh_example(seed: int):
 
 def run(model_dir: str | None = None, preset: str | None = None, seed: int | None = None,
         split_picture: str = "demo_split.png") -> int:
-    import os
-    import time
-
     from PIL import Image
-
-    from .demo_model import answer, shipped_model_dir
-    from .processing import Processor
-    from .components.splitter import to_rgb
-    from .visualize import draw_plan
 
     if preset is not None:
         return run_random(preset, seed or 0)

@@ -17,25 +17,12 @@ setup that change token ids are reproduced here from the checkpoint's own files:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Sequence
 
+from .. import files
+
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def read_json(path: str, what: str) -> dict:
-    """Parse a JSON file, naming it in the error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what} is not valid JSON: {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} must hold a JSON object: {path} holds a {type(data).__name__}")
-    return data
 
 
 def _token_content(value) -> str | None:
@@ -83,8 +70,7 @@ class TextTokenizer:
             backend = Tokenizer.from_file(file)
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
             raise ValueError(f"tokenizer.json could not be loaded: {file}: {exc}") from None
-        config_file = os.path.join(path, "tokenizer_config.json")
-        config = read_json(config_file, "tokenizer_config.json") if os.path.isfile(config_file) else {}
+        config = files.read_json_if_exists(os.path.join(path, "tokenizer_config.json"), "tokenizer_config.json")
         return cls(backend, config)
 
     def _rebuild_post_processor(self, add_bos: bool, add_eos: bool) -> None:
@@ -179,7 +165,7 @@ class TextTokenizer:
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, directory: str, extra_config: dict | None = None) -> None:
         """tokenizer.json (post-processor included) + a tokenizer_config.json transformers loads."""
-        self.backend.save(os.path.join(directory, "tokenizer.json"))
+        files.write_text(os.path.join(directory, "tokenizer.json"), self.backend.to_str(pretty=True))
         config = {k: v for k, v in self.config.items()
                   if k not in ("add_bos_token", "add_eos_token", "added_tokens_decoder", "chat_template",
                                "additional_special_tokens", "extra_special_tokens", "tokenizer_file")}
@@ -187,6 +173,4 @@ class TextTokenizer:
         config["extra_special_tokens"] = list(self.extra_special_tokens)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.update(extra_config or {})
-        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
+        files.write_json(os.path.join(directory, "tokenizer_config.json"), config, sort_keys=True, ensure_ascii=False)

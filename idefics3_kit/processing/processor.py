@@ -1,41 +1,37 @@
 """Processor: images + prompts -> the model's batch, the way transformers' Idefics3Processor does it.
 
-``Processor(text=..., images=...)`` splits every image into tiles (the ``splitter`` component),
-replaces each ``<image>`` of a prompt by its token layout (reference §2.3), tokenizes the
+``Processor(text=..., images=...)`` converts every image to uint8 RGB (``images.py``), splits it
+into tiles (the ``splitter`` component), replaces each ``<image>`` of a prompt by the token
+layout of its ``TilePlan`` (reference §2.3, ``splitter.image_prompt``), tokenizes the
 expanded prompts as a whole with the ``tokenizers`` library, pads them (left by default, ready
 for batched generation) and returns a ``BatchFeature``:
 ``input_ids [B, L]``, ``attention_mask [B, L]``, ``pixel_values [B, T, 3, S, S]``,
 ``pixel_attention_mask [B, T, S, S]``.
 
-The token layout of one image with R×C tiles (S = image_seq_len ``<image>`` tokens per tile):
-
-    for each row r:  <fake><row_r_col_1><image>×S ... <fake><row_r_col_C><image>×S \\n
-    then:            \\n<fake><global-img><image>×S<fake>
-
-(``<fake>`` = ``<fake_token_around_image>``)
-
-and for an unsplit image only the last (global) block. Tags the tokenizer does not know as one
-token (``<global-img>``, ``<row_1_col_1>``, ...) are tokenized as ordinary text.
+Tags the tokenizer does not know as one token (``<global-img>``, ``<row_1_col_1>``, ...) are
+tokenized as ordinary text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Sequence
 
 import torch
 
-from . import chat_templates, registry
-from .components.splitter import SplitterConfig, TilePlan, is_image, open_image
-from .tokenization import TextTokenizer, read_json
+from .. import files, registry
+from ..components.splitter import (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TAG, IMAGE_TOKEN, SplitterConfig, TilePlan,
+                                   image_prompt)
+from ..config import VLMConfig
+from . import chat
+from .images import image_size, is_image, to_rgb_batch
+from .tokenizer import TextTokenizer
 
-IMAGE_TOKEN = "<image>"
-FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
-GLOBAL_IMAGE_TAG = "<global-img>"
-DEFAULT_IMAGE_SEQ_LEN = 169  # transformers' default when processor_config.json does not say (reference §2.1)
+# transformers' default when neither processor_config.json nor a model config.json says (reference §2.1)
+HF_DEFAULT_IMAGE_SEQ_LEN = 169
 PROCESSOR_CLASS = "Idefics3Processor"
 
 
@@ -70,21 +66,6 @@ class BatchFeature(dict):
         return self
 
 
-@dataclass(frozen=True)
-class ImagePlan:
-    """The token budget of one image before any pixel work: grid, tiles and token counts."""
-
-    width: int
-    height: int
-    rows: int
-    cols: int
-    tiles: int
-    image_tokens: int  # <image> tokens: tiles × image_seq_len
-    prompt_tokens: int  # every token the image adds to the prompt (tags and newlines included)
-    resized: tuple[int, int]  # stage 1 (height, width)
-    grid_size: tuple[int, int]  # stage 2 (height, width)
-
-
 class Processor:
     """Splitter + tokenizer + prompt expansion + chat template for Idefics3 / SmolVLM checkpoints."""
 
@@ -93,7 +74,7 @@ class Processor:
     end_of_utterance_token = END_OF_UTTERANCE_TOKEN
     global_image_tag = GLOBAL_IMAGE_TAG
 
-    def __init__(self, tokenizer: TextTokenizer, splitter=None, image_seq_len: int = 64,
+    def __init__(self, tokenizer: TextTokenizer, splitter=None, image_seq_len: int = HF_DEFAULT_IMAGE_SEQ_LEN,
                  chat_template: str | None = None, padding_side: str = "left"):
         if not isinstance(image_seq_len, int) or image_seq_len < 1:
             raise ValueError(f"image_seq_len must be a positive integer, got {image_seq_len!r}")
@@ -121,17 +102,19 @@ class Processor:
         """Load from a checkpoint folder (tokenizer.json, image settings, chat template).
 
         Image settings come from ``processor_config.json["image_processor"]`` (transformers v5) or
-        ``preprocessor_config.json``; ``image_seq_len`` from ``processor_config.json``. Keyword
-        arguments override ``image_seq_len``, ``padding_side`` and any ``SplitterConfig`` field.
+        ``preprocessor_config.json``. Tokens per tile come from the model's ``config.json`` when the
+        folder has one (the number the model needs; a different ``image_seq_len`` in
+        processor_config.json is an error naming both), else from processor_config.json, else
+        transformers' default of 169. Keyword arguments override ``image_seq_len``, ``padding_side``
+        and any ``SplitterConfig`` field.
         """
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"processor checkpoint folder not found: {path}")
         tokenizer = TextTokenizer.from_dir(path)
-        proc_file = os.path.join(path, "processor_config.json")
-        proc_cfg = read_json(proc_file, "processor_config.json") if os.path.isfile(proc_file) else {}
-        splitter_cfg = SplitterConfig.from_hf(_image_settings(path, proc_cfg)).replace(**splitter_overrides)
-        seq_len = image_seq_len or proc_cfg.get("image_seq_len", DEFAULT_IMAGE_SEQ_LEN)
+        proc_cfg = files.read_json_if_exists(os.path.join(path, "processor_config.json"), "processor_config.json")
+        splitter_cfg = SplitterConfig.from_hf(image_settings(path, proc_cfg)).replace(**splitter_overrides)
+        seq_len = image_seq_len or checkpoint_image_seq_len(path, proc_cfg)
         template = load_chat_template(path, proc_cfg, tokenizer.config)
         return cls(tokenizer, registry.create("splitter", "idefics3", splitter_cfg), int(seq_len),
                    template, padding_side)
@@ -139,33 +122,21 @@ class Processor:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json, preprocessor_config.json, processor_config.json
         and chat_template.jinja, which transformers' Idefics3Processor loads back."""
-        import json
-
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.tokenizer.save(directory, {"processor_class": PROCESSOR_CLASS, "padding_side": self.padding_side})
         image_cfg = {**self.splitter.config.to_hf(), "processor_class": PROCESSOR_CLASS}
-        files = {"preprocessor_config.json": image_cfg,
-                 "processor_config.json": {"image_seq_len": self.image_seq_len, "processor_class": PROCESSOR_CLASS}}
-        for name, content in files.items():
-            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2, sort_keys=True)
-                f.write("\n")
-        with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
-            f.write(self.template)
+        files.write_json(os.path.join(directory, "preprocessor_config.json"), image_cfg, sort_keys=True)
+        files.write_json(os.path.join(directory, "processor_config.json"),
+                         {"image_seq_len": self.image_seq_len, "processor_class": PROCESSOR_CLASS}, sort_keys=True)
+        files.write_text(os.path.join(directory, "chat_template.jinja"), self.template)
 
     # ---- planning -----------------------------------------------------------------------------
     def expand_image(self, rows: int, cols: int) -> str:
         """The prompt text that replaces one ``<image>`` for an image of ``rows``×``cols`` tiles."""
-        tile_tokens = IMAGE_TOKEN * self.image_seq_len
-        global_block = f"{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TAG}{tile_tokens}{FAKE_IMAGE_TOKEN}"
-        if rows == 0 and cols == 0:
-            return global_block
-        lines = ["".join(f"{FAKE_IMAGE_TOKEN}<row_{r}_col_{c}>{tile_tokens}" for c in range(1, cols + 1)) + "\n"
-                 for r in range(1, rows + 1)]
-        return "".join(lines) + "\n" + global_block
+        return image_prompt(rows, cols, self.image_seq_len)
 
-    def plan(self, width, height: int | None = None, **overrides) -> ImagePlan:
+    def plan(self, width, height: int | None = None, **overrides) -> TilePlan:
         """Rows, cols, tiles and token cost of an image of ``width``×``height`` (PIL's order).
 
         ``width`` may also be an image (PIL, array, path) whose size is used. Cheap: no pixels are
@@ -174,9 +145,8 @@ class Processor:
         if height is None:
             width, height = image_size(width)
         tiles = self.splitter.plan(int(height), int(width), **overrides)
-        expansion = self.tokenizer.encode(self.expand_image(tiles.rows, tiles.cols), add_special_tokens=False)
-        return ImagePlan(int(width), int(height), tiles.rows, tiles.cols, tiles.tiles,
-                         tiles.tiles * self.image_seq_len, len(expansion), tiles.resized, tiles.grid_size)
+        expansion = self.tokenizer.encode(tiles.prompt_text(self.image_seq_len), add_special_tokens=False)
+        return dataclasses.replace(tiles, image_seq_len=self.image_seq_len, prompt_tokens=len(expansion))
 
     # ---- the main call ------------------------------------------------------------------------
     def __call__(self, text: str | Sequence[str] | None = None, images=None, *, return_tensors: str | None = "pt",
@@ -209,7 +179,9 @@ class Processor:
         result.image_plans = []
         prepared = None
         if batch_images is not None:  # convert and plan first: bad images fail before any work
-            prepared = self.splitter.prepare(batch_images, **_splitter_overrides(image_overrides))
+            settings = self.splitter.settings(**_splitter_overrides(image_overrides))
+            rgb = to_rgb_batch(batch_images, settings.pixel_limit())
+            prepared = self.splitter.prepare(rgb, **_splitter_overrides(image_overrides))
             result.image_plans = prepared.plans
         if prompts is not None:  # tokenize next: a refused truncation fails before the pixel work
             expanded = [self._expand_prompt(p, result.image_plans[i] if prepared else [])
@@ -251,7 +223,7 @@ class Processor:
         pieces = prompt.split(IMAGE_TOKEN)
         out = [pieces[0]]
         for plan, piece in zip(plans, pieces[1:]):
-            out.append(self.expand_image(plan.rows, plan.cols))
+            out.append(plan.prompt_text(self.image_seq_len))
             out.append(piece)
         return "".join(out)
 
@@ -288,7 +260,7 @@ class Processor:
         for i, row in enumerate(ids):
             sample_plans = plans[i] if plans else []
             want_images = sum(p.tiles for p in sample_plans) * self.image_seq_len
-            want_fakes = sum(p.rows * p.cols + 2 if p.rows * p.cols else 2 for p in sample_plans)
+            want_fakes = sum(p.fake_tokens for p in sample_plans)
             got_images = row.count(self.image_token_id)
             got_fakes = row.count(self.fake_image_token_id)
             if (got_images, got_fakes) != (want_images, want_fakes):
@@ -323,7 +295,7 @@ class Processor:
     @property
     def template(self) -> str:
         """The checkpoint's chat template, or the built-in Idefics3 one."""
-        return self.chat_template or chat_templates.DEFAULT_CHAT_TEMPLATE
+        return self.chat_template or chat.DEFAULT_CHAT_TEMPLATE
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
                             chat_template: str | None = None, return_dict: bool = False, images=None,
@@ -342,11 +314,11 @@ class Processor:
         variables = {**self.tokenizer.special_tokens, **template_variables}
         template = chat_template or self.template
         call_options = {k: variables.pop(k) for k in _CALL_OPTIONS & set(variables)}
-        prompts = [chat_templates.render(template, c, add_generation_prompt, **variables) for c in conversations]
+        prompts = [chat.render(template, c, add_generation_prompt, **variables) for c in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
         if images is None:
-            found = [chat_templates.images_in_messages(c) for c in conversations]
+            found = [chat.images_in_messages(c) for c in conversations]
             images = found if any(found) else None
         kwargs = dict(processor_kwargs or {})
         kwargs.update(call_options)  # transformers passes these on to the call too
@@ -436,13 +408,32 @@ def _splitter_overrides(overrides: dict) -> dict:
     return out
 
 
-def _image_settings(path: str, proc_cfg: dict) -> dict:
+def checkpoint_image_seq_len(path: str, proc_cfg: dict) -> int:
+    """Tokens per tile for the checkpoint in ``path``: the model config's (when there is one that
+    loads), checked against processor_config.json's; else processor_config.json's, else 169."""
+    said = proc_cfg.get("image_seq_len")
+    model_file = os.path.join(path, "config.json")
+    if not os.path.isfile(model_file):
+        return int(said) if said is not None else HF_DEFAULT_IMAGE_SEQ_LEN
+    try:
+        needed = VLMConfig.from_pretrained(model_file).image_seq_len
+    except (ValueError, KeyError, TypeError):
+        return int(said) if said is not None else HF_DEFAULT_IMAGE_SEQ_LEN  # not a VLM config.json we read
+    if said is not None and int(said) != needed:
+        raise ValueError(f"{path}: processor_config.json says image_seq_len={said} but the model (config.json) "
+                         f"makes {needed} image tokens per tile; fix processor_config.json, or pass "
+                         f"image_seq_len= explicitly")
+    return needed
+
+
+def image_settings(path: str, proc_cfg: dict) -> dict:
+    """The image-processor dict of a checkpoint: processor_config.json's (v5) or preprocessor_config.json."""
     nested = proc_cfg.get("image_processor")
     if isinstance(nested, dict):
         return nested
     file = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(file):
-        return read_json(file, "preprocessor_config.json")
+        return files.read_json_object(file, "preprocessor_config.json")
     raise ValueError(f"no image settings in {path}: expected preprocessor_config.json or an 'image_processor' "
                      f"entry in processor_config.json")
 
@@ -455,7 +446,7 @@ def load_chat_template(path: str, proc_cfg: dict, tokenizer_cfg: dict) -> str | 
             return f.read()
     json_file = os.path.join(path, "chat_template.json")
     if os.path.isfile(json_file):
-        template = read_json(json_file, "chat_template.json").get("chat_template")
+        template = files.read_json_object(json_file, "chat_template.json").get("chat_template")
         if not isinstance(template, str):
             raise ValueError(f"chat_template.json: 'chat_template' must be a string: {json_file}")
         return template
@@ -466,23 +457,3 @@ def load_chat_template(path: str, proc_cfg: dict, tokenizer_cfg: dict) -> str | 
         if isinstance(template, str):
             return template
     return None
-
-
-def image_size(image) -> tuple[int, int]:
-    """(width, height) of an image without decoding or converting it."""
-    from PIL import Image
-
-    from .components.splitter import channels_last, string_source
-
-    if isinstance(image, str) and not os.path.isfile(image):
-        image = string_source(image, "image")
-    if isinstance(image, (str, bytes, os.PathLike)):
-        image = open_image(image, "image", None, decode=False)
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn
-            return image.height, image.width
-    if isinstance(image, Image.Image):
-        return image.size
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    shape = channels_last(image, "image").shape
-    return shape[1], shape[0]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .components.splitter import TilePlan
-from .ops import preprocess as preprocess_op
+from .. import ops
+from ..components.splitter import TilePlan
 
 PANEL = 640  # longest side of the drawn image, in pixels
 THUMB = 256  # side of the drawn global tile
@@ -23,8 +23,8 @@ TEXT_COLOUR = (20, 20, 20)
 def global_tile(rgb: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     """uint8 [S, S, 3]: the tile that carries the whole image (the only tile when unsplit)."""
     s = plan.tile_size
-    stage2 = preprocess_op.resize_u8(preprocess_op.resize_u8(rgb, *plan.resized), *plan.grid_size)
-    return preprocess_op.resize_u8(stage2, s, s) if plan.rows * plan.cols else stage2
+    stage2 = ops.resize_u8(ops.resize_u8(rgb, *plan.resized), *plan.grid_size)
+    return ops.resize_u8(stage2, s, s) if plan.rows * plan.cols else stage2
 
 
 def summary(plan: TilePlan, image_seq_len: int) -> str:

@@ -28,11 +28,11 @@ import os
 import torch
 import torch.nn as nn
 
-from . import checkpoint, hf_config, registry
+from .. import files, registry
+from ..config import VLMConfig, hf_model_types, sub_config_from_hf
+from . import weights
 
-_STANDALONE_VISION = {"clip_vision_model", "siglip_vision_model", "idefics3_vision"}
-_DUAL_ENCODERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
-_VLM_TYPES = {"idefics3", "smolvlm"}
+VLM_MODEL_TYPES = ("idefics3", "smolvlm")
 # tensors of a standalone vision checkpoint that are not part of the encoder
 _VISION_EXTRAS = ("head.", "visual_projection.")
 
@@ -41,57 +41,62 @@ def read_config_json(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: no config.json (expected a checkpoint directory written by transformers)")
-    from .model import read_json_object
-
-    return read_json_object(file)
+    return files.read_json_object(file, "config.json")
 
 
 def _header_names(path: str) -> set[str]:
-    return set(checkpoint.read_header_shapes(checkpoint.checkpoint_files(path)))
+    return set(weights.read_header_shapes(weights.checkpoint_files(path)))
+
+
+def _known_types(kind: str, key: str = "model_types") -> dict[str, str]:
+    """model_type -> component name, from the registry entries' ``hf`` metadata."""
+    found = {}
+    for entry in registry.entries(kind):
+        value = entry.hf.get(key, ())
+        for model_type in ((value,) if isinstance(value, str) else value):
+            found.setdefault(model_type, entry.name)
+    return found
 
 
 def vision_source(path: str, data: dict | None = None):
     """(config, prefixes, ignore) for the vision encoder stored in checkpoint dir ``path``."""
     data = read_config_json(path) if data is None else data
     model_type = data.get("model_type")
-    if model_type in _STANDALONE_VISION:
-        cfg = hf_config.vision_config_from_hf(data)
+    standalone, dual = _known_types("vision"), _known_types("vision", "dual_encoder")
+    if model_type in standalone:
+        cfg = sub_config_from_hf("vision", data)
         theirs = "vision_model." if any(n.startswith("vision_model.") for n in _header_names(path)) else ""
         extras = tuple(theirs + e for e in _VISION_EXTRAS)
         return cfg, (("", theirs),), lambda n: n.startswith(extras) or not n.startswith(theirs)
-    if model_type in _DUAL_ENCODERS:
-        vis = dict(data.get("vision_config") or {})
-        vis.setdefault("model_type", _DUAL_ENCODERS[model_type])
-        cfg = hf_config.vision_config_from_hf(vis)
+    if model_type in dual:
+        entry = registry.get("vision", dual[model_type])
+        vis = {"model_type": hf_model_types(entry)[-1], **(data.get("vision_config") or {})}
+        cfg = sub_config_from_hf("vision", vis, entry.name)
         extras = tuple("vision_model." + e for e in _VISION_EXTRAS)
         return cfg, (("", "vision_model."),), lambda n: n.startswith(extras) or not n.startswith("vision_model.")
-    if model_type in _VLM_TYPES:
-        cfg = hf_config.vlm_config_from_hf(data).vision
+    if model_type in VLM_MODEL_TYPES:
+        cfg = VLMConfig.from_hf_dict(data).vision
         return cfg, (("", "model.vision_model."),), lambda n: not n.startswith("model.vision_model.")
+    known = sorted(set(standalone) | set(dual) | set(VLM_MODEL_TYPES))
     raise ValueError(f"{path}: model_type {model_type!r} is not a vision checkpoint this toolkit reads "
-                     f"(known: {', '.join(sorted(_STANDALONE_VISION | set(_DUAL_ENCODERS) | _VLM_TYPES))})")
+                     f"(known: {', '.join(known)})")
 
 
 def decoder_source(path: str, data: dict | None = None):
     """(config, prefixes, ignore) for the decoder stored in checkpoint dir ``path``."""
     data = read_config_json(path) if data is None else data
     model_type = data.get("model_type")
-    if model_type in hf_config.DECODER_MODEL_TYPES:
-        cfg = hf_config.decoder_config_from_hf(data)
+    decoders = _known_types("decoder")
+    if model_type in decoders:
+        cfg = sub_config_from_hf("decoder", data)
         # our decoder's parameter names are the CausalLM ones (model.*, lm_head.*)
         return cfg, (("", ""),), lambda n: n.endswith("rotary_emb.inv_freq")
-    if model_type in _VLM_TYPES:
-        cfg = hf_config.vlm_config_from_hf(data).decoder
+    if model_type in VLM_MODEL_TYPES:
+        cfg = VLMConfig.from_hf_dict(data).decoder
         prefixes = (("lm_head.", "lm_head."), ("model.", "model.text_model."))
         return cfg, prefixes, lambda n: not n.startswith(("lm_head.", "model.text_model."))
     raise ValueError(f"{path}: model_type {model_type!r} is not a decoder checkpoint this toolkit reads "
-                     f"(known: {', '.join(sorted(set(hf_config.DECODER_MODEL_TYPES) | _VLM_TYPES))})")
-
-
-def _tied(cfg) -> dict:
-    if getattr(cfg, "tie_word_embeddings", False):
-        return {"lm_head.weight": "model.embed_tokens.weight"}
-    return {}
+                     f"(known: {', '.join(sorted(set(decoders) | set(VLM_MODEL_TYPES)))})")
 
 
 def load_component(kind: str, path, *, dtype=None, device=None) -> nn.Module:
@@ -101,57 +106,28 @@ def load_component(kind: str, path, *, dtype=None, device=None) -> nn.Module:
         raise FileNotFoundError(f"{kind} checkpoint directory not found: {path}")
     if kind == "vision":
         cfg, prefixes, ignore = vision_source(path)
-        tied = {}
     elif kind == "decoder":
         cfg, prefixes, ignore = decoder_source(path)
-        tied = _tied(cfg)
     else:
         raise ValueError(f"load_component reads vision or decoder checkpoints, not {kind!r}")
-    from .model import resolve_dtype
-
     with torch.device("meta"):
         module = registry.create(kind, cfg.name, cfg)
-    checkpoint.load_into(module, path, dtype=resolve_dtype(dtype), device=device, prefixes=prefixes,
-                         tied=tied, ignore=ignore)
+    weights.load_into(module, path, dtype=resolve_dtype(dtype), device=device, prefixes=prefixes, ignore=ignore)
     return module.eval()
 
 
 def add_token(decoder: nn.Module) -> int:
     """Grow a decoder's vocabulary by one token (e.g. ``<image>``); returns the new token's id.
 
-    The new embedding (and LM-head row when untied) is the mean of the existing rows, a common
-    choice that keeps the new token's logits and embedding in the range of the others. Works
-    for decoders that expose ``model.embed_tokens``, ``lm_head`` and a ``config`` with
-    ``vocab_size`` (every built-in decoder).
+    Works for decoders with ``resize_token_embeddings`` and a ``config`` with ``vocab_size``
+    (every built-in decoder; the new rows are the mean of the existing ones).
     """
-    try:
-        embed, head, cfg = decoder.model.embed_tokens, decoder.lm_head, decoder.config
-    except AttributeError:
-        raise TypeError(f"cannot add a token to {type(decoder).__name__}: it has no model.embed_tokens/lm_head/"
-                        "config; pass image_token_id explicitly") from None
-    new_id = cfg.vocab_size
-    tied = head.weight is embed.weight
-    w = embed.weight.detach()
-    new_embed = nn.Embedding(new_id + 1, w.shape[1], device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new_embed.weight[:new_id] = w
-        new_embed.weight[new_id] = w.float().mean(0).to(w.dtype)
-    decoder.model.embed_tokens = new_embed
-    if tied:
-        new_head = nn.Linear(w.shape[1], new_id + 1, bias=False, device=w.device, dtype=w.dtype)
-        new_head.weight = new_embed.weight
-    else:
-        hw = head.weight.detach()
-        new_head = nn.Linear(hw.shape[1], new_id + 1, bias=head.bias is not None, device=hw.device, dtype=hw.dtype)
-        with torch.no_grad():
-            new_head.weight[:new_id] = hw
-            new_head.weight[new_id] = hw.float().mean(0).to(hw.dtype)
-            if head.bias is not None:
-                new_head.bias[:new_id] = head.bias
-                new_head.bias[new_id] = head.bias.float().mean().to(head.bias.dtype)
-    new_head.train(head.training)
-    decoder.lm_head = new_head
-    decoder.config = dataclasses.replace(cfg, vocab_size=new_id + 1)
+    resize = getattr(decoder, "resize_token_embeddings", None)
+    if not callable(resize) or not hasattr(decoder, "config"):
+        raise TypeError(f"cannot add a token to {type(decoder).__name__}: it has no resize_token_embeddings/config; "
+                        "pass image_token_id explicitly")
+    new_id = decoder.config.vocab_size
+    resize(new_id + 1)
     return new_id
 
 
@@ -179,13 +155,22 @@ def resolve_part(kind: str, value, *, dtype=None, device=None) -> tuple[nn.Modul
 def connector_config(value):
     """A connector config from a registry name, a config object or a dict of its fields."""
     if isinstance(value, str):
-        cls = registry.config_class("connector", value)
-        if cls is None:
-            raise TypeError(f"connector {value!r} has no config class")
-        return cls(name=value) if "name" in {f.name for f in dataclasses.fields(cls)} else cls()
+        return registry.make_config(registry.get("connector", value))
     if isinstance(value, dict):
-        name = value.get("name", "pixel_shuffle")
-        return registry.make_config(registry.get("connector", name), value)
+        return registry.make_config(registry.get("connector", value.get("name", "pixel_shuffle")), value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return value
     raise TypeError(f"connector=: expected a connector name, a ConnectorConfig or a dict, got {type(value).__name__}")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype, its name ("bfloat16", "bf16", ...) or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")

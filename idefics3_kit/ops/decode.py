@@ -1,0 +1,74 @@
+"""``decode_layers``: every layer of a one-token Llama decode step in one compiled call.
+
+The C++ op runs the same ATen ops and kernels, in the same order and on the same layouts, as
+the Python layers run for this step (RMSNorm, q|k|v projection, rotary embedding, cache write,
+decode attention, o_proj, residual, RMSNorm, gate|up, SiLU gate, down, residual), so the result
+is bit-identical to them; what goes away is the Python between the ~40 ops of each layer, which
+at SmolVLM-256M shapes is a third of a bf16 decode step.
+
+The op's contract, which the caller (a decoder that knows its layers are plain Llama layers:
+SiLU-gated MLP, no o_proj or MLP biases, one RMSNorm eps) vouches for: ``layer_weights`` holds
+one ``LAYER_WEIGHTS``-ordered tuple per layer; the caches are [B, Hkv, Lmax, hd] in x's dtype and
+the new token is written at ``past``. The wrapper returns None where the op does not apply, and
+the caller then runs its layers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from . import _library, fast_path, matmul
+
+LAYER_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "post_norm", "gate", "up", "down")
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == roll(x, hd/2) * signed_sin(sin),
+    bit for bit ((-a) * b and a * (-b) round alike): the form the op takes."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
+
+
+def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, head_dim: int, modules) -> bool:
+    if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu":
+        return False
+    if x.dtype == torch.bfloat16:
+        if not matmul.covers(x.shape[0], x.dtype):
+            return False
+    elif x.dtype != torch.float32:
+        return False
+    if head_dim % 8 or not 8 <= head_dim <= 512 or not _library.cpu_is_vectorized():
+        return False
+    if any(c is None for c in (*k_cache, *v_cache)):
+        return False
+    if not fast_path.usable("decode_layers", (x, *flat, *k_cache, *v_cache), modules):
+        return False
+    return all(p is None or (p.dtype == x.dtype and p.is_contiguous()) for p in flat)
+
+
+def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequence[torch.Tensor],
+                  v_cache: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                  key_padding_mask: torch.Tensor | None, past: int, num_heads: int, num_kv_heads: int,
+                  eps: float, modules: Sequence[nn.Module] = ()) -> torch.Tensor | None:
+    """x [B, 1, D] through every layer -> [B, 1, D], or None when the op does not apply.
+
+    cos/sin: [B or 1, 1, 1, hd] rotary tables of the new position; ``modules``: every module
+    whose forward the op replaces (they must be plain, see ``fast_path``).
+    """
+    flat = [p for weights in layer_weights for p in weights]
+    if not layer_weights or not _applies(x, flat, k_cache, v_cache, k_cache[0].shape[-1], modules):
+        return None
+    b = x.shape[0]
+    if cos.shape[0] != b:  # positions shared by the batch: the layers broadcast them
+        cos, sin = cos.expand(b, -1, -1, -1), sin.expand(b, -1, -1, -1)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
+    return _library.op("decode_layers")(x, flat, list(k_cache), list(v_cache), cos, signed_sin(sin), mask,
+                                        int(past), int(num_heads), int(num_kv_heads), float(eps))
+
+
+@_library.register_fake("decode_layers")
+def _decode_layers_fake(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads, num_kv_heads, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,80 @@
+"""The one predicate every fast path asks: may the compiled op run instead of plain PyTorch?
+
+Speed never costs composability. A compiled kernel (or a prepacked weight) replaces the
+ordinary PyTorch code only when running it is certainly the same as calling the modules the
+user has:
+
+- the backend is the compiled one and has ``op`` for the tensors' device;
+- every tensor is a plain ``torch.Tensor`` / ``nn.Parameter`` (no DTensor, no torchao or other
+  quantized tensor, no FakeTensor or functional tensor, nothing on the meta device), all on one
+  device;
+- no autograd is needed (grad mode off, or no tensor requires grad): the kernels have no backward;
+- every module is exactly one of the plain classes (``nn.Linear`` and friends, and the
+  component classes marked with ``plain_module``): a wrapped module (activation-checkpoint
+  wrapper, FSDP's dynamic class, peft's LoRA layers) or a user's subclass is not;
+- no forward hooks, on the modules or installed globally;
+- not inside torch.compile / torch.export tracing (the ordinary code is what they trace).
+
+Anything else runs the ordinary PyTorch path, which gives the same answer.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from . import _library
+
+PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+_PLAIN_MODULES: set[type] = {nn.Linear, nn.Embedding, nn.LayerNorm, nn.Conv2d, nn.ModuleList}
+
+
+def plain_module(cls: type) -> type:
+    """Class decorator: instances of exactly this class (not of a subclass) count as plain."""
+    _PLAIN_MODULES.add(cls)
+    return cls
+
+
+def global_hooks() -> bool:
+    """True when forward hooks are installed for every module (``register_module_forward_hook``)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
+def plain_modules(modules: Iterable[nn.Module]) -> bool:
+    """Every module exactly of a plain class, without forward hooks (and no global hooks)."""
+    if global_hooks():
+        return False
+    for m in modules:
+        if type(m) not in _PLAIN_MODULES or m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return True
+
+
+def plain_tensors(tensors: Iterable[torch.Tensor | None]) -> str | None:
+    """The device type shared by the (non-None) tensors when all are plain and need no grad, else None."""
+    grad = torch.is_grad_enabled()
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in PLAIN_TENSOR_TYPES or (grad and t.requires_grad):
+            return None
+        kind = t.device.type
+        if device is None:
+            device = kind
+        elif kind != device:
+            return None
+    return device or "cpu"
+
+
+def usable(op: str, tensors: Iterable[torch.Tensor | None] = (), modules: Iterable[nn.Module] = ()) -> bool:
+    """Whether the compiled ``op`` may replace the ordinary code for these tensors and modules."""
+    if torch.compiler.is_compiling():
+        return False
+    device = plain_tensors(tensors)
+    if device is None or not plain_modules(modules):
+        return False
+    return _library.has_kernel(op, device)

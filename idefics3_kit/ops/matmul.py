@@ -1,0 +1,204 @@
+"""Linear layers on few rows (decode steps): the one owner of every small-batch linear path.
+
+``linear(layer, x)`` is ``layer(x)`` and ``linears(x, layers)`` is ``[layer(x) for layer in
+layers]``; where ``fast_path.usable`` allows it they run one of two faster paths, with
+bit-identical results:
+
+1. ``decode_linear`` (compiled, bf16 on CPUs with AVX-512 BF16, at most ``MAX_ROWS`` rows): a
+   one-token step reads every weight once for one row of activations; at the decoder's narrow
+   shapes (K = 576) oneDNN's bf16 matmul streams the weights 1.2-1.7x slower than this loop
+   (benchmarks/linear_cpu.py). It takes several weights at once (q|k|v, gate|up) and writes
+   their outputs side by side, so fused projections need no concatenated weight copy.
+2. oneDNN-packed bf16 weights (up to ``PACKED_MAX_ROWS`` rows, after ``prepare_decode``):
+   torch's bf16 ``F.linear`` re-lays-out the weight on every call, which dominates a decode
+   step; a copy packed once (per layer, or concatenated for a group such as q|k|v) avoids it.
+   The copy costs the weights' memory once more, so it is made only for models whose decoder
+   weights take at most ``PREPACK_AUTO_MAX_BYTES`` (``IDEFICS3_KIT_PREPACK=0/1`` overrides).
+
+Everything else (float32, many rows, autograd, a wrapped or hooked layer, a quantized or
+distributed weight) runs the layer itself.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from . import _library, fast_path
+
+# Rows up to which the compiled kernel is used (measured at SmolVLM-256M shapes, 2 threads): one row
+# 1.2-1.7x faster than oneDNN, two ~1.2x, four about even per projection (0.8-1.5x; vdpbf16ps
+# turns compute-bound while oneDNN's AMX path shares each weight load). Up to four rows it still
+# pays: it lets decode_layers run the whole step (bf16 batch 4 decode 1.56x -> 1.97x transformers).
+MAX_ROWS = 4
+PACKED_MAX_ROWS = 32  # packed weights checked bit-identical for every decoder shape and 1..32 rows
+PREPACK_AUTO_MAX_BYTES = 2 * 1024 ** 3
+
+
+def decode_linear_ref(x: torch.Tensor, weights, biases=None) -> torch.Tensor:
+    """Reference: each weight's linear accumulated in float32, bias added, rounded once to x's
+    dtype; the outputs concatenated on the last dim."""
+    biases = biases if biases is not None else [None] * len(weights)
+    outs = []
+    for w, b in zip(weights, biases):
+        y = x.float() @ w.float().T
+        outs.append((y if b is None else y + b.float()).to(x.dtype))
+    return torch.cat(outs, dim=-1)
+
+
+def covers(rows: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled kernel's size and type rules take ``rows`` rows of ``dtype`` here
+    (bf16, at most MAX_ROWS rows, a CPU with AVX-512 BF16, the compiled backend)."""
+    return (dtype == torch.bfloat16 and rows <= MAX_ROWS and _library.cpu_has("avx512_bf16")
+            and _library.has_kernel("decode_linear", "cpu"))
+
+
+def applies(x: torch.Tensor, weights, biases=None) -> bool:
+    """Whether ``decode_linear`` runs the compiled kernel for this input, weights [N_i, K] and
+    biases; anything the op would refuse (a non-contiguous or non-bf16 weight, a bias of another
+    shape or dtype) makes it False, so callers fall back."""
+    weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    biases = list(biases) if biases is not None else []
+    if x.dim() == 0 or x.shape[-1] == 0 or not weights or not covers(x.numel() // x.shape[-1], x.dtype):
+        return False
+    if not fast_path.usable("decode_linear", (x, *weights, *biases)):
+        return False
+    for w in weights:
+        if not (w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous() and w.shape[1] == x.shape[-1]):
+            return False
+    for w, b in zip(weights, biases):
+        if b is not None and not (b.dim() == 1 and b.shape[0] == w.shape[0] and b.dtype in (torch.bfloat16,
+                                                                                            torch.float32)):
+            return False
+    return True
+
+
+def decode_linear(x: torch.Tensor, weights, biases) -> torch.Tensor | None:
+    """x [..., K] @ each of ``weights`` [N_i, K] (+ bias) -> [..., sum N_i], or None when the
+    compiled kernel does not apply."""
+    if not applies(x, weights, biases):
+        return None
+    return _library.op("decode_linear")(x, list(weights), list(biases))
+
+
+@_library.register_fake("decode_linear")
+def _decode_linear_fake(x, weights, biases):
+    torch._check(len(weights) > 0, lambda: "decode_linear: weights must not be empty")
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+# ---- oneDNN-packed weights ----------------------------------------------------------------------
+# Kept off the modules (weak references), so deepcopy / pickle / state_dict never see the opaque
+# oneDNN tensors. A pack is keyed by the first layer of its group and remembers the weights it was
+# made from: modifying a weight in place or swapping its data (module.to(...)) makes it stale.
+
+_PREPARED: "weakref.WeakSet[nn.Linear]" = weakref.WeakSet()
+_PACKS: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    return w, w._version, w.data_ptr(), w.dtype
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def packed_for(layers: Sequence[nn.Linear]):
+    """The fresh packed weight of ``layers`` if one was made, else None (stale copies don't count)."""
+    keys = tuple(_weight_key(layer.weight) for layer in layers)
+    cached = _PACKS.get(layers[0])
+    if cached is not None and len(cached[0]) == len(keys) and all(
+            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(cached[0], keys)):
+        return cached[1]
+    return None
+
+
+def _pack(layers: Sequence[nn.Linear]):
+    """The packed weight of ``layers`` (concatenated for a group), made on first use."""
+    fresh = packed_for(layers)
+    if fresh is not None:
+        return fresh
+    keys = tuple(_weight_key(layer.weight) for layer in layers)
+    with torch.no_grad():
+        w = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else layers[0].weight.detach()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    _PACKS[layers[0]] = (keys, packed)
+    return packed
+
+
+def _packed_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor | None:
+    if x.dtype != torch.bfloat16 or x.numel() > PACKED_MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():
+        return None
+    if any(layer not in _PREPARED or layer.bias is not None for layer in layers) or len(layers) > 1 and len(
+            {(layer.weight.dtype, layer.weight.device) for layer in layers}) != 1:
+        return None
+    if not _can_pack(layers[0].weight) or not _library.fast_paths_on():
+        return None
+    return torch.ops.mkldnn._linear_pointwise(x, _pack(layers), None, "none", [], "")
+
+
+def prepare_decode(module: nn.Module, batch_size: int) -> bool:
+    """Let the plain bf16 linears under ``module`` use packed weights for decode steps of
+    ``batch_size`` rows, when that pays: not where the compiled few-row kernel (which reads the
+    plain weights) already covers the batch, and only for weights of at most
+    ``PREPACK_AUTO_MAX_BYTES`` (the packed copy doubles them). ``IDEFICS3_KIT_PREPACK=0``: never,
+    ``=1``: always. Returns whether anything was prepared."""
+    setting = os.environ.get("IDEFICS3_KIT_PREPACK", "auto")
+    if setting == "0" or batch_size > PACKED_MAX_ROWS:
+        return False
+    weight = next(module.parameters(), None)
+    if weight is None or not _can_pack(weight):
+        return False
+    if setting != "1":
+        if covers(batch_size, weight.dtype):
+            return False
+        if sum(p.numel() * p.element_size() for p in module.parameters()) > PREPACK_AUTO_MAX_BYTES:
+            return False
+    prepared = False
+    for layer in module.modules():
+        if type(layer) is nn.Linear and fast_path.plain_tensors((layer.weight,)) is not None:
+            _PREPARED.add(layer)
+            prepared = True
+    return prepared
+
+
+def unpack(module: nn.Module) -> None:
+    """Drop the packed copies under ``module`` (frees their memory) and stop packing its layers."""
+    for layer in module.modules():
+        _PACKS.pop(layer, None)
+        _PREPARED.discard(layer)
+
+
+# ---- the entry points the components call ---------------------------------------------------------
+
+
+def _fast(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor | None:
+    if not fast_path.plain_modules(layers):
+        return None
+    y = decode_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
+    if y is not None:
+        return y
+    if fast_path.plain_tensors((x, *(layer.weight for layer in layers))) is None or torch.compiler.is_compiling():
+        return None
+    return _packed_linear(x, layers)
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, through a faster path where one applies (bit-identical)."""
+    y = _fast(x, (layer,))
+    return layer(x) if y is None else y
+
+
+def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]``; on a fast path one call computes them all and the
+    outputs are split views of one tensor (bit-identical to the separate calls)."""
+    y = _fast(x, layers)
+    if y is None:
+        return [layer(x) for layer in layers]
+    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))

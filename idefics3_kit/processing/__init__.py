@@ -1,0 +1,13 @@
+"""Processing: images and text in, the model's batch out, the way transformers' Idefics3Processor does it.
+
+- ``processor``: ``Processor`` (splitter + tokenizer + prompt expansion + chat template) and ``BatchFeature``
+- ``images``: decoding and conversion of any image to uint8 RGB
+- ``tokenizer``: ``TextTokenizer``, the ``tokenizers`` library configured like transformers' fast tokenizer
+- ``chat``: chat templates rendered as transformers renders them
+- ``picture``: a picture of how an image is split into tiles
+"""
+
+from .processor import BatchFeature, Processor
+from .tokenizer import TextTokenizer
+
+__all__ = ["BatchFeature", "Processor", "TextTokenizer"]
