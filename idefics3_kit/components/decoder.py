@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import DecoderConfig, require
-from ..ops.fast_path import plain_module, plain_modules
+from ..ops.fast_path import plain_module
 from ..registry import register
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -405,29 +405,34 @@ class CausalDecoder(nn.Module):
 
     def _plain_llama_layers(self):
         """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from),
-        or None unless every layer is exactly this file's Llama layer with SiLU, no o_proj or MLP
-        biases and the config's eps. Runs every decode step, so modules are read from their dicts
+        or None unless every layer is this file's Llama layer with SiLU, no o_proj or MLP biases and
+        the config's eps (``ops.decode_layers`` then checks that every module is exactly its plain
+        class, without hooks). Runs every decode step, so modules are read from their dicts
         (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
         weights, modules = [], []
+        eps = self.config.rms_norm_eps
+        silu = F.silu
         for layer in self.model.layers:
             if type(layer) is not DecoderLayer:
                 return None
             sub = layer._modules
             attn, mlp, norm1, norm2 = sub["self_attn"], sub["mlp"], sub["input_layernorm"], sub["post_attention_layernorm"]
-            if not plain_modules((attn, mlp, norm1, norm2)) or mlp.__dict__["act"] is not F.silu:
-                return None
             a, m = attn._modules, mlp._modules
-            q, k, v, o, gate, up, down = a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], \
-                m["up_proj"], m["down_proj"]
-            if norm1.eps != self.config.rms_norm_eps or norm2.eps != self.config.rms_norm_eps:
+            q, k, v, o = a.get("q_proj"), a.get("k_proj"), a.get("v_proj"), a.get("o_proj")
+            gate, up, down = m.get("gate_proj"), m.get("up_proj"), m.get("down_proj")
+            if (getattr(mlp, "act", None) is not silu or getattr(norm1, "eps", None) != eps
+                    or getattr(norm2, "eps", None) != eps):
                 return None
-            if any(p._parameters["bias"] is not None for p in (o, gate, up, down)):
+            try:
+                if (o._parameters["bias"] is not None or gate._parameters["bias"] is not None
+                        or up._parameters["bias"] is not None or down._parameters["bias"] is not None):
+                    return None
+                weights.append((norm1._parameters["weight"], q._parameters["weight"], k._parameters["weight"],
+                                v._parameters["weight"], q._parameters["bias"], k._parameters["bias"],
+                                v._parameters["bias"], o._parameters["weight"], norm2._parameters["weight"],
+                                gate._parameters["weight"], up._parameters["weight"], down._parameters["weight"]))
+            except (AttributeError, KeyError):  # a replaced part without these parameters: not a plain layer
                 return None
-            w = [mod._parameters[n] for mod, n in ((norm1, "weight"), (q, "weight"), (k, "weight"), (v, "weight"),
-                                                    (q, "bias"), (k, "bias"), (v, "bias"), (o, "weight"),
-                                                    (norm2, "weight"), (gate, "weight"), (up, "weight"),
-                                                    (down, "weight"))]
-            weights.append(tuple(w))
             modules += (layer, attn, mlp, norm1, norm2, q, k, v, o, gate, up, down)
         return weights, modules
 

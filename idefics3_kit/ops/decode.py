@@ -46,7 +46,11 @@ def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, head_dim: int, modul
         return False
     if not fast_path.usable("decode_layers", (x, *flat, *k_cache, *v_cache), modules):
         return False
-    return all(p is None or (p.dtype == x.dtype and p.is_contiguous()) for p in flat)
+    dtype = x.dtype
+    for p in flat:
+        if p is not None and (p.dtype != dtype or not p.is_contiguous()):
+            return False
+    return True
 
 
 def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequence[torch.Tensor],
