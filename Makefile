@@ -12,14 +12,14 @@ JOBS ?= 2
 $(PY):
 	python3 -m venv $(VENV)
 
-$(VENV)/.base: $(PY) setup.py
+$(VENV)/.base: $(PY) setup.py constraints.txt
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q numpy pillow safetensors tokenizers jinja2 tqdm setuptools wheel ninja
-	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q -c constraints.txt numpy pillow safetensors tokenizers jinja2 tqdm setuptools wheel ninja
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.base requirements-test.txt
-	$(PIP) install -q -r requirements-test.txt
+$(VENV)/.test: $(VENV)/.base requirements-test.txt constraints.txt
+	$(PIP) install -q -c constraints.txt -r requirements-test.txt
 	touch $@
 
 install: $(VENV)/.base

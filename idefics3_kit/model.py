@@ -124,17 +124,24 @@ class VLM(nn.Module):
                            pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """pixel_values [B, T, 3, S, S] (+ mask [B, T, S, S]) -> features [N_real, S_img, Dt].
 
-        Padding tiles (all values exactly 0.0, as the processor writes them) are dropped
-        first, as transformers does; the rows follow sample 0's tiles, then sample 1's, ...
+        Padding tiles (all values exactly 0.0, as the processor writes them) are dropped first, as
+        transformers does; the rows follow sample 0's tiles, then sample 1's, ... Under
+        torch.compile / torch.export the tiles are instead reordered, real ones first, and every
+        tile goes through the tower (static shapes, no graph break): the first N_real rows are the
+        same features, and the padding tiles' rows after them are never merged into the text.
         """
         self._check_pixels(pixel_values, pixel_attention_mask)
         b, t = pixel_values.shape[:2]
         pixels = pixel_values.to(self.dtype).reshape(b * t, *pixel_values.shape[2:])  # [B*T, 3, H, W]
         real = (pixels != 0).flatten(1).any(dim=1)  # [B*T]
-        pixels = pixels[real]  # [N, 3, H, W]: a data-dependent size (one graph break under torch.compile)
+        if torch.compiler.is_compiling():
+            keep = torch.argsort((~real).to(torch.uint8), stable=True)  # [B*T]: real tiles first, in order
+        else:
+            keep = real.nonzero().squeeze(1)  # [N]: a data-dependent size, fine in eager mode
+        pixels = pixels.index_select(0, keep)
         patch_mask = None
         if pixel_attention_mask is not None:
-            pixel_mask = pixel_attention_mask.reshape(b * t, *pixel_attention_mask.shape[2:])[real]
+            pixel_mask = pixel_attention_mask.reshape(b * t, *pixel_attention_mask.shape[2:]).index_select(0, keep)
             p = self.vision.patch_size
             n, h, w = pixel_mask.shape
             gh, gw = h // p, w // p  # pixels past the last whole patch are ignored, as the conv does

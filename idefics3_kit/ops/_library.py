@@ -7,12 +7,13 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+
+from .. import files
 
 logger = logging.getLogger("idefics3_kit")
 
@@ -111,7 +112,7 @@ def build_info() -> dict | None:
     path = Path(__file__).resolve().parent.parent / "_build_info.json"
     if not _load() or not path.exists():
         return None
-    return json.loads(path.read_text())
+    return files.read_json_object(path, "_build_info.json")
 
 
 def backend() -> str:

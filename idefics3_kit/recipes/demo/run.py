@@ -19,7 +19,7 @@ import torch
 from ...config import VLMConfig
 from ...model import VLM
 from ...processing import Processor
-from ...processing.images import to_rgb
+from ...processing.images import open_image, to_rgb
 from ...processing.picture import draw_plan
 from .model import answer, shipped_model_dir
 from .synthetic import COLOURS, IMAGE_SIZES, _Shape, _draw_shape
@@ -95,7 +95,6 @@ def fresh_example(seed: int):
 
 def run(model_dir: str | None = None, preset: str | None = None, seed: int | None = None,
         split_picture: str = "demo_split.png") -> int:
-    from PIL import Image
 
     if preset is not None:
         return run_random(preset, seed or 0)
@@ -109,7 +108,7 @@ def run(model_dir: str | None = None, preset: str | None = None, seed: int | Non
     processor = Processor.from_pretrained(model_dir)
     print(component_tree(model))
     seed = int(time.time()) if seed is None else seed
-    bundled = Image.open(example_image_path()).convert("RGB")
+    bundled = open_image(example_image_path(), "the bundled example image", None).convert("RGB")
     fresh, fresh_question, fresh_truth = fresh_example(seed)
     questions = [("example.png", bundled, "What colour is the circle?", None),
                  ("example.png", bundled, "How many shapes are there?", None),
