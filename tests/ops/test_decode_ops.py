@@ -620,7 +620,6 @@ def test_decode_layers_cache_overflow(monkeypatch):
     cache = dec.new_cache(2, 5)
     with torch.inference_mode():
         dec(input_ids=ids[:, :5], cache=cache)
-        step = dec.embed(ids[:, 5:])
         assert dec._plain_llama_layers() is not None  # plain Llama layers: the fused path takes this step
         snapshot = [c.clone() for c in cache.keys + cache.values]
         with pytest.raises(ValueError, match="KV cache overflow: 6 tokens do not fit in max_length 5"):

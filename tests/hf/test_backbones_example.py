@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "assemble_clip_qwen2.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "assemble_clip_qwen2.py"
 
 
 @pytest.mark.parametrize("source", ["checkpoints", "configs"])
