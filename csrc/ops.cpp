@@ -2,7 +2,7 @@
 //
 // Kernels register per backend in their own files (csrc/cpu/*.cpp for CPU, the binding
 // files under csrc/cuda/ for CUDA); fake (meta) implementations live in Python
-// (idefics3_kit/ops/_fake.py) so every op works under torch.compile.
+// (idefics3_kit/ops/<family>.py) so every op works under torch.compile.
 //
 // Conventions: images are uint8 [H, W, 3] (RGB, contiguous); attention tensors are
 // [B, H, L, D] with stride(-1) == 1; masks are bool, True = attend.

@@ -1,10 +1,12 @@
 // decode_layers on CPU: every decoder layer of a one-token decode step in one call.
 //
 // The same ATen ops and kernels, in the same order and on the same layouts, as the Python layers
-// run for this step (components/decoder.py: RMSNorm, q|k|v projection, rotate-half RoPE through a roll, cache
+// run for this step (components/decoder.py: RMSNorm, q|k|v projection, rotary embedding, cache
 // write, decode attention, o_proj, residual, RMSNorm, gate|up, SiLU gate, down, residual), so the
 // result is bit-identical to them; what goes away is the Python between the ~40 ops of each
-// layer, which at SmolVLM-256M shapes is a third of a bf16 decode step.
+// layer, which at SmolVLM-256M shapes is a third of a bf16 decode step. The rotation is written as
+// x * cos + roll(x, hd/2) * signed_sin, elementwise the same products as rotate_half(x) * sin
+// ((-a) * b and a * (-b) round alike), for q and k together.
 #include <cmath>
 #include <vector>
 
