@@ -74,36 +74,37 @@ def decode_step_case(dtype):
     """One decode step three ways: decode_layers; the Python layers (with decode_linear and
     rms_norm); and, in bf16, the Python layers as before those ops (oneDNN packed weights,
     F.rms_norm)."""
-    from idefics3_kit.ops import linear as linear_ops, norm as norm_ops
+    from idefics3_kit.ops import matmul, norm as norm_ops
 
     torch.manual_seed(0)
     decoder = ik.VLM(ik.VLMConfig.preset("smolvlm-256m")).to(dtype).eval().decoder
     cache = decoder.new_cache(1, 200)
     ids = torch.randint(0, decoder.vocab_size, (1, 128))
     nxt = ids[:, :1]
-    fused = D.CausalDecoder._decode_layers
+    one_call = D.CausalDecoder._one_call_step
 
     def step():
         decoder(input_ids=nxt, cache=cache, logits_to_keep=1)
         cache.length -= 1  # stay at 128 cached tokens
 
     def python_step():
-        D.CausalDecoder._decode_layers = lambda self, *a: None
+        D.CausalDecoder._one_call_step = lambda self, *a: None
         try:
             step()
         finally:
-            D.CausalDecoder._decode_layers = fused
+            D.CausalDecoder._one_call_step = one_call
 
     def before_step():  # no decode_linear (MAX_ROWS 0), torch's RMSNorm, oneDNN packed weights
-        rows, applies = linear_ops.MAX_ROWS, norm_ops._compiled_applies
-        linear_ops.MAX_ROWS, norm_ops._compiled_applies = 0, (lambda x, w: False)
+        rows, compiled_norm = matmul.MAX_ROWS, ops.rms_norm
+        matmul.MAX_ROWS, ops.rms_norm = 0, norm_ops.rms_norm_ref
         try:
             python_step()
         finally:
-            linear_ops.MAX_ROWS, norm_ops._compiled_applies = rows, applies
+            matmul.MAX_ROWS, ops.rms_norm = rows, compiled_norm
 
     legs = {"ours": step, "python": python_step}
-    if dtype == torch.bfloat16 and decoder.prepack_for_decode():
+    os.environ["IDEFICS3_KIT_PREPACK"] = "1"  # packed copies for the "before" leg (made on its first use)
+    if dtype == torch.bfloat16 and matmul.prepare_decode(decoder, 1):
         legs["before"] = before_step
     with torch.inference_mode():
         decoder(input_ids=ids, cache=cache)
@@ -116,7 +117,7 @@ def decode_step_case(dtype):
 def main() -> None:
     set_threads_from_argv()
     print(f"backend: {ops.backend()}   threads: {torch.get_num_threads()}   load avg: {os.getloadavg()[0]:.1f}   "
-          f"avx512_bf16: {ops.linear.cpu_has_avx512_bf16()}")
+          f"avx512_bf16: {ops._library.cpu_has('avx512_bf16')}")
     if not ops.has_extension():
         print("the compiled extension is not built: nothing to compare")
         return

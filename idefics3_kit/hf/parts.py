@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 
 from .. import files, registry
+from ..config import HF_MODEL_TYPES as VLM_MODEL_TYPES
 from ..config import VLMConfig, hf_model_types, sub_config_from_hf
 from . import weights
 
-VLM_MODEL_TYPES = ("idefics3", "smolvlm")
 # tensors of a standalone vision checkpoint that are not part of the encoder
 _VISION_EXTRAS = ("head.", "visual_projection.")
 

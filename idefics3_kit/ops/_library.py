@@ -76,8 +76,25 @@ def defines(op: str) -> bool:
     return _load() and hasattr(getattr(torch.ops, NAMESPACE), op)
 
 
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
-    """True when the compiled ``op`` should run for tensors on ``device_type`` ("cpu" or "cuda")."""
+    """True when the compiled ``op`` should run for tensors on ``device_type`` ("cpu" or "cuda").
+
+    Asked on every fast-path decision (hundreds of times per decode step): the answer per
+    (op, device) is looked up once; forcing the reference ops still takes effect at once.
+    """
+    if _forced():
+        return False
+    key = (op, device_type)
+    found = _KERNELS.get(key)
+    if found is None:
+        found = _KERNELS[key] = _find_kernel(op, device_type)
+    return found
+
+
+def _find_kernel(op: str, device_type: str) -> bool:
     if not use_compiled() or not defines(op):
         return False
     if device_type == "cpu":

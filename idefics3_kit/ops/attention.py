@@ -182,9 +182,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 def attention_out(q: torch.Tensor) -> torch.Tensor:
-    """Output of the attention ops: [B, H, L, D] values stored as [B, L, H, D] in memory, so that
-    the callers' ``transpose(1, 2).reshape(B, L, H * D)`` is free."""
+    """Output of the attention ops: on the CPU [B, H, L, D] values stored as [B, L, H, D] in memory,
+    so that the callers' ``transpose(1, 2).reshape(B, L, H * D)`` is free; the CUDA kernels write a
+    contiguous [B, H, L, D]."""
     b, h, lq, d = q.shape
+    if q.device.type == "cuda":
+        return q.new_empty((b, h, lq, d))
     return q.new_empty((b, lq, h, d)).transpose(1, 2)
 
 

@@ -25,13 +25,6 @@ from . import _library, fast_path, matmul
 LAYER_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "post_norm", "gate", "up", "down")
 
 
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated: rotate_half(x) * sin == roll(x, hd/2) * signed_sin(sin),
-    bit for bit ((-a) * b and a * (-b) round alike): the form the op takes."""
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.cat((-s1, s2), dim=-1)
-
-
 def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, head_dim: int, modules) -> bool:
     if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu":
         return False
@@ -54,12 +47,13 @@ def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, head_dim: int, modul
 
 
 def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequence[torch.Tensor],
-                  v_cache: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                  v_cache: Sequence[torch.Tensor], cos: torch.Tensor, sin_signed: torch.Tensor,
                   key_padding_mask: torch.Tensor | None, past: int, num_heads: int, num_kv_heads: int,
                   eps: float, modules: Sequence[nn.Module] = ()) -> torch.Tensor | None:
     """x [B, 1, D] through every layer -> [B, 1, D], or None when the op does not apply.
 
-    cos/sin: [B or 1, 1, 1, hd] rotary tables of the new position; ``modules``: every module
+    cos/sin_signed: [B or 1, 1, 1, hd] rotary tables of the new position, the sine with its first
+    half negated (x * cos + roll(x, hd/2) * sin_signed is the rotation); ``modules``: every module
     whose forward the op replaces (they must be plain, see ``fast_path``).
     """
     flat = [p for weights in layer_weights for p in weights]
@@ -67,9 +61,9 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequ
         return None
     b = x.shape[0]
     if cos.shape[0] != b:  # positions shared by the batch: the layers broadcast them
-        cos, sin = cos.expand(b, -1, -1, -1), sin.expand(b, -1, -1, -1)
+        cos, sin_signed = cos.expand(b, -1, -1, -1), sin_signed.expand(b, -1, -1, -1)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return _library.op("decode_layers")(x, flat, list(k_cache), list(v_cache), cos, signed_sin(sin), mask,
+    return _library.op("decode_layers")(x, flat, list(k_cache), list(v_cache), cos, sin_signed, mask,
                                         int(past), int(num_heads), int(num_kv_heads), float(eps))
 
 

@@ -162,7 +162,7 @@ def prepare_decode(module: nn.Module, batch_size: int) -> bool:
             return False
     prepared = False
     for layer in module.modules():
-        if type(layer) is nn.Linear and fast_path.plain_tensors((layer.weight,)) is not None:
+        if type(layer) is nn.Linear and type(layer.weight) in fast_path.PLAIN_TENSOR_TYPES:
             _PREPARED.add(layer)
             prepared = True
     return prepared

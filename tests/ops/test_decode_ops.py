@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import idefics3_kit as ik
 from idefics3_kit import ops
 from idefics3_kit.components import decoder as decoder_mod
-from idefics3_kit.components.decoder import CausalDecoder, KVCache, Llama3Decoder, Qwen2Decoder, rope_cos_sin
+from idefics3_kit.components.decoder import (CausalDecoder, KVCache, Llama3Decoder, Qwen2Decoder, rope_cos_sin,
+                                             signed_sin)
 from idefics3_kit.ops import _library
 from idefics3_kit.ops import matmul as linear_ops
 from idefics3_kit.ops.matmul import decode_linear_ref
@@ -346,7 +347,7 @@ def _one_call_applies(dec, dtype) -> bool:
     x = torch.zeros(1, 1, dec.hidden_size, dtype=dtype)
     cos, sin = rope_cos_sin(dec.inv_freq("cpu"), torch.zeros(1, 1, dtype=torch.long), dtype)
     with torch.inference_mode():
-        return dec._one_call_step(x, (cos[:, None], sin[:, None]), None, dec.new_cache(1, 4)) is not None
+        return dec._one_call_step(x, (cos[:, None], signed_sin(sin)[:, None]), None, dec.new_cache(1, 4)) is not None
 
 
 def _hooked(dec, where):
@@ -570,7 +571,7 @@ class _OtherCache(KVCache):
 def _step_runs(dec, x, cache) -> bool:
     """Whether ``dec._one_call_step`` runs every layer of this step in the compiled call."""
     cos, sin = rope_cos_sin(dec.inv_freq("cpu"), torch.zeros(x.shape[0], x.shape[1], dtype=torch.long), x.dtype)
-    return dec._one_call_step(x, (cos[:, None], sin[:, None]), None, cache) is not None
+    return dec._one_call_step(x, (cos[:, None], signed_sin(sin)[:, None]), None, cache) is not None
 
 
 @needs_ext
