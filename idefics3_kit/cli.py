@@ -428,33 +428,63 @@ def _planner(path: str, cfg):
 # ---- train -----------------------------------------------------------------------------------
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train (or resume) a model from a JSON training config")
+    p = sub.add_parser("train", help="fine-tune (or resume) a model from a training config (JSON or YAML)",
+                       description="Fine-tune a model as a training config says (docs/finetune.md documents every "
+                                   "field). Resumes from OUT_DIR/checkpoints/latest when there is one. Under torchrun "
+                                   "(torchrun --nproc_per_node N -m idefics3_kit.cli train ...) every process runs it.")
     p.add_argument("--config", required=True, metavar="FILE",
-                   help="JSON training config (fields of idefics3_kit.train.TrainConfig; see configs/demo_train.json)")
+                   help="training config, .json or .yaml (see configs/demo_train.json and docs/finetune.md)")
     p.add_argument("--steps", type=int, help="override the number of optimizer steps")
-    p.add_argument("--out-dir", help="override where checkpoints go (resumes from OUT_DIR/last if present)")
+    p.add_argument("--out-dir", help="override where checkpoints and metrics go")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-
     from .recipes import demo  # noqa: F401  (registers the demo's synthetic data source and model)
-    from .train import TrainConfig, train
+    from .train import TrainConfig, Trainer
 
     cfg = TrainConfig.from_file(args.config)
-    changes = {k: v for k, v in (("steps", args.steps), ("out_dir", args.out_dir)) if v is not None}
-    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
-    train(cfg, progress=not args.no_progress)
-    print(f"checkpoint: {cfg.out_dir}/last")
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.out_dir is not None:
+        cfg.out_dir = args.out_dir
+    cfg.validate()
+    trainer = Trainer(config=cfg, progress=not args.no_progress)
+    trainer.fit()
+    if trainer.runtime.is_main:
+        print(f"checkpoint: {cfg.out_dir}/checkpoints/latest; Hugging Face checkpoint: {cfg.out_dir}/final")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a training run's newest checkpoint as a Hugging Face checkpoint",
+                       description="Write the newest checkpoint of a training run as a Hugging Face checkpoint "
+                                   "(LoRA merged), or with --adapter the LoRA adapter alone in peft's layout.")
+    p.add_argument("--run", required=True, metavar="OUT_DIR", help="the run's out_dir")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the checkpoint")
+    p.add_argument("--adapter", action="store_true", help="write only the LoRA adapter (peft's layout)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    import os
+
+    from .recipes import demo  # noqa: F401  (a demo run's model builder)
+    from .train import Trainer
+
+    if not os.path.isdir(args.run):
+        raise UserError(f"run directory not found: {args.run}")
+    trainer = Trainer.from_run(args.run, progress=False)
+    trainer.export(args.out, adapter=args.adapter)
+    print(f"exported step {trainer.step} of {args.run} to {args.out}")
     return 0
 
 
 # ---- entry point -----------------------------------------------------------------------------
 
 PARSERS = [add_components_parser, add_demo_parser, add_plan_parser, add_generate_parser, add_chat_parser,
-           add_inspect_parser, add_train_parser]
+           add_inspect_parser, add_train_parser, add_export_parser]
 
 
 class _Parser(argparse.ArgumentParser):

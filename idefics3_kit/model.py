@@ -36,11 +36,18 @@ class VLMOutput:
         return getattr(self, key)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """transformers' ForCausalLMLoss: float32 logits, labels shifted left, mean over labels != -100."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                   num_items_in_batch=None) -> torch.Tensor:
+    """transformers' ForCausalLMLoss: float32 logits, labels shifted left, mean over labels != -100;
+    with ``num_items_in_batch`` the sum divided by it instead (a trainer's count over every
+    micro-batch and process of a step, so that the step's loss is one mean over all its tokens)."""
     logits = logits.float()
     labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].to(logits.device)  # [B, L], shifted left
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+    return total / num_items_in_batch
 
 
 class VLM(nn.Module):
@@ -100,6 +107,29 @@ class VLM(nn.Module):
                   for name in ("vision", "connector", "decoder")}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
+
+    # ---- training ---------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each vision and decoder layer's activations in the backward pass instead of
+        keeping them (transformers' name): activation memory drops to about one layer's, for one
+        more forward's time. Gradients are the same (non-reentrant ``torch.utils.checkpoint``)."""
+        if gradient_checkpointing_kwargs and gradient_checkpointing_kwargs.get("use_reentrant", False):
+            raise ValueError("gradient_checkpointing_kwargs: only use_reentrant=False is supported")
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules() if m is not self)
+
+    def _set_gradient_checkpointing(self, on: bool) -> None:
+        parts = [m for m in self.modules() if m is not self and hasattr(m, "gradient_checkpointing")]
+        if on and not parts:
+            raise ValueError("none of this model's components supports gradient checkpointing")
+        for module in parts:
+            module.gradient_checkpointing = on
 
     # ---- images ----------------------------------------------------------------------------
     def _check_pixels(self, pixel_values: torch.Tensor, pixel_attention_mask) -> None:
@@ -196,7 +226,8 @@ class VLM(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                 labels=None, inputs_embeds=None, image_hidden_states=None, position_ids=None, cache=None,
-                output_hidden_states: bool = False, logits_to_keep: int = 0, **unused) -> VLMOutput:
+                output_hidden_states: bool = False, logits_to_keep: int = 0, num_items_in_batch=None,
+                **unused) -> VLMOutput:
         """Logits (and the loss when ``labels`` are given), like Idefics3ForConditionalGeneration."""
         unknown = set(unused) - {"return_dict", "use_cache"}
         if unknown:
@@ -210,7 +241,7 @@ class VLM(nn.Module):
             if labels.shape != embeds.shape[:2]:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(embeds.shape[:2])}, "
                                  f"got {tuple(labels.shape)}")
-            loss = causal_lm_loss(out.logits, labels)
+            loss = causal_lm_loss(out.logits, labels, num_items_in_batch=num_items_in_batch)
         return VLMOutput(logits=out.logits, loss=loss, hidden_states=out.hidden_states,
                          image_hidden_states=features)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import DecoderConfig, require
@@ -310,6 +311,7 @@ class CausalDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq_cache: dict = {}
+        self.gradient_checkpointing = False  # recompute each layer in the backward pass (VLM.gradient_checkpointing_enable)
 
     # ---- weights shared with the embeddings (the one owner of tying) ----------------------
     def tied_weights(self) -> dict[str, str]:
@@ -388,8 +390,12 @@ class CausalDecoder(nn.Module):
         if stepped is not None:
             x = stepped
         else:
+            recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
             for layer in self.model.layers:
-                x = layer(x, rope, key_padding_mask, cache)
+                if recompute:
+                    x = checkpoint(layer, x, rope, key_padding_mask, None, use_reentrant=False)
+                else:
+                    x = layer(x, rope, key_padding_mask, cache)
                 if hidden is not None:
                     hidden.append(x)
         if cache is not None:

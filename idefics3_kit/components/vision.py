@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dataclasses import dataclass
 
@@ -114,6 +115,14 @@ class SiglipEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.gradient_checkpointing = False  # recompute each layer in the backward pass
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, num_layers: int | None = None) -> torch.Tensor:
+        """The first ``num_layers`` layers (all by default) over x [N, L, D]."""
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers[:num_layers]:
+            x = checkpoint(layer, x, key_mask, use_reentrant=False) if recompute else layer(x, key_mask)
+        return x
 
 
 @register("vision", "siglip", hf={"model_types": ("idefics3_vision", "siglip_vision_model"),
@@ -145,9 +154,7 @@ class SiglipVisionEncoder(nn.Module):
             patch_mask = torch.ones(n, height // self.patch_size, width // self.patch_size,
                                     dtype=torch.bool, device=pixel_values.device)
         x = self.embeddings(pixel_values, patch_mask)
-        for layer in self.encoder.layers:
-            x = layer(x, key_mask)
-        return self.post_layernorm(x)
+        return self.post_layernorm(self.encoder(x, key_mask))
 
 
 # --------------------------------------------------------------------------------------
@@ -261,9 +268,7 @@ class ClipVisionEncoder(nn.Module):
                 raise ValueError(f"clip vision encoder: patch_mask has {flat.shape[1]} patches per tile, "
                                  f"expected {x.shape[1] - 1}")
             key_mask = torch.cat([flat.new_ones(n, 1), flat], dim=1)  # class token always attendable
-        for layer in self.encoder.layers[:self.config.num_layers_run]:
-            x = layer(x, key_mask)
-        return x[:, 1:]
+        return self.encoder(x, key_mask, self.config.num_layers_run)[:, 1:]
 
     def _check_size(self, height: int, width: int) -> None:
         p = self.patch_size
@@ -274,7 +279,5 @@ class ClipVisionEncoder(nn.Module):
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """transformers' pooler_output: post_layernorm of the final class token, [N, D]."""
         self._check_size(*pixel_values.shape[2:])
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for layer in self.encoder.layers:
-            x = layer(x, None)
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)), None)
         return self.post_layernorm(x[:, 0])

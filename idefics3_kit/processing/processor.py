@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Sequence
 
@@ -153,7 +154,8 @@ class Processor:
                  padding: bool | str = True, padding_side: str | None = None, truncation: bool = False,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None,
                  add_special_tokens: bool = True, pixel_dtype: torch.dtype = torch.float32,
-                 image_seq_len: int | None = None, device=None, **image_overrides) -> BatchFeature:
+                 image_seq_len: int | None = None, device=None, return_offsets_mapping: bool = False,
+                 **image_overrides) -> BatchFeature:
         """Tokenize prompts and split images into one batch (see the module docstring).
 
         ``images``: one image, a flat list (shared out over the prompts by their ``<image>``
@@ -165,6 +167,10 @@ class Processor:
         (bit-equal to the CPU op) and returns every tensor on that device.
         ``image_seq_len`` is accepted only when it equals the processor's (transformers silently
         ignores a different one; the model needs the checkpoint's value).
+        ``return_offsets_mapping``: also ``offset_mapping`` [B, L, 2], each token's (start, end)
+        character span in the prompt *as given* (before ``<image>`` expansion): every token of an
+        image's block gets the span of its ``<image>``; special tokens and padding get (0, 0). The
+        trainer uses it to label the assistant's turns.
         """
         if image_seq_len is not None and image_seq_len != self.image_seq_len:
             raise ValueError(f"image_seq_len={image_seq_len} differs from this processor's {self.image_seq_len} "
@@ -184,11 +190,11 @@ class Processor:
             prepared = self.splitter.prepare(rgb, **_splitter_overrides(image_overrides))
             result.image_plans = prepared.plans
         if prompts is not None:  # tokenize next: a refused truncation fails before the pixel work
-            expanded = [self._expand_prompt(p, result.image_plans[i] if prepared else [])
-                        for i, p in enumerate(prompts)]
-            result.update(self._tokenize(expanded, result.image_plans, return_tensors, padding,
+            expansions = [self._expand_prompt(p, result.image_plans[i] if prepared else [])
+                          for i, p in enumerate(prompts)]
+            result.update(self._tokenize(expansions, result.image_plans, return_tensors, padding,
                                          padding_side or self.padding_side, truncation, max_length,
-                                         pad_to_multiple_of, add_special_tokens))
+                                         pad_to_multiple_of, add_special_tokens, return_offsets_mapping))
         if prepared is not None:
             split = self.splitter.fill(prepared, pixel_dtype, device=device)
             result["pixel_values"] = split.pixel_values
@@ -219,41 +225,53 @@ class Processor:
                                  f"got {type(sample).__name__}; don't mix images and lists at one level")
         return [list(sample) for sample in images]
 
-    def _expand_prompt(self, prompt: str, plans: list[TilePlan]) -> str:
+    def _expand_prompt(self, prompt: str, plans: list[TilePlan]) -> "_Expansion":
+        """The prompt with each ``<image>`` replaced by its image's token layout, and where each
+        piece of the expanded text came from."""
         pieces = prompt.split(IMAGE_TOKEN)
-        out = [pieces[0]]
+        out, segments = [pieces[0]], [(0, 0, len(pieces[0]), False)]
+        expanded_at, original_at = len(pieces[0]), len(pieces[0])
         for plan, piece in zip(plans, pieces[1:]):
-            out.append(plan.prompt_text(self.image_seq_len))
-            out.append(piece)
-        return "".join(out)
+            block = plan.prompt_text(self.image_seq_len)
+            segments.append((expanded_at, original_at, len(block), True))
+            expanded_at, original_at = expanded_at + len(block), original_at + len(IMAGE_TOKEN)
+            segments.append((expanded_at, original_at, len(piece), False))
+            expanded_at, original_at = expanded_at + len(piece), original_at + len(piece)
+            out += [block, piece]
+        return _Expansion("".join(out), segments)
 
-    def _tokenize(self, texts, plans, return_tensors, padding, side, truncation, max_length,
-                  pad_to_multiple_of, add_special_tokens) -> dict:
-        ids = self._encode(texts, add_special_tokens, truncation, max_length, side_of_truncation="right")
-        if truncation and max_length is not None:
+    def _tokenize(self, expansions, plans, return_tensors, padding, side, truncation, max_length,
+                  pad_to_multiple_of, add_special_tokens, return_offsets) -> dict:
+        # Whole expanded prompts through the tokenizer, truncated as the tokenizers library does it
+        # (on each encoding: the shared tokenizer is never mutated, concurrent calls stay safe).
+        limit = max_length if truncation and max_length is not None else None
+        ids, offsets = self.tokenizer.encodings([e.text for e in expansions], add_special_tokens, limit)
+        if limit is not None:
             self._check_truncation(ids, plans, max_length)
-        input_ids, attention_mask = self._pad(ids, padding, _check_side(side, "padding_side"), max_length,
-                                              pad_to_multiple_of)
+        side = _check_side(side, "padding_side")
+        input_ids, attention_mask = self._pad(ids, padding, side, max_length, pad_to_multiple_of)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if return_offsets:
+            mapped = [[e.original_span(*span) for span in row] for e, row in zip(expansions, offsets)]
+            out["offset_mapping"] = self._pad_rows(mapped, input_ids, side, (0, 0))
         if return_tensors is None:
-            return {"input_ids": input_ids, "attention_mask": attention_mask}
+            return out
         if return_tensors != "pt":
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if len({len(row) for row in input_ids}) > 1:
             raise ValueError(f"prompts have different lengths {[len(r) for r in input_ids]}: pass padding=True "
                              f"to return tensors")
-        return {"input_ids": torch.tensor(input_ids, dtype=torch.long).reshape(len(input_ids), -1),
-                "attention_mask": torch.tensor(attention_mask, dtype=torch.long).reshape(len(input_ids), -1)}
+        return {k: torch.tensor(v, dtype=torch.long).reshape(len(input_ids), len(input_ids[0]), *([2] * (
+            k == "offset_mapping"))) for k, v in out.items()}
 
-    def _encode(self, texts, add_special_tokens, truncation, max_length, side_of_truncation) -> list[list[int]]:
-        """Whole expanded prompts through the tokenizer; truncation as the tokenizers library does it.
-
-        tokenizers truncates the text's tokens to leave room for the special tokens, then adds
-        them; done here on each encoding instead of through ``enable_truncation``, so the shared
-        tokenizer is never mutated (concurrent calls stay safe).
-        """
-        if not (truncation and max_length is not None):
-            return self.tokenizer.encode_batch(texts, add_special_tokens)
-        return self.tokenizer.encode_batch_truncated(texts, add_special_tokens, max_length, side_of_truncation)
+    @staticmethod
+    def _pad_rows(rows, padded_ids, side, value):
+        """``rows`` padded like ``padded_ids`` (same lengths, same side)."""
+        out = []
+        for row, target in zip(rows, padded_ids):
+            pad = [value] * (len(target) - len(row))
+            out.append(pad + row if side == "left" else row + pad)
+        return out
 
     def _check_truncation(self, ids, plans, max_length: int) -> None:
         """Refuse a truncation that cut into any image block (the model would see broken images)."""
@@ -322,11 +340,16 @@ class Processor:
             images = found if any(found) else None
         kwargs = dict(processor_kwargs or {})
         kwargs.update(call_options)  # transformers passes these on to the call too
-        bos = self.tokenizer.bos_token
-        if bos is not None and prompts[0].startswith(bos):
+        if self.template_writes_bos(prompts[0]):
             kwargs["add_special_tokens"] = False
         out = self(text=prompts, images=images, **kwargs)
         return out if return_dict else out["input_ids"]
+
+    def template_writes_bos(self, prompt: str) -> bool:
+        """Whether a rendered prompt already starts with the BOS token, so the tokenizer must not
+        add another (the double BOS of reference §2.4)."""
+        bos = self.tokenizer.bos_token
+        return bos is not None and prompt.startswith(bos)
 
     # ---- decoding -----------------------------------------------------------------------------
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
@@ -342,6 +365,31 @@ class Processor:
 
 # --------------------------------------------------------------------------------------
 # Helpers
+
+
+@dataclass(frozen=True)
+class _Expansion:
+    """An expanded prompt and its pieces: (start in the expanded text, start in the prompt,
+    length in the expanded text, is an image block)."""
+
+    text: str
+    segments: list
+
+    def original_span(self, start: int, end: int) -> tuple[int, int]:
+        """A character span of the expanded text as a span of the prompt (image blocks -> their ``<image>``)."""
+        if start == end == 0:
+            return (0, 0)
+        return self._position(start, False), self._position(end, True)
+
+    def _position(self, at: int, is_end: bool) -> int:
+        for expanded_at, original_at, length, image_block in self.segments:
+            inside = expanded_at <= at < expanded_at + length or (is_end and at == expanded_at + length)
+            if inside and length:
+                if image_block:
+                    return original_at + (len(IMAGE_TOKEN) if is_end else 0)
+                return original_at + (at - expanded_at)
+        last = self.segments[-1]
+        return last[1] + (at - last[0])
 
 
 def _check_side(side: str, what: str) -> str:

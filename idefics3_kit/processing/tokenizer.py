@@ -122,25 +122,31 @@ class TextTokenizer:
 
     # ---- encode / decode ------------------------------------------------------------------------
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        return [e.ids for e in encodings]
+        return self.encodings(texts, add_special_tokens)[0]
+
+    def encodings(self, texts: Sequence[str], add_special_tokens: bool = True, max_length: int | None = None,
+                  direction: str = "right") -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """(ids, character offsets) per text, optionally truncated to ``max_length`` tokens with the
+        special tokens kept: the same steps as the library's own truncation (text tokens cut to
+        leave room for the post-processor's tokens, then those added), without
+        ``enable_truncation`` on the shared object. Special tokens have offsets (0, 0)."""
+        if max_length is None:
+            encoded = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        else:
+            processor = self.backend.post_processor
+            room = processor.num_special_tokens_to_add(False) if add_special_tokens and processor is not None else 0
+            if max_length < room:
+                raise ValueError(f"max_length={max_length} leaves no room for the {room} special tokens")
+            encoded = []
+            for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False):
+                encoding.truncate(max_length - room, direction=direction)
+                encoded.append(self.backend.post_process(encoding, add_special_tokens=add_special_tokens))
+        return [e.ids for e in encoded], [list(e.offsets) for e in encoded]
 
     def encode_batch_truncated(self, texts: Sequence[str], add_special_tokens: bool, max_length: int,
                                direction: str = "right") -> list[list[int]]:
-        """``encode_batch`` with truncation to ``max_length`` tokens, special tokens kept.
-
-        The same steps as the library's own truncation (text tokens cut to leave room for the
-        post-processor's tokens, then those added), without ``enable_truncation`` on the shared object.
-        """
-        processor = self.backend.post_processor
-        room = processor.num_special_tokens_to_add(False) if add_special_tokens and processor is not None else 0
-        if max_length < room:
-            raise ValueError(f"max_length={max_length} leaves no room for the {room} special tokens")
-        out = []
-        for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False):
-            encoding.truncate(max_length - room, direction=direction)
-            out.append(self.backend.post_process(encoding, add_special_tokens=add_special_tokens).ids)
-        return out
+        """``encode_batch`` with truncation to ``max_length`` tokens, special tokens kept."""
+        return self.encodings(texts, add_special_tokens, max_length, direction)[0]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids

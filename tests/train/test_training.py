@@ -1,6 +1,6 @@
-"""The training loop: schedule, label masking, loss going down, resume, freezing, CLI."""
+"""The demo recipe through the Trainer: the synthetic source, the curriculum, the demo model and
+its vision warm-up, the schedule, resume, freezing and the CLI."""
 
-import dataclasses
 import subprocess
 import sys
 
@@ -10,6 +10,7 @@ import torch
 from idefics3_kit import train as T
 from idefics3_kit.recipes.demo import training as demo_training
 from idefics3_kit.recipes.demo.synthetic import make_example
+from idefics3_kit.train import checkpoint, metrics
 
 
 @pytest.fixture(scope="module")
@@ -19,59 +20,60 @@ def processor(tmp_path_factory):
     return build_processor(str(tmp_path_factory.mktemp("proc")), vocab_size=320)
 
 
-def tiny_cfg(tmp_path, processor_dir, **changes) -> T.TrainConfig:
-    cfg = T.TrainConfig(out_dir=str(tmp_path / "run"), processor={"path": processor_dir}, steps=4, batch_size=4,
-                        lr=3e-3, warmup_steps=1, save_every=2, num_threads=1)
-    return dataclasses.replace(cfg, **changes)
+@pytest.fixture(scope="module")
+def processor_dir(processor, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("p"))
+    processor.save_pretrained(path)
+    return path
+
+
+def demo_cfg(out_dir, processor_dir, **changes) -> dict:
+    cfg = {"out_dir": str(out_dir), "model": {"demo": True}, "processor": {"path": processor_dir},
+           "data": {"source": "synthetic", "options": {"seed": 0}, "num_workers": 0}, "steps": 4, "batch_size": 4,
+           "lr": 3e-3, "warmup_steps": 1, "save_every": 2, "num_threads": 1}
+    cfg.update(changes)
+    return cfg
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    cfg = T.TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    cfg = T.TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1, data={"source": "synthetic"})
     factors = [T.lr_factor(s, cfg) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert T.lr_factor(100, cfg) == pytest.approx(0.1)
 
 
-def test_collator_labels_only_the_answer(processor):
-    examples = [make_example(i) for i in range(5)]
-    batch = T.Collator(processor)(examples)
+def test_synthetic_conversations_label_only_the_answer(processor):
+    source = demo_training.synthetic_source({"seed": 0}, global_batch=5, steps=1)
+    items = [source[i] for i in range(5)]
+    batch = T.ConversationCollator(processor)(items)["inputs"]
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
-    for i, example in enumerate(examples):
+    for i in range(5):
+        example = source.example(i)
         labels = batch["labels"][i]
-        text = processor.decode(labels[labels != -100].tolist())
-        assert text == f" {example.answer}<end_of_utterance>\n"
+        assert processor.decode(labels[labels != -100].tolist()) == f" {example.answer}<end_of_utterance>\n"
         assert (batch["input_ids"][i][labels != -100] == labels[labels != -100]).all()
         assert batch["attention_mask"][i, 0] == 1  # right padded for training
 
 
-def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, processor, tmp_path_factory):
-    proc_dir = str(tmp_path_factory.mktemp("p"))
-    processor.save_pretrained(proc_dir)
+def test_the_demo_trains_through_the_trainer_and_resumes_exactly(tmp_path, processor, processor_dir):
     torch.manual_seed(0)
-    straight = T.train(tiny_cfg(tmp_path / "a", proc_dir, steps=4), progress=False)
-    half = tiny_cfg(tmp_path / "b", proc_dir, steps=4, save_every=100)
-    T.train(half, progress=False, stop_after=2)  # an interrupted run
-    state = torch.load(f"{half.out_dir}/last/{T.STATE_FILE}", weights_only=False)
-    assert state["step"] == 2
-    resumed = T.train(half, progress=False)  # picks up at step 2
+    straight = T.Trainer(config=demo_cfg(tmp_path / "a", processor_dir), progress=False).fit()
+    half = demo_cfg(tmp_path / "b", processor_dir, save_every=100)
+    T.Trainer(config=half, progress=False).fit(until=2)  # an interrupted run
+    assert checkpoint.read_state(checkpoint.latest(half["out_dir"]))["step"] == 2
+    resumed = T.Trainer(config=half, progress=False).fit()  # picks up at step 2
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
-    collate = T.Collator(processor)
-    batch = collate([make_example(123_456 + i) for i in range(8)])
-    fresh = demo_training.build_demo_model({"demo": True}, processor)
-    with torch.no_grad():
-        assert straight(**batch).loss < fresh(**batch).loss
+    curve = [r["loss"] for r in metrics.read(str(tmp_path / "a"))]
+    assert curve[-1] < curve[0]
 
 
-def test_freezing_keeps_components_fixed(tmp_path, processor, tmp_path_factory):
-    proc_dir = str(tmp_path_factory.mktemp("p"))
-    processor.save_pretrained(proc_dir)
-    cfg = tiny_cfg(tmp_path, proc_dir, steps=2, freeze=["vision", "decoder"], model={"demo": True})
-    torch.manual_seed(0)
-    before = demo_training.build_demo_model(cfg.model, processor).state_dict()
-    torch.manual_seed(0)
-    after = T.train(cfg, progress=False).state_dict()
+def test_freezing_keeps_components_fixed(tmp_path, processor, processor_dir):
+    cfg = demo_cfg(tmp_path, processor_dir, steps=2, freeze=["vision", "decoder"])
+    trainer = T.Trainer(config=cfg, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    after = trainer.fit().state_dict()
     for name, tensor in before.items():
         changed = not torch.equal(tensor, after[name])
         assert changed == name.startswith("connector."), name
@@ -79,23 +81,25 @@ def test_freezing_keeps_components_fixed(tmp_path, processor, tmp_path_factory):
 
 def test_bad_configs_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"TrainConfig.freeze: unknown components \['eyes'\]"):
-        T.TrainConfig(freeze=["eyes"])
+        T.TrainConfig(freeze=["eyes"], data={"source": "synthetic"})
     bad = tmp_path / "c.json"
     bad.write_text('{"stepz": 3}')
-    with pytest.raises(ValueError, match=r"c.json: unknown fields \['stepz'\]"):
+    with pytest.raises(ValueError, match=r"c.json: TrainConfig: unknown key\(s\) \['stepz'\]"):
         T.TrainConfig.from_file(str(bad))
+    with pytest.raises(ValueError, match="data.options: unknown key"):
+        demo_training.synthetic_source({"seeed": 1}, global_batch=1, steps=1)
 
 
-def test_cli_train(tmp_path, processor, tmp_path_factory):
-    proc_dir = str(tmp_path_factory.mktemp("p"))
-    processor.save_pretrained(proc_dir)
+def test_cli_train(tmp_path, processor_dir):
+    import json
+
     cfg_file = tmp_path / "train.json"
-    cfg_file.write_text('{"processor": {"path": "%s"}, "batch_size": 2, "steps": 1, "num_threads": 1}' % proc_dir)
+    cfg_file.write_text(json.dumps(demo_cfg(tmp_path / "x", processor_dir, steps=1, batch_size=2)))
     result = subprocess.run([sys.executable, "-m", "idefics3_kit.cli", "train", "--config", str(cfg_file),
                              "--out-dir", str(tmp_path / "out"), "--no-progress"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out" / "last" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
     missing = subprocess.run([sys.executable, "-m", "idefics3_kit.cli", "train", "--config", str(tmp_path / "no.json")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "training config not found" in missing.stderr
@@ -132,14 +136,13 @@ def test_max_shapes_caps_the_shapes():
 def test_curriculum_stages_apply_by_step_and_resume_identically():
     data = {"seed": 3, "kinds": ["count"], "stages": [{"until_step": 2, "kinds": ["count"], "max_shapes": 1}]}
     assert demo_training.data_stage(data, 1)["max_shapes"] == 1 and demo_training.data_stage(data, 2) == {}
-    stream = demo_training.synthetic_batches(data, batch_size=4, examples_per_step=8)  # grad_accum 2
-    batches = [next(stream) for _ in range(6)]  # steps 0, 0, 1, 1, 2, 2
-    assert all(e.answer == "one" for b in batches[:4] for e in b)
-    resumed = demo_training.synthetic_batches(data, batch_size=4, start_index=16, examples_per_step=8)
-    for expected in batches[4:]:
-        got = next(resumed)
-        assert [e.answer for e in got] == [e.answer for e in expected]
-        assert [e.image.tobytes() for e in got] == [e.image.tobytes() for e in expected]
+    source = demo_training.synthetic_source(data, global_batch=8, steps=3)  # 8 examples per step
+    examples = [source.example(i) for i in range(24)]  # steps 0, 1, 2
+    assert all(e.answer == "one" for e in examples[:16])
+    again = demo_training.synthetic_source(data, global_batch=8, steps=3)
+    for i in range(16, 24):  # example i is a pure function of i: a resumed run draws the same
+        assert again.example(i).answer == examples[i].answer
+        assert again.example(i).image.tobytes() == examples[i].image.tobytes()
     with pytest.raises(ValueError, match="needs 'until_step'"):
         demo_training.data_stage({"stages": [{"kinds": ["count"]}]}, 0)
 

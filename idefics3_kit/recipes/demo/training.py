@@ -1,7 +1,7 @@
 """The demo recipe's part of training: the synthetic data source, the demo model (with its
 vision warm-up) and the processor it builds, registered with the trainer's sources.
 
-    idefics3-kit train --config configs/demo_train.json    # data.source "synthetic", model {"demo": true}
+    idefics3-kit train --config configs/demo_train.json    # data.source "synthetic", model {"demo": true, ...}
 """
 
 from __future__ import annotations
@@ -12,55 +12,86 @@ import torch
 import torch.nn.functional as F
 
 from ...model import VLM
+from ...processing.images import to_rgb
 from ...train import sources
+from ...train.collator import chat_messages
+from ...train.data import Conversation
 from ...train.progress import progress_bar
 from .model import build_processor, demo_model_config
 from .synthetic import COLOURS, NO_LABEL, QUESTION_KINDS, SHAPES, WORDS, make_example, make_tile_labels
 
 
-def synthetic_batches(data_cfg: dict, batch_size: int, start_index: int = 0, examples_per_step: int | None = None):
-    """Endless batches of synthetic examples; example i is a pure function of (seed, i, stage).
+SYNTHETIC_OPTIONS = {"seed", "kinds", "max_shapes", "stages"}
 
-    ``data_cfg["kinds"]`` lists the question kinds to draw from (a kind listed twice is drawn
-    twice as often; default: the evaluation's kinds) and ``data_cfg["max_shapes"]`` caps the
-    shapes per image. ``data_cfg["stages"]`` is a curriculum: a list of
-    ``{"until_step": N, "kinds": [...], "max_shapes": M}`` whose settings apply before optimizer
-    step N (first match wins), the top-level ones after the last.
+
+class SyntheticConversations(torch.utils.data.Dataset):
+    """The demo's synthetic questions as a training source: example i is a pure function of
+    (seed, i, the curriculum stage of its step), drawn in order (``ordered``), ``steps`` steps of
+    ``global_batch`` examples.
+
+    ``options["kinds"]`` lists the question kinds to draw from (a kind listed twice is drawn twice
+    as often; default: the evaluation's kinds) and ``options["max_shapes"]`` caps the shapes per
+    image. ``options["stages"]`` is a curriculum: a list of ``{"until_step": N, "kinds": [...],
+    "max_shapes": M}`` whose settings apply before optimizer step N (first match wins), the
+    top-level ones after the last.
     """
-    seed = int(data_cfg.get("seed", 0))
-    per_step = examples_per_step or batch_size
-    index = start_index
-    while True:
-        stage = data_stage(data_cfg, index // per_step)
-        kinds = tuple(stage.get("kinds", data_cfg.get("kinds", QUESTION_KINDS)))
-        max_shapes = int(stage.get("max_shapes", data_cfg.get("max_shapes", 3)))
-        yield [make_example(seed * 1_000_003 + index + k, kinds=kinds, max_shapes=max_shapes)
-               for k in range(batch_size)]
-        index += batch_size
+
+    ordered = True
+    lengths = None  # every image is small and alike: nothing to group
+
+    def __init__(self, options: dict, global_batch: int, steps: int):
+        unknown = sorted(set(options) - SYNTHETIC_OPTIONS)
+        if unknown:
+            raise ValueError(f"data.options: unknown key(s) {unknown} for the synthetic source; known: "
+                             f"{sorted(SYNTHETIC_OPTIONS)}")
+        for stage in options.get("stages", []):
+            if "until_step" not in stage:
+                raise ValueError(f"data.options.stages: every stage needs 'until_step', got {stage}")
+        self.options, self.global_batch, self.steps = dict(options), global_batch, steps
+        self.name = "synthetic"
+        self.skipped: dict = {}
+
+    def __len__(self) -> int:
+        return self.global_batch * self.steps
+
+    def example(self, index: int):
+        stage = data_stage(self.options, index // self.global_batch)
+        kinds = tuple(stage.get("kinds", self.options.get("kinds", QUESTION_KINDS)))
+        max_shapes = int(stage.get("max_shapes", self.options.get("max_shapes", 3)))
+        return make_example(int(self.options.get("seed", 0)) * 1_000_003 + index, kinds=kinds, max_shapes=max_shapes)
+
+    def __getitem__(self, index: int):
+        ex = self.example(index)
+        conversation = Conversation(chat_messages(ex.question, ex.answer), [ex.image], f"synthetic example {index}")
+        return conversation, [to_rgb(ex.image)]
+
+
+def synthetic_source(options: dict, *, global_batch: int, steps: int, seed: int = 0) -> SyntheticConversations:
+    return SyntheticConversations(options, global_batch, steps)
 
 
 def data_stage(data_cfg: dict, step: int) -> dict:
     """The curriculum stage in force at optimizer ``step`` ({} once past every stage)."""
     for stage in data_cfg.get("stages", []):
         if "until_step" not in stage:
-            raise ValueError(f"data.stages: every stage needs 'until_step', got {stage}")
+            raise ValueError(f"data.options.stages: every stage needs 'until_step', got {stage}")
         if step < int(stage["until_step"]):
             return stage
     return {}
 
 
-def build_demo_model(spec: dict, processor, cfg=None, progress: bool = True) -> VLM:
+def build_demo_model(spec: dict, processor, cfg=None, progress: bool = True, fresh: bool = True) -> VLM:
     """The demo VLM for ``processor``'s tokenizer, with per-component overrides
-    (``{"demo": true, "decoder": {"num_key_value_heads": 6}}``); a fresh one gets the vision
-    warm-up the training config asks for (``vision_warmup``)."""
+    (``{"demo": true, "decoder": {"num_key_value_heads": 6}}``); ``"vision_warmup": {...}`` runs
+    ``warm_up_vision`` on the fresh model first."""
     spec = dict(spec)
     spec.pop("demo", None)
+    warmup = spec.pop("vision_warmup", None)
     tok = processor.tokenizer
     base = demo_model_config(len(tok), processor.image_token_id, tok.pad_token_id,
                              processor.end_of_utterance_token_id)
     model = VLM(base.with_overrides(spec))
-    warmup = getattr(cfg, "vision_warmup", None) if cfg is not None else None
-    if warmup:
+    if warmup and fresh:
         warm_up_vision(model, processor, warmup, getattr(cfg, "seed", 0), progress)
     return model
 
@@ -135,7 +166,7 @@ def warm_up_vision(model: VLM, processor, spec: dict, seed: int = 0, progress: b
             bar.set_postfix(loss=f"{float(loss):.4f}", shape_acc=f"{float(shape_acc):.3f}",
                             word_acc=f"{float(word_acc):.3f}")
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 
@@ -144,6 +175,6 @@ def _build_processor(spec: dict, out_dir: str):
     return build_processor(os.path.join(out_dir, "processor"), **spec.get("build", {}))
 
 
-sources.register_data("synthetic", synthetic_batches)
+sources.register_data("synthetic", synthetic_source)
 sources.register_model("demo", build_demo_model)
 sources.register_processor("build", _build_processor)

@@ -1,0 +1,107 @@
+"""Training checkpoints through torch.distributed.checkpoint (DCP): sharded, atomic, reshardable.
+
+    OUT_DIR/checkpoints/step-00000400/   model + optimizer (DCP files, one per process) + trainer_state.json
+    OUT_DIR/checkpoints/latest           the name of the newest complete checkpoint
+
+Every process writes its shards into ``step-N.tmp``; when all are done, rank 0 writes
+``trainer_state.json`` (JSON: no pickle), renames the folder to ``step-N`` and then points
+``latest`` at it (a temporary file renamed over the old one). A crash at any moment leaves
+``latest`` naming the previous complete checkpoint, which is what a resume loads; leftover
+``.tmp`` folders are removed by the next save. Loading goes through
+``get_state_dict``/``set_state_dict``, so a checkpoint written by N processes loads into M
+(DDP, FSDP2 or one process): DCP reshards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .. import files
+from .distributed import Runtime, barrier
+
+FOLDER = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+def _root(out_dir: str) -> str:
+    return os.path.join(out_dir, FOLDER)
+
+
+def latest(out_dir: str) -> str | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = os.path.join(_root(out_dir), LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        name = f.read().strip()
+    path = os.path.join(_root(out_dir), name)
+    if not name or os.sep in name or not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise ValueError(f"{pointer}: names {name!r}, which is not a complete checkpoint of this run")
+    return path
+
+
+def save(out_dir: str, step: int, model, optimizer, runtime: Runtime, state: dict, keep: int = 2) -> str:
+    """Write the checkpoint of ``step`` (a collective: every process calls it); returns its folder."""
+    root = _root(out_dir)
+    name = f"step-{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    if os.path.isfile(os.path.join(final, STATE_FILE)):  # this step is saved already (a run resumed here)
+        barrier(runtime)
+        return final
+    if runtime.is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(runtime)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _one_process_is_fine():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    barrier(runtime)
+    if runtime.is_main:
+        files.write_json(os.path.join(tmp, STATE_FILE), {**state, "step": step, "world_size": runtime.world_size})
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name (no trainer_state.json)
+        os.replace(tmp, final)
+        files.write_text(os.path.join(root, LATEST), name + "\n")
+        _prune(root, keep)
+    barrier(runtime)
+    return final
+
+
+def read_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json (step, world size, the run's config)."""
+    return files.read_json_object(os.path.join(path, STATE_FILE), STATE_FILE)
+
+
+def load(path: str, model, optimizer) -> dict:
+    """Load a checkpoint into ``model`` and ``optimizer`` (any world size); returns its trainer state."""
+    state = read_state(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    with _one_process_is_fine():
+        dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    return state
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns that it saves in a single process when torch.distributed is not initialized:
+    here that is intended (a run of one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _prune(root: str, keep: int) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints, and any leftover partial one."""
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+    complete = [n for n in names if not n.endswith(".tmp")]
+    for name in complete[:-keep] + [n for n in names if n.endswith(".tmp")]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
