@@ -50,6 +50,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return total / num_items_in_batch
 
 
+def labelled_positions_loss(head, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
+                            ignore_index: int = -100) -> torch.Tensor:
+    """``causal_lm_loss`` with the LM head run only where a label is: hidden [B, L, D] -> the
+    positions whose next token is labelled [N, D] -> logits [N, V] (float32) -> cross entropy."""
+    targets = labels[:, 1:]  # [B, L-1]: the label of position i is labels[i + 1]
+    keep = targets != ignore_index
+    logits = head(hidden[:, :-1][keep]).float()  # [N, V]
+    total = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+
+
 class VLM(nn.Module):
     """An Idefics3-style vision-language model assembled from registered components."""
 
@@ -227,21 +238,31 @@ class VLM(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                 labels=None, inputs_embeds=None, image_hidden_states=None, position_ids=None, cache=None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0, num_items_in_batch=None,
-                **unused) -> VLMOutput:
-        """Logits (and the loss when ``labels`` are given), like Idefics3ForConditionalGeneration."""
+                loss_only: bool = False, **unused) -> VLMOutput:
+        """Logits (and the loss when ``labels`` are given), like Idefics3ForConditionalGeneration.
+
+        ``num_items_in_batch``: the loss is the summed loss over this count (transformers' meaning)
+        instead of the mean. ``loss_only`` (with ``labels``; what the trainer uses): the LM head runs
+        only on the positions that have a label, so the [B, L, V] logits are never made (at a
+        49k-word vocabulary they are most of a training step's head work and memory); the output's
+        ``logits`` is then None. The loss is the same.
+        """
         unknown = set(unused) - {"return_dict", "use_cache"}
         if unknown:
             raise TypeError(f"VLM.forward got unexpected arguments: {', '.join(sorted(unknown))}")
         embeds, features = self.embed_inputs(input_ids, inputs_embeds, pixel_values, pixel_attention_mask,
                                              image_hidden_states)
+        if labels is not None and labels.shape != embeds.shape[:2]:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(embeds.shape[:2])}, "
+                             f"got {tuple(labels.shape)}")
+        head = getattr(self.decoder, "head", None) if loss_only and labels is not None else None
         out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                           cache=cache, logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states)
-        loss = None
-        if labels is not None:
-            if labels.shape != embeds.shape[:2]:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(embeds.shape[:2])}, "
-                                 f"got {tuple(labels.shape)}")
-            loss = causal_lm_loss(out.logits, labels, num_items_in_batch=num_items_in_batch)
+                           cache=cache, logits_to_keep=1 if head is not None else logits_to_keep,
+                           output_hidden_states=output_hidden_states)
+        if head is not None:
+            loss = labelled_positions_loss(head, out.last_hidden_state, labels, num_items_in_batch)
+            return VLMOutput(logits=None, loss=loss, hidden_states=out.hidden_states, image_hidden_states=features)
+        loss = None if labels is None else causal_lm_loss(out.logits, labels, num_items_in_batch=num_items_in_batch)
         return VLMOutput(logits=out.logits, loss=loss, hidden_states=out.hidden_states,
                          image_hidden_states=features)
 

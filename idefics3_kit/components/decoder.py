@@ -351,6 +351,10 @@ class CausalDecoder(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: final hidden states [..., D] -> logits [..., V]."""
+        return ops.linear(self.lm_head, hidden)
+
     def new_cache(self, batch_size: int, max_length: int, dtype=None, device=None) -> KVCache:
         """A KV cache for ``max_length`` tokens per sequence (buffers sized by the keys that flow)."""
         return KVCache(len(self.model.layers), max_length, dtype)
@@ -404,7 +408,7 @@ class CausalDecoder(nn.Module):
         if hidden is not None:
             hidden[-1] = x
         kept = x[:, -logits_to_keep:] if logits_to_keep else x
-        return DecoderOutput(logits=ops.linear(self.lm_head, kept), hidden_states=tuple(hidden) if hidden else None,
+        return DecoderOutput(logits=self.head(kept), hidden_states=tuple(hidden) if hidden else None,
                              last_hidden_state=x)
 
     # ---- one compiled call for a whole decode step ------------------------------------------

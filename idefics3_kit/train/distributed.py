@@ -78,6 +78,9 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, *, bf16: bool = Fals
     """The model as the strategy trains it: DDP, or FSDP2 with each vision layer, the rest of the
     vision tower, the connector and each decoder layer sharded apart (their own hooks gather
     their parameters, so a part called on its own works too), then the root. One process: as is."""
+    if cpu_offload and runtime.device.type != "cuda":
+        raise ValueError("parallel.cpu_offload keeps FSDP2's parameters and optimizer state in CPU memory while "
+                         "GPUs compute; this run computes on the CPU already: leave it false")
     if not runtime.distributed or strategy == "none":
         return model
     if strategy == "ddp":

@@ -241,7 +241,7 @@ class Trainer:
             batch = self._empty_batch()
         batch = {k: v.to(device) for k, v in batch.items()}
         with self._autocast():
-            loss = self.wrapped(**batch, num_items_in_batch=num_items).loss
+            loss = self.wrapped(**batch, num_items_in_batch=num_items, loss_only=True).loss
             if "pixel_values" not in batch and self.runtime.distributed:
                 loss = loss + 0.0 * self._vision_touch()  # every parameter takes part in every step
         return loss.float()
@@ -299,7 +299,7 @@ class Trainer:
                 count = _label_count(inputs)
                 with self._autocast():
                     loss = self.wrapped(**{k: v.to(rt.device) for k, v in inputs.items()},
-                                        num_items_in_batch=max(count, 1)).loss
+                                        num_items_in_batch=max(count, 1), loss_only=True).loss
                 totals += torch.tensor([float(loss) * count, count], dtype=torch.float64)
             loss_sum, count = distributed.all_reduce_sum(totals, rt).tolist()
             out = {"eval_loss": loss_sum / max(count, 1.0)}

@@ -20,9 +20,9 @@ from idefics3_kit.train import Trainer, TrainConfig, checkpoint, metrics
 from tests.train.photos import write_jsonl
 
 
-def config(out_dir, data, **changes) -> dict:
+def config(out_dir, source, **changes) -> dict:
     cfg = {"out_dir": str(out_dir), "model": {"init": shipped_model_dir()},
-           "data": {"source": str(data), "num_workers": 0}, "steps": 5, "batch_size": 4, "lr": 1e-3,
+           "data": {"source": str(source), "num_workers": 0}, "steps": 5, "batch_size": 4, "lr": 1e-3,
            "warmup_steps": 1, "save_every": 100, "num_threads": 1, "seed": 0}
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -42,7 +42,8 @@ def photos(tmp_path_factory):
 
 
 def test_a_jsonl_of_photos_trains_and_its_loss_falls(tmp_path, photos):
-    trainer = Trainer(config=config(tmp_path / "run", photos, steps=12, lr=3e-3), progress=False)
+    trainer = Trainer(config=config(tmp_path / "run", photos, steps=12, lr=3e-3, data={"num_workers": 2}),
+                      progress=False)  # the processor runs in two DataLoader workers
     trainer.fit()
     curve = losses(tmp_path / "run")
     assert len(curve) == 12 and sum(curve[-3:]) / 3 < 0.6 * sum(curve[:3]) / 3, curve
@@ -227,6 +228,19 @@ def test_yaml_config_and_unknown_keys(tmp_path, photos):
 def test_bad_config_values_name_the_field(tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(config(tmp_path, "data.jsonl", **{field: value}))
+
+
+def test_gradient_accumulation_gives_the_losses_of_one_big_batch(tmp_path, photos):
+    run(config(tmp_path / "one", photos, steps=3))
+    run(config(tmp_path / "accum", photos, steps=3, micro_batch_size=1))  # 4 micro-batches per step
+    torch.testing.assert_close(losses(tmp_path / "accum"), losses(tmp_path / "one"), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_offload_on_the_cpu_is_refused(tmp_path, photos):
+    trainer = Trainer(config=config(tmp_path / "run", photos, parallel={"strategy": "fsdp2", "cpu_offload": True}),
+                      progress=False)
+    with pytest.raises(ValueError, match="cpu_offload .* on the CPU already"):
+        trainer.fit()
 
 
 def test_global_batch_must_split_over_processes(tmp_path):
