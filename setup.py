@@ -103,7 +103,7 @@ setup(
     packages=find_packages(include=["idefics3_kit", "idefics3_kit.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors", "tokenizers", "pillow", "numpy", "jinja2"],
-    extras_require={"progress": ["tqdm"], "train": ["tqdm", "peft"]},
+    extras_require={"progress": ["tqdm"], "train": ["tqdm", "peft", "datasets", "pyyaml"]},
     entry_points={"console_scripts": ["idefics3-kit=idefics3_kit.cli:main"]},
     include_package_data=True,
     package_data={"idefics3_kit": ["_build_info.json"],
