@@ -357,7 +357,10 @@ class VLMConfig(ComponentConfig):
     def from_pretrained(cls, path: str | os.PathLike) -> "VLMConfig":
         """Read ``config.json`` from a checkpoint directory (or the file itself)."""
         path = os.fspath(path)
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if os.path.isdir(path):
+            file = os.path.join(files.readable_directory(path, "checkpoint directory"), "config.json")
+        else:
+            file = path
         data = files.read_json_object(file, "config.json")
         try:
             return cls.from_hf_dict(data)

@@ -306,24 +306,25 @@ class VLM(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "VLM":
+    def from_pretrained(cls, path, dtype=None, device=None, allow_nonfinite: bool = False) -> "VLM":
         """Load a Hugging Face Idefics3/SmolVLM checkpoint directory.
 
         The model is built on the meta device and the checkpoint tensors are assigned
-        directly, so no random weights are ever allocated.
+        directly, so no random weights are ever allocated. A weight holding NaN or inf is an
+        error naming it unless ``allow_nonfinite``.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        path = files.readable_directory(os.fspath(path), "checkpoint directory")
         config = VLMConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config)
-        weights.load_into(model, path, dtype=resolve_dtype(dtype), device=device)
+        weights.load_into(model, path, dtype=resolve_dtype(dtype), device=device, allow_nonfinite=allow_nonfinite)
         model.generation_config = _read_generation_config(path)
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
-        """Write config.json, generation_config.json and safetensors weights (HF layout).
+        """Write config.json, generation_config.json and safetensors weights (HF layout), atomically:
+        the folder holds the whole old checkpoint or the whole new one whatever fails midway; other
+        files there (a processor's) stay.
 
         Works on a wrapped model too (``hf.weights.export_state``): activation-checkpoint wrappers,
         peft LoRA (saved merged), torchao quantized weights (saved dequantized). With distributed
@@ -332,11 +333,11 @@ class VLM(nn.Module):
         state = weights.export_state(self)
         if state is None:
             return  # a rank other than 0 of a distributed model: it took part in the gather
-        path = os.fspath(path)
-        self.config.save_pretrained(path)
-        weights.save_state(state, path, max_shard_bytes=max_shard_bytes)
-        gen = dict(self.generation_config) or _default_generation_config(self.config)
-        files.write_json(os.path.join(path, "generation_config.json"), gen, sort_keys=True)
+        with files.atomic_directory(os.fspath(path), weights.is_model_file) as tmp:
+            self.config.save_pretrained(tmp)
+            weights.save_state(state, tmp, max_shard_bytes=max_shard_bytes)
+            gen = dict(self.generation_config) or _default_generation_config(self.config)
+            files.write_json(os.path.join(tmp, "generation_config.json"), gen, sort_keys=True)
 
     # ---- generation (idefics3_kit.generation / idefics3_kit.streaming) --------------------
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,

@@ -47,7 +47,7 @@ def test_wrong_shape_names_tensor_expected_and_got(tiny_dir):
 
 def test_corrupt_safetensors_names_the_file(tiny_dir):
     (tiny_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
-    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot read safetensors file"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: (cannot read safetensors file|safetensors header)"):
         ik.VLM.from_pretrained(tiny_dir)
 
 

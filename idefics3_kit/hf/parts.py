@@ -99,11 +99,9 @@ def decoder_source(path: str, data: dict | None = None):
                      f"(known: {', '.join(sorted(set(decoders) | set(VLM_MODEL_TYPES)))})")
 
 
-def load_component(kind: str, path, *, dtype=None, device=None) -> nn.Module:
+def load_component(kind: str, path, *, dtype=None, device=None, allow_nonfinite: bool = False) -> nn.Module:
     """A ``vision`` or ``decoder`` component with the weights of checkpoint directory ``path``."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{kind} checkpoint directory not found: {path}")
+    path = files.readable_directory(os.fspath(path), f"{kind} checkpoint directory")
     if kind == "vision":
         cfg, prefixes, ignore = vision_source(path)
     elif kind == "decoder":
@@ -112,7 +110,8 @@ def load_component(kind: str, path, *, dtype=None, device=None) -> nn.Module:
         raise ValueError(f"load_component reads vision or decoder checkpoints, not {kind!r}")
     with torch.device("meta"):
         module = registry.create(kind, cfg.name, cfg)
-    weights.load_into(module, path, dtype=resolve_dtype(dtype), device=device, prefixes=prefixes, ignore=ignore)
+    weights.load_into(module, path, dtype=resolve_dtype(dtype), device=device, prefixes=prefixes, ignore=ignore,
+                      allow_nonfinite=allow_nonfinite)
     return module.eval()
 
 

@@ -17,10 +17,12 @@ collective: every rank calls it; rank 0 gets the tensors).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .. import files
@@ -82,58 +84,131 @@ def retie(module: nn.Module) -> None:
 
 
 def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory (single file or sharded index)."""
+    """The safetensors files of a checkpoint directory (single file or sharded index).
+
+    A shard must be a regular file inside the checkpoint folder: an index naming an absolute path
+    or a path that leaves the folder (``../``, a symlink out of it) is refused.
+    """
     index = os.path.join(path, SAFE_INDEX)
     single = os.path.join(path, SAFE_SINGLE)
-    if os.path.exists(index):
+    if os.path.lexists(index):
         weight_map = files.read_json_object(index, "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: not a valid safetensors index (no 'weight_map' object)")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (no 'weight_map' of file names)")
         shard_names = sorted(set(weight_map.values()))
-        missing = [f for f in shard_names if not os.path.exists(os.path.join(path, f))]
+        missing = [f for f in shard_names if not os.path.lexists(os.path.join(path, f))]
         if missing:
             raise CheckpointError(f"{index}: lists shard files that do not exist: {', '.join(missing)}")
-        return [os.path.join(path, f) for f in shard_names]
-    if os.path.exists(single):
-        return [single]
+        return [_inside(path, name, index) for name in shard_names]
+    if os.path.lexists(single):
+        return [files.regular_file(single)]
     raise CheckpointError(f"{path}: no {SAFE_SINGLE} or {SAFE_INDEX} found")
 
 
+def _inside(folder: str, name: str, index: str) -> str:
+    root = os.path.realpath(folder)
+    resolved = os.path.realpath(os.path.join(folder, name))
+    if os.path.isabs(name) or os.path.commonpath([root, resolved]) != root:
+        raise CheckpointError(f"{index}: shard {name!r} lies outside the checkpoint folder {folder}; refused")
+    return files.regular_file(resolved, "safetensors shard")
+
+
+# safetensors dtype names -> bytes per element
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def read_header(file: str) -> dict[str, tuple[str, tuple]]:
+    """Tensor name -> (safetensors dtype, shape), from the file's header, checked against the file
+    before anything is allocated: the header's length, every tensor's dtype, and that its byte
+    range lies inside the file and holds exactly shape × dtype bytes."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, shorter than its header length)")
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{file}: safetensors header claims {length} bytes but the file has {size - 8} "
+                                  "after the length field (truncated or not a safetensors file)")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header must be a JSON object")
+    data_bytes = size - 8 - length
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        out[name] = _check_entry(file, name, info, data_bytes)
+    return out
+
+
+def _check_entry(file: str, name: str, info, data_bytes: int) -> tuple[str, tuple]:
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: header entry must be an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of sizes >= 0, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} do not lie inside the file's {data_bytes} data bytes")
+    want = SAFETENSORS_DTYPES[dtype] * _product(shape)
+    if offsets[1] - offsets[0] != want:
+        raise CheckpointError(f"{where}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} "
+                              f"({want} expected)")
+    return dtype, tuple(shape)
+
+
+def _product(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def iter_tensors(paths: Iterable[str]):
-    """Yield (name, tensor) from safetensors files, naming the file on any read error."""
+    """Yield (file, name, tensor) from safetensors files, naming the file on any read error."""
     from safetensors import SafetensorError, safe_open
 
     for file in paths:
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    yield file, key, f.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
+
+
+def read_header_dtypes(paths: Iterable[str]) -> dict[str, tuple[str, tuple]]:
+    """Tensor name -> (dtype, shape) over every file of a checkpoint (headers only, checked)."""
+    out = {}
+    for file in paths:
+        out.update(read_header(file))
+    return out
 
 
 def read_header_shapes(paths: Iterable[str]) -> dict[str, tuple]:
     """Tensor name -> shape from the safetensors headers, without reading any data."""
-    from safetensors import SafetensorError, safe_open
-
-    shapes = {}
-    for file in paths:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
-    return shapes
+    return {name: shape for name, (_, shape) in read_header_dtypes(paths).items()}
 
 
 def load_into(module: nn.Module, path: str, *, dtype=None, device=None, prefixes=IDEFICS3_PREFIXES,
-              ignore=None) -> None:
+              ignore=None, allow_nonfinite: bool = False) -> None:
     """Load a checkpoint into ``module`` (which may live on the meta device).
 
     Every parameter must be present with the right shape and no tensor may be left over;
     otherwise nothing is assigned and the error lists what is wrong. Tensors are cast to
     ``dtype`` and moved to ``device`` one by one, so peak memory is one copy of the weights.
+    Without ``dtype`` the checkpoint's floating tensors must share one dtype (a stray one is named).
+    A tensor holding NaN or inf is an error naming it unless ``allow_nonfinite``.
     Tied parameters (``tied_parameters``) are taken from their source. ``ignore`` (a predicate on
     Hugging Face tensor names) skips tensors that belong to other parts of a larger checkpoint,
     e.g. the text tower of a CLIP dual encoder.
@@ -141,24 +216,43 @@ def load_into(module: nn.Module, path: str, *, dtype=None, device=None, prefixes
     paths = checkpoint_files(path)
     expected = {name: tuple(p.shape) for name, p in module.named_parameters()}
     tied = tied_parameters(module)
-    shapes = read_header_shapes(paths)
+    headers = read_header_dtypes(paths)
     if ignore is not None:
-        shapes = {k: v for k, v in shapes.items() if not ignore(k)}
-    _validate(expected, shapes, prefixes, tied, path)
-    state = {}
-    for hf_name, tensor in iter_tensors(paths):
+        headers = {k: v for k, v in headers.items() if not ignore(k)}
+    _validate(expected, {k: shape for k, (_, shape) in headers.items()}, prefixes, tied, path)
+    if dtype is None:
+        _check_one_float_dtype(headers, path)
+    state, nonfinite = {}, []
+    for file, hf_name, tensor in iter_tensors(paths):
         if ignore is not None and ignore(hf_name):
             continue
         ours = from_hf_name(hf_name, prefixes)
         if ours is None or ours not in expected or ours in tied:
             continue
-        if tensor.is_floating_point() and dtype is not None:
-            tensor = tensor.to(dtype)
+        if tensor.is_floating_point():
+            if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+                nonfinite.append(f"{hf_name} ({os.path.basename(file)})")
+            if dtype is not None:
+                tensor = tensor.to(dtype)
         state[ours] = tensor.to(device) if device is not None else tensor
+    if nonfinite:
+        raise CheckpointError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or inf values: "
+                              f"{', '.join(sorted(nonfinite)[:8])}{' ...' if len(nonfinite) > 8 else ''}; "
+                              "the model would compute NaN (pass allow_nonfinite=True to load them anyway)")
     for name, source in tied.items():
         state[name] = state[source]
     module.load_state_dict(state, strict=True, assign=True)
     retie(module)
+
+
+def _check_one_float_dtype(headers: dict, path: str) -> None:
+    floats = {name: dt for name, (dt, _) in headers.items() if dt in ("F16", "BF16", "F32", "F64")}
+    kinds = sorted(set(floats.values()), key=lambda dt: -list(floats.values()).count(dt))
+    if len(kinds) > 1:
+        odd = sorted(name for name, dt in floats.items() if dt != kinds[0])
+        raise CheckpointError(f"{path}: the checkpoint mixes float dtypes: {len(odd)} tensor(s) are not {kinds[0]} "
+                              f"like the rest ({', '.join(f'{n} is {floats[n]}' for n in odd[:5])}"
+                              f"{' ...' if len(odd) > 5 else ''}); pass dtype= to load every tensor in one dtype")
 
 
 def _validate(expected: dict, shapes: dict, prefixes, tied: dict, path: str) -> None:
@@ -229,19 +323,20 @@ def _is_distributed(module: nn.Module) -> bool:
 
 def export_state(module: nn.Module) -> dict[str, torch.Tensor] | None:
     """Every parameter of ``module`` as a plain CPU tensor under the name a plain, unwrapped model
-    uses, tied parameters once (under their source). None on ranks other than 0 when the
-    parameters are distributed (the gather is a collective that every rank must join)."""
+    uses, tied parameters once (under their source). In a process group, only rank 0 gets them
+    (None elsewhere): distributed parameters are gathered first (a collective that every rank
+    must join), replicated ones (DDP) are rank 0's."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if _is_distributed(module):
-        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         raw = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return None
         params = {clean_name(n) for n, _ in module.named_parameters()}
         raw = {n: t for n, t in raw.items() if clean_name(n) in params}
     else:
         raw = dict(module.named_parameters())
+    if rank != 0:
+        return None
     tied = tied_parameters(module)
     lora = {clean_name(n): m for n, m in module.named_modules() if _is_lora_layer(m)}
     state = {}
@@ -261,12 +356,21 @@ def export_state(module: nn.Module) -> dict[str, torch.Tensor] | None:
 # ---- writing ----------------------------------------------------------------------------------------
 
 
+MODEL_FILES = ("config.json", "generation_config.json", SAFE_SINGLE, SAFE_INDEX)
+
+
+def is_model_file(name: str) -> bool:
+    """The files a model's ``save_pretrained`` owns in a checkpoint folder (weights and configs)."""
+    return name in MODEL_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def save_state(state: dict[str, torch.Tensor], path: str, *, prefixes=IDEFICS3_PREFIXES,
                max_shard_bytes: int = 5 * 1024 ** 3) -> None:
     """Write ``state`` (our names) as safetensors in the Hugging Face layout (sharded if large).
 
     Each file is written to a temporary name and renamed into place; stale weight files of an
     earlier save in another layout (single file vs shards) are removed after the new ones exist.
+    ``VLM.save_pretrained`` writes into a fresh folder that then replaces the old one whole.
     """
     from safetensors.torch import save as save_bytes
 

@@ -34,6 +34,9 @@ END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
 # transformers' default when neither processor_config.json nor a model config.json says (reference §2.1)
 HF_DEFAULT_IMAGE_SEQ_LEN = 169
 PROCESSOR_CLASS = "Idefics3Processor"
+# the files a processor's save_pretrained owns in a checkpoint folder
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                   "processor_config.json", "chat_template.jinja", "chat_template.json")
 
 
 class BatchFeature(dict):
@@ -122,15 +125,15 @@ class Processor:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json, preprocessor_config.json, processor_config.json
-        and chat_template.jinja, which transformers' Idefics3Processor loads back."""
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        self.tokenizer.save(directory, {"processor_class": PROCESSOR_CLASS, "padding_side": self.padding_side})
-        image_cfg = {**self.splitter.config.to_hf(), "processor_class": PROCESSOR_CLASS}
-        files.write_json(os.path.join(directory, "preprocessor_config.json"), image_cfg, sort_keys=True)
-        files.write_json(os.path.join(directory, "processor_config.json"),
-                         {"image_seq_len": self.image_seq_len, "processor_class": PROCESSOR_CLASS}, sort_keys=True)
-        files.write_text(os.path.join(directory, "chat_template.jinja"), self.template)
+        and chat_template.jinja, which transformers' Idefics3Processor loads back, atomically (the
+        processor files are all old or all new; other files in the folder stay)."""
+        with files.atomic_directory(os.fspath(directory), lambda name: name in PROCESSOR_FILES) as tmp:
+            self.tokenizer.save(tmp, {"processor_class": PROCESSOR_CLASS, "padding_side": self.padding_side})
+            image_cfg = {**self.splitter.config.to_hf(), "processor_class": PROCESSOR_CLASS}
+            files.write_json(os.path.join(tmp, "preprocessor_config.json"), image_cfg, sort_keys=True)
+            files.write_json(os.path.join(tmp, "processor_config.json"),
+                             {"image_seq_len": self.image_seq_len, "processor_class": PROCESSOR_CLASS}, sort_keys=True)
+            files.write_text(os.path.join(tmp, "chat_template.jinja"), self.template)
 
     # ---- planning -----------------------------------------------------------------------------
     def expand_image(self, rows: int, cols: int) -> str:

@@ -4,7 +4,7 @@
     OUT_DIR/checkpoints/latest           the name of the newest complete checkpoint
 
 Every process writes its shards into ``step-N.tmp``; when all are done, rank 0 writes
-``trainer_state.json`` (JSON: no pickle), renames the folder to ``step-N`` and then points
+``trainer_state.json`` (JSON), renames the folder to ``step-N`` and then points
 ``latest`` at it (a temporary file renamed over the old one). A crash at any moment leaves
 ``latest`` naming the previous complete checkpoint, which is what a resume loads; leftover
 ``.tmp`` folders are removed by the next save. Loading goes through
@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import warnings
 
+import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .. import files
@@ -80,14 +85,60 @@ def read_state(path: str) -> dict:
 
 
 def load(path: str, model, optimizer) -> dict:
-    """Load a checkpoint into ``model`` and ``optimizer`` (any world size); returns its trainer state."""
+    """Load a checkpoint into ``model`` and ``optimizer`` (any world size); returns its trainer state.
+
+    Nothing in the files can run code: DCP's metadata (a pickle) is read by an unpickler that
+    builds only DCP's own metadata classes, and its non-tensor items (the optimizer's
+    hyperparameters) with ``torch.load(weights_only=True)``.
+    """
     state = read_state(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     loaded = {"model": model_state, "optimizer": optim_state}
     with _one_process_is_fine():
-        dcp.load(loaded, checkpoint_id=path)
+        dcp.load(loaded, storage_reader=_SafeReader(path), planner=_SafePlanner())
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     return state
+
+
+# the globals a DCP .metadata pickle may name (module, name); every other one is refused
+_METADATA_GLOBALS = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                     ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("collections", "OrderedDict"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                     ("torch.serialization", "_get_layout")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or module == "torch.distributed.checkpoint.metadata":
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never "
+                                     "holds; refused (the file may have been tampered with)")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = os.path.join(self.path, ".metadata")
+        files.regular_file(path, "DCP metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a valid checkpoint metadata file ({exc})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value) -> None:
+        loaded = torch.load(value, weights_only=True)  # plain data and tensors only
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 @contextlib.contextmanager
