@@ -11,9 +11,14 @@ only looks at whether an image item is there. Everything here follows that recip
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
+import signal
+import threading
+import time
 from datetime import datetime
 from typing import Any, Mapping
 
@@ -37,6 +42,43 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# Bounds on the work one render may do: a chat template comes with a checkpoint, i.e. from a file.
+MAX_RANGE_ITEMS = 1_000_000  # items that range() may yield over a whole render
+MAX_SEQUENCE = 1_000_000  # length of a string or list made by * (and size of a number made by **)
+MAX_OUTPUT_CHARS = 10_000_000  # characters a render may produce
+MAX_SECONDS = 10.0  # wall time of one render
+
+
+class TemplateLimitError(ValueError):
+    """A chat template exceeded the work a render may do (see the MAX_* bounds)."""
+
+
+class _Budget:
+    """The work left to the render in progress (one per render, shared by its range() calls)."""
+
+    def __init__(self):
+        self.range_items = MAX_RANGE_ITEMS
+        self.deadline = time.monotonic() + MAX_SECONDS
+
+    def spend(self, n: int) -> None:
+        self.range_items -= n
+        if self.range_items < 0:
+            raise TemplateLimitError(f"chat template loops over more than {MAX_RANGE_ITEMS} range() items")
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"chat template ran longer than {MAX_SECONDS:.0f} s")
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("chat_template_budget", default=None)
+
+
+def _counted_range(*args):
+    budget = _budget.get()
+    for value in range(*args):
+        if budget is not None:
+            budget.spend(1)
+        yield value
+
+
 def _environment():
     import jinja2
     import jinja2.ext
@@ -55,17 +97,33 @@ def _environment():
         def _render(self, caller):
             return caller()
 
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, with ``*`` and ``**`` that cannot build huge values."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_SEQUENCE:
+                        raise TemplateLimitError(f"chat template builds a sequence of {len(seq) * times} items "
+                                                 f"(at most {MAX_SEQUENCE})")
+            if operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)):
+                if abs(right) > 64 and abs(left) > 1:
+                    raise TemplateLimitError(f"chat template raises {left} to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _counted_range
     return env
 
 
@@ -74,10 +132,14 @@ def compile_template(source: str):
     """Compile once per template string (templates are immutable data)."""
     import jinja2
 
+    if not isinstance(source, str):
+        raise ValueError(f"a chat template must be a string, got {type(source).__name__}")
     try:
         return _environment().from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as exc:
         raise ValueError(f"chat template does not parse: {exc} (line {exc.lineno})") from None
+    except (RecursionError, MemoryError) as exc:
+        raise ValueError(f"chat template does not parse: {type(exc).__name__}") from None
 
 
 def plain_data(value: Any) -> Any:
@@ -108,8 +170,17 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+ROLES = ("system", "user", "assistant", "tool")
+CONTENT_TYPES = ("text", "image", "image_url")
+
+
 def normalize_messages(messages) -> list[dict]:
-    """Messages as the template sees them; OpenAI ``image_url`` items become ``image`` items."""
+    """Messages as the template sees them, checked; OpenAI ``image_url`` items become ``image`` items.
+
+    A message is ``{"role": str, "content": str | [items]}`` (content may be missing for an
+    assistant turn with tool calls); an item is ``{"type": "text", "text": str}``, an image item,
+    or OpenAI's ``{"type": "image_url", ...}``. Anything else is a ValueError naming the message.
+    """
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"a conversation must be a list of messages, got {type(messages).__name__}")
     out = []
@@ -117,11 +188,29 @@ def normalize_messages(messages) -> list[dict]:
         if not isinstance(message, Mapping):
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
         message = _drop_none(dict(message))
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {i}: 'role' must be a non-empty string ({', '.join(ROLES)}), got {role!r}")
         content = message.get("content")
         if isinstance(content, list):
-            message["content"] = [_openai_image(item) for item in content]
+            message["content"] = [_openai_image(_check_item(item, i, k)) for k, item in enumerate(content)]
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"message {i}: 'content' must be a string or a list of items, got "
+                             f"{type(content).__name__}")
         out.append(plain_data(message))
     return out
+
+
+def _check_item(item, i: int, k: int):
+    where = f"message {i} item {k}"
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{where}: must be a dict such as {{'type': 'text', 'text': ...}}, got {type(item).__name__}")
+    kind = item.get("type")
+    if kind not in CONTENT_TYPES:
+        raise ValueError(f"{where}: unknown content type {kind!r} (one of {', '.join(CONTENT_TYPES)})")
+    if kind == "text" and not isinstance(item.get("text"), str):
+        raise ValueError(f"{where}: 'text' must be a string, got {type(item.get('text')).__name__}")
+    return item
 
 
 def _openai_image(item):
@@ -132,15 +221,59 @@ def _openai_image(item):
 
 
 def render(template: str, messages, add_generation_prompt: bool = False, **variables) -> str:
-    """One conversation -> prompt string."""
-    import jinja2
-
+    """One conversation -> prompt string, within the bounds above (``TemplateLimitError``); any
+    error raised inside the template is a ValueError saying so."""
+    compiled = compile_template(template)
+    context = dict(messages=normalize_messages(messages), tools=None, documents=None,
+                   add_generation_prompt=add_generation_prompt, **plain_data(variables))
+    budget = _Budget()
+    token = _budget.set(budget)
+    pieces, size = [], 0
     try:
-        return compile_template(template).render(messages=normalize_messages(messages), tools=None,
-                                                 documents=None, add_generation_prompt=add_generation_prompt,
-                                                 **plain_data(variables))
-    except jinja2.exceptions.TemplateError as exc:
-        raise ValueError(f"chat template failed: {exc}") from None
+        with _hard_deadline(MAX_SECONDS):
+            for piece in compiled.generate(**context):  # the render's own chunks: each one checks the budget
+                size += len(piece)
+                if size > MAX_OUTPUT_CHARS:
+                    raise TemplateLimitError(f"chat template writes more than {MAX_OUTPUT_CHARS} characters")
+                budget.spend(0)
+                pieces.append(piece)
+    except TemplateLimitError:
+        raise
+    except (RecursionError, MemoryError) as exc:
+        raise ValueError(f"chat template failed: {type(exc).__name__} (a template that recurses or grows without "
+                         "bound)") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a template raises, say it came from the template
+        import jinja2
+
+        kind = "" if isinstance(exc, jinja2.exceptions.TemplateError) and type(exc).__name__ == "TemplateError" \
+            else f"{type(exc).__name__}: "
+        raise ValueError(f"chat template failed: {kind}{exc}") from None
+    finally:
+        _budget.reset(token)
+    return "".join(pieces)
+
+
+@contextlib.contextmanager
+def _hard_deadline(seconds: float):
+    """Interrupt a render that computes silently for too long (loops that write nothing): a timer
+    signal, in the main thread when no other timer is running. Elsewhere the budget's checks at
+    each range() item and each written chunk are the bound."""
+    usable = (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+              and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0))
+    if not usable:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TemplateLimitError(f"chat template ran longer than {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def images_in_messages(messages) -> list:
