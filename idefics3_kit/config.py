@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -34,6 +35,19 @@ def require(cond: bool, config: str, field_name: str, message: str) -> None:
     """The one error style of config validation: ``Config.field: what is wrong``."""
     if not cond:
         raise ValueError(f"{config}.{field_name}: {message}")
+
+
+def require_finite(cfg: Any, name: str, *, positive: bool = True) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    require(ok and (value > 0 if positive else value >= 0), type(cfg).__name__, name,
+            f"must be a finite number{' > 0' if positive else ' >= 0'}, got {value!r}")
+
+
+def require_bools(cfg: Any, names) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        require(isinstance(value, bool), type(cfg).__name__, name, f"must be true or false, got {value!r}")
 
 
 def require_positive_ints(cfg: Any, names) -> None:
@@ -96,6 +110,8 @@ class VisionConfig(ComponentConfig):
         # grid; the strided conv ignores the last 6 pixels), as transformers allows.
         require(self.image_size >= self.patch_size, c, "image_size",
                 f"{self.image_size} is smaller than patch_size={self.patch_size}")
+        require_finite(self, "layer_norm_eps")
+        require(isinstance(self.hidden_act, str), c, "hidden_act", f"must be a string, got {self.hidden_act!r}")
 
     @property
     def head_dim(self) -> int:
@@ -183,9 +199,16 @@ class DecoderConfig(ComponentConfig):
         require(self.head_dim % 2 == 0, c, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         require(self.num_attention_heads % self.num_key_value_heads == 0, c, "num_attention_heads",
                 f"{self.num_attention_heads} is not divisible by num_key_value_heads={self.num_key_value_heads}")
-        require(self.rope_theta > 0, c, "rope_theta", f"must be positive, got {self.rope_theta}")
+        require_finite(self, "rope_theta")
+        require_finite(self, "rms_norm_eps")
+        require_bools(self, ("tie_word_embeddings", "attention_bias", "mlp_bias"))
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            ids = getattr(self, name)
+            ids = ids if isinstance(ids, list) else [] if ids is None else [ids]
+            require(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids), c,
+                    name, f"must be None or token ids in [0, {self.vocab_size}), got {getattr(self, name)!r}")
         require(self.hidden_act in ("silu", "gelu", "gelu_pytorch_tanh"), c, "hidden_act",
                 f"unsupported activation {self.hidden_act!r} (silu, gelu, gelu_pytorch_tanh)")
 
@@ -229,6 +252,9 @@ def _validate_rope_scaling(rs: dict) -> None:
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
     for key in needed.get(kind, ()):
         require(key in rs, c, "rope_scaling", f"{kind} rope scaling needs {key!r}")
+        value = rs[key]
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and value > 0, c, "rope_scaling", f"{key} must be a finite number > 0, got {value!r}")
     if kind == "llama3":
         require(rs["high_freq_factor"] > rs["low_freq_factor"], c, "rope_scaling",
                 "high_freq_factor must exceed low_freq_factor")
@@ -243,7 +269,11 @@ _DEFAULTS = {"vision": VisionConfig, "connector": ConnectorConfig, "decoder": De
 def component_config(kind: str, value: Any):
     """A slot's config from a config object or a dict (built with its component's config class);
     an instance of the wrong class for its component is an error naming both."""
-    default_name = _DEFAULTS[kind].__dataclass_fields__["name"].default
+    base = _DEFAULTS[kind]
+    if not isinstance(value, (Mapping, base)):
+        raise TypeError(f"VLMConfig.{kind}: expects a {base.__name__} (or a subclass, or a dict of its fields), got "
+                        f"{type(value).__name__}")
+    default_name = base.__dataclass_fields__["name"].default
     name = value.get("name", default_name) if isinstance(value, Mapping) else getattr(value, "name", None)
     try:
         entry = registry.get(kind, name)

@@ -11,6 +11,7 @@ Data flow (shapes for one batch):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +45,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits = logits.float()
     labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].to(logits.device)  # [B, L], shifted left
     flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    if num_items_in_batch is None:
-        return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
-    return total / num_items_in_batch
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    return total / _label_count(flat_labels != ignore_index)
+
+
+def _label_count(labelled: torch.Tensor) -> torch.Tensor:
+    """How many positions have a label, at least 1: a batch without any (every label -100) gets
+    loss 0 and a warning, where transformers' mean over nothing gives NaN (docs/reliability.md)."""
+    count = labelled.sum()
+    if not torch.compiler.is_compiling() and int(count) == 0:
+        warnings.warn("every label is -100 (ignored): the loss is 0 and there is nothing to learn from this batch",
+                      stacklevel=3)
+    return count.clamp_min(1)
 
 
 def labelled_positions_loss(head, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
@@ -58,7 +69,7 @@ def labelled_positions_loss(head, hidden: torch.Tensor, labels: torch.Tensor, nu
     keep = targets != ignore_index
     logits = head(hidden[:, :-1][keep]).float()  # [N, V]
     total = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum")
-    return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+    return total / (num_items_in_batch if num_items_in_batch is not None else _label_count(keep))
 
 
 class VLM(nn.Module):
@@ -155,6 +166,11 @@ class VLM(nn.Module):
         if pixel_values.shape[3] < patch or pixel_values.shape[4] < patch:
             raise ValueError(f"pixel_values height/width {tuple(pixel_values.shape[3:])} are smaller than "
                              f"the patch size {patch}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must hold the processor's normalized floats, got {pixel_values.dtype} "
+                             "(integer pixels would be read as huge values); run the images through the Processor")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values hold NaN or inf values")
         if pixel_attention_mask is not None:
             want = (*pixel_values.shape[:2], *pixel_values.shape[3:])
             if tuple(pixel_attention_mask.shape) != want:
@@ -219,8 +235,12 @@ class VLM(nn.Module):
                 raise ValueError(f"input_ids contain ids outside the vocabulary [0, {vocab}): min {lo}, max {hi}")
 
     def embed_inputs(self, input_ids=None, inputs_embeds=None, pixel_values=None, pixel_attention_mask=None,
-                     image_hidden_states=None):
-        """Token embeddings with image features merged in; returns (embeds, image features)."""
+                     image_hidden_states=None, prompt: bool = True):
+        """Token embeddings with image features merged in; returns (embeds, image features).
+
+        ``prompt``: the ids start a sequence (not the next token of a cached generation), so an
+        ``<image>`` token among them needs its image; a generated ``<image>`` token gets its
+        ordinary embedding, as in transformers."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and image_hidden_states is not None:
@@ -233,6 +253,11 @@ class VLM(nn.Module):
             features = self.get_image_features(pixel_values, pixel_attention_mask)
         if features is not None:
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, features)
+        elif prompt and input_ids is not None and not torch.compiler.is_compiling():
+            n = int((input_ids == self.image_token_id).sum())
+            if n:
+                raise ValueError(f"input_ids hold {n} <image> token(s) (id {self.image_token_id}) but no pixel_values "
+                                 "or image_hidden_states were given for them")
         return inputs_embeds, features
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
@@ -251,7 +276,7 @@ class VLM(nn.Module):
         if unknown:
             raise TypeError(f"VLM.forward got unexpected arguments: {', '.join(sorted(unknown))}")
         embeds, features = self.embed_inputs(input_ids, inputs_embeds, pixel_values, pixel_attention_mask,
-                                             image_hidden_states)
+                                             image_hidden_states, prompt=cache is None or cache.length == 0)
         if labels is not None and labels.shape != embeds.shape[:2]:
             raise ValueError(f"labels must have the shape of input_ids {tuple(embeds.shape[:2])}, "
                              f"got {tuple(labels.shape)}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,24 +63,30 @@ class SplitterConfig:
     max_pixels: int | None = None
 
     def __post_init__(self):
+        c = "SplitterConfig"
         for f in ("longest_edge", "tile_size"):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SplitterConfig.{f}: must be a positive integer, got {value!r}")
+                raise ValueError(f"{c}.{f}: must be a positive integer, got {value!r}")
+        for f in ("do_resize", "do_image_splitting"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{c}.{f}: must be true or false, got {getattr(self, f)!r}")
         for f in ("image_mean", "image_std"):
-            value = tuple(float(x) for x in getattr(self, f))
-            if len(value) != 3:
-                raise ValueError(f"SplitterConfig.{f}: needs 3 values (R, G, B), got {len(value)}")
-            object.__setattr__(self, f, value)
+            object.__setattr__(self, f, _rgb_triple(getattr(self, f), f"{c}.{f}"))
         if any(s == 0 for s in self.image_std):
-            raise ValueError(f"SplitterConfig.image_std: must be non-zero, got {self.image_std}")
+            raise ValueError(f"{c}.image_std: must be non-zero, got {self.image_std}")
+        rescale = self.rescale_factor
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not math.isfinite(rescale) \
+                or rescale <= 0:
+            raise ValueError(f"{c}.rescale_factor: must be a finite number > 0, got {rescale!r}")
         if self.fixed_size is not None:
-            size = tuple(int(x) for x in self.fixed_size)
-            if len(size) != 2 or min(size) < 1:
-                raise ValueError(f"SplitterConfig.fixed_size: needs (height, width) > 0, got {self.fixed_size!r}")
+            size = tuple(self.fixed_size) if isinstance(self.fixed_size, (list, tuple)) else ()
+            if len(size) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size):
+                raise ValueError(f"{c}.fixed_size: needs (height, width), positive integers, got {self.fixed_size!r}")
             object.__setattr__(self, "fixed_size", size)
-        if self.max_pixels is not None and self.max_pixels < 0:
-            raise ValueError(f"SplitterConfig.max_pixels: must be None, 0 or positive, got {self.max_pixels}")
+        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
+                                            or self.max_pixels < 0):
+            raise ValueError(f"{c}.max_pixels: must be None, 0 or a positive integer, got {self.max_pixels!r}")
 
     def replace(self, **changes) -> "SplitterConfig":
         return dataclasses.replace(self, **changes)
@@ -95,28 +102,34 @@ class SplitterConfig:
     # ---- Hugging Face preprocessor_config.json ------------------------------------------------
     @classmethod
     def from_hf(cls, d: dict) -> "SplitterConfig":
-        """Read an image-processor dict; missing keys take the reference's class defaults (1456/364)."""
-        size = d.get("size") or {"longest_edge": 4 * 364}
+        """Read an image-processor dict; missing keys take the reference's class defaults (1456/364).
+        Values of the wrong type (a string where a boolean belongs, an empty size) are refused."""
+        where = "preprocessor config"
+        size = _size_dict(d.get("size", {"longest_edge": 4 * 364}), f"{where}: size")
         fixed = None
         if "longest_edge" not in size:
             if not ("height" in size and "width" in size):
-                raise ValueError(f"preprocessor config: size must have 'longest_edge' or 'height' and 'width', "
-                                 f"got {size}")
-            fixed = (int(size["height"]), int(size["width"]))
-        tile = (d.get("max_image_size") or {"longest_edge": 364}).get("longest_edge")
-        if tile is None:
-            raise ValueError(f"preprocessor config: max_image_size needs 'longest_edge', got {d['max_image_size']}")
+                raise ValueError(f"{where}: size must have 'longest_edge' or 'height' and 'width', got {size}")
+            fixed = (size["height"], size["width"])
+        tile = _size_dict(d.get("max_image_size", {"longest_edge": 364}), f"{where}: max_image_size")
+        if "longest_edge" not in tile:
+            raise ValueError(f"{where}: max_image_size needs 'longest_edge', got {tile}")
         resample = d.get("resample", 1)
         if resample != 1:
-            raise ValueError(f"preprocessor config: resample must be 1 (LANCZOS), got {resample}")
+            raise ValueError(f"{where}: resample must be 1 (LANCZOS), got {resample!r}")
         for flag in ("do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
             if d.get(flag, True) is not True:
-                raise ValueError(f"preprocessor config: {flag}=false is not supported (only the default true)")
-        return cls(longest_edge=int(size.get("longest_edge", 4 * 364)), tile_size=int(tile),
-                   do_resize=bool(d.get("do_resize", True)),
-                   do_image_splitting=bool(d.get("do_image_splitting", True)), fixed_size=fixed,
-                   image_mean=_triple(d.get("image_mean", 0.5)), image_std=_triple(d.get("image_std", 0.5)),
-                   rescale_factor=float(d.get("rescale_factor", 1 / 255)))
+                raise ValueError(f"{where}: {flag}={d[flag]!r} is not supported (only the default true)")
+        flags = {}
+        for flag in ("do_resize", "do_image_splitting"):
+            value = d.get(flag, True)
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {flag} must be true or false, got {value!r}")
+            flags[flag] = value
+        return cls(longest_edge=size.get("longest_edge", 4 * 364), tile_size=tile["longest_edge"], fixed_size=fixed,
+                   image_mean=_rgb_triple(d.get("image_mean", 0.5), f"{where}: image_mean"),
+                   image_std=_rgb_triple(d.get("image_std", 0.5), f"{where}: image_std"),
+                   rescale_factor=d.get("rescale_factor", 1 / 255), **flags)
 
     def to_hf(self) -> dict:
         """The preprocessor_config.json contents that transformers' Idefics3 image processor reads."""
@@ -131,10 +144,28 @@ class SplitterConfig:
         }
 
 
-def _triple(value) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)):
-        return (float(value),) * 3
+def _rgb_triple(value, where: str) -> tuple[float, float, float]:
+    """Three finite numbers (one given for all three channels is repeated)."""
+    if hasattr(value, "tolist"):  # numpy / torch
+        value = value.tolist()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = (value,) * 3
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"{where}: needs 3 values (R, G, B), got {value!r}")
+    if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in value):
+        raise ValueError(f"{where}: must be finite numbers, got {value!r}")
     return tuple(float(x) for x in value)
+
+
+def _size_dict(value, where: str) -> dict:
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where}: must be a non-empty object such as {{'longest_edge': 1456}}, got {value!r}")
+    for key, size in value.items():
+        if key not in ("longest_edge", "height", "width", "shortest_edge"):
+            raise ValueError(f"{where}: unknown key {key!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{where}: {key} must be a positive integer, got {size!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ class SiglipMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"VisionConfig.hidden_act: unsupported activation {act!r} (one of {', '.join(ACTIVATIONS)})")
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -116,12 +116,21 @@ class Processor:
         if not os.path.isdir(path):
             raise ValueError(f"processor checkpoint folder not found: {path}")
         tokenizer = TextTokenizer.from_dir(path)
+        if tokenizer.token_to_id(IMAGE_TOKEN) is None:
+            raise ValueError(f"{path}/tokenizer.json has no {IMAGE_TOKEN} token, so it is not an Idefics3 processor's "
+                             f"tokenizer; to use another model's tokenizer build Processor(TextTokenizer.from_dir(...), "
+                             f"...), which adds the image tokens")
         proc_cfg = files.read_json_if_exists(os.path.join(path, "processor_config.json"), "processor_config.json")
         splitter_cfg = SplitterConfig.from_hf(image_settings(path, proc_cfg)).replace(**splitter_overrides)
-        seq_len = image_seq_len or checkpoint_image_seq_len(path, proc_cfg)
+        model = _model_config(path)
+        seq_len = image_seq_len or checkpoint_image_seq_len(path, proc_cfg, model)
         template = load_chat_template(path, proc_cfg, tokenizer.config)
-        return cls(tokenizer, registry.create("splitter", "idefics3", splitter_cfg), int(seq_len),
-                   template, padding_side)
+        processor = cls(tokenizer, registry.create("splitter", "idefics3", splitter_cfg), int(seq_len),
+                        template, padding_side)
+        if model is not None and processor.image_token_id != model.image_token_id:
+            raise ValueError(f"{path}: the tokenizer's {IMAGE_TOKEN} is id {processor.image_token_id} but the model "
+                             f"(config.json) expects image_token_id {model.image_token_id}")
+        return processor
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json, preprocessor_config.json, processor_config.json
@@ -407,6 +416,8 @@ def _as_prompts(text) -> list[str] | None:
     if isinstance(text, str):
         return [text]
     if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        if not text:
+            raise ValueError("`text` is an empty list: give at least one prompt")
         return list(text)
     raise ValueError("`text` must be a string or list of strings.")
 
@@ -459,22 +470,29 @@ def _splitter_overrides(overrides: dict) -> dict:
     return out
 
 
-def checkpoint_image_seq_len(path: str, proc_cfg: dict) -> int:
+def _model_config(path: str) -> VLMConfig | None:
+    """The model's config.json beside a processor, when there is one that loads."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    try:
+        return VLMConfig.from_pretrained(os.path.join(path, "config.json"))
+    except (ValueError, KeyError, TypeError):
+        return None  # not a VLM config.json this toolkit reads: nothing to check against
+
+
+def checkpoint_image_seq_len(path: str, proc_cfg: dict, model: VLMConfig | None = None) -> int:
     """Tokens per tile for the checkpoint in ``path``: the model config's (when there is one that
     loads), checked against processor_config.json's; else processor_config.json's, else 169."""
     said = proc_cfg.get("image_seq_len")
-    model_file = os.path.join(path, "config.json")
-    if not os.path.isfile(model_file):
-        return int(said) if said is not None else HF_DEFAULT_IMAGE_SEQ_LEN
-    try:
-        needed = VLMConfig.from_pretrained(model_file).image_seq_len
-    except (ValueError, KeyError, TypeError):
-        return int(said) if said is not None else HF_DEFAULT_IMAGE_SEQ_LEN  # not a VLM config.json we read
-    if said is not None and int(said) != needed:
+    if said is not None and (isinstance(said, bool) or not isinstance(said, int) or said < 1):
+        raise ValueError(f"{path}/processor_config.json: image_seq_len must be a positive integer, got {said!r}")
+    if model is None:
+        return said if said is not None else HF_DEFAULT_IMAGE_SEQ_LEN
+    if said is not None and said != model.image_seq_len:
         raise ValueError(f"{path}: processor_config.json says image_seq_len={said} but the model (config.json) "
-                         f"makes {needed} image tokens per tile; fix processor_config.json, or pass "
+                         f"makes {model.image_seq_len} image tokens per tile; fix processor_config.json, or pass "
                          f"image_seq_len= explicitly")
-    return needed
+    return model.image_seq_len
 
 
 def image_settings(path: str, proc_cfg: dict) -> dict:
