@@ -94,9 +94,9 @@ def cmd_plan(args) -> int:
         plan = dataclasses.replace(plan_tiles(rgb.shape[0], rgb.shape[1], cfg), image_seq_len=seq_len)
     _print_plan(args.image, plan, cfg)
     if args.out:
-        from .processing.picture import draw_plan
+        from .processing.picture import draw_plan, save_picture
 
-        draw_plan(rgb, plan, plan.image_seq_len).save(args.out)
+        save_picture(draw_plan(rgb, plan, plan.image_seq_len), args.out)
         print(f"picture       {args.out}")
     return 0
 
@@ -154,12 +154,44 @@ def _add_sampling_flags(p) -> None:
 
 
 def _sampling_kwargs(args) -> dict:
+    """The generation flags as generate's keyword arguments, checked before any loading."""
+    from .generation import resolve_settings
+
     kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.sample,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-              repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    return {k: v for k, v in kw.items() if v is not None}
+              repetition_penalty=args.repetition_penalty)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    try:
+        resolve_settings({}, None, **kw)
+    except ValueError as exc:
+        flag, _, rest = str(exc).partition(" ")
+        raise UserError(f"--{flag.replace('_', '-')} {rest}") from None
+    if args.seed is not None:
+        kw["seed"] = args.seed
+    return kw
+
+
+def _check_runtime_flags(args) -> None:
+    """--device and --threads, refused before minutes of loading rather than after."""
+    import torch
+
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    device_name = getattr(args, "device", None)
+    if device_name is None:
+        return
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise UserError(f"--device {device_name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device_name}: no CUDA GPU is available to this torch "
+                            f"({torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device_name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "meta") and not hasattr(torch, device.type):
+        raise UserError(f"--device {device_name}: unsupported device type")
 
 
 def _import_processor():
@@ -182,6 +214,7 @@ def _load(args, with_processor: bool = True):
 
     if not os.path.isdir(args.model):
         raise UserError(f"model directory not found: {args.model}")
+    _check_runtime_flags(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     stages = ["weights"] + (["processor"] if with_processor else [])
@@ -203,7 +236,7 @@ def _open_image(path: str):
 
     from .processing.images import to_rgb
 
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"image not found: {path}")
     try:
         return to_rgb(path, where=f"image {path}")
@@ -271,6 +304,8 @@ def add_generate_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    _sampling_kwargs(args)
+    _check_runtime_flags(args)
     images = [_open_image(path) for path in args.image]
     model, proc = _load(args)
     _answer(model, proc, [_user_message(args.prompt, len(images))], images, args, stream=args.stream)
@@ -293,7 +328,19 @@ def add_chat_parser(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+def _is_text(line: str) -> bool:
+    """False for a line read from bytes that are not valid text (kept as lone surrogates)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def cmd_chat(args) -> int:
+    _sampling_kwargs(args)
+    if hasattr(sys.stdin, "reconfigure"):  # an undecodable line must not end the conversation (or lose input)
+        sys.stdin.reconfigure(errors="surrogateescape")
     model, proc = _load(args)
     print(CHAT_HELP, file=sys.stderr)
     messages, images, pending = [], [], []
@@ -303,6 +350,9 @@ def cmd_chat(args) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        if not _is_text(line):  # bytes that are not UTF-8: say so, keep the conversation
+            print("error: the line is not valid UTF-8 text; it was skipped", file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -504,12 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can cause (a file, a flag, a checkpoint): one line, exit status 2.
+USER_ERRORS = (UserError, OSError, ValueError, KeyError, TypeError, ArithmeticError, ImportError)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as exc:
+    except USER_ERRORS as exc:
         if args.debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -517,6 +571,12 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug of ours: still one line, the traceback one flag away
+        if args.debug:
+            raise
+        print(f"idefics3-kit {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(run again with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

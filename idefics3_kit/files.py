@@ -134,15 +134,20 @@ def atomic_directory(target: str | os.PathLike, owned: Callable[[str], bool]) ->
         if os.path.isdir(target):
             _carry_over(target, tmp, owned)
         _fsync_directory(tmp)
-        if os.path.isdir(target):
-            _exchange(tmp, target)  # tmp now holds the old content
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_directory(parent)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(new: str, target: str) -> None:
+    """Put the finished folder ``new`` in ``target``'s place in one step; the old content is removed."""
+    if os.path.isdir(target):
+        _exchange(new, target)  # ``new`` now holds the old content
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        os.rename(new, target)
+    _fsync_directory(os.path.dirname(os.path.abspath(target)))
 
 
 def _remove_leftovers(parent: str, name: str) -> None:

@@ -88,7 +88,49 @@ def resolve_settings(generation_config: dict, decoder_config, **kwargs) -> Gener
         raise ValueError(f"top_k must be an integer >= 0, got {s.top_k!r}")
     if s.repetition_penalty is not None and not s.repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+    _check_token_ids(s, getattr(decoder_config, "vocab_size", None))
     return s
+
+
+def _check_token_ids(s: GenerationSettings, vocab_size: int | None) -> None:
+    """pad and eos ids must be rows of the LM head; otherwise the loop fails mid-way with IndexError."""
+    if vocab_size is None:
+        return
+    for name, ids in (("eos_token_id", s.eos_token_ids), ("pad_token_id", (s.pad_token_id,))):
+        for token_id in ids:
+            if token_id is not None and not 0 <= token_id < vocab_size:
+                raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_prompt(input_ids, attention_mask, vocab_size: int) -> None:
+    """The prompt: [batch, length >= 1] integer ids inside the vocabulary, each row with a token."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"generate needs input_ids [batch, length], got {got}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"generate needs at least one prompt token per row, got input_ids {tuple(input_ids.shape)}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab_size})")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        empty_rows = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+        if empty_rows:
+            raise ValueError(f"attention_mask rows {empty_rows} mask out every prompt token")
+
+
+def check_logits(logits: torch.Tensor, step: int) -> None:
+    """NaN/inf logits mean broken weights or inputs: say so instead of returning token 0 for ever."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        raise FloatingPointError(f"the model produced NaN/inf logits at generation step {step} for rows {rows} "
+                                 "(check the weights, e.g. load without allow_nonfinite, and the inputs)")
 
 
 def to_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -143,14 +185,11 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     ``max_new_tokens`` are generated. ``sampler`` replaces the chain built from the arguments.
     """
     s = resolve_settings(model.generation_config, model.decoder.config, **kwargs)
-    if input_ids is None or input_ids.dim() != 2:
-        raise ValueError("generate needs input_ids [batch, length]")
+    check_prompt(input_ids, attention_mask, model.decoder.config.vocab_size)
     device = model.device
     input_ids = input_ids.to(device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     input_ids, attention_mask = to_left_padding(input_ids, attention_mask.to(device).long())
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
@@ -181,6 +220,7 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     logits = prefill(model, cache, input_ids, attention_mask, positions, pixel_values, pixel_attention_mask,
                      mask_all_ones=all_ones)
     for step in range(max_new):
+        check_logits(logits, step)
         nxt = chain(logits.float(), state)
         if eos.numel():
             nxt = torch.where(unfinished, nxt, pad)

@@ -63,8 +63,10 @@ def test_special_tokens_are_skipped(tok):
 def model(tok):
     torch.manual_seed(0)
     cfg = ik.VLMConfig.preset("tiny")
-    cfg = cfg.replace(decoder=cfg.decoder.replace(vocab_size=tok.get_vocab_size(), eos_token_id=1, pad_token_id=0),
-                      image_token_id=tok.get_vocab_size() - 1)
+    # one id past the tokenizer's for <image>: text prompts never hold it (an <image> without pixels is an error)
+    vocab = tok.get_vocab_size() + 1
+    cfg = cfg.replace(decoder=cfg.decoder.replace(vocab_size=vocab, eos_token_id=1, pad_token_id=0),
+                      image_token_id=vocab - 1)
     return ik.VLM(cfg).eval()
 
 

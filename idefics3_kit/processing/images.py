@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .. import files
+
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 REFUSED_MODES = ("F",)  # float pixels of unknown range
-
 
 
 def _pixel_check(height: int, width: int, where: str, limit: int | None) -> None:
@@ -40,21 +42,37 @@ def _pixel_check(height: int, width: int, where: str, limit: int | None) -> None
 
 def open_image(source, where: str, limit: int | None, decode: bool = True):
     """Open a path or encoded bytes with Pillow and decode it now, so corrupt data fails here
-    (``decode=False``: read the header only, enough for the size). EXIF orientation is not applied."""
+    (``decode=False``: read the header only, enough for the size). EXIF orientation is not applied.
+
+    Only regular files are opened (a FIFO would block for ever). Every error Pillow raises on bad
+    data (including ValueError for an oversized PNG text chunk) becomes a ValueError naming the image.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"{len(source)} bytes"
+    is_path = isinstance(source, (str, os.PathLike))
+    name = os.fspath(source) if is_path else f"{len(source)} bytes"
+    if is_path and os.path.exists(source):
+        try:
+            files.regular_file(source)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(source))
-            _pixel_check(img.height, img.width, f"{where} ({name})", limit)
-            if decode:
-                img.load()
+            img = Image.open(source if is_path else io.BytesIO(source))
     except FileNotFoundError:
         raise ValueError(f"{where}: image file not found: {name}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error,
+            Image.DecompressionBombError) as exc:
         raise ValueError(f"{where}: cannot decode image ({name}): {exc}") from None
+    _pixel_check(img.height, img.width, f"{where} ({name})", limit)
+    if decode:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as exc:
+            raise ValueError(f"{where}: cannot decode image ({name}): {exc}") from None
     return img
 
 
@@ -65,7 +83,7 @@ def load_encoded(source, where: str, limit: int | None):
     """
     from PIL import ImageOps
 
-    if isinstance(source, str) and not os.path.isfile(source):
+    if isinstance(source, str) and not os.path.exists(source):
         source = string_source(source, where)
     img = open_image(source, where, limit)
     try:
@@ -218,7 +236,7 @@ def image_size(image) -> tuple[int, int]:
     """(width, height) of an image without decoding or converting its pixels."""
     from PIL import Image
 
-    if isinstance(image, str) and not os.path.isfile(image):
+    if isinstance(image, str) and not os.path.lexists(image):
         image = string_source(image, "image")
     if isinstance(image, (str, bytes, os.PathLike)):
         image = open_image(image, "image", None, decode=False)

@@ -7,9 +7,12 @@ real global tile the model sees (the same LANCZOS chain as the processor), not a
 
 from __future__ import annotations
 
+import io
+import os
+
 import torch
 
-from .. import ops
+from .. import files, ops
 from ..components.splitter import TilePlan
 
 PANEL = 640  # longest side of the drawn image, in pixels
@@ -30,6 +33,19 @@ def global_tile(rgb: torch.Tensor, plan: TilePlan) -> torch.Tensor:
 def summary(plan: TilePlan, image_seq_len: int) -> str:
     grid = f"{plan.rows}x{plan.cols} tiles + global" if plan.rows * plan.cols else "unsplit"
     return f"{grid} = {plan.tiles} tile(s) x {image_seq_len} = {plan.tiles * image_seq_len} image tokens"
+
+
+def save_picture(picture, path: str | os.PathLike) -> None:
+    """Write a PIL picture atomically (a killed run leaves the old file or the new one).
+
+    The format follows the extension as PIL's own ``save`` would; PNG for an unknown one.
+    """
+    from PIL import Image
+
+    image_format = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower(), "PNG")
+    buffer = io.BytesIO()
+    picture.save(buffer, format=image_format)
+    files.write_bytes(path, buffer.getvalue())
 
 
 def draw_plan(rgb: torch.Tensor, plan: TilePlan, image_seq_len: int):

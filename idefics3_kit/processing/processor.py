@@ -472,7 +472,7 @@ def _splitter_overrides(overrides: dict) -> dict:
 
 def _model_config(path: str) -> VLMConfig | None:
     """The model's config.json beside a processor, when there is one that loads."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.lexists(os.path.join(path, "config.json")):
         return None
     try:
         return VLMConfig.from_pretrained(os.path.join(path, "config.json"))
@@ -501,7 +501,7 @@ def image_settings(path: str, proc_cfg: dict) -> dict:
     if isinstance(nested, dict):
         return nested
     file = os.path.join(path, "preprocessor_config.json")
-    if os.path.isfile(file):
+    if os.path.lexists(file):
         return files.read_json_object(file, "preprocessor_config.json")
     raise ValueError(f"no image settings in {path}: expected preprocessor_config.json or an 'image_processor' "
                      f"entry in processor_config.json")
@@ -510,11 +510,15 @@ def image_settings(path: str, proc_cfg: dict) -> dict:
 def load_chat_template(path: str, proc_cfg: dict, tokenizer_cfg: dict) -> str | None:
     """chat_template.jinja, chat_template.json, processor_config.json, tokenizer_config.json, in that order."""
     jinja_file = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            return f.read()
+    if os.path.lexists(jinja_file):
+        files.regular_file(jinja_file, "chat_template.jinja")
+        try:
+            with open(jinja_file, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{jinja_file}: not UTF-8 text ({exc})") from None
     json_file = os.path.join(path, "chat_template.json")
-    if os.path.isfile(json_file):
+    if os.path.lexists(json_file):
         template = files.read_json_object(json_file, "chat_template.json").get("chat_template")
         if not isinstance(template, str):
             raise ValueError(f"chat_template.json: 'chat_template' must be a string: {json_file}")

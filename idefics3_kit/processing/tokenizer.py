@@ -63,9 +63,10 @@ class TextTokenizer:
         from tokenizers import Tokenizer
 
         file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(file):
+        if not os.path.lexists(file):
             raise ValueError(f"tokenizer.json not found in {path} (only fast tokenizers are supported: "
                              f"save the tokenizer with transformers' save_pretrained to create it)")
+        files.regular_file(file, "tokenizer.json")
         try:
             backend = Tokenizer.from_file(file)
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files

@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -42,10 +43,11 @@ def _root(out_dir: str) -> str:
 def latest(out_dir: str) -> str | None:
     """The newest complete checkpoint of a run, or None."""
     pointer = os.path.join(_root(out_dir), LATEST)
-    if not os.path.isfile(pointer):
+    if not os.path.lexists(pointer):
         return None
-    with open(pointer, encoding="utf-8") as f:
-        name = f.read().strip()
+    files.regular_file(pointer, "the latest-checkpoint pointer")
+    with open(pointer, encoding="utf-8", errors="replace") as f:
+        name = f.read(256).strip()
     path = os.path.join(_root(out_dir), name)
     if not name or os.sep in name or not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise ValueError(f"{pointer}: names {name!r}, which is not a complete checkpoint of this run")
@@ -57,7 +59,7 @@ def save(out_dir: str, step: int, model, optimizer, runtime: Runtime, state: dic
     root = _root(out_dir)
     name = f"step-{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    if os.path.isfile(os.path.join(final, STATE_FILE)):  # this step is saved already (a run resumed here)
+    if latest(out_dir) == final:  # this step is the checkpoint the run resumed from
         barrier(runtime)
         return final
     if runtime.is_main:
@@ -71,12 +73,20 @@ def save(out_dir: str, step: int, model, optimizer, runtime: Runtime, state: dic
     barrier(runtime)
     if runtime.is_main:
         files.write_json(os.path.join(tmp, STATE_FILE), {**state, "step": step, "world_size": runtime.world_size})
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name (no trainer_state.json)
-        os.replace(tmp, final)
+        _replace_folder(tmp, final)
         files.write_text(os.path.join(root, LATEST), name + "\n")
         _prune(root, keep)
     barrier(runtime)
     return final
+
+
+def _replace_folder(new: str, final: str) -> None:
+    """``new`` becomes ``final``. A folder already there (a run killed before ``latest`` moved, or a
+    run restarted from an older checkpoint) is not the latest one, so it may be replaced."""
+    if os.path.isdir(final):
+        files.replace_directory(new, final)
+    else:
+        os.replace(new, final)
 
 
 def read_state(path: str) -> dict:
@@ -95,9 +105,21 @@ def load(path: str, model, optimizer) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer)
     loaded = {"model": model_state, "optimizer": optim_state}
     with _one_process_is_fine():
-        dcp.load(loaded, storage_reader=_SafeReader(path), planner=_SafePlanner())
+        try:
+            dcp.load(loaded, storage_reader=_SafeReader(path), planner=_SafePlanner())
+        except CheckpointException as exc:  # DCP gathers each process's failure into one BaseException
+            raise ValueError(f"{path}: cannot load the checkpoint: {_first_failure(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     return state
+
+
+def _first_failure(exc: CheckpointException) -> str:
+    """The first process's error (DCP stores (exception, traceback) pairs per rank)."""
+    failures = list(exc.failures.values())
+    if not failures:
+        return "unknown failure"
+    first = failures[0][0] if isinstance(failures[0], tuple) else failures[0]
+    return f"{type(first).__name__}: {first}"
 
 
 # the globals a DCP .metadata pickle may name (module, name); every other one is refused

@@ -20,7 +20,7 @@ from ...config import VLMConfig
 from ...model import VLM
 from ...processing import Processor
 from ...processing.images import open_image, to_rgb
-from ...processing.picture import draw_plan
+from ...processing.picture import draw_plan, save_picture
 from .model import answer, shipped_model_dir
 from .synthetic import COLOURS, IMAGE_SIZES, _Shape, _draw_shape
 
@@ -122,6 +122,7 @@ def run(model_dir: str | None = None, preset: str | None = None, seed: int | Non
               f"{plan.image_tokens} image tokens")
         print(f"  Q: {question}\n  A: {reply}{check}")
     rgb = to_rgb(fresh)
-    draw_plan(rgb, processor.splitter.plan(rgb.shape[0], rgb.shape[1]), processor.image_seq_len).save(split_picture)
+    picture = draw_plan(rgb, processor.splitter.plan(rgb.shape[0], rgb.shape[1]), processor.image_seq_len)
+    save_picture(picture, split_picture)
     print(f"tile split of the fresh image: {split_picture}")
     return 0
