@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -124,6 +125,66 @@ void test_decode_on_cache_views() {
   CHECK(max_err(out_bf16, naive(q, k, v, Opt(mask), 0.1, true)) < 5e-2);
 }
 
+// NaN and inf through the registered ops, as attention_ref gives them: a NaN query row is NaN
+// and changes no other row; a NaN value of a masked key (or of a key after a causal row) poisons
+// its column; rows with nothing to attend to stay 0. bf16 with a key count and head dim that are
+// not multiples of 32 and rows of other heads in between: oneDNN's GEMM must not leak across rows.
+void test_nonfinite() {
+  at::manual_seed(2);
+  const double nan = std::nan("");
+  for (auto dtype : {at::kFloat, at::kBFloat16})
+    for (bool causal : {false, true}) {
+      const int64_t b = 2, h = 3, lq = 70, lk = causal ? 99 : 33, d = 80;
+      // [B, L, H, D] memory viewed as [B, H, L, D], as the model's projections
+      auto q = at::randn({b, lq, h, d}).to(dtype).transpose(1, 2);
+      auto k = at::randn({b, lk, h, d}).to(dtype).transpose(1, 2);
+      auto v = at::randn({b, lk, h, d}).to(dtype).transpose(1, 2);
+      auto mask = at::ones({b, lk}, at::kBool);
+      const int64_t pad = causal ? 40 : 20;  // left padding of batch 1: causal rows before pad - 29 are empty
+      mask.index_put_({1, at::indexing::Slice(0, pad)}, false);
+      mask.index_put_({0, 5}, false);
+      const char* name = causal ? "idefics3_kit::prefill_attention" : "idefics3_kit::vision_attention";
+      auto clean = call_blocked(name, q, k, v, Opt(mask), 0.1);
+      q.index_put_({0, 1, 36, 7}, nan);  // one query row
+      auto out = call_blocked(name, q, k, v, Opt(mask), 0.1);
+      auto row_nan = out.isnan().any(-1);  // [B, H, Lq]
+      CHECK(row_nan.index({0, 1, 36}).item<bool>());
+      CHECK(row_nan.sum().item<int64_t>() == 1);
+      auto others = at::ones({b, h, lq}, at::kBool);
+      others.index_put_({0, 1, 36}, false);
+      CHECK(at::equal(out.index({others}), clean.index({others})));
+      v.index_put_({0, 0, 5, 3}, nan);                      // a masked key's value
+      v.index_put_({1, 2, lk - 1, 4}, std::numeric_limits<double>::infinity());  // the last key
+      out = call_blocked(name, q, k, v, Opt(mask), 0.1);
+      CHECK(out.index({0, 0, at::indexing::Slice(), 3}).isnan().all().item<bool>());
+      auto col = out.index({1, 2, at::indexing::Slice(), 4});
+      if (causal) {  // rows before `first` have no key (zeros); the others give the last key probability 0 but the last
+        const int64_t first = pad - (lk - lq);
+        CHECK(at::equal(out.index({1, at::indexing::Slice(), at::indexing::Slice(0, first)}),
+                        at::zeros({h, first, d}, dtype)));
+        CHECK(col.slice(0, first, lq - 1).isnan().all().item<bool>());
+        CHECK(col.index({lq - 1}).isinf().item<bool>());
+      } else {
+        CHECK(col.isinf().all().item<bool>());
+      }
+    }
+  // decode: a NaN query head, a NaN value of a masked key
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    auto q = at::randn({2, 8, 1, 64}).to(dtype), k = at::randn({2, 2, 600, 64}).to(dtype);
+    auto v = at::randn({2, 2, 600, 64}).to(dtype);
+    auto mask = at::ones({2, 600}, at::kBool);
+    mask.index_put_({1, 500}, false);
+    auto clean = call_decode(q, k, v, Opt(mask), std::nullopt, 0.125);
+    q.index_put_({0, 3, 0, 0}, nan);
+    v.index_put_({1, 1, 500, 9}, nan);
+    auto out = call_decode(q, k, v, Opt(mask), std::nullopt, 0.125);
+    CHECK(out.index({0, 3}).isnan().all().item<bool>());
+    CHECK(out.index({1, at::indexing::Slice(4, 8), 0, 9}).isnan().all().item<bool>());
+    CHECK(at::equal(out.index({0, at::indexing::Slice(0, 3)}), clean.index({0, at::indexing::Slice(0, 3)})));
+    CHECK(at::equal(out.index({1, at::indexing::Slice(0, 4)}), clean.index({1, at::indexing::Slice(0, 4)})));
+  }
+}
+
 void test_bad_arguments_throw() {
   auto q = at::randn({1, 4, 3, 16}), k = at::randn({1, 2, 5, 16});
   auto throws = [](auto&& fn) {
@@ -143,4 +204,4 @@ void test_bad_arguments_throw() {
 
 }  // namespace
 
-TEST_MAIN(test_vision_and_prefill(); test_decode_on_cache_views(); test_bad_arguments_throw();)
+TEST_MAIN(test_vision_and_prefill(); test_decode_on_cache_views(); test_nonfinite(); test_bad_arguments_throw();)

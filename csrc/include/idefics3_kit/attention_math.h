@@ -28,8 +28,10 @@ IK_ALWAYS_INLINE void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to
 
 // exp(x) for x <= 0 (softmax arguments), relative error ~1e-7; exactly 0 below -87 and for -inf.
 // 2^(x log2 e) = 2^n * 2^f with n = round(.), |f| <= 1/2, 2^f by a degree-7 Taylor series.
+// A NaN comes back as NaN: a NaN score (or inf - inf) must poison its softmax row as in torch.
+// It is clamped to 0 on the way so that the int conversion below never sees a NaN (undefined).
 IK_ALWAYS_INLINE float exp_neg(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
+  const float xc = x < -87.0f ? -87.0f : (x <= 0.0f ? x : 0.0f);
   const float t = xc * 1.44269504088896341f;
   const float n = std::nearbyint(t);
   const float f = (t - n) * 0.693147180559945309f;  // e^f = 2^(t - n)
@@ -44,12 +46,21 @@ IK_ALWAYS_INLINE float exp_neg(float x) {
   const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, 4);
-  return x < -87.0f ? 0.0f : p * scale;
+  return x < -87.0f ? 0.0f : (x <= 0.0f ? p * scale : x);  // NaN passes through
 }
 
 // Softmax of one score row, written as probabilities (normalized) into p[0, n):
-//   x_j = s_j * scale + (bias ? bias_j : 0) for j < valid, -inf for valid <= j < n.
-// A row with no finite x_j cannot happen here (callers open fully masked rows up).
+//   x_j = s_j * scale for j < valid (-inf where bias_j is -inf: a masked key), -inf for
+//   valid <= j < n (keys after a causal row's position; their probability is written as 0).
+// Callers skip rows with no key to attend to. As torch's float32 softmax (attention_ref): a NaN
+// x_j, a +inf x_j, or x_j all -inf make the whole row NaN (through max, exp(x - max) and the sum).
+// A masked key is -inf whatever its score (masked_fill in the reference, not an addition: an
+// infinite or NaN score of a masked key must not reach the row).
+template <typename in_t>
+IK_ALWAYS_INLINE float masked_logit(const in_t* s, const float* bias, float scale, int j) {
+  return bias && bias[j] != 0.0f ? kNegInf : load_f(s, j) * scale;
+}
+
 template <typename in_t, typename out_t>
 IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float scale, const float* bias, float* x,
                                        out_t* p) {
@@ -58,12 +69,12 @@ IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float sc
   int j = 0;
   for (; j + kLanes <= valid; j += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const float v = load_f(s, j + l) * scale + (bias ? bias[j + l] : 0.0f);
+      const float v = masked_logit(s, bias, scale, j + l);
       x[j + l] = v;
-      mx[l] = v > mx[l] ? v : mx[l];
+      mx[l] = v > mx[l] ? v : mx[l];  // a NaN is dropped here but comes back through exp(NaN - m)
     }
   for (; j < valid; ++j) {
-    const float v = load_f(s, j) * scale + (bias ? bias[j] : 0.0f);
+    const float v = masked_logit(s, bias, scale, j);
     x[j] = v;
     mx[0] = v > mx[0] ? v : mx[0];
   }
@@ -97,6 +108,25 @@ IK_MULTIVERSION static void softmax_row_portable(const uint16_t* s, int n, int v
   softmax_row_impl(s, n, valid, scale, bias, x, p);
 }
 
+// Whether n values hold a NaN or an infinity (every exponent bit set). No early exit: the loop
+// vectorizes, and the rows it is asked about are short.
+template <typename T, typename U>
+IK_ALWAYS_INLINE bool nonfinite_impl(const T* p, int64_t n, U exponent) {
+  U any = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U bits;
+    std::memcpy(&bits, p + i, sizeof(U));
+    any |= (bits & exponent) == exponent;
+  }
+  return any != 0;
+}
+IK_MULTIVERSION static bool any_nonfinite(const float* p, int64_t n) {
+  return nonfinite_impl(p, n, static_cast<uint32_t>(0x7F800000u));
+}
+IK_MULTIVERSION static bool any_nonfinite(const uint16_t* p, int64_t n) {
+  return nonfinite_impl(p, n, static_cast<uint16_t>(0x7F80u));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Decode: G query heads that share one key/value head, one query each, against keys [j0, j1).
 
@@ -112,9 +142,16 @@ struct DecodeArgs {
   const uint8_t* key_mask = nullptr;  // 1 = attend; nullptr = all
 };
 
+// m of a partial (below): NaN when its sum is NaN (the row is poisoned), else the max of its scores.
+IK_ALWAYS_INLINE float partial_max(float m, float l) { return l != l ? l : m; }
+
 // Partial (unnormalized) result of keys [j0, j1): for each group g, o[g * d + i] =
 // sum_j exp(x_gj - m_g) v_j[i], with m_g = max_j x_gj and l_g = sum_j exp(x_gj - m_g);
-// m_g = -inf, l_g = 0, o = 0 when every key in the range is masked.
+// m_g = -inf, l_g = 0 when every key in the range is masked (or scores -inf). Masked keys take
+// part in the sum over v with weight exactly 0, as in the reference's P·V, where 0 * NaN and
+// 0 * inf are NaN: a non-finite value of a masked key poisons that column. A NaN in the scores
+// (or +inf - +inf) makes l_g NaN, and then m_g is set to NaN too (partial_max), so that the
+// combine sees it even when the range's max is -inf.
 // Scratch: qf [G * d], row [d], x [G * (j1 - j0)] floats.
 template <typename in_t>
 void decode_partial_portable(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l,
@@ -145,20 +182,20 @@ void decode_partial_portable(const DecodeArgs& a, int64_t j0, int64_t j1, float*
     float* xg = x + g * n;
     float mg = kNegInf;
     for (int64_t j = 0; j < n; ++j) mg = xg[j] > mg ? xg[j] : mg;
+    const float mv = mg == kNegInf ? 0.0f : mg;  // all -inf: every weight is exp(-inf) = 0
     float lg = 0.0f;
-    if (mg != kNegInf)
-      for (int64_t j = 0; j < n; ++j) {
-        xg[j] = exp_neg(xg[j] - mg);
-        lg += xg[j];
-      }
-    m[g] = mg;
+    for (int64_t j = 0; j < n; ++j) {
+      xg[j] = exp_neg(xg[j] - mv);
+      lg += xg[j];
+    }
+    m[g] = partial_max(mg, lg);
     l[g] = lg;
     std::fill(o + g * d, o + (g + 1) * d, 0.0f);
   }
-  // Values: each value row is loaded once and accumulated into all G outputs.
+  // Values: each value row is loaded once and accumulated into all G outputs (masked keys too,
+  // with weight 0: see above).
   const in_t* v = static_cast<const in_t*>(a.v);
   for (int64_t j = 0; j < n; ++j) {
-    if (a.key_mask && !a.key_mask[j0 + j]) continue;
     const in_t* vr = v + (j0 + j) * a.v_stride;
     for (int64_t i = 0; i < d; ++i) row[i] = load_f(vr, i);
     for (int64_t g = 0; g < G; ++g) {
@@ -187,10 +224,11 @@ IK_AVX512_FN inline __m512 load(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// Same polynomial as exp_neg above, 16 lanes at a time.
+// Same polynomial as exp_neg above, 16 lanes at a time; NaN lanes stay NaN (vmaxps returns its
+// second operand when either is NaN, so x goes second).
 IK_AVX512_FN inline __m512 exp_neg(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
   const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
@@ -296,12 +334,13 @@ IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int6
       _mm512_mask_storeu_ps(xg + jj, mk, e);
       sum = _mm512_add_ps(sum, e);
     }
-    m[g0 + g] = mg;
-    l[g0 + g] = _mm512_reduce_add_ps(sum);
+    const float lg = _mm512_reduce_add_ps(sum);
+    m[g0 + g] = partial_max(mg, lg);
+    l[g0 + g] = lg;
     std::fill(o + (g0 + g) * d, o + (g0 + g + 1) * d, 0.0f);
   }
   // Values, 4 rows at a time: each output chunk is loaded and stored once per 4 rows. Masked
-  // rows have weight exactly 0 (their values are finite cache contents).
+  // rows have weight exactly 0 and are multiplied all the same (0 * NaN = NaN, as the reference).
   j = 0;
   for (; j + 4 <= n; j += 4) {
     const in_t* vr = v + (j0 + j) * a.v_stride;
@@ -354,25 +393,33 @@ IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, fl
 
 IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m) {
-  __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as float_to_bf16_rne
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+  const __m512i raw = _mm512_castps_si512(v);  // round to nearest even, as float_to_bf16_rne
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(raw, 16), _mm512_set1_epi32(1));
+  __m512i hi = _mm512_srli_epi32(_mm512_add_epi32(raw, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  // NaN lanes: the rounding add could carry a NaN with a low payload into inf (or wrap it to 0);
+  // keep the high half and set the quiet bit instead, as float_to_bf16_rne does.
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  hi = _mm512_mask_or_epi32(hi, nan, _mm512_srli_epi32(raw, 16), _mm512_set1_epi32(0x40));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(hi));
 }
 
 // softmax_row_impl with explicit vectors.
-// s * scale + bias for 16 lanes (recomputed in each pass rather than stored).
+// masked_logit for 16 lanes (recomputed in each pass rather than stored): masked keys are -inf
+// by a select, not by adding the bias, so that an infinite or NaN score of theirs never counts.
 template <typename in_t>
 IK_AVX512_FN inline __m512 logits(const in_t* s, const float* bias, __m512 sc, int j, __mmask16 mk) {
   const __m512 v = _mm512_mul_ps(load(s + j, mk), sc);
-  return bias ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + j)) : v;
+  if (!bias) return v;
+  const __mmask16 masked =
+      _mm512_mask_cmp_ps_mask(mk, _mm512_maskz_loadu_ps(mk, bias + j), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  return _mm512_mask_mov_ps(v, masked, _mm512_set1_ps(kNegInf));
 }
 
 template <typename in_t, typename out_t>
 IK_AVX512_FN void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 mx = _mm512_set1_ps(kNegInf);
-  for (int j = 0; j < valid; j += 16) {
+  for (int j = 0; j < valid; j += 16) {  // (a NaN may be dropped from the max: exp(NaN - m) keeps it)
     const __mmask16 mk = lane_mask(valid - j);
     mx = _mm512_mask_max_ps(mx, mk, mx, logits(s, bias, sc, j, mk));
   }
@@ -450,19 +497,31 @@ inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j
 }
 
 // Combine S partial results of one query head (log-sum-exp): out = sum_s e^(m_s - M) o_s /
-// sum_s e^(m_s - M) l_s. At least one split must have a finite m_s.
+// sum_s e^(m_s - M) l_s. For a row with at least one key to attend to (callers write the empty
+// rows' zeros themselves), with the float32 softmax's rules: a NaN partial (a NaN score, or +inf
+// among the scores) or every score -inf makes the whole row NaN. A split whose keys are all
+// masked has weight 0 but is still added: its o holds 0 * v, NaN where a masked value is NaN or
+// infinite, as the reference's P·V gives.
 template <typename out_t>
 inline void decode_combine(int64_t d, int64_t splits, const float* o, int64_t o_split_stride, const float* m,
                            const float* l, int64_t ml_stride, out_t* out) {
   float mx = kNegInf;
-  for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, m[s * ml_stride]);
+  bool nan = false;
+  for (int64_t s = 0; s < splits; ++s) {
+    const float ms = m[s * ml_stride];
+    nan |= ms != ms;
+    mx = ms > mx ? ms : mx;
+  }
+  if (nan || mx == kNegInf) {
+    for (int64_t i = 0; i < d; ++i) store_f(out, i, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
   float denom = 0.0f;
   float acc[512];  // d <= 512 (checked by the op)
   std::fill(acc, acc + d, 0.0f);
   for (int64_t s = 0; s < splits; ++s) {
     const float ms = m[s * ml_stride];
-    if (ms == kNegInf) continue;
-    const float w = std::exp(ms - mx);
+    const float w = ms == kNegInf ? 0.0f : std::exp(ms - mx);  // mx = +inf: inf - inf = NaN, as softmax
     denom += w * l[s * ml_stride];
     const float* os = o + s * o_split_stride;
     for (int64_t i = 0; i < d; ++i) acc[i] += w * os[i];

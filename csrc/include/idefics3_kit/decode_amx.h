@@ -139,7 +139,8 @@ IK_AMX_FN inline __mmask16 keep_lanes(const uint8_t* km) {
 
 // 1) x[g][j] = scale * q_g . k_j for the n <= kChunk keys at k (-inf where masked), and mx[g]
 //    raised to their max. 16-key tile products give S[16 keys][G]; a gather per head turns the
-//    tile's columns into rows of x. The last n % 16 keys take vector dot products.
+//    tile's columns into rows of x. The last n % 16 keys take vector dot products. A NaN score
+//    may be dropped from mx (vmaxps) but stays in x, and exp_neg turns it into a NaN weight.
 IK_AMX_FN inline void scores_chunk(const DecodeArgs& a, const uint16_t* k, const uint8_t* km, int64_t n, float* x,
                                    float* mx) {
   const int64_t G = a.groups, n16 = n / 16 * 16;
@@ -196,7 +197,9 @@ IK_AMX_FN inline void softmax_chunk(int64_t groups, int64_t tiles, int64_t n, co
 }
 
 // 3) oacc += P . V for the n keys at v, 32 at a time: each block's V pairs are re-laid out into
-//    an L1-sized buffer, then each 16-column output tile takes one product.
+//    an L1-sized buffer, then each 16-column output tile takes one product. Masked keys are in
+//    it with probability 0, so that a NaN or infinite value of theirs gives NaN (0 * NaN), as the
+//    reference's P·V does.
 IK_AMX_FN inline void weighted_values_chunk(const DecodeArgs& a, const uint16_t* v, int64_t n, const uint16_t* pb,
                                             float (*oacc)[kMaxGroups * 16]) {
   const int64_t tiles = a.d / 16;
@@ -238,6 +241,7 @@ IK_AMX_FN inline void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1
     weighted_values_chunk(a, v + c0 * a.v_stride, n, pb, oacc);
   }
   _tile_release();
+  for (int64_t g = 0; g < G; ++g) m[g] = partial_max(m[g], l[g]);  // a NaN score poisons the row
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 16; ++i) o[g * d + out_column(t / 2, static_cast<int>(t % 2), i)] = oacc[t][g * 16 + i];
