@@ -60,9 +60,46 @@ at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor
   return at::silu(at::linear(x, gate_w)) * at::linear(x, up_w);
 }
 
+// Every parameter of every layer against the layer's dimensions: the ATen ops of the float32 path
+// would broadcast a wrong-shaped norm or down_proj weight instead of failing.
+void check_params(const c10::List<std::optional<at::Tensor>>& params, int64_t layers, const at::Tensor& x,
+                  int64_t heads, int64_t kv_heads, int64_t hd) {
+  const int64_t hidden = x.size(2), q_rows = heads * hd, kv_rows = kv_heads * hd;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t base = l * kParamsPerLayer;
+    // The intermediate size is gate_proj's row count (up_proj and down_proj are checked against it).
+    const std::optional<at::Tensor> gate = params.get(base + kGate);
+    const bool has_gate = gate.has_value() && gate->defined();
+    TORCH_CHECK(!has_gate || (gate->dim() == 2 && gate->size(1) == hidden), "decode_layers: params[", base + kGate,
+                "] (layer ", l, " gate_proj) must be [intermediate, hidden = ", hidden, "], got ", shape_str(*gate));
+    const int64_t inter = has_gate ? gate->size(0) : 0;
+    const std::vector<int64_t> want[kParamsPerLayer] = {
+        {hidden}, {q_rows, hidden}, {kv_rows, hidden}, {kv_rows, hidden}, {q_rows}, {kv_rows}, {kv_rows},
+        {hidden, q_rows}, {hidden}, {inter, hidden}, {inter, hidden}, {hidden, inter}};
+    for (int64_t slot = 0; slot < kParamsPerLayer; ++slot) {
+      const std::optional<at::Tensor> t = params.get(base + slot);
+      const bool optional = slot == kQBias || slot == kKBias || slot == kVBias;
+      if (!(t.has_value() && t->defined())) {
+        TORCH_CHECK(optional, "decode_layers: params[", base + slot, "] (layer ", l, " ", kSlotNames[slot],
+                    ") must be a tensor, got None");
+        continue;
+      }
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), "decode_layers: params[", base + slot,
+                  "] (layer ", l, " ", kSlotNames[slot], ") must be a CPU ", x.scalar_type(), " tensor, got ",
+                  t->scalar_type(), " on ", t->device());
+      TORCH_CHECK(t->sizes() == at::IntArrayRef(want[slot]), "decode_layers: params[", base + slot, "] (layer ", l,
+                  " ", kSlotNames[slot], ") must be ", at::IntArrayRef(want[slot]), " (hidden ", hidden, ", num_heads ",
+                  heads, ", num_kv_heads ", kv_heads, ", head_dim ", hd, ", intermediate ", inter, "), got ",
+                  shape_str(*t));
+      TORCH_CHECK(t->is_contiguous(), "decode_layers: params[", base + slot, "] (layer ", l, " ", kSlotNames[slot],
+                  ") must be contiguous, got strides ", c10::str(t->strides()));
+    }
+  }
+}
+
 void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cache, const at::TensorList v_cache,
                 const at::Tensor& cos, const at::Tensor& sin_signed, const std::optional<at::Tensor>& key_mask,
-                int64_t past, int64_t heads, int64_t kv_heads) {
+                int64_t past, int64_t heads, int64_t kv_heads, double eps) {
   const char* op = "decode_layers";
   check_cpu(x, op, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
@@ -74,17 +111,24 @@ void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cach
               k_cache.size(), " and ", v_cache.size());
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, op, ": num_heads (", heads,
               ") must be a positive multiple of num_kv_heads (", kv_heads, ")");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
   for (int64_t l = 0; l < layers; ++l) {
     for (const at::Tensor* c : {&k_cache[l], &v_cache[l]}) {
       TORCH_CHECK(c->dim() == 4 && c->size(0) == x.size(0) && c->size(1) == kv_heads, op, ": cache of layer ", l,
                   " must be [B, Hkv, Lmax, hd] with B = ", x.size(0), ", Hkv = ", kv_heads, ", got ", shape_str(*c));
       TORCH_CHECK(c->scalar_type() == x.scalar_type() && c->device().is_cpu(), op, ": cache of layer ", l,
                   " must be a CPU ", x.scalar_type(), " tensor, got ", c->scalar_type(), " on ", c->device());
+      TORCH_CHECK(c->size(3) == k_cache[0].size(3), op, ": cache of layer ", l, " must have head dim ",
+                  k_cache[0].size(3), " (layer 0's), got shape ", shape_str(*c));
+      TORCH_CHECK(c->is_contiguous(), op, ": cache of layer ", l, " must be contiguous, got strides ",
+                  c10::str(c->strides()));
       TORCH_CHECK(past >= 0 && past < c->size(2), op, ": past (", past, ") must be in [0, Lmax = ", c->size(2),
                   "): the new token is written at position past");
     }
   }
   const int64_t hd = k_cache[0].size(3);
+  TORCH_CHECK(hd >= 8 && hd % 8 == 0 && hd <= 512, op, ": head dim (the caches' last dim) must be a multiple of 8 "
+              "in [8, 512], got ", hd);
   check_cpu(cos, op, "cos");
   check_cpu(sin_signed, op, "sin_signed");
   for (const at::Tensor* r : {&cos, &sin_signed})
@@ -109,8 +153,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
   TORCH_CHECK(params.size() % kParamsPerLayer == 0 && params.size() > 0, "decode_layers: params must hold ",
               kParamsPerLayer, " entries per layer, got ", params.size());
   const int64_t layers = static_cast<int64_t>(params.size()) / kParamsPerLayer;
-  check_args(x_in, layers, k_cache, v_cache, cos, sin_signed, key_mask, past, heads, kv_heads);
+  check_args(x_in, layers, k_cache, v_cache, cos, sin_signed, key_mask, past, heads, kv_heads, eps);
   const int64_t b = x_in.size(0), hd = k_cache[0].size(3), inter_rows = heads + kv_heads;
+  check_params(params, layers, x_in, heads, kv_heads, hd);
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const std::optional<at::Tensor> mask = key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt;
   at::Tensor x = x_in;

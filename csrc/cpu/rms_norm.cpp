@@ -1,5 +1,7 @@
 // rms_norm on CPU: rows of x [..., D] (float32 or bfloat16) normalized and scaled by weight [D].
 // Kernel: csrc/include/idefics3_kit/rms_norm.h.
+#include <cmath>
+
 #include "common.h"
 #include "idefics3_kit/rms_norm.h"
 #include "kernels.h"
@@ -22,7 +24,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   const int64_t d = x.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, op, ": weight must be [D] = [", d,
               "] (x's last dim), got ", shape_str(weight));
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t rows = d == 0 ? 0 : xc.numel() / d;

@@ -124,6 +124,23 @@ def register_fake(name: str):
     return decorator
 
 
+def same_device(op: str, named) -> None:
+    """Refuse tensors on more than one device: ``named`` holds (argument name, tensor or None).
+
+    The fake kernels call it first. The dispatcher sends a call whose tensors are on the CPU
+    but for one on the meta device to the op's fake kernel, which would otherwise return an
+    uninitialised CPU tensor (or, for the in-place ops, silently do nothing).
+    """
+    first = None
+    for name, t in named:
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise RuntimeError(f"{op}: {name} must be on the device of {first[0]} ({first[1]}), got {t.device}")
+
+
 def build_info() -> dict | None:
     """What the extension was built from (written by setup.py), or None when it is absent."""
     path = Path(__file__).resolve().parent.parent / "_build_info.json"

@@ -193,14 +193,18 @@ def attention_out(q: torch.Tensor) -> torch.Tensor:
 
 @_library.register_fake("vision_attention")
 def _vision_fake(q, k, v, key_mask, scale):
+    _library.same_device("vision_attention", (("q", q), ("k", k), ("v", v), ("key_mask", key_mask)))
     return attention_out(q)
 
 
 @_library.register_fake("prefill_attention")
 def _prefill_fake(q, k, v, key_mask, scale):
+    _library.same_device("prefill_attention", (("q", q), ("k", k), ("v", v), ("key_mask", key_mask)))
     return attention_out(q)
 
 
 @_library.register_fake("decode_attention")
 def _decode_fake(q, k, v, key_mask, cache_seqlens, scale):
+    _library.same_device("decode_attention", (("q", q), ("k", k), ("v", v), ("key_mask", key_mask),
+                                              ("cache_seqlens", cache_seqlens)))
     return attention_out(q)

@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 
 from . import _library, fast_path, matmul
+from .norm import check_eps
 
 LAYER_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "post_norm", "gate", "up", "down")
 
 
-def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, head_dim: int, modules) -> bool:
+def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, rope_and_mask, head_dim: int, modules) -> bool:
     if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu":
         return False
     if x.dtype == torch.bfloat16:
@@ -35,9 +36,9 @@ def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, head_dim: int, modul
         return False
     if head_dim % 8 or not 8 <= head_dim <= 512 or not _library.cpu_is_vectorized():
         return False
-    if any(c is None for c in (*k_cache, *v_cache)):
+    if any(c is None or not c.is_contiguous() for c in (*k_cache, *v_cache)):
         return False
-    if not fast_path.usable("decode_layers", (x, *flat, *k_cache, *v_cache), modules):
+    if not fast_path.usable("decode_layers", (x, *flat, *k_cache, *v_cache, *rope_and_mask), modules):
         return False
     dtype = x.dtype
     for p in flat:
@@ -56,8 +57,10 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequ
     half negated (x * cos + roll(x, hd/2) * sin_signed is the rotation); ``modules``: every module
     whose forward the op replaces (they must be plain, see ``fast_path``).
     """
+    check_eps(eps, "decode_layers")
     flat = [p for weights in layer_weights for p in weights]
-    if not layer_weights or not _applies(x, flat, k_cache, v_cache, k_cache[0].shape[-1], modules):
+    if not layer_weights or not _applies(x, flat, k_cache, v_cache, (cos, sin_signed, key_padding_mask),
+                                         k_cache[0].shape[-1], modules):
         return None
     b = x.shape[0]
     if cos.shape[0] != b:  # positions shared by the batch: the layers broadcast them
@@ -69,4 +72,8 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequ
 
 @_library.register_fake("decode_layers")
 def _decode_layers_fake(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads, num_kv_heads, eps):
+    _library.same_device("decode_layers", (("x", x), *((f"params[{i}]", p) for i, p in enumerate(params)),
+                                           *((f"k_cache[{i}]", c) for i, c in enumerate(k_cache)),
+                                           *((f"v_cache[{i}]", c) for i, c in enumerate(v_cache)),
+                                           ("cos", cos), ("sin_signed", sin_signed), ("key_mask", key_mask)))
     return torch.empty_like(x, memory_format=torch.contiguous_format)

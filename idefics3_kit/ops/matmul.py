@@ -87,6 +87,8 @@ def decode_linear(x: torch.Tensor, weights, biases) -> torch.Tensor | None:
 
 @_library.register_fake("decode_linear")
 def _decode_linear_fake(x, weights, biases):
+    _library.same_device("decode_linear", (("x", x), *((f"weights[{i}]", w) for i, w in enumerate(weights)),
+                                           *((f"biases[{i}]", b) for i, b in enumerate(biases))))
     torch._check(len(weights) > 0, lambda: "decode_linear: weights must not be empty")
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 

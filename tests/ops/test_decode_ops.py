@@ -517,7 +517,9 @@ def test_rms_norm_bad_arguments():
         (lambda: ns.rms_norm(x, torch.ones(7), 1e-5), r"weight must be \[D\] = \[8\]"),
         (lambda: ns.rms_norm(x, torch.ones(1, 8), 1e-5), r"weight must be \[D\] = \[8\]"),
         (lambda: ns.rms_norm(x[0, 0], torch.ones(1), 1e-5), "at least one dimension"),
-        (lambda: ns.rms_norm(x, torch.ones(8), -1.0), "eps must be >= 0"),
+        (lambda: ns.rms_norm(x, torch.ones(8), -1.0), "eps must be finite and >= 0, got -1"),
+        (lambda: ns.rms_norm(x, torch.ones(8), float("nan")), "eps must be finite and >= 0, got nan"),
+        (lambda: ns.rms_norm(x, torch.ones(8), float("inf")), "eps must be finite and >= 0, got inf"),
     ]
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
@@ -555,7 +557,8 @@ def test_decode_layers_bad_arguments():
         (with_(h=5), "must be a positive multiple of num_kv_heads"),
         (with_(kc=[c[:1] for c in kc]), r"cache of layer 0 must be \[B, Hkv, Lmax, hd\]"),
         (with_(vc=[c.bfloat16() for c in vc]), "cache of layer 0 must be a CPU Float tensor"),
-        (with_(h=3, hkv=1, kc=[c[:, :1] for c in kc], vc=[c[:, :1] for c in vc]), r"q\|k\|v projections give"),
+        (with_(h=3, hkv=1, kc=[c[:, :1].contiguous() for c in kc], vc=[c[:, :1].contiguous() for c in vc]),
+         r"params\[1\] \(layer 0 q_proj\) must be \[48, 96\]"),
     ]
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
