@@ -13,14 +13,36 @@ The tensors are ordinary CPU tensors, except that their storage cannot be resize
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import _library
 
 
+def _sizes(shape) -> list[int]:
+    """``shape`` as a list of ints, each an integer >= 0 (not a bool, not a float: int(2.5) would
+    silently give a smaller tensor than asked for)."""
+    try:
+        items = list(shape)
+    except TypeError:
+        raise ValueError(f"empty_pooled: shape must be a sequence of ints, got {shape!r}") from None
+    sizes = []
+    for i, s in enumerate(items):
+        try:
+            value = None if isinstance(s, bool) else operator.index(s)
+        except TypeError:
+            value = None
+        if value is None or value < 0:
+            raise ValueError(f"empty_pooled: shape[{i}] must be an integer >= 0, got {s!r} "
+                             f"({type(s).__name__}) in {shape!r}")
+        sizes.append(value)
+    return sizes
+
+
 def empty_pooled(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialized CPU tensor of ``shape`` whose memory is pooled after it is freed."""
-    shape = [int(s) for s in shape]
+    shape = _sizes(shape)
     if _library.has_kernel("empty_pooled", "cpu") and not torch.compiler.is_compiling():
         return _library.op("empty_pooled")(shape, dtype)
     return torch.empty(shape, dtype=dtype)
