@@ -5,8 +5,10 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <array>
 #include <memory>
+#include <tuple>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -67,8 +69,10 @@ Geometry check_geometry(at::IntArrayRef g, size_t i, const at::Tensor& pv) {
                 "], got (h1, w1, h2, w2) = (", geo.h1, ", ", geo.w1, ", ", geo.h2, ", ", geo.w2, ")");
   TORCH_CHECK(geo.rows >= 0 && geo.cols >= 0 && geo.rows <= kMaxSide && geo.cols <= kMaxSide, op,
               ": geometry of image ", i, ": rows/cols must be >= 0, got ", geo.rows, "x", geo.cols);
-  TORCH_CHECK(geo.sample >= 0 && geo.sample < b && geo.first >= 0 && geo.first + geo.tiles() <= t, op, ": image ", i,
-              " writes tiles ", geo.first, "..", geo.first + geo.tiles() - 1, " of sample ", geo.sample,
+  // (first <= t - tiles rather than first + tiles <= t: a huge first must not overflow past the check)
+  TORCH_CHECK(geo.sample >= 0 && geo.sample < b && geo.first >= 0 && geo.tiles() <= t && geo.first <= t - geo.tiles(),
+              op, ": image ", i,
+              " writes ", geo.tiles(), " tile(s) from tile ", geo.first, " of sample ", geo.sample,
               ", outside pixel_values ", shape_str(pv));
   if (geo.rows == 0 || geo.cols == 0) {
     TORCH_CHECK(geo.h2 == s && geo.w2 == s, op, ": image ", i, " is unsplit, so stage 2 must be ", s, "x", s,
@@ -78,6 +82,23 @@ Geometry check_geometry(at::IntArrayRef g, size_t i, const at::Tensor& pv) {
                 geo.w2, " is not ", geo.rows, "x", geo.cols, " tiles of ", s);
   }
   return geo;
+}
+
+// No two images may write the same tile of a sample: the tiles are written in parallel, and the
+// result would depend on the order (the reference's last image wins).
+void check_disjoint(const std::vector<Geometry>& geos) {
+  std::vector<size_t> order(geos.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::tie(geos[a].sample, geos[a].first, a) < std::tie(geos[b].sample, geos[b].first, b);
+  });
+  for (size_t n = 1; n < order.size(); ++n) {
+    const Geometry &prev = geos[order[n - 1]], &cur = geos[order[n]];
+    TORCH_CHECK(cur.sample != prev.sample || cur.first >= prev.first + prev.tiles(), "preprocess_into: images ",
+                std::min(order[n - 1], order[n]), " and ", std::max(order[n - 1], order[n]), " both write tile ",
+                cur.first, " of sample ", cur.sample, " (tiles ", prev.first, "..", prev.first + prev.tiles() - 1,
+                " and ", cur.first, "..", cur.first + cur.tiles() - 1, ")");
+  }
 }
 
 // Uninitialized byte buffer (std::vector would zero megabytes that the resize overwrites).
@@ -173,8 +194,9 @@ void preprocess_into_cpu(at::TensorList images, at::Tensor pixel_values, at::Ten
   check_contiguous(pixel_values, op, "pixel_values");
   TORCH_CHECK(pixel_values.scalar_type() == at::kFloat || pixel_values.scalar_type() == at::kBFloat16, op,
               ": pixel_values must be float32 or bfloat16, got ", pixel_values.scalar_type());
-  TORCH_CHECK(pixel_values.size(2) == 3 && pixel_values.size(3) == pixel_values.size(4) && pixel_values.size(3) >= 1,
-              op, ": pixel_values must be [B, T, 3, S, S], got ", shape_str(pixel_values));
+  // (S = 0 passes here: every image is then refused by its geometry, and no image is no work)
+  TORCH_CHECK(pixel_values.size(2) == 3 && pixel_values.size(3) == pixel_values.size(4), op,
+              ": pixel_values must be [B, T, 3, S, S], got ", shape_str(pixel_values));
   const auto b = pixel_values.size(0), t = pixel_values.size(1), s = pixel_values.size(3);
   TORCH_CHECK(pixel_mask.sizes() == at::IntArrayRef({b, t, s, s}), op, ": pixel_mask must be [", b, ", ", t, ", ", s,
               ", ", s, "], got ", shape_str(pixel_mask));
@@ -188,6 +210,7 @@ void preprocess_into_cpu(at::TensorList images, at::Tensor pixel_values, at::Ten
     check_image(images[i], i);
     geos.push_back(check_geometry(geometry, i, pixel_values));
   }
+  check_disjoint(geos);
   const Lut lut = make_lut(mean, std, rescale);
   advise_huge_pages(pixel_values);
   if (pixel_mask.is_contiguous()) advise_huge_pages(pixel_mask);

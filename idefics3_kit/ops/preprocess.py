@@ -59,7 +59,8 @@ def resize_u8_ref(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
 
 
 def check_geometry(images, pixel_values, pixel_mask, geometry) -> None:
-    """Every image's tiles lie inside the batch and its sizes agree with its grid."""
+    """Every image's tiles lie inside the batch, no two images of a sample share a tile, and each
+    image's sizes agree with its grid."""
     if len(geometry) != 8 * len(images):
         raise ValueError(f"preprocess: geometry needs 8 ints per image, got {len(geometry)} for {len(images)} images")
     if pixel_values.dim() != 5 or pixel_values.shape[2] != 3 or pixel_values.shape[3] != pixel_values.shape[4]:
@@ -67,20 +68,36 @@ def check_geometry(images, pixel_values, pixel_mask, geometry) -> None:
     b, t, _, s, _ = pixel_values.shape
     if tuple(pixel_mask.shape) != (b, t, s, s):
         raise ValueError(f"preprocess: pixel_mask must be {(b, t, s, s)}, got {tuple(pixel_mask.shape)}")
+    if pixel_values.device.type == "meta" or pixel_mask.device != pixel_values.device:
+        raise ValueError(f"preprocess: pixel_values and pixel_mask must be on one device that holds data, got "
+                         f"{pixel_values.device} and {pixel_mask.device}")
+    spans: dict[int, list[tuple[int, int, int]]] = {}  # sample -> (first tile, end, image)
     for i, img in enumerate(images):
         sample, first, h1, w1, h2, w2, rows, cols = geometry[8 * i: 8 * i + 8]
         if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[2] != 3:
             raise ValueError(f"preprocess: image {i} must be uint8 [H, W, 3], got {img.dtype} {tuple(img.shape)}")
+        if img.device.type == "meta":
+            raise ValueError(f"preprocess: image {i} is on the meta device (it holds no pixels)")
+        if rows < 0 or cols < 0:
+            raise ValueError(f"preprocess: image {i}: rows and cols must be >= 0, got {rows}x{cols}")
         n_tiles = tile_count(rows, cols)
         if not (0 <= sample < b and 0 <= first and first + n_tiles <= t):
             raise ValueError(f"preprocess: image {i} writes tiles {first}..{first + n_tiles - 1} of sample "
                              f"{sample}, outside pixel_values {tuple(pixel_values.shape)}")
+        spans.setdefault(sample, []).append((first, first + n_tiles, i))
         if rows * cols == 0 and (h2, w2) != (s, s):
             raise ValueError(f"preprocess: image {i} is unsplit, so stage 2 must be {s}x{s}, got {h2}x{w2}")
         if rows * cols and (h2, w2) != (rows * s, cols * s):
             raise ValueError(f"preprocess: image {i}: stage 2 {h2}x{w2} is not {rows}x{cols} tiles of {s}")
         if min(h1, w1, h2, w2) < 1:
             raise ValueError(f"preprocess: image {i}: sizes must be positive, got {(h1, w1, h2, w2)}")
+    for sample, ranges in spans.items():
+        ranges.sort()
+        for (f0, e0, i0), (f1, e1, i1) in zip(ranges, ranges[1:]):
+            if f1 < e0:
+                a, z = sorted((i0, i1))
+                raise ValueError(f"preprocess: images {a} and {z} both write tile {f1} of sample {sample} "
+                                 f"(tiles {f0}..{e0 - 1} and {f1}..{e1 - 1})")
 
 
 def _normalize_tile_into(tile: torch.Tensor, lut: np.ndarray, out: torch.Tensor) -> None:
@@ -116,8 +133,8 @@ def preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, r
 def _compiled_fills(images, pixel_values, pixel_mask) -> bool:
     """The kernel for the outputs' device runs when the outputs and the images are plain tensors
     (the images may stay on the host for CUDA outputs)."""
-    if not fast_path.usable("preprocess_into", (pixel_values, pixel_mask)):
-        return False
+    if not pixel_values.is_contiguous() or not fast_path.usable("preprocess_into", (pixel_values, pixel_mask)):
+        return False  # (the kernel writes contiguous tiles; the reference fills any layout)
     device = fast_path.plain_tensors(images)
     return device is not None and device in ("cpu", pixel_values.device.type)
 
@@ -132,7 +149,7 @@ def preprocess_into(images, pixel_values, pixel_mask, geometry, mean, std, resca
     """Fill ``pixel_values``/``pixel_mask`` in place; the compiled op where it applies."""
     check_geometry(images, pixel_values, pixel_mask, geometry)
     if _compiled_fills(images, pixel_values, pixel_mask):
-        _library.op("preprocess_into")(list(images), pixel_values, pixel_mask, [int(x) for x in geometry],
+        _library.op("preprocess_into")([img.contiguous() for img in images], pixel_values, pixel_mask, [int(x) for x in geometry],
                                        [float(x) for x in mean], [float(x) for x in std], float(rescale))
         return
     if pixel_values.device.type != "cpu":  # the reference fills on the host, then moves
@@ -147,7 +164,7 @@ def preprocess_into(images, pixel_values, pixel_mask, geometry, mean, std, resca
 def resize_u8(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     """Pillow-exact LANCZOS resize of uint8 [H, W, C]; the compiled op where it applies."""
     if fast_path.usable("resize_u8", (image,)):
-        return _library.op("resize_u8")(image, out_h, out_w)
+        return _library.op("resize_u8")(image.contiguous(), out_h, out_w)  # the kernel reads rows in place
     return resize_u8_ref(image, out_h, out_w)
 
 
@@ -170,4 +187,10 @@ def _resize_u8_fake(image, out_h, out_w):
 
 @_library.register_fake("preprocess_into")
 def _preprocess_into_fake(images, pixel_values, pixel_mask, geometry, mean, std, rescale):
+    # Images may stay on the host for outputs on another device (the CUDA kernel uploads them).
+    _library.same_device("preprocess_into", (("pixel_values", pixel_values), ("pixel_mask", pixel_mask)))
+    for i, img in enumerate(images):
+        if img.device != pixel_values.device and img.device.type != "cpu":
+            raise RuntimeError(f"preprocess_into: images[{i}] must be on the CPU or on the device of pixel_values "
+                               f"({pixel_values.device}), got {img.device}")
     return None
