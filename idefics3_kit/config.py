@@ -57,6 +57,23 @@ def require_positive_ints(cfg: Any, names) -> None:
                 f"must be a positive integer, got {value!r}")
 
 
+def _check_json_type(owner: str, key: str, value, default) -> None:
+    """A config.json value must have the JSON type of the field's default (an int for an int
+    field, a number for a float field, ...): a list where a size belongs fails here, named."""
+    if value is None or default is None or default is dataclasses.MISSING:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{owner}.{key}: must be {type(default).__name__}, got {value!r}")
+
+
 class ComponentConfig:
     """Behaviour shared by the per-kind configs (frozen dataclasses)."""
 
@@ -72,8 +89,11 @@ class ComponentConfig:
     def from_hf(cls, data: Mapping[str, Any], name: str):
         """Build from a Hugging Face sub-config: the keys this class knows, unknown keys ignored
         (transformers writes many that do not change the model)."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"name"}
-        return cls(name=name, **{k: v for k, v in data.items() if k in known})
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+        values = {k: v for k, v in data.items() if k in fields}
+        for key, value in values.items():
+            _check_json_type(cls.__name__, key, value, fields[key].default)
+        return cls(name=name, **values)
 
     def to_hf(self, model_type: str) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
@@ -222,17 +242,25 @@ class DecoderConfig(ComponentConfig):
         ``rope_parameters`` dict that carries ``rope_theta`` inside it (newer)."""
         rope = data.get("rope_parameters")
         if rope is None:
-            rope = dict(data.get("rope_scaling") or {})
+            rope = data.get("rope_scaling") or {}
+            if not isinstance(rope, Mapping):
+                raise ValueError(f"{cls.__name__}.rope_scaling: must be an object or null, got {rope!r}")
+            rope = dict(rope)
             if "rope_theta" in data:
                 rope["rope_theta"] = data["rope_theta"]
-        scaling = {k: v for k, v in dict(rope).items() if k != "rope_theta"}
+        if not isinstance(rope, Mapping):
+            raise ValueError(f"{cls.__name__}.rope_parameters: must be an object, got {rope!r}")
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         if "type" in scaling and "rope_type" not in scaling:
             scaling["rope_type"] = scaling.pop("type")
         fields = {k: v for k, v in data.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
         if fields.get("head_dim") is None:
             fields.pop("head_dim", None)
         if "rope_theta" in rope:
-            fields["rope_theta"] = float(rope["rope_theta"])
+            theta = rope["rope_theta"]
+            if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+                raise ValueError(f"{cls.__name__}.rope_theta: must be a number, got {theta!r}")
+            fields["rope_theta"] = float(theta)
         fields["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
         return super().from_hf(fields, name)
 
@@ -411,15 +439,18 @@ class VLMConfig(ComponentConfig):
         for key in ("vision_config", "text_config"):
             if not isinstance(data.get(key), Mapping):
                 raise ValueError(f"{key}: missing or not an object")
-        extra = data.get(EXTRA_KEY, {})
-        names = extra.get("components", {})
+        extra = _hf_object(data, EXTRA_KEY)
+        names = _hf_object(extra, "components", EXTRA_KEY)
+        for kind, name in names.items():
+            if not isinstance(name, str):
+                raise ValueError(f"{EXTRA_KEY}.components.{kind}: must be a component name, got {name!r}")
         vision = sub_config_from_hf("vision", data["vision_config"], names.get("vision"))
         decoder = sub_config_from_hf("decoder", data["text_config"], names.get("decoder"))
         conn_entry = registry.get("connector", names.get("connector", "pixel_shuffle"))
-        conn_fields = {**extra.get("connector", {}), "scale_factor": int(data.get("scale_factor", 2))}
+        conn_fields = {**_hf_object(extra, "connector", EXTRA_KEY), "scale_factor": _hf_int(data, "scale_factor", 2)}
         connector = registry.make_config(conn_entry, conn_fields)
         return cls(vision=vision, connector=connector, decoder=decoder,
-                   image_token_id=int(data.get("image_token_id", 128257)))
+                   image_token_id=_hf_int(data, "image_token_id", 128257))
 
     def to_hf_dict(self) -> dict:
         out = {
@@ -451,6 +482,24 @@ def component_for_model_type(kind: str, model_type: str | None, default: str) ->
         if model_type in hf_model_types(entry):
             return entry.name
     return default
+
+
+def _hf_object(data: Mapping[str, Any], key: str, parent: str | None = None) -> Mapping[str, Any]:
+    """An optional nested object of config.json ({} when absent)."""
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{parent + '.' if parent else ''}{key}: must be an object, got {type(value).__name__}")
+    return value
+
+
+def _hf_int(data: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer field of config.json; 2.0 is read as 2, but 2.5, "2" or true are refused."""
+    value = data.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}: must be an integer, got {value!r}")
+    return value
 
 
 def sub_config_from_hf(kind: str, data: Mapping[str, Any], name: str | None = None):

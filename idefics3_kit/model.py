@@ -162,10 +162,16 @@ class VLM(nn.Module):
         if pixel_values.shape[2] != channels:
             raise ValueError(f"pixel_values has {pixel_values.shape[2]} channels, the vision encoder "
                              f"expects {channels} (shape {tuple(pixel_values.shape)})")
+        if pixel_values.shape[0] == 0 or pixel_values.shape[1] == 0:
+            raise ValueError(f"pixel_values has no tiles (shape {tuple(pixel_values.shape)})")
         patch = self.vision.patch_size
         if pixel_values.shape[3] < patch or pixel_values.shape[4] < patch:
             raise ValueError(f"pixel_values height/width {tuple(pixel_values.shape[3:])} are smaller than "
                              f"the patch size {patch}")
+        size = getattr(self.config.vision, "image_size", None)
+        if size is not None and tuple(pixel_values.shape[3:]) != (size, size):
+            raise ValueError(f"pixel_values tiles are {pixel_values.shape[3]}x{pixel_values.shape[4]} pixels but the "
+                             f"vision encoder takes {size}x{size} tiles (its image_size); the Processor makes them")
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must hold the processor's normalized floats, got {pixel_values.dtype} "
                              "(integer pixels would be read as huge values); run the images through the Processor")
@@ -225,14 +231,23 @@ class VLM(nn.Module):
         return inputs_embeds.masked_scatter(is_image[..., None], rows.to(inputs_embeds.dtype))
 
     # ---- forward ---------------------------------------------------------------------------
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids checked (shape, dtype, vocabulary); integer dtypes other than int64/int32
+        (which the embedding takes) are widened to int64, which is exact."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor [batch, length], got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)})")
         if input_ids.numel() and not torch.compiler.is_compiling():  # value checks: eager mode
             lo, hi = int(input_ids.min()), int(input_ids.max())
             vocab = self.decoder.vocab_size
             if lo < 0 or hi >= vocab:
                 raise ValueError(f"input_ids contain ids outside the vocabulary [0, {vocab}): min {lo}, max {hi}")
+        return input_ids if input_ids.dtype in (torch.long, torch.int32) else input_ids.long()
 
     def embed_inputs(self, input_ids=None, inputs_embeds=None, pixel_values=None, pixel_attention_mask=None,
                      image_hidden_states=None, prompt: bool = True):
@@ -246,7 +261,7 @@ class VLM(nn.Module):
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("pass pixel_values or image_hidden_states, not both")
         if input_ids is not None:
-            self._check_ids(input_ids)
+            input_ids = self._check_ids(input_ids)
             inputs_embeds = self.decoder.embed(input_ids)
         features = image_hidden_states
         if pixel_values is not None:
@@ -280,6 +295,10 @@ class VLM(nn.Module):
         if labels is not None and labels.shape != embeds.shape[:2]:
             raise ValueError(f"labels must have the shape of input_ids {tuple(embeds.shape[:2])}, "
                              f"got {tuple(labels.shape)}")
+        if labels is not None and (labels.is_floating_point() or labels.dtype == torch.bool):
+            raise ValueError(f"labels must hold integer token ids (-100 for ignored), got dtype {labels.dtype}")
+        if labels is not None and labels.dtype != torch.long:
+            labels = labels.long()  # cross_entropy takes int64 targets; the widening is exact
         head = getattr(self.decoder, "head", None) if loss_only and labels is not None else None
         out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                            cache=cache, logits_to_keep=1 if head is not None else logits_to_keep,

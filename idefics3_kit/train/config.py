@@ -126,7 +126,8 @@ class LoraConfig:
         _check_number(f"{where}.r", self.r, minimum=1, integer=True)
         _check_number(f"{where}.alpha", self.alpha, above=0)
         _check_number(f"{where}.dropout", self.dropout, minimum=0, below=1)
-        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+        if (not isinstance(self.target_modules, (list, tuple)) or not self.target_modules
+                or not all(isinstance(m, str) and m for m in self.target_modules)):
             _fail(f"{where}.target_modules", f"must be a non-empty list of module names, got {self.target_modules!r}")
         _check_components(f"{where}.components", self.components, allow_empty=False)
 
@@ -179,11 +180,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 setattr(self, name, _build(cls, value, f"TrainConfig.{name}"))
+            elif not isinstance(value, cls) and not (name == "lora" and value is None):
+                _fail(f"TrainConfig.{name}", f"must be an object of {cls.__name__} settings, got {value!r}")
+        if not isinstance(self.betas, (list, tuple)):
+            _fail("TrainConfig.betas", f"needs two values such as [0.9, 0.95], got {self.betas!r}")
         self.betas = tuple(self.betas)
         self.validate()
 
     def validate(self) -> None:
         c = "TrainConfig"
+        if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
+            _fail(f"{c}.out_dir", f"must be a folder path, got {self.out_dir!r}")
         for name in ("steps", "batch_size", "save_every", "log_every", "keep_checkpoints"):
             _check_number(f"{c}.{name}", getattr(self, name), minimum=1, integer=True)
         for name in ("micro_batch_size", "warmup_steps", "seed", "num_threads"):

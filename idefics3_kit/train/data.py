@@ -167,7 +167,12 @@ def parse_record(record, where: str, base_dir: str | None = None) -> Conversatio
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RecordError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects, got "
                           f"{_short(messages)}", reason="no messages")
-    pool = list(record.get("images") or [])
+    pool = record.get("images")
+    if pool is None:
+        pool = []
+    if not isinstance(pool, (list, tuple)):
+        raise RecordError(f"{where}: 'images' must be a list of image paths, got {_short(pool)}", reason="bad images")
+    pool = list(pool)
     normalized, images, slots = [], [], 0
     for m, message in enumerate(messages):
         if not isinstance(message, Mapping):
