@@ -36,7 +36,7 @@ inline int64_t padded_row(int64_t n) { return (n + kRowPad - 1) / kRowPad * kRow
 // padding past kv in p is set to 0.
 template <typename scalar_t, typename raw_t>
 void softmax_block(const at::Tensor& s, at::Tensor& p, int64_t i0, int64_t lq, int64_t lk, bool causal,
-                   const float* bias, float scale, std::vector<float>& x) {
+                   const uint16_t* keep, float scale, std::vector<float>& x) {
   const int64_t n = s.size(0), kv = s.size(1), ps = p.stride(0);
   x.resize(kv);
   const raw_t* sp = reinterpret_cast<const raw_t*>(s.data_ptr<scalar_t>());
@@ -44,7 +44,7 @@ void softmax_block(const at::Tensor& s, at::Tensor& p, int64_t i0, int64_t lq, i
   for (int64_t r = 0; r < n; ++r) {
     const int64_t pos = lk - lq + i0 + r;  // absolute key position of this query
     const int64_t valid = causal ? std::min(kv, pos + 1) : kv;
-    attn::softmax_row(sp + r * kv, static_cast<int>(kv), static_cast<int>(valid), scale, bias, x.data(),
+    attn::softmax_row(sp + r * kv, static_cast<int>(kv), static_cast<int>(valid), scale, keep, x.data(),
                       pp + r * ps);
     std::fill(pp + r * ps + kv, pp + (r + 1) * ps, raw_t{0});  // 0.0f and bf16 +0 are both all-zero bits
   }
@@ -126,11 +126,11 @@ at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tens
     // Probabilities overwrite the scores in place, or in bf16 go to rows padded to a multiple of
     // 32 (kRowPad; softmax_block writes the zeros).
     at::Tensor p = bf16 && kv % kRowPad ? at::empty({n, padded_row(kv)}, s.options()).narrow(1, 0, kv) : s;
-    const float* bias = info.bias.defined() ? info.bias.data_ptr<float>() + bi * lk : nullptr;
+    const uint16_t* keep = info.row(bi);
     if (bf16)
-      softmax_block<at::BFloat16, uint16_t>(s, p, i0, lq, lk, causal, bias, fscale, x);
+      softmax_block<at::BFloat16, uint16_t>(s, p, i0, lq, lk, causal, keep, fscale, x);
     else
-      softmax_block<float, float>(s, p, i0, lq, lk, causal, bias, fscale, x);
+      softmax_block<float, float>(s, p, i0, lq, lk, causal, keep, fscale, x);
     at::Tensor o = out.select(0, bi).select(0, h).narrow(0, i0, n);  // [n, D] rows H*D apart
     at::mm_out(o, p, vb);
   }, max_workers);

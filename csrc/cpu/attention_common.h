@@ -53,11 +53,13 @@ inline void check_key_mask(const char* op, const std::optional<at::Tensor>& key_
   check_contiguous(m, op, "key_mask");
 }
 
-// Per batch row: the additive fp32 bias (0 / -inf) of the key mask and the first attendable key
+// Per batch row: the key mask as bits (attn::kept: 16 keys per word) and the first attendable key
 // (Lk when none), used to find the rows that have nothing to attend to (they output 0).
 struct KeyMaskInfo {
-  at::Tensor bias;                  // [B, Lk] float, undefined without a mask
-  std::vector<int64_t> first_valid; // [B]
+  std::vector<uint16_t> keep;        // [B, words], empty without a mask
+  int64_t words = 0;                 // (Lk + 15) / 16
+  std::vector<int64_t> first_valid;  // [B]
+  const uint16_t* row(int64_t b) const { return keep.empty() ? nullptr : keep.data() + b * words; }
 };
 
 inline KeyMaskInfo key_mask_info(const std::optional<at::Tensor>& key_mask, int64_t b, int64_t lk) {
@@ -65,13 +67,14 @@ inline KeyMaskInfo key_mask_info(const std::optional<at::Tensor>& key_mask, int6
   info.first_valid.assign(b, 0);
   if (!key_mask) return info;
   const bool* m = key_mask->data_ptr<bool>();
-  info.bias = at::empty({b, lk}, at::kFloat);
-  float* bias = info.bias.data_ptr<float>();
+  info.words = (lk + 15) / 16;
+  info.keep.assign(b * info.words, 0);
   for (int64_t i = 0; i < b; ++i) {
     int64_t first = lk;
+    uint16_t* bits = info.keep.data() + i * info.words;
     for (int64_t j = 0; j < lk; ++j) {
       const bool keep = m[i * lk + j];
-      bias[i * lk + j] = keep ? 0.0f : attn::kNegInf;
+      bits[j >> 4] |= static_cast<uint16_t>(keep) << (j & 15);
       if (keep && first == lk) first = j;
     }
     info.first_valid[i] = first;

@@ -49,32 +49,36 @@ IK_ALWAYS_INLINE float exp_neg(float x) {
   return x < -87.0f ? 0.0f : (x <= 0.0f ? p * scale : x);  // NaN passes through
 }
 
+// Key masks as bits: bit j % 16 of keep[j / 16] is set when key j may be attended to (16 keys
+// per word, so that the AVX-512 path loads a word straight into a mask register).
+IK_ALWAYS_INLINE bool kept(const uint16_t* keep, int64_t j) { return (keep[j >> 4] >> (j & 15)) & 1u; }
+
 // Softmax of one score row, written as probabilities (normalized) into p[0, n):
-//   x_j = s_j * scale for j < valid (-inf where bias_j is -inf: a masked key), -inf for
-//   valid <= j < n (keys after a causal row's position; their probability is written as 0).
+//   x_j = s_j * scale for j < valid (-inf for a masked key: keep given and its bit clear), -inf
+//   for valid <= j < n (keys after a causal row's position; their probability is written as 0).
 // Callers skip rows with no key to attend to. As torch's float32 softmax (attention_ref): a NaN
 // x_j, a +inf x_j, or x_j all -inf make the whole row NaN (through max, exp(x - max) and the sum).
-// A masked key is -inf whatever its score (masked_fill in the reference, not an addition: an
-// infinite or NaN score of a masked key must not reach the row).
+// A masked key is -inf whatever its score (masked_fill in the reference: an infinite or NaN score
+// of a masked key must not reach the row, as it would through an additive -inf bias).
 template <typename in_t>
-IK_ALWAYS_INLINE float masked_logit(const in_t* s, const float* bias, float scale, int j) {
-  return bias && bias[j] != 0.0f ? kNegInf : load_f(s, j) * scale;
+IK_ALWAYS_INLINE float masked_logit(const in_t* s, const uint16_t* keep, float scale, int j) {
+  return keep && !kept(keep, j) ? kNegInf : load_f(s, j) * scale;
 }
 
 template <typename in_t, typename out_t>
-IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float scale, const float* bias, float* x,
+IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float scale, const uint16_t* keep, float* x,
                                        out_t* p) {
   float mx[kLanes];
   for (int l = 0; l < kLanes; ++l) mx[l] = kNegInf;
   int j = 0;
   for (; j + kLanes <= valid; j += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const float v = masked_logit(s, bias, scale, j + l);
+      const float v = masked_logit(s, keep, scale, j + l);
       x[j + l] = v;
       mx[l] = v > mx[l] ? v : mx[l];  // a NaN is dropped here but comes back through exp(NaN - m)
     }
   for (; j < valid; ++j) {
-    const float v = masked_logit(s, bias, scale, j);
+    const float v = masked_logit(s, keep, scale, j);
     x[j] = v;
     mx[0] = v > mx[0] ? v : mx[0];
   }
@@ -99,13 +103,13 @@ IK_ALWAYS_INLINE void softmax_row_impl(const in_t* s, int n, int valid, float sc
   for (; j < n; ++j) store_f(p, j, 0.0f);
 }
 
-IK_MULTIVERSION static void softmax_row_portable(const float* s, int n, int valid, float scale, const float* bias,
-                                                 float* x, float* p) {
-  softmax_row_impl(s, n, valid, scale, bias, x, p);
+IK_MULTIVERSION static void softmax_row_portable(const float* s, int n, int valid, float scale,
+                                                 const uint16_t* keep, float* x, float* p) {
+  softmax_row_impl(s, n, valid, scale, keep, x, p);
 }
 IK_MULTIVERSION static void softmax_row_portable(const uint16_t* s, int n, int valid, float scale,
-                                                 const float* bias, float* x, uint16_t* p) {
-  softmax_row_impl(s, n, valid, scale, bias, x, p);
+                                                 const uint16_t* keep, float* x, uint16_t* p) {
+  softmax_row_impl(s, n, valid, scale, keep, x, p);
 }
 
 // Whether n values hold a NaN or an infinity (every exponent bit set). No early exit: the loop
@@ -392,42 +396,40 @@ IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, fl
 
 
 IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+// Round to nearest even, as float_to_bf16_rne, for the values the bf16 kernels store: computed
+// from bf16 inputs, so a NaN among them carries a bf16 payload or is the default NaN, its low 16
+// bits are 0 and the rounding add cannot carry it into inf (a float32 NaN with a low payload
+// could: this store is not for float32 inputs; the scalar conversion handles those).
 IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m) {
-  const __m512i raw = _mm512_castps_si512(v);  // round to nearest even, as float_to_bf16_rne
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(raw, 16), _mm512_set1_epi32(1));
-  __m512i hi = _mm512_srli_epi32(_mm512_add_epi32(raw, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  // NaN lanes: the rounding add could carry a NaN with a low payload into inf (or wrap it to 0);
-  // keep the high half and set the quiet bit instead, as float_to_bf16_rne does.
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  hi = _mm512_mask_or_epi32(hi, nan, _mm512_srli_epi32(raw, 16), _mm512_set1_epi32(0x40));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(hi));
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
 // softmax_row_impl with explicit vectors.
-// masked_logit for 16 lanes (recomputed in each pass rather than stored): masked keys are -inf
-// by a select, not by adding the bias, so that an infinite or NaN score of theirs never counts.
+// masked_logit for the 16 lanes from key j, a multiple of 16 (recomputed in each pass rather
+// than stored): the mask word selects s * scale or -inf.
 template <typename in_t>
-IK_AVX512_FN inline __m512 logits(const in_t* s, const float* bias, __m512 sc, int j, __mmask16 mk) {
-  const __m512 v = _mm512_mul_ps(load(s + j, mk), sc);
-  if (!bias) return v;
-  const __mmask16 masked =
-      _mm512_mask_cmp_ps_mask(mk, _mm512_maskz_loadu_ps(mk, bias + j), _mm512_setzero_ps(), _CMP_NEQ_UQ);
-  return _mm512_mask_mov_ps(v, masked, _mm512_set1_ps(kNegInf));
+IK_AVX512_FN inline __m512 logits(const in_t* s, const uint16_t* keep, __m512 sc, int j, __mmask16 mk) {
+  if (!keep) return _mm512_mul_ps(load(s + j, mk), sc);
+  return _mm512_mask_mul_ps(_mm512_set1_ps(kNegInf), static_cast<__mmask16>(keep[j >> 4]), load(s + j, mk), sc);
 }
 
 template <typename in_t, typename out_t>
-IK_AVX512_FN void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
+IK_AVX512_FN void softmax_row(const in_t* s, int n, int valid, float scale, const uint16_t* keep, float* x,
+                             out_t* p) {
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 mx = _mm512_set1_ps(kNegInf);
   for (int j = 0; j < valid; j += 16) {  // (a NaN may be dropped from the max: exp(NaN - m) keeps it)
     const __mmask16 mk = lane_mask(valid - j);
-    mx = _mm512_mask_max_ps(mx, mk, mx, logits(s, bias, sc, j, mk));
+    mx = _mm512_mask_max_ps(mx, mk, mx, logits(s, keep, sc, j, mk));
   }
   const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < valid; j += 16) {
     const __mmask16 mk = lane_mask(valid - j);
-    const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(logits(s, bias, sc, j, mk), m)));
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(logits(s, keep, sc, j, mk), m)));
     _mm512_mask_storeu_ps(x + j, mk, e);
     sum = _mm512_add_ps(sum, e);
   }
@@ -458,11 +460,11 @@ namespace attn {
 // Dispatch: AMX tiles for bf16 decode where usable, the AVX-512 path when the CPU has it, the
 // portable loops otherwise.
 template <typename in_t, typename out_t>
-inline void softmax_row(const in_t* s, int n, int valid, float scale, const float* bias, float* x, out_t* p) {
+inline void softmax_row(const in_t* s, int n, int valid, float scale, const uint16_t* keep, float* x, out_t* p) {
 #ifdef IK_HAVE_AVX512_PATH
-  if (avx512::available()) return avx512::softmax_row<in_t, out_t>(s, n, valid, scale, bias, x, p);
+  if (avx512::available()) return avx512::softmax_row<in_t, out_t>(s, n, valid, scale, keep, x, p);
 #endif
-  softmax_row_portable(s, n, valid, scale, bias, x, p);
+  softmax_row_portable(s, n, valid, scale, keep, x, p);
 }
 
 // Whether decode_partial takes the AMX path for these arguments (which needs no scratch).
