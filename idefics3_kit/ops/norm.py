@@ -34,6 +34,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     """weight * cast(x / rms(x)), the statistics in float32 (F.rms_norm: bit-identical to the
     three-op formula over dtypes and widths 1..8192)."""
     check_eps(eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -44,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and x.dim() >= 1
             and fast_path.usable("rms_norm", (x, weight))):
         return _library.op("rms_norm")(x, weight, float(eps))
-    return rms_norm_ref(x, weight, eps)
+    return _rms_norm(x, weight, eps)  # (eps checked above)
 
 
 @_library.register_fake("rms_norm")
