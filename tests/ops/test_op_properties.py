@@ -340,7 +340,7 @@ def test_decode_linear_matches_reference(lead, k, outs, x_layout, b_layout, pick
 
 
 @needs_ext
-def test_decode_linear_nan_row_changes_no_other_row():
+def test_decode_linear_and_rms_norm_nan_row_changes_no_other_row():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 96, generator=g).bfloat16()
     w = [torch.randn(37, 96, generator=g).bfloat16(), torch.randn(9, 96, generator=g).bfloat16()]
@@ -348,6 +348,12 @@ def test_decode_linear_nan_row_changes_no_other_row():
     x[2, 50] = math.nan
     out = ns.decode_linear(x, w, [None, None])
     assert out[2].isnan().all() and torch.equal(out[[0, 1, 3]], clean[[0, 1, 3]])
+    for dtype in (torch.float32, torch.bfloat16):  # rms_norm's rows too
+        xr, wr = torch.randn(5, 300, generator=g).to(dtype), torch.randn(300, generator=g).to(dtype)
+        clean = ns.rms_norm(xr, wr, 1e-6)
+        xr[3, 7] = math.inf
+        out = ns.rms_norm(xr, wr, 1e-6)
+        assert out[3, 7].isnan() and torch.equal(out[[0, 1, 2, 4]], clean[[0, 1, 2, 4]])
 
 
 @needs_ext
