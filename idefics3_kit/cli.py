@@ -271,8 +271,12 @@ def _answer(model, proc, messages, images, args, stream: bool, out=None) -> str:
     total = min(kw["max_new_tokens"], context - batch["input_ids"].shape[1])
     with _progress(total=total, desc="generating", unit="tok", disable=args.no_progress or stream) as bar:
         class _Streamer:
+            prompt_seen = False  # generate sends the prompt first, as transformers does
+
             def put(self, ids):
-                bar.update(1)
+                if self.prompt_seen:
+                    bar.update(1)
+                self.prompt_seen = True
                 if text_streamer is not None:
                     text_streamer.put(ids)
 

@@ -63,16 +63,28 @@ class IncrementalDetokenizer:
 
 class TextStreamer:
     """Callback form: ``generate(..., streamer=TextStreamer(tok, callback))`` calls ``callback(text)``
-    with each new piece of text of row 0 (batch size 1)."""
+    with each new piece of text of row 0 (batch size 1).
 
-    def __init__(self, tokenizer, callback=None, skip_special_tokens: bool = True):
+    Like transformers' streamers it receives the prompt first (``put(prompt [1, L])``), then each
+    step's ids (``put(ids [1])``), then ``end()``. ``skip_prompt`` (default True here, False in
+    transformers' TextStreamer) leaves the prompt's text out."""
+
+    def __init__(self, tokenizer, callback=None, skip_special_tokens: bool = True, skip_prompt: bool = True):
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.callback = callback if callback is not None else (lambda t: print(t, end="", flush=True))
+        self.skip_prompt = skip_prompt
+        self.next_tokens_are_prompt = True
 
     def put(self, ids: torch.Tensor) -> None:
-        if ids.numel() != 1:
+        if ids.dim() > 1 and ids.shape[0] > 1:
+            raise ValueError(f"TextStreamer streams one sequence; got a batch of {ids.shape[0]}")
+        ids = ids.reshape(-1)
+        is_prompt, self.next_tokens_are_prompt = self.next_tokens_are_prompt, False
+        if is_prompt and self.skip_prompt:
+            return
+        if not is_prompt and ids.numel() != 1:
             raise ValueError(f"TextStreamer streams one sequence; got {ids.numel()} ids per step (batch > 1)")
-        text = self.detok.push(int(ids.reshape(-1)[0]))
+        text = "".join(self.detok.push(int(i)) for i in ids)
         if text:
             self.callback(text)
 

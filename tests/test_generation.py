@@ -109,13 +109,14 @@ def test_per_row_seeds_make_rows_independent_of_the_batch(model):
     assert torch.equal(batch[1:2], alone)
 
 
-def test_prompt_longer_than_context(model):
+def test_prompt_longer_than_context_warns_and_generates_like_transformers(model):
+    """transformers generates past max_position_embeddings with a warning; strict_context refuses."""
     ctx = model.config.decoder.max_position_embeddings
-    with pytest.raises(ValueError, match=f"context is {ctx} tokens"):
-        model.generate(input_ids=torch.full((1, ctx + 1), 5), max_new_tokens=1)
-    with pytest.warns(UserWarning, match="exceeds the context"):
+    with pytest.warns(UserWarning, match="exceeds the model's context"):
         out = model.generate(input_ids=torch.full((1, ctx - 2), 5), max_new_tokens=5, eos_token_id=[])
-    assert out.shape[1] == ctx
+    assert out.shape[1] == ctx + 3  # the cache is sized for prompt + new tokens
+    with pytest.raises(ValueError, match="strict_context=True"):
+        model.generate(input_ids=torch.full((1, ctx - 2), 5), max_new_tokens=5, strict_context=True)
 
 
 def test_custom_sampler_chain_from_the_registry(model):

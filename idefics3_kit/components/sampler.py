@@ -51,12 +51,15 @@ class SamplerState:
     new_tokens: how many tokens were generated so far (0 at the first step).
     eos_token_ids: [E] int64 ids that end a sequence (may be empty).
     generators: None (global RNG), one torch.Generator, or a list with one per row.
+    pad_lengths: [B] how many left-padding tokens start each row; transformers (5.x) leaves them
+        out of the repetition penalty. None: no padding.
     """
 
     tokens: torch.Tensor | None = None
     new_tokens: int = 0
     eos_token_ids: torch.Tensor | None = None
     generators: object = None
+    pad_lengths: torch.Tensor | None = None  # [B] left-padding tokens of each row (not penalized)
 
 
 def make_generators(seed=None, generator=None, batch_size: int = 1, device="cpu"):
@@ -90,12 +93,18 @@ def draw_uniform(batch_size: int, generators, device) -> torch.Tensor:
 
 # ---- pure functions (each testable alone) ---------------------------------------------------
 
-def apply_repetition_penalty(logits: torch.Tensor, tokens: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, tokens: torch.Tensor, penalty: float,
+                             pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: every id present in ``tokens`` [B, T] has its
-    logit divided by ``penalty`` if positive, multiplied by it if negative (once per id)."""
+    logit divided by ``penalty`` if positive, multiplied by it if negative (once per id); the first
+    ``pad_lengths[b]`` tokens of row b (its left padding) do not count."""
     b, v = logits.shape
+    tokens = tokens.long().clamp(0, v)
+    if pad_lengths is not None:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        tokens = tokens.masked_fill(positions[None, :] < pad_lengths.to(tokens.device)[:, None], v)
     seen = torch.zeros(b, v + 1, dtype=torch.bool, device=logits.device)  # column v: ids >= v
-    seen.scatter_(1, tokens.long().clamp(0, v), True)
+    seen.scatter_(1, tokens, True)
     seen = seen[:, :v]
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
@@ -298,7 +307,8 @@ class RepetitionPenaltyConfig:
 
 @register("sampler", "repetition_penalty")
 class RepetitionPenalty:
-    """Penalize every token already in the row (prompt included), transformers' CTRL-style penalty."""
+    """Penalize every token already in the row (prompt included, left padding not), transformers'
+    CTRL-style penalty."""
 
     config_class = RepetitionPenaltyConfig
     role = "processor"
@@ -309,7 +319,7 @@ class RepetitionPenalty:
     def __call__(self, logits: torch.Tensor, state: SamplerState | None = None) -> torch.Tensor:
         if state is None or state.tokens is None or state.tokens.shape[1] == 0:
             return logits
-        return apply_repetition_penalty(logits, state.tokens, self.config.penalty)
+        return apply_repetition_penalty(logits, state.tokens, self.config.penalty, state.pad_lengths)
 
 
 @dataclass(frozen=True)
@@ -362,6 +372,42 @@ class SamplerChain:
         parts = [f"{getattr(p, 'component_name', type(p).__name__)}" for p in self.processors]
         parts.append(getattr(self.selector, "component_name", type(self.selector).__name__))
         return " -> ".join(parts)
+
+
+class UserProcessor:
+    """A transformers-style logits processor ``fn(input_ids [B, T], scores [B, V]) -> scores`` as a
+    part of the chain (transformers' own LogitsProcessor objects work as they are)."""
+
+    role = "processor"
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise TypeError(f"a logits processor must be callable (input_ids, scores) -> scores, got "
+                            f"{type(fn).__name__}")
+        self.fn = fn
+        self.component_name = type(fn).__name__
+
+    def __call__(self, logits: torch.Tensor, state: SamplerState | None = None) -> torch.Tensor:
+        tokens = state.tokens if state is not None else None
+        out = self.fn(tokens, logits)
+        if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+            raise ValueError(f"logits processor {self.component_name} must return scores of shape "
+                             f"{tuple(logits.shape)}, got {getattr(out, 'shape', type(out).__name__)}")
+        return out
+
+
+WARPERS = ("temperature", "top_k", "top_p", "min_p")  # the parts that only act when sampling
+
+
+def with_user_processors(chain: "SamplerChain", processors) -> "SamplerChain":
+    """The chain with the user's processors where transformers puts them: after the built-in
+    processors, before the sampling warpers (temperature, top-k, top-p, min-p)."""
+    if not processors:
+        return chain
+    user = [p if isinstance(p, UserProcessor) else UserProcessor(p) for p in processors]
+    parts = list(chain.processors)
+    cut = next((i for i, p in enumerate(parts) if getattr(p, "component_name", None) in WARPERS), len(parts))
+    return SamplerChain(parts[:cut] + user + parts[cut:], chain.selector)
 
 
 def build_chain(do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,

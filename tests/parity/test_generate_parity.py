@@ -169,11 +169,14 @@ def test_cached_decode_logits_equal_uncached_recomputation(pair):
         assert torch.allclose(logits, ref, atol=1e-4, rtol=0), (step, (logits - ref).abs().max())
 
 
-def test_prompt_longer_than_context_is_a_clear_error(pair):
-    _, ours = pair
-    ids = torch.full((1, 600), 5)
-    with pytest.raises(ValueError, match="context is 512 tokens"):
-        ours.generate(input_ids=ids, max_new_tokens=4)
+def test_prompt_longer_than_context_generates_the_ids_of_transformers(pair):
+    """transformers warns and generates past max_position_embeddings (RoPE runs on): same ids."""
+    hf, ours = pair
+    ids = torch.randint(3, 250, (1, 509), generator=torch.Generator().manual_seed(5))
+    ref = hf_generate(hf, input_ids=ids, max_new_tokens=8)
+    with pytest.warns(UserWarning, match="exceeds the model's context of 512"):
+        out = ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=[299])
+    assert out.tolist() == ref.tolist()
 
 
 def test_min_new_tokens_blocks_eos(pair):
