@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tests.parity.test_generate_parity import PAD, hf_generate, image_tokens, left_pad, pair, pixels  # noqa: E402,F401
+from tests.parity.test_generate_parity import PAD, hf_generate, image_tokens, left_pad, pixels  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

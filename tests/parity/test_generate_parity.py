@@ -7,7 +7,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import idefics3_kit as ik  # noqa: E402
 from idefics3_kit.generation import generate_steps, position_ids_from_mask  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -25,17 +24,6 @@ def tiny_hf_config(**text):
         vision_config=dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=37,
                            num_hidden_layers=2, num_attention_heads=4),
         text_config=text_config, scale_factor=2, image_token_id=IMAGE_ID)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(transformers model, our model) with identical random weights."""
-    torch.manual_seed(0)
-    hf = transformers.Idefics3ForConditionalGeneration(tiny_hf_config()).eval()
-    path = tmp_path_factory.mktemp("tiny_idefics3")
-    hf.save_pretrained(path)
-    ours = ik.VLM.from_pretrained(path)
-    return hf, ours
 
 
 def image_tokens(n_tiles: int, seq_len: int) -> list[int]:
