@@ -107,6 +107,47 @@ def _find_kernel(op: str, device_type: str) -> bool:
         return False
 
 
+# ---- CUDA kernels check themselves ---------------------------------------------------------------
+
+SELFCHECK_ENV = "IDEFICS3_KIT_CUDA_SELFCHECK"
+_TRUSTED: dict[tuple, bool] = {}
+
+
+def kernel_trusted(op_name: str, key: tuple, check) -> bool:
+    """Whether the CUDA kernel ``op_name`` may run for ``key`` (its device, dtype, ...).
+
+    The CUDA kernels were written without a GPU. The first use of each (op, key) in a process
+    runs ``check()`` -> (ok, detail): a small case against the PyTorch reference. A mismatch or an
+    error logs one warning naming the op and the caller falls back to the PyTorch path for that
+    key from then on. ``IDEFICS3_KIT_CUDA_SELFCHECK=0`` trusts the kernels without checking.
+    During CUDA-graph capture an unchecked kernel is not used (a check cannot run there).
+    """
+    full = (op_name, *key)
+    trusted = _TRUSTED.get(full)
+    if trusted is not None:
+        return trusted
+    if os.environ.get(SELFCHECK_ENV, "1") == "0":
+        _TRUSTED[full] = True
+        return True
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    try:
+        trusted, detail = check()
+    except Exception as exc:  # a launch failure, an illegal address, ...: the kernel is not used
+        trusted, detail = False, f"{type(exc).__name__}: {exc}"
+    if not trusted:
+        logger.warning("idefics3_kit: the CUDA kernel %s failed its self-check for %s (%s); using the PyTorch "
+                       "path for it (report this; %s=0 skips the check)", op_name,
+                       ", ".join(str(k) for k in key), detail, SELFCHECK_ENV)
+    _TRUSTED[full] = bool(trusted)
+    return bool(trusted)
+
+
+def selfcheck_results() -> dict[tuple, bool]:
+    """What the self-checks found so far in this process: (op, key...) -> trusted."""
+    return dict(_TRUSTED)
+
+
 def op(name: str):
     """``torch.ops.idefics3_kit.<name>``: the only way code outside ops/ reaches a compiled op is
     through an op module's wrapper, and the wrappers reach it through here."""

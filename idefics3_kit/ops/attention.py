@@ -158,8 +158,25 @@ def compiled_kernel(q, k, v, causal: bool, key_padding_mask) -> str | None:
     name = _kernel_name(q, causal)
     if name is None or not fast_path.usable(name, (q, k, v, key_padding_mask)):
         return None
-    covers = _cpu_covers(q, k, v, causal) if q.device.type == "cpu" else _cuda_covers(name, q, k, v, causal)
-    return name if covers else None
+    if q.device.type == "cpu":
+        return name if _cpu_covers(q, k, v, causal) else None
+    if not _cuda_covers(name, q, k, v, causal):
+        return None
+    device, dtype, head_dim = q.device, q.dtype, q.shape[-1]
+    trusted = _library.kernel_trusted(name, (device, dtype, head_dim),
+                                      lambda: selfcheck(name, device, dtype, head_dim))
+    return name if trusted else None
+
+
+def run_kernel(name: str, q, k, v, causal: bool, key_padding_mask, scale: float | None) -> torch.Tensor:
+    """Call the compiled ``name`` on q/k/v and give the reference's answer for empty rows."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    kernel = _library.op(name)
+    out = kernel(q, k, v, mask, None, scale) if name == "decode_attention" else kernel(q, k, v, mask, scale)
+    if q.device.type == "cuda":  # the CUDA kernels open empty rows; the CPU ones write 0 themselves
+        out = zero_empty_rows(out, causal, key_padding_mask)
+    return out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -169,13 +186,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     name = compiled_kernel(q, k, v, causal, key_padding_mask)
     if name is None:
         return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
-    kernel = _library.op(name)
-    out = kernel(q, k, v, mask, None, scale) if name == "decode_attention" else kernel(q, k, v, mask, scale)
-    if q.device.type == "cuda":  # the CUDA kernels open empty rows; the CPU ones write 0 themselves
-        out = zero_empty_rows(out, causal, key_padding_mask)
-    return out
+    return run_kernel(name, q, k, v, causal, key_padding_mask, scale)
+
+
+# The self-check's case per kernel: (query heads, kv heads, query length, key length, causal).
+SELFCHECK_CASES = {"vision_attention": (4, 4, 37, 37, False), "prefill_attention": (4, 2, 45, 45, True),
+                   "decode_attention": (4, 2, 1, 70, False)}
+
+
+def selfcheck(name: str, device, dtype: torch.dtype, head_dim: int) -> tuple[bool, str]:
+    """Run the kernel ``name`` on a small random case (padding included) and compare it with the
+    reference in float32: within 4x the error of the reference computed in ``dtype`` itself
+    (+1e-3), and finite. -> (ok, what was measured)."""
+    hq, hkv, lq, lk, causal = SELFCHECK_CASES[name]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, head_dim, generator=gen) for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
+    mask = torch.ones(2, lk, dtype=torch.bool)
+    mask[1, :5] = False  # left padding in the second row
+    q, k, v, mask = (t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in (q, k, v, mask))
+    with torch.no_grad():
+        out = run_kernel(name, q, k, v, causal, mask, None).float()
+        ref32 = attention_ref(q.float(), k.float(), v.float(), causal=causal, key_padding_mask=mask)
+        ref_low = attention_ref(q, k, v, causal=causal, key_padding_mask=mask).float()
+    error = float((out - ref32).abs().max())
+    allowed = 4 * float((ref_low - ref32).abs().max()) + 1e-3
+    ok = bool(torch.isfinite(out).all()) and error <= allowed
+    return ok, f"max error {error:.3g}, allowed {allowed:.3g}"
 
 
 # ---- fake kernels (shapes only, for torch.compile) -----------------------------------------------

@@ -132,11 +132,40 @@ def preprocess_into_ref(images, pixel_values, pixel_mask, geometry, mean, std, r
 
 def _compiled_fills(images, pixel_values, pixel_mask) -> bool:
     """The kernel for the outputs' device runs when the outputs and the images are plain tensors
-    (the images may stay on the host for CUDA outputs)."""
+    (the images may stay on the host for CUDA outputs) and, on CUDA, it passed its self-check."""
     if not pixel_values.is_contiguous() or not fast_path.usable("preprocess_into", (pixel_values, pixel_mask)):
         return False  # (the kernel writes contiguous tiles; the reference fills any layout)
     device = fast_path.plain_tensors(images)
-    return device is not None and device in ("cpu", pixel_values.device.type)
+    if device is None or device not in ("cpu", pixel_values.device.type):
+        return False
+    return pixel_values.device.type == "cpu" or _cuda_trusted("preprocess_into", pixel_values.device)
+
+
+def _cuda_trusted(name: str, device) -> bool:
+    return _library.kernel_trusted(name, (device,), lambda: selfcheck(name, device))
+
+
+def selfcheck(name: str, device) -> tuple[bool, str]:
+    """``resize_u8`` / ``preprocess_into`` on ``device`` against the Pillow reference on a small
+    random image (a 2x3 grid + global tile): the kernels are bit-exact by construction."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (41, 59, 3), dtype=torch.uint8, generator=gen)
+    if name == "resize_u8":
+        out = _library.op("resize_u8")(image.to(device), 23, 31).cpu()
+        ref = resize_u8_ref(image, 23, 31)
+    else:
+        geometry = [0, 0, 32, 48, 32, 48, 2, 3]  # sample, first tile, stage-1 size, stage-2 size, rows, cols
+        mean, std = [0.5, 0.4, 0.3], [0.25, 0.5, 0.75]
+        values, masks = alloc_batch(1, 7, 16, device=device)
+        _library.op("preprocess_into")([image], values, masks, geometry, mean, std, 1 / 255)
+        ref_values, ref_masks = alloc_batch(1, 7, 16)
+        preprocess_into_ref([image], ref_values, ref_masks, geometry, mean, std, 1 / 255)
+        out, ref = torch.cat([values.cpu().flatten(), masks.cpu().flatten().float()]), \
+            torch.cat([ref_values.flatten(), ref_masks.flatten().float()])
+    if out.shape != ref.shape:
+        return False, f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    differ = int((out.float() - ref.float()).abs().gt(1e-6).sum())
+    return differ == 0, f"{differ} of {ref.numel()} values differ from the reference"
 
 
 def fills_on(device_type: str) -> bool:
@@ -163,7 +192,8 @@ def preprocess_into(images, pixel_values, pixel_mask, geometry, mean, std, resca
 
 def resize_u8(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     """Pillow-exact LANCZOS resize of uint8 [H, W, C]; the compiled op where it applies."""
-    if fast_path.usable("resize_u8", (image,)):
+    on_cpu = image.device.type == "cpu"
+    if fast_path.usable("resize_u8", (image,)) and (on_cpu or _cuda_trusted("resize_u8", image.device)):
         return _library.op("resize_u8")(image.contiguous(), out_h, out_w)  # the kernel reads rows in place
     return resize_u8_ref(image, out_h, out_w)
 
