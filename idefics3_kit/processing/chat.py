@@ -220,11 +220,31 @@ def _openai_image(item):
     return item
 
 
-def render(template: str, messages, add_generation_prompt: bool = False, **variables) -> str:
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker, cut off after rendering
+
+
+def template_variables(template: str) -> set[str]:
+    """The names a template reads from its context (transformers routes other keywords of
+    apply_chat_template to the processor call)."""
+    import jinja2.meta
+
+    compile_template(template)  # a template that does not parse fails here, with our message
+    return set(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+
+
+def render(template: str, messages, add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+           tools=None, documents=None, **variables) -> str:
     """One conversation -> prompt string, within the bounds above (``TemplateLimitError``); any
-    error raised inside the template is a ValueError saying so."""
+    error raised inside the template is a ValueError saying so.
+
+    ``continue_final_message`` (True, or the name of the field to continue): the prompt stops
+    right after the last message's text, without its end-of-turn, as transformers does it (the
+    text is tagged, the template rendered, the output cut at the tag)."""
+    messages = normalize_messages(messages)
+    if continue_final_message:
+        final = _tag_final_message(messages, template, continue_final_message)
     compiled = compile_template(template)
-    context = dict(messages=normalize_messages(messages), tools=None, documents=None,
+    context = dict(messages=messages, tools=plain_data(tools), documents=plain_data(documents),
                    add_generation_prompt=add_generation_prompt, **plain_data(variables))
     budget = _Budget()
     token = _budget.set(budget)
@@ -250,7 +270,40 @@ def render(template: str, messages, add_generation_prompt: bool = False, **varia
         raise ValueError(f"chat template failed: {kind}{exc}") from None
     finally:
         _budget.reset(token)
-    return "".join(pieces)
+    text = "".join(pieces)
+    return _cut_at_tag(text, final) if continue_final_message else text
+
+
+def _tag_final_message(messages: list[dict], template: str, field) -> str:
+    """Append the continue tag to the last message's text (its last text item); returns that text."""
+    if not messages:
+        raise ValueError("continue_final_message is set but the conversation is empty")
+    field = field if isinstance(field, str) else "content"
+    final = messages[-1].get(field)
+    if final is None:
+        raise ValueError(f"continue_final_message is set but the final message has no {field!r} to continue")
+    if field not in template:
+        raise ValueError(f"continue_final_message is set to {field!r} but the chat template never reads it")
+    if isinstance(final, list):
+        for item in reversed(final):
+            if isinstance(item, dict) and "text" in item:
+                text = item["text"]
+                item["text"] = text + CONTINUE_TAG
+                return text
+        raise ValueError("continue_final_message is set but the final message has no text to continue")
+    messages[-1][field] = final + CONTINUE_TAG
+    return final
+
+
+def _cut_at_tag(rendered: str, final: str) -> str:
+    tag = CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message is set but the chat template does not write the final message "
+                         "as given (it removed part of it)")
+    at = rendered.rindex(tag)
+    if rendered[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG:
+        return rendered[:at]
+    return rendered[:at].rstrip()  # the template trimmed the trailing space
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from ..components.splitter import (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TAG, IMAGE_TOK
                                    image_prompt)
 from ..config import VLMConfig
 from . import chat
+from .batch import BatchFeature, check_tensor_type
 from .images import image_size, is_image, to_rgb_batch
 from .tokenizer import TextTokenizer
 
@@ -37,37 +38,6 @@ PROCESSOR_CLASS = "Idefics3Processor"
 # the files a processor's save_pretrained owns in a checkpoint folder
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                    "processor_config.json", "chat_template.jinja", "chat_template.json")
-
-
-class BatchFeature(dict):
-    """A dict of model inputs with attribute access and ``.to(device or dtype)``.
-
-    ``to(dtype)`` casts only floating tensors (pixel_values), so integer ids and masks stay
-    integers. ``image_plans`` (not a key, so ``model(**batch)`` stays clean) holds one
-    ``TilePlan`` per image.
-    """
-
-    image_plans: list[list[TilePlan]]
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, *args, **kwargs) -> "BatchFeature":
-        dtype = kwargs.pop("dtype", None)
-        device = kwargs.pop("device", None)
-        for arg in args:
-            if isinstance(arg, torch.dtype):
-                dtype = arg
-            else:
-                device = arg
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                cast = dtype if dtype is not None and value.is_floating_point() else None
-                self[key] = value.to(device=device, dtype=cast)
-        return self
 
 
 class Processor:
@@ -162,11 +132,20 @@ class Processor:
         return dataclasses.replace(tiles, image_seq_len=self.image_seq_len, prompt_tokens=len(expansion))
 
     # ---- the main call ------------------------------------------------------------------------
-    def __call__(self, text: str | Sequence[str] | None = None, images=None, *, return_tensors: str | None = "pt",
+    def __call__(self, text=None, images=None, **kwargs) -> BatchFeature:
+        """transformers' ``processor(images=..., text=...)``: see ``process`` for the arguments.
+        transformers' positional order (images, text) is recognised too, and its nested
+        ``text_kwargs``/``images_kwargs``/``common_kwargs`` dicts are flattened."""
+        if _looks_like_text(images) and not _looks_like_text(text):
+            text, images = images, text
+        return self.process(text, images, **_flatten_call_kwargs(kwargs))
+
+    def process(self, text: str | Sequence[str] | None = None, images=None, *, return_tensors: str | None = "pt",
                  padding: bool | str = True, padding_side: str | None = None, truncation: bool = False,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None,
                  add_special_tokens: bool = True, pixel_dtype: torch.dtype = torch.float32,
                  image_seq_len: int | None = None, device=None, return_offsets_mapping: bool = False,
+                 return_attention_mask: bool = True, return_row_col_info: bool = False,
                  **image_overrides) -> BatchFeature:
         """Tokenize prompts and split images into one batch (see the module docstring).
 
@@ -179,6 +158,11 @@ class Processor:
         (bit-equal to the CPU op) and returns every tensor on that device.
         ``image_seq_len`` is accepted only when it equals the processor's (transformers silently
         ignores a different one; the model needs the checkpoint's value).
+        ``return_tensors``: "pt" (default), "np" or None (lists). ``return_row_col_info``: also
+        ``rows`` and ``cols``, per sample one entry per image (transformers' Idefics3 option).
+        transformers' nested ``text_kwargs``/``images_kwargs``/``common_kwargs`` dicts are flattened;
+        its arguments that would change the result and are not implemented (``do_rescale=False``,
+        ``resample`` other than LANCZOS, ...) are refused by name.
         ``return_offsets_mapping``: also ``offset_mapping`` [B, L, 2], each token's (start, end)
         character span in the prompt *as given* (before ``<image>`` expansion): every token of an
         image's block gets the span of its ``<image>``; special tokens and padding get (0, 0). The
@@ -188,6 +172,8 @@ class Processor:
             raise ValueError(f"image_seq_len={image_seq_len} differs from this processor's {self.image_seq_len} "
                              f"(processor_config.json); the model expects that many tokens per tile. Build the "
                              f"processor with Processor.from_pretrained(path, image_seq_len={image_seq_len}) instead")
+        check_tensor_type(return_tensors)
+        _splitter_overrides(image_overrides)  # unknown keywords fail even when there are no images
         prompts = _as_prompts(text)
         batch_images = self._layout_images(images, prompts)
         _check_counts(prompts, batch_images)
@@ -211,7 +197,18 @@ class Processor:
             split = self.splitter.fill(prepared, pixel_dtype, device=device)
             result["pixel_values"] = split.pixel_values
             result["pixel_attention_mask"] = split.pixel_attention_mask
-        return result.to(device) if device is not None else result
+        if not return_attention_mask:
+            result.pop("attention_mask", None)
+        if return_row_col_info:
+            result["rows"] = [[p.rows for p in plans] for plans in result.image_plans] if prepared else []
+            result["cols"] = [[p.cols for p in plans] for plans in result.image_plans] if prepared else []
+        if device is not None:
+            result.to(device)
+        if return_tensors == "np":
+            for key in ("pixel_values", "pixel_attention_mask"):
+                if key in result:
+                    result[key] = result[key].cpu().numpy()
+        return result
 
     def _layout_images(self, images, prompts: list[str] | None) -> list[list[Any]] | None:
         """One list of images per prompt (the reference's nesting rules, §1.2 and §2.2)."""
@@ -268,13 +265,12 @@ class Processor:
             out["offset_mapping"] = self._pad_rows(mapped, input_ids, side, (0, 0))
         if return_tensors is None:
             return out
-        if return_tensors != "pt":
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if len({len(row) for row in input_ids}) > 1:
             raise ValueError(f"prompts have different lengths {[len(r) for r in input_ids]}: pass padding=True "
                              f"to return tensors")
-        return {k: torch.tensor(v, dtype=torch.long).reshape(len(input_ids), len(input_ids[0]), *([2] * (
+        tensors = {k: torch.tensor(v, dtype=torch.long).reshape(len(input_ids), len(input_ids[0]), *([2] * (
             k == "offset_mapping"))) for k, v in out.items()}
+        return tensors if return_tensors == "pt" else {k: v.numpy() for k, v in tensors.items()}
 
     @staticmethod
     def _pad_rows(rows, padded_ids, side, value):
@@ -299,27 +295,7 @@ class Processor:
                                  f"{got_images} would remain; raise max_length or shorten the text")
 
     def _pad(self, ids, padding, side, max_length, pad_to_multiple_of):
-        if padding in (False, "do_not_pad", None):
-            return ids, [[1] * len(row) for row in ids]
-        if padding not in (True, "longest", "max_length"):
-            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
-        target = max((len(r) for r in ids), default=0)
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            target = max(target, max_length)
-        if pad_to_multiple_of:
-            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None and any(len(r) < target for r in ids):
-            raise ValueError("padding needs a pad token but tokenizer_config.json names none (pad_token); "
-                             "set one or pass padding=False")
-        out_ids, out_mask = [], []
-        for row in ids:
-            pad = target - len(row)
-            out_ids.append([pad_id] * pad + row if side == "left" else row + [pad_id] * pad)
-            out_mask.append([0] * pad + [1] * len(row) if side == "left" else [1] * len(row) + [0] * pad)
-        return out_ids, out_mask
+        return self.tokenizer.pad_ids(ids, padding, side, max_length, pad_to_multiple_of)
 
     # ---- chat template ------------------------------------------------------------------------
     @property
@@ -329,32 +305,51 @@ class Processor:
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
                             chat_template: str | None = None, return_dict: bool = False, images=None,
-                            processor_kwargs: dict | None = None, **template_variables):
-        """Render a conversation (or a list of them) with the chat template; optionally tokenize it.
+                            processor_kwargs: dict | None = None, continue_final_message: bool | str = False,
+                            tools=None, documents=None, return_tensors: str | None = "pt",
+                            return_assistant_tokens_mask: bool = False, sanitize_control_tokens: bool = False,
+                            load_audio_from_video: bool = False, **kwargs):
+        """Render a conversation (or a list of them) with the chat template; optionally tokenize it,
+        as transformers' ``ProcessorMixin.apply_chat_template``.
 
         ``tokenize=True`` processes the rendered prompt with the images of the messages' ``image``
         items (or ``images``) and, when the prompt already starts with the BOS token, does not add
         another (the double BOS of reference §2.4). It returns ``input_ids``, or the whole batch
-        with ``return_dict=True``. Call options (``return_tensors``, ``padding``, ...) may be given
-        directly or in ``processor_kwargs``; other keywords are template variables.
+        with ``return_dict=True``. ``continue_final_message``: the prompt ends inside the last
+        message (no end-of-turn), so the model continues it. Keywords the template reads are template
+        variables (``tools``, ``documents`` too); the others go to the processor call (as in
+        transformers), which refuses the ones it does not know by name.
         """
+        if return_assistant_tokens_mask or sanitize_control_tokens or load_audio_from_video:
+            flag = next(n for n, v in (("return_assistant_tokens_mask", return_assistant_tokens_mask),
+                                       ("sanitize_control_tokens", sanitize_control_tokens),
+                                       ("load_audio_from_video", load_audio_from_video)) if v)
+            raise ValueError(f"apply_chat_template: {flag}=True is not supported (docs/transformers.md)")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible (as in transformers): "
+                             "continue the last message, or start a new assistant turn")
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
             isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
-        variables = {**self.tokenizer.special_tokens, **template_variables}
         template = chat_template or self.template
-        call_options = {k: variables.pop(k) for k in _CALL_OPTIONS & set(variables)}
-        prompts = [chat.render(template, c, add_generation_prompt, **variables) for c in conversations]
+        template_names = chat.template_variables(template)
+        variables = {k: v for k, v in kwargs.items() if k in template_names}
+        call_options = {k: v for k, v in kwargs.items() if k not in template_names}
+        variables = {**self.tokenizer.special_tokens, **variables}
+        prompts = [chat.render(template, c, add_generation_prompt, continue_final_message=continue_final_message,
+                               tools=tools, documents=documents, **variables) for c in conversations]
         if not tokenize:
+            if call_options:
+                raise TypeError(f"apply_chat_template got arguments the template does not use: "
+                                f"{', '.join(sorted(call_options))}")
             return prompts if batched else prompts[0]
         if images is None:
             found = [chat.images_in_messages(c) for c in conversations]
             images = found if any(found) else None
-        kwargs = dict(processor_kwargs or {})
-        kwargs.update(call_options)  # transformers passes these on to the call too
+        options = {**dict(processor_kwargs or {}), **call_options, "return_tensors": return_tensors}
         if self.template_writes_bos(prompts[0]):
-            kwargs["add_special_tokens"] = False
-        out = self(text=prompts, images=images, **kwargs)
+            options["add_special_tokens"] = False
+        out = self(text=prompts, images=images, **options)
         return out if return_dict else out["input_ids"]
 
     def template_writes_bos(self, prompt: str) -> bool:
@@ -445,8 +440,41 @@ def _check_counts(prompts: list[str] | None, images: list[list] | None) -> None:
                          f"images passed. Found {in_text} {IMAGE_TOKEN} tokens and {in_images} images per sample.")
 
 
-_CALL_OPTIONS = {"return_tensors", "padding", "padding_side", "truncation", "max_length", "pad_to_multiple_of",
-                 "add_special_tokens", "pixel_dtype"}
+# transformers' call arguments that only have a neutral value here (other values are refused by name)
+_NEUTRAL_IMAGE_ARGUMENTS = {"do_convert_rgb": (True, None), "do_rescale": (True, None), "do_normalize": (True, None),
+                            "do_pad": (True, None), "resample": (1, None), "return_token_type_ids": (False, None),
+                            "verbose": (True, False), "return_overflowing_tokens": (False,),
+                            "return_special_tokens_mask": (False,), "return_length": (False,),
+                            "is_split_into_words": (False,), "stride": (0,), "return_text_replacement_offsets": (False,)}
+_NESTED = ("text_kwargs", "images_kwargs", "common_kwargs", "videos_kwargs", "audio_kwargs")
+
+
+def _looks_like_text(value) -> bool:
+    """A prompt or a list of prompts (a string that is an image path is not passed positionally)."""
+    if isinstance(value, str):
+        return not os.path.exists(value)
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value) and \
+        not any(os.path.exists(v) for v in value)
+
+
+def _flatten_call_kwargs(kwargs: dict) -> dict:
+    """transformers' nested kwargs dicts flattened; neutral values of unsupported arguments dropped."""
+    flat = {}
+    for key, value in kwargs.items():
+        if key in _NESTED:
+            if not isinstance(value, dict):
+                raise TypeError(f"{key} must be a dict of processor arguments, got {type(value).__name__}")
+            flat.update(value)
+        else:
+            flat[key] = value
+    out = {}
+    for key, value in flat.items():
+        if key in _NEUTRAL_IMAGE_ARGUMENTS:
+            if value not in _NEUTRAL_IMAGE_ARGUMENTS[key]:
+                raise ValueError(f"processor call: {key}={value!r} is not supported (docs/transformers.md)")
+            continue
+        out[key] = value
+    return out
 _HF_SPELLINGS = {"size": "longest_edge", "max_image_size": "tile_size"}
 
 
