@@ -57,6 +57,9 @@ class Processor:
         self.image_seq_len = image_seq_len
         self.chat_template = chat_template
         self.padding_side = _check_side(padding_side, "padding_side")
+        tokenizer.padding_side = self.padding_side  # tools that pad with processor.tokenizer pad the same way
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = self.template  # and its apply_chat_template renders the same prompt
         tokenizer.add_special_tokens([FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN])
         self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
         self.fake_image_token_id = tokenizer.token_to_id(FAKE_IMAGE_TOKEN)
