@@ -32,7 +32,7 @@ def main() -> int:
     start = time.perf_counter()
     result = evaluate(model, processor, args.count, args.first_seed)
     elapsed = time.perf_counter() - start
-    print(f"model: {args.model} ({model.num_parameters()['total']:,} parameters)")
+    print(f"model: {args.model} ({model.num_parameters():,} parameters)")
     print(f"exact match: {result['correct']}/{result['count']} = {100 * result['accuracy']:.1f}% "
           f"({elapsed:.1f} s, {args.count / elapsed:.1f} images/s)")
     for kind, acc in result["per_kind"].items():

@@ -71,7 +71,7 @@ class StepClock:
     """A streamer (``put``/``end``, accepted by both libraries) that timestamps every step."""
 
     def __init__(self, skip_first_put: bool):
-        self.skip = skip_first_put  # transformers first puts the prompt, before the prefill
+        self.skip = skip_first_put  # both libraries first put the prompt, before the prefill
         self.times = []
 
     def put(self, ids):
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                 with torch.inference_mode():
                     return hf.generate(**b, max_new_tokens=k, min_new_tokens=k, do_sample=False, streamer=clock)
 
-            gen_ours.skip_first_put, gen_hf.skip_first_put = False, True
+            gen_ours.skip_first_put = gen_hf.skip_first_put = True  # both put the prompt first
 
             for bsz in args.batches:
                 batch = make_batch(cfg, bsz, args.text_tokens)

@@ -52,7 +52,7 @@ def main(out: Path) -> None:
                               connector=ik.ConnectorConfig(name="pixel_shuffle", scale_factor=2))
     cfg = model.config
     print(f"components: {cfg.component_names}; <image> id {cfg.image_token_id}; "
-          f"{cfg.image_seq_len} image tokens per {cfg.vision.image_size}px tile; params {model.num_parameters()}")
+          f"{cfg.image_seq_len} image tokens per {cfg.vision.image_size}px tile; params {model.parameter_counts()}")
 
     # one 64x64 tile per sample -> 4 image tokens, then a 3-token caption to learn
     g = torch.Generator().manual_seed(0)

@@ -378,6 +378,27 @@ class VLMConfig(ComponentConfig):
     def scale_factor(self) -> int:
         return self.connector.scale_factor
 
+    # ---- transformers' names (read-only aliases onto the component configs) ----------------
+    model_type = HF_MODEL_TYPES[0]
+    is_encoder_decoder = False
+    architectures = ("Idefics3ForConditionalGeneration",)
+    text_config = property(lambda self: self.decoder, doc="transformers' name for the decoder config")
+    vision_config = property(lambda self: self.vision, doc="transformers' name for the vision config")
+    vocab_size = property(lambda self: self.decoder.vocab_size)
+    hidden_size = property(lambda self: self.decoder.hidden_size)
+    max_position_embeddings = property(lambda self: self.decoder.max_position_embeddings)
+    tie_word_embeddings = property(lambda self: self.decoder.tie_word_embeddings)
+    pad_token_id = property(lambda self: self.decoder.pad_token_id)
+    bos_token_id = property(lambda self: self.decoder.bos_token_id)
+    eos_token_id = property(lambda self: self.decoder.eos_token_id)
+
+    def get_text_config(self, decoder: bool | None = None):
+        return self.decoder
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """config.json's text (transformers' method; always the full dict)."""
+        return json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n"
+
     @property
     def image_seq_len(self) -> int:
         """Image tokens per tile, ``(image_size // patch)² / scale²``: the one owner of this number

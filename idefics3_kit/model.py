@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import files, registry
 from .config import VLMConfig
 from .generation import generate as _generate
-from .hf import parts, weights
+from .hf import hub, parts, weights
 from .hf.parts import resolve_dtype
 from .streaming import stream as _stream
 
@@ -33,8 +33,23 @@ class VLMOutput:
     hidden_states: tuple | None = None
     image_hidden_states: torch.Tensor | None = None  # [N_real_tiles, S_img, Dt]
 
-    def __getitem__(self, key):  # out["logits"] like transformers' ModelOutput
-        return getattr(self, key)
+    _ORDER = ("loss", "logits", "hidden_states", "image_hidden_states")  # transformers' field order
+
+    def to_tuple(self) -> tuple:
+        """The fields that are set, in transformers' order: ``out[0]`` is the loss when labels were
+        given, else the logits (Idefics3CausalLMOutputWithPast)."""
+        return tuple(getattr(self, name) for name in self._ORDER if getattr(self, name) is not None)
+
+    def __getitem__(self, key):  # out["logits"] and out[0] like transformers' ModelOutput
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self.to_tuple())
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -123,12 +138,56 @@ class VLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def num_parameters(self) -> dict:
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters in the model (shared tensors counted once), as transformers counts them;
+        ``parameter_counts()`` gives them per component."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not only_trainable) and id(p) not in embeddings)
+
+    def parameter_counts(self) -> dict:
         """Parameter counts per component and in total (shared tensors counted once)."""
         counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
                   for name in ("vision", "connector", "decoder")}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
+
+    # ---- transformers' embedding surface ------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, embeddings: nn.Module) -> None:
+        self.decoder.set_input_embeddings(embeddings)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.decoder.get_output_embeddings()
+
+    def tie_weights(self) -> None:
+        self.decoder.tie_weights()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Module:
+        """Grow (or shrink) the vocabulary (embeddings, LM head, config) like transformers; returns
+        the new input embeddings. New rows are the mean of the existing ones (transformers draws
+        them from a narrow normal around that mean); ``mean_resizing=False`` is refused."""
+        if not mean_resizing:
+            raise ValueError("resize_token_embeddings: only mean_resizing=True is supported")
+        size = self.config.decoder.vocab_size if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        if not isinstance(size, int) or size <= self.image_token_id:
+            raise ValueError(f"resize_token_embeddings: {size!r} tokens would drop the <image> token "
+                             f"(id {self.image_token_id})")
+        if size != self.config.decoder.vocab_size:
+            resize = getattr(self.decoder, "resize_token_embeddings", None)
+            if not callable(resize):
+                raise TypeError(f"the decoder {type(self.decoder).__name__} cannot resize its vocabulary")
+            resize(size)
+            self.config = self.config.replace(decoder=self.decoder.config)
+        return self.get_input_embeddings()
 
     # ---- training ---------------------------------------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -350,19 +409,33 @@ class VLM(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, allow_nonfinite: bool = False) -> "VLM":
-        """Load a Hugging Face Idefics3/SmolVLM checkpoint directory.
+    def from_pretrained(cls, path, dtype=None, device=None, allow_nonfinite: bool = False, *, torch_dtype=None,
+                        device_map=None, revision: str | None = None, cache_dir=None,
+                        local_files_only: bool | None = None, token=None, **unsupported) -> "VLM":
+        """Load a Hugging Face Idefics3/SmolVLM checkpoint: a local folder or a Hub id.
 
         The model is built on the meta device and the checkpoint tensors are assigned
         directly, so no random weights are ever allocated. A weight holding NaN or inf is an
-        error naming it unless ``allow_nonfinite``.
+        error naming it unless ``allow_nonfinite``. transformers' arguments: ``dtype`` (a dtype,
+        its name, or "auto" for the checkpoint's), ``torch_dtype`` (its older name),
+        ``device_map`` ("auto", "cpu", "cuda", "cuda:N": one device, or with "auto" and several
+        GPUs the decoder layers spread over them), ``revision``, ``cache_dir``,
+        ``local_files_only``, ``token`` (Hub ids, with the hub extra). Others are refused by name.
         """
-        path = files.readable_directory(os.fspath(path), "checkpoint directory")
+        _refuse_loading_arguments(unsupported)
+        path = hub.locate(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                          token=token)
         config = VLMConfig.from_pretrained(path)
+        devices = hub.plan_devices(device_map, device)
         with torch.device("meta"):
             model = cls(config)
-        weights.load_into(model, path, dtype=resolve_dtype(dtype), device=device, allow_nonfinite=allow_nonfinite)
+        load_device = devices[0] if devices and len(devices) == 1 else None
+        weights.load_into(model, path, dtype=hub.resolve_load_dtype(dtype, torch_dtype, path), device=load_device,
+                          allow_nonfinite=allow_nonfinite)
+        if devices and len(devices) > 1:
+            hub.spread(model, devices)
         model.generation_config = _read_generation_config(path)
+        model.name_or_path = path
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
@@ -403,6 +476,22 @@ class VLM(nn.Module):
         """
         return _stream(self, processor, input_ids, attention_mask, pixel_values, pixel_attention_mask,
                        skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+# transformers' from_pretrained arguments: accepted at these values only (anything else is refused by name)
+_NEUTRAL_LOADING = {"trust_remote_code": (False, None), "low_cpu_mem_usage": (True, False, None),
+                    "use_safetensors": (True, None), "attn_implementation": (None, "sdpa", "eager"),
+                    "force_download": (False,), "proxies": (None,), "subfolder": ("", None),
+                    "output_loading_info": (False,), "ignore_mismatched_sizes": (False,),
+                    "quantization_config": (None,), "variant": (None,)}
+
+
+def _refuse_loading_arguments(arguments: dict) -> None:
+    for key, value in arguments.items():
+        if key not in _NEUTRAL_LOADING:
+            raise TypeError(f"from_pretrained got an unexpected argument {key!r}")
+        if value not in _NEUTRAL_LOADING[key]:
+            raise ValueError(f"from_pretrained: {key}={value!r} is not supported (docs/transformers.md)")
 
 
 def _read_generation_config(path: str) -> dict:

@@ -323,6 +323,16 @@ class CausalDecoder(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, embeddings: nn.Module) -> None:
+        self.model.embed_tokens = embeddings
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
     def resize_token_embeddings(self, new_size: int) -> None:
         """Grow (or shrink) the vocabulary to ``new_size``; new rows of the embeddings (and of an
         untied LM head) are the mean of the existing ones, which keeps a new token's embedding and

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import files, registry
+from ..hf import hub
 from ..components.splitter import (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TAG, IMAGE_TOKEN, SplitterConfig, TilePlan,
                                    image_prompt)
 from ..config import VLMConfig
@@ -75,8 +76,10 @@ class Processor:
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, image_seq_len: int | None = None,
-                        padding_side: str = "left", **splitter_overrides) -> "Processor":
-        """Load from a checkpoint folder (tokenizer.json, image settings, chat template).
+                        padding_side: str = "left", *, revision: str | None = None, cache_dir=None,
+                        local_files_only: bool | None = None, token=None, **splitter_overrides) -> "Processor":
+        """Load from a checkpoint folder or a Hub id (tokenizer.json, image settings, chat template;
+        ``revision``, ``cache_dir``, ``local_files_only``, ``token`` as in transformers).
 
         Image settings come from ``processor_config.json["image_processor"]`` (transformers v5) or
         ``preprocessor_config.json``. Tokens per tile come from the model's ``config.json`` when the
@@ -85,9 +88,15 @@ class Processor:
         transformers' default of 169. Keyword arguments override ``image_seq_len``, ``padding_side``
         and any ``SplitterConfig`` field.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise ValueError(f"processor checkpoint folder not found: {path}")
+        for key in ("trust_remote_code", "use_fast"):  # transformers' flags: only their neutral value here
+            if splitter_overrides.get(key, None) not in (None, False if key == "trust_remote_code" else True):
+                raise ValueError(f"Processor.from_pretrained: {key}={splitter_overrides[key]!r} is not supported")
+            splitter_overrides.pop(key, None)
+        try:
+            path = hub.locate(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                              token=token, what="processor checkpoint folder")
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
         tokenizer = TextTokenizer.from_dir(path)
         if tokenizer.token_to_id(IMAGE_TOKEN) is None:
             raise ValueError(f"{path}/tokenizer.json has no {IMAGE_TOKEN} token, so it is not an Idefics3 processor's "

@@ -37,7 +37,7 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def component_tree(model: VLM) -> str:
-    counts = model.num_parameters()
+    counts = model.parameter_counts()
     lines = [f"VLM ({counts['total']:,} parameters)"]
     for kind in ("vision", "connector", "decoder"):
         module = getattr(model, kind)
