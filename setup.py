@@ -17,6 +17,8 @@ import glob
 import json
 import os
 import platform
+import re
+import sys
 import time
 
 from setuptools import find_packages, setup
@@ -52,8 +54,15 @@ def _extensions():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError as exc:  # torch must be installed first (see the Makefile)
-        print(f"idefics3_kit: not building the C++ extension ({exc}); the reference ops will run")
+    except ImportError as exc:  # an isolated build (plain `pip install .`) has no torch to compile against
+        if _building():
+            raise SystemExit(
+                f"idefics3_kit: cannot build the C++ extension: torch is not importable in the build environment "
+                f"({exc}).\nThe extension compiles against the torch you have installed, so install it with:\n\n"
+                f"    pip install torch && pip install --no-build-isolation .\n\n(or IDEFICS3_KIT_SKIP_EXT=1 "
+                f"pip install . for a pure-Python install that runs the reference ops). A plain `pip install .` "
+                f"builds in an isolated environment and would have to download another torch (with CUDA: "
+                f"gigabytes) that your installed torch may not be ABI-compatible with.")
         return [], {}
 
     debug = os.environ.get("DEBUG", "0") == "1"
@@ -74,6 +83,27 @@ def _extensions():
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
     _write_build_info(torch, use_cuda, sources, cxx, debug)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _building() -> bool:
+    """Whether this run compiles or installs (not metadata or an sdist, which need no torch)."""
+    return any(cmd in sys.argv for cmd in ("build_ext", "bdist_wheel", "editable_wheel", "develop", "install",
+                                            "build"))
+
+
+def _version() -> str:
+    """``__version__`` from idefics3_kit/version.py, its one home (read, not imported: importing needs torch)."""
+    with open(os.path.join(ROOT, "idefics3_kit", "version.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _torch_requirement(ext_modules) -> str:
+    """The extension's C++ ABI is the torch it was built against: require that release exactly."""
+    if not ext_modules:
+        return "torch>=2.4"
+    import torch
+
+    return f"torch=={torch.__version__.split('+')[0]}"
 
 
 def _write_build_info(torch, use_cuda, sources, cxx, debug):
@@ -98,15 +128,16 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="idefics3_kit",
-    version="0.1.0",
+    version=_version(),
     description="The Idefics3 vision-language model as swappable, registered parts",
     packages=find_packages(include=["idefics3_kit", "idefics3_kit.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "tokenizers", "pillow", "numpy", "jinja2"],
-    extras_require={"progress": ["tqdm"], "train": ["tqdm", "peft", "datasets", "pyyaml"]},
+    install_requires=[_torch_requirement(ext_modules), "safetensors", "tokenizers", "pillow", "numpy", "jinja2"],
+    extras_require={"progress": ["tqdm"], "train": ["tqdm", "peft", "datasets", "pyyaml"],
+                    "hub": ["huggingface_hub"]},
     entry_points={"console_scripts": ["idefics3-kit=idefics3_kit.cli:main"]},
     include_package_data=True,
-    package_data={"idefics3_kit": ["_build_info.json"],
+    package_data={"idefics3_kit": ["_build_info.json", "py.typed"],
                   "idefics3_kit.recipes.demo": ["assets/*.png", "assets/demo_model/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -9,8 +9,7 @@ from .components import ClipVisionConfig, KVCache, Qwen2DecoderConfig, SplitterC
 from .config import ConnectorConfig, DecoderConfig, VisionConfig, VLMConfig
 from .model import VLM, VLMOutput
 from .processing import BatchFeature, Processor
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["VLM", "VLMConfig", "VLMOutput", "VisionConfig", "ConnectorConfig", "DecoderConfig", "ClipVisionConfig",
            "Qwen2DecoderConfig", "KVCache", "Processor", "BatchFeature", "TilePlan", "SplitterConfig", "components",

@@ -7,6 +7,7 @@ and exit with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -205,8 +206,6 @@ def _import_processor():
 
 def _load(args, with_processor: bool = True):
     """(model, processor) with a progress bar over the loading stages."""
-    import os
-
     import torch
 
     from .hf import resolve_dtype
@@ -232,7 +231,6 @@ def _load(args, with_processor: bool = True):
 
 def _open_image(path: str):
     """A decoded image (uint8 RGB tensor) for a path the user gave, or a one-line error."""
-    import os
 
     from .processing.images import to_rgb
 
@@ -332,6 +330,34 @@ def add_chat_parser(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+HISTORY_FILE = os.path.join(os.path.expanduser("~"), ".cache", "idefics3_kit", "chat_history")
+
+
+def _line_editing() -> None:
+    """Arrow keys, editing and a history kept between sessions for ``chat`` on a terminal (readline);
+    nothing when stdin is a pipe or readline is missing."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    try:
+        readline.read_history_file(HISTORY_FILE)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            os.makedirs(os.path.dirname(HISTORY_FILE), exist_ok=True)
+            readline.write_history_file(HISTORY_FILE)
+        except OSError:
+            pass
+    atexit.register(save)
+
+
 def _is_text(line: str) -> bool:
     """False for a line read from bytes that are not valid text (kept as lone surrogates)."""
     try:
@@ -346,6 +372,7 @@ def cmd_chat(args) -> int:
     if hasattr(sys.stdin, "reconfigure"):  # an undecodable line must not end the conversation (or lose input)
         sys.stdin.reconfigure(errors="surrogateescape")
     model, proc = _load(args)
+    _line_editing()
     print(CHAT_HELP, file=sys.stderr)
     messages, images, pending = [], [], []
     while True:
@@ -354,6 +381,9 @@ def cmd_chat(args) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line, like Python's own prompt
+            print(file=sys.stderr)
+            continue
         if not _is_text(line):  # bytes that are not UTF-8: say so, keep the conversation
             print("error: the line is not valid UTF-8 text; it was skipped", file=sys.stderr)
             continue
@@ -384,6 +414,9 @@ def cmd_chat(args) -> int:
         except UserError as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (Ctrl-D or /quit ends it)
+            print("\n(answer stopped; the turn was not kept)", file=sys.stderr)
+            continue
         messages = turn + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         images, pending = images + pending, []
 
@@ -401,7 +434,6 @@ def add_inspect_parser(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
-    import os
 
     from .config import VLMConfig
     from .hf import weights
@@ -522,7 +554,6 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    import os
 
     from .recipes import demo  # noqa: F401  (a demo run's model builder)
     from .train import Trainer
@@ -548,9 +579,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    from .version import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="idefics3-kit", description="Idefics3 / SmolVLM toolkit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"idefics3-kit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in PARSERS:

@@ -290,3 +290,79 @@ def test_inspect_tile_grid_matches_the_reference_table(hw, sizes, grid):
 
     plan = plan_tiles(*hw, SplitterConfig(longest_edge=sizes[0], tile_size=sizes[1]))
     assert (plan.rows, plan.cols) == grid
+
+
+# ---- version, Ctrl-C and history in chat ----------------------------------------------
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"idefics3-kit {ik.__version__}"
+
+
+def _chat_with(monkeypatch, lines, answer):
+    """Run ``chat`` in-process with a scripted prompt (``lines``; an exception in it is raised
+    at the prompt) and ``answer(turn)`` standing in for the model."""
+    monkeypatch.setattr(cli, "_load", lambda args: (None, None))
+    turns = []
+
+    def fake_answer(model, proc, messages, images, args, stream, out=None):
+        turns.append(messages)
+        return answer(len(turns))
+
+    def fake_input(prompt=""):
+        item = lines.pop(0) if lines else EOFError()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setattr(cli, "_answer", fake_answer)
+    monkeypatch.setattr("builtins.input", fake_input)
+    args = cli.build_parser().parse_args(["chat", "--model", "unused"])
+    return args.func(args), turns
+
+
+def test_ctrl_c_during_an_answer_stops_that_answer_not_the_chat(monkeypatch, capsys):
+    def answer(n):
+        if n == 1:
+            raise KeyboardInterrupt
+        return "fine"
+
+    code, turns = _chat_with(monkeypatch, ["first", "second"], answer)
+    assert code == 0 and len(turns) == 2
+    # the interrupted turn is not kept: the second question goes out without the first
+    texts = [m["content"][-1]["text"] for m in turns[1]]
+    assert texts == ["second"]
+    assert "answer stopped" in capsys.readouterr().err
+
+
+def test_ctrl_c_at_the_prompt_drops_the_line(monkeypatch):
+    code, turns = _chat_with(monkeypatch, [KeyboardInterrupt(), "hello"], lambda n: "hi")
+    assert code == 0 and len(turns) == 1
+
+
+def test_chat_history_is_kept_between_sessions_on_a_terminal(monkeypatch, tmp_path):
+    readline = pytest.importorskip("readline")
+    history = tmp_path / "history"
+    monkeypatch.setattr(cli, "HISTORY_FILE", str(history))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    saved = []
+    monkeypatch.setattr("atexit.register", lambda fn: saved.append(fn))
+    readline.clear_history()
+    cli._line_editing()
+    readline.add_history("what is in the picture?")
+    for fn in saved:
+        fn()
+    assert "what is in the picture?" in history.read_text()
+    readline.clear_history()
+    cli._line_editing()  # the next session reads it back
+    assert readline.get_history_item(readline.get_current_history_length()) == "what is in the picture?"
+
+
+def test_chat_without_a_terminal_leaves_readline_alone(monkeypatch):
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    registered = []
+    monkeypatch.setattr("atexit.register", lambda fn: registered.append(fn))
+    cli._line_editing()
+    assert registered == []
