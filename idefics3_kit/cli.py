@@ -264,8 +264,14 @@ def _answer(model, proc, messages, images, args, stream: bool, out=None) -> str:
     if batch["input_ids"].shape[1] >= context:
         raise UserError(f"the prompt has {batch['input_ids'].shape[1]} tokens but the model's context is "
                         f"{context}; use fewer or smaller images or a shorter conversation")
-    pieces = []
-    text_streamer = TextStreamer(proc, lambda t: (pieces.append(t), out.write(t), out.flush())) if stream else None
+    pieces: list[str] = []
+
+    def show(t: str) -> None:
+        pieces.append(t)
+        out.write(t)
+        out.flush()
+
+    text_streamer = TextStreamer(proc, show) if stream else None
     total = min(kw["max_new_tokens"], context - batch["input_ids"].shape[1])
     with _progress(total=total, desc="generating", unit="tok", disable=args.no_progress or stream) as bar:
         class _Streamer:
@@ -374,7 +380,9 @@ def cmd_chat(args) -> int:
     model, proc = _load(args)
     _line_editing()
     print(CHAT_HELP, file=sys.stderr)
-    messages, images, pending = [], [], []
+    messages: list[dict] = []
+    images: list = []  # PIL images of the conversation so far
+    pending: list = []  # images attached (/image) to the next message
     while True:
         try:
             line = input("user> ")

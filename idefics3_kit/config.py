@@ -21,7 +21,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, cast
 
 from . import files, registry
 from .presets import PRESETS
@@ -76,6 +76,14 @@ def _check_json_type(owner: str, key: str, value, default) -> None:
 
 class ComponentConfig:
     """Behaviour shared by the per-kind configs (frozen dataclasses)."""
+
+    if TYPE_CHECKING:
+        # Every subclass is a dataclass with a ``name`` field; this tells the type checker so
+        # (dataclasses.asdict/fields/replace accept it, ``cls(name=..., **fields)`` type-checks).
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+        name: str
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
     def replace(self, **changes):
         """A copy with some fields changed (validated again)."""
@@ -291,7 +299,13 @@ def _validate_rope_scaling(rs: dict) -> None:
 # --------------------------------------------------------------------------------------
 # The whole model
 
-_DEFAULTS = {"vision": VisionConfig, "connector": ConnectorConfig, "decoder": DecoderConfig}
+_DEFAULTS: dict[str, type[ComponentConfig]] = {"vision": VisionConfig, "connector": ConnectorConfig,
+                                               "decoder": DecoderConfig}
+
+
+def _default_name(kind: str) -> str:
+    """The component a slot gets when its config names none: the default config class's ``name``."""
+    return cast(str, _DEFAULTS[kind].__dataclass_fields__["name"].default)
 
 
 def component_config(kind: str, value: Any):
@@ -301,8 +315,8 @@ def component_config(kind: str, value: Any):
     if not isinstance(value, (Mapping, base)):
         raise TypeError(f"VLMConfig.{kind}: expects a {base.__name__} (or a subclass, or a dict of its fields), got "
                         f"{type(value).__name__}")
-    default_name = base.__dataclass_fields__["name"].default
-    name = value.get("name", default_name) if isinstance(value, Mapping) else getattr(value, "name", None)
+    default_name = _default_name(kind)
+    name = value.get("name", default_name) if isinstance(value, Mapping) else value.name
     try:
         entry = registry.get(kind, name)
     except KeyError:
@@ -526,9 +540,10 @@ def _hf_int(data: Mapping[str, Any], key: str, default: int) -> int:
 def sub_config_from_hf(kind: str, data: Mapping[str, Any], name: str | None = None):
     """A component config from a ``vision_config`` / ``text_config`` dict (or a standalone
     checkpoint's config.json); the component follows ``name`` or else the dict's model_type."""
-    default = _DEFAULTS[kind].__dataclass_fields__["name"].default
+    default = _default_name(kind)
     name = name or component_for_model_type(kind, data.get("model_type"), default)
-    cls = registry.config_class(kind, name) or _DEFAULTS[kind]
+    # a component's config class follows ComponentConfig (from_hf), like the defaults
+    cls = cast("type[ComponentConfig]", registry.config_class(kind, name) or _DEFAULTS[kind])
     return cls.from_hf(data, name)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ from .streaming import stream as _stream
 
 @dataclass
 class VLMOutput:
-    logits: torch.Tensor  # [B, L_kept, V]
+    logits: torch.Tensor | None  # [B, L_kept, V]; None when forward(loss_only=True) computed only the loss
     loss: torch.Tensor | None = None
     hidden_states: tuple | None = None
     image_hidden_states: torch.Tensor | None = None  # [N_real_tiles, S_img, Dt]
@@ -115,8 +116,9 @@ class VLM(nn.Module):
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                     module.weight.normal_(0.0, std)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
+                    bias = getattr(module, "bias", None)
+                    if bias is not None:
+                        bias.zero_()
                 elif isinstance(module, nn.LayerNorm):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
@@ -210,7 +212,7 @@ class VLM(nn.Module):
         if on and not parts:
             raise ValueError("none of this model's components supports gradient checkpointing")
         for module in parts:
-            module.gradient_checkpointing = on
+            setattr(module, "gradient_checkpointing", on)  # a plain attribute, not a Tensor | Module
 
     # ---- images ----------------------------------------------------------------------------
     def _check_pixels(self, pixel_values: torch.Tensor, pixel_attention_mask) -> None:
@@ -363,8 +365,8 @@ class VLM(nn.Module):
                            cache=cache, logits_to_keep=1 if head is not None else logits_to_keep,
                            output_hidden_states=output_hidden_states)
         if head is not None:
-            loss = labelled_positions_loss(head, out.last_hidden_state, labels, num_items_in_batch)
-            return VLMOutput(logits=None, loss=loss, hidden_states=out.hidden_states, image_hidden_states=features)
+            head_loss = labelled_positions_loss(head, out.last_hidden_state, labels, num_items_in_batch)
+            return VLMOutput(logits=None, loss=head_loss, hidden_states=out.hidden_states, image_hidden_states=features)
         loss = None if labels is None else causal_lm_loss(out.logits, labels, num_items_in_batch=num_items_in_batch)
         return VLMOutput(logits=out.logits, loss=loss, hidden_states=out.hidden_states,
                          image_hidden_states=features)
@@ -392,8 +394,10 @@ class VLM(nn.Module):
         conn_cfg = parts.connector_config(connector)
         if image_token_id is None:
             image_token_id = parts.add_token(decoder_mod)
-        config = VLMConfig(vision=vision_mod.config, connector=conn_cfg, decoder=decoder_mod.config,
-                           image_token_id=image_token_id)
+        # the components' configs are plain attributes (mypy reads them as Tensor | Module); VLMConfig checks them
+        vision_cfg: Any = vision_mod.config
+        decoder_cfg: Any = decoder_mod.config
+        config = VLMConfig(vision=vision_cfg, connector=conn_cfg, decoder=decoder_cfg, image_token_id=image_token_id)
         with torch.device("meta"):
             model = cls(config)
         model.vision = vision_mod

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, cast
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,8 @@ from ..config import DecoderConfig, require
 from ..ops.fast_path import plain_module
 from ..registry import register
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,11 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B, Hkv, L, hd] after the cached tokens; return views of all tokens so far."""
         end = self.check_room(k.shape[2])
-        if self.keys[layer] is None:
-            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
-            self.keys[layer] = torch.zeros(shape, dtype=self.dtype or k.dtype, device=k.device)
-            self.values[layer] = torch.zeros(shape, dtype=self.dtype or v.dtype, device=v.device)
         keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:  # (both are allocated together)
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            keys = self.keys[layer] = torch.zeros(shape, dtype=self.dtype or k.dtype, device=k.device)
+            values = self.values[layer] = torch.zeros(shape, dtype=self.dtype or v.dtype, device=v.device)
         keys.narrow(2, self.length, k.shape[2]).copy_(k)
         values.narrow(2, self.length, v.shape[2]).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
@@ -143,7 +145,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None
     """Inverse frequencies [head_dim/2] in float32, with optional linear or llama3 scaling."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (theta ** exponents)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
@@ -327,7 +330,8 @@ class CausalDecoder(nn.Module):
         return self.model.embed_tokens
 
     def set_input_embeddings(self, embeddings: nn.Module) -> None:
-        self.model.embed_tokens = embeddings
+        # an embedding layer (weight [V, D]) like the one it replaces: tie_weights shares its weight
+        self.model.embed_tokens = cast(nn.Embedding, embeddings)
         self.tie_weights()
 
     def get_output_embeddings(self) -> nn.Module:
@@ -433,7 +437,9 @@ class CausalDecoder(nn.Module):
         weights, modules = found
         cache.check_room(1)
         cache.allocate(x.shape[0], self.config.num_key_value_heads, self.config.head_dim, x.dtype, x.device)
-        return ops.decode_layers(x, weights, cache.keys, cache.values, rope[0], rope[1], key_padding_mask,
+        # allocate() filled every layer's keys and values
+        keys, values = cast("list[torch.Tensor]", cache.keys), cast("list[torch.Tensor]", cache.values)
+        return ops.decode_layers(x, weights, keys, values, rope[0], rope[1], key_padding_mask,
                                  cache.length, self.config.num_attention_heads, self.config.num_key_value_heads,
                                  self.config.rms_norm_eps, modules)
 

@@ -34,6 +34,7 @@ row; with per-row generators a row samples the same tokens whatever else is in t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -353,12 +354,18 @@ class MinNewTokens:
 
 # ---- the chain -------------------------------------------------------------------------------
 
+class SamplerStep(Protocol):
+    """A processor (``-> logits [B, V]``) or a selector (``-> ids [B]``) of the chain."""
+
+    def __call__(self, logits: torch.Tensor, state: SamplerState | None = None) -> torch.Tensor: ...
+
+
 @dataclass
 class SamplerChain:
     """Processors applied in order, then one selector: ``chain(logits, state) -> ids [B]``."""
 
-    processors: list = field(default_factory=list)
-    selector: object = None
+    processors: list[SamplerStep] = field(default_factory=list)
+    selector: SamplerStep | None = None
 
     def process(self, logits: torch.Tensor, state: SamplerState | None = None) -> torch.Tensor:
         for p in self.processors:
@@ -366,6 +373,8 @@ class SamplerChain:
         return logits
 
     def __call__(self, logits: torch.Tensor, state: SamplerState | None = None) -> torch.Tensor:
+        if self.selector is None:
+            raise TypeError("SamplerChain has no selector: give one, e.g. registry.create('sampler', 'greedy')")
         return self.selector(self.process(logits, state), state)
 
     def describe(self) -> str:

@@ -120,7 +120,7 @@ class SplitterConfig:
         for flag in ("do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
             if d.get(flag, True) is not True:
                 raise ValueError(f"{where}: {flag}={d[flag]!r} is not supported (only the default true)")
-        flags = {}
+        flags: dict[str, bool] = {}
         for flag in ("do_resize", "do_image_splitting"):
             value = d.get(flag, True)
             if not isinstance(value, bool):
@@ -129,7 +129,8 @@ class SplitterConfig:
         return cls(longest_edge=size.get("longest_edge", 4 * 364), tile_size=tile["longest_edge"], fixed_size=fixed,
                    image_mean=_rgb_triple(d.get("image_mean", 0.5), f"{where}: image_mean"),
                    image_std=_rgb_triple(d.get("image_std", 0.5), f"{where}: image_std"),
-                   rescale_factor=d.get("rescale_factor", 1 / 255), **flags)
+                   rescale_factor=d.get("rescale_factor", 1 / 255), do_resize=flags["do_resize"],
+                   do_image_splitting=flags["do_image_splitting"])
 
     def to_hf(self) -> dict:
         """The preprocessor_config.json contents that transformers' Idefics3 image processor reads."""
@@ -154,7 +155,8 @@ def _rgb_triple(value, where: str) -> tuple[float, float, float]:
         raise ValueError(f"{where}: needs 3 values (R, G, B), got {value!r}")
     if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in value):
         raise ValueError(f"{where}: must be finite numbers, got {value!r}")
-    return tuple(float(x) for x in value)
+    r, g, b = value
+    return float(r), float(g), float(b)
 
 
 def _size_dict(value, where: str) -> dict:

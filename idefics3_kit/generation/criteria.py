@@ -12,8 +12,15 @@ tokenizer) and the end-of-sequence ids, in transformers' order.
 from __future__ import annotations
 
 import time
+from typing import Any, Protocol
 
 import torch
+
+
+class StoppingCriterion(Protocol):
+    """What a criterion is: ``(input_ids, scores, **kwargs) -> bool tensor [B]`` (or one bool)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor | bool: ...
 
 
 class MaxLength:
@@ -60,7 +67,7 @@ class StopStrings:
     few tokens, enough to cover the longest stop string plus the last token, are looked at.
     """
 
-    def __init__(self, tokenizer, stop_strings):
+    def __init__(self, tokenizer, stop_strings) -> None:
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=[...], tokenizer=processor)")
         self.token_bytes = token_bytes_function(tokenizer)
@@ -157,7 +164,7 @@ class CriteriaList(list):
 def build_criteria(settings, max_length: int, tokenizer=None, custom=None, start: float | None = None) -> CriteriaList:
     """transformers' order: max length, max time, stop strings, eos; then the user's criteria
     (a user criterion of the same class as a built-in one replaces it)."""
-    built = [MaxLength(max_length)]
+    built: list[StoppingCriterion] = [MaxLength(max_length)]
     if settings.max_time is not None:
         built.append(MaxTime(settings.max_time, start))
     if settings.stop_strings:

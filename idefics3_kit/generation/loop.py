@@ -202,8 +202,8 @@ class Record:
     """Per-step raw logits and processed scores, when ``return_dict_in_generate`` asks for them."""
 
     def __init__(self, scores: bool, logits: bool):
-        self.scores = [] if scores else None
-        self.logits = [] if logits else None
+        self.scores: list[torch.Tensor] | None = [] if scores else None
+        self.logits: list[torch.Tensor] | None = [] if logits else None
 
     def add(self, raw: torch.Tensor, scores: torch.Tensor) -> None:
         if self.logits is not None:

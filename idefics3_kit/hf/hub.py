@@ -10,6 +10,7 @@ template, safetensors: never pickled weights).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,19 +102,21 @@ def spread(model: nn.Module, devices: list[torch.device]) -> None:
     if len(devices) == 1:
         model.to(devices[0])
         return
-    layers = model.decoder.model.layers
+    decoder: Any = model.decoder  # a VLM's decoder component (model.layers / model.norm, lm_head, tie_weights)
+    layers = decoder.model.layers
     first, last = devices[0], devices[-1]
     model.to(first)
     per = -(-len(layers) // len(devices))
     for i, layer in enumerate(layers):
         layer.to(devices[min(i // per, len(devices) - 1)])
         layer.register_forward_pre_hook(_inputs_follow, with_kwargs=True)
-    for module in (model.decoder.model.norm, model.decoder.lm_head):
+    for module in (decoder.model.norm, decoder.lm_head):
         module.to(last)
         module.register_forward_pre_hook(_inputs_follow, with_kwargs=True)
-    model.decoder.tie_weights()  # a tied head shares the embeddings' storage: it stays with them
-    model.hf_device_map = {f"decoder.model.layers.{i}": str(next(l.parameters()).device)
-                           for i, l in enumerate(layers)}
+    decoder.tie_weights()  # a tied head shares the embeddings' storage: it stays with them
+    # setattr: a plain dict attribute (nn.Module's typed __setattr__ expects a Tensor or a Module)
+    setattr(model, "hf_device_map", {f"decoder.model.layers.{i}": str(next(l.parameters()).device)
+                                     for i, l in enumerate(layers)})
 
 
 def _inputs_follow(module: nn.Module, args, kwargs):

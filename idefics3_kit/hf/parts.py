@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -50,7 +51,7 @@ def _header_names(path: str) -> set[str]:
 
 def _known_types(kind: str, key: str = "model_types") -> dict[str, str]:
     """model_type -> component name, from the registry entries' ``hf`` metadata."""
-    found = {}
+    found: dict[str, str] = {}
     for entry in registry.entries(kind):
         value = entry.hf.get(key, ())
         for model_type in ((value,) if isinstance(value, str) else value):
@@ -125,7 +126,8 @@ def add_token(decoder: nn.Module) -> int:
     if not callable(resize) or not hasattr(decoder, "config"):
         raise TypeError(f"cannot add a token to {type(decoder).__name__}: it has no resize_token_embeddings/config; "
                         "pass image_token_id explicitly")
-    new_id = decoder.config.vocab_size
+    config: Any = decoder.config  # a plain attribute (mypy reads Module attributes as Tensor | Module)
+    new_id: int = config.vocab_size
     resize(new_id + 1)
     return new_id
 

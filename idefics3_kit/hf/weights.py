@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -76,8 +77,9 @@ def tied_parameters(module: nn.Module) -> dict[str, str]:
 def retie(module: nn.Module) -> None:
     """Share the tied parameters again (``load_state_dict(assign=True)`` gives each name its own)."""
     for sub in module.modules():
-        if callable(getattr(sub, "tie_weights", None)) and callable(getattr(sub, "tied_weights", None)):
-            sub.tie_weights()
+        tie = getattr(sub, "tie_weights", None)
+        if callable(tie) and callable(getattr(sub, "tied_weights", None)):
+            tie()
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -330,7 +332,9 @@ def export_state(module: nn.Module) -> dict[str, torch.Tensor] | None:
     if _is_distributed(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        raw = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a model's state dict holds tensors (its declared ValueType also covers optimizer states)
+        raw = cast("dict[str, torch.Tensor]",
+                   get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
         params = {clean_name(n) for n, _ in module.named_parameters()}
         raw = {n: t for n, t in raw.items() if clean_name(n) in params}
     else:
@@ -404,7 +408,9 @@ def _remove_stale(path: str, written: list[str]) -> None:
 
 
 def _shard(tensors: dict, max_bytes: int) -> list[dict]:
-    shards, current, size = [], {}, 0
+    shards: list[dict] = []
+    current: dict = {}
+    size = 0
     for key in sorted(tensors):
         t = tensors[key]
         nbytes = t.numel() * t.element_size()

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -20,7 +21,14 @@ logger = logging.getLogger("idefics3_kit")
 FORCE_REFERENCE_ENV = "IDEFICS3_KIT_FORCE_REFERENCE"
 NAMESPACE = "idefics3_kit"
 
-_state = {"loaded": None, "error": None, "announced": False, "forced": False}
+class _State(TypedDict):
+    loaded: bool | None  # None: not tried yet
+    error: str | None
+    announced: bool
+    forced: bool
+
+
+_state: _State = {"loaded": None, "error": None, "announced": False, "forced": False}
 
 
 def _load() -> bool:
@@ -31,11 +39,12 @@ def _load() -> bool:
             raise ImportError("idefics3_kit._C is not built (pip install --no-build-isolation -e . , or "
                               "python setup.py build_ext --inplace)")
         importlib.import_module("idefics3_kit._C")  # runs the TORCH_LIBRARY registrations
-        _state["loaded"] = True
+        loaded = True
     except Exception as exc:  # ImportError, OSError (ABI mismatch), ...
-        _state["loaded"] = False
+        loaded = False
         _state["error"] = f"{type(exc).__name__}: {exc}"
-    return _state["loaded"]
+    _state["loaded"] = loaded
+    return loaded
 
 
 def _forced() -> bool:

@@ -61,13 +61,14 @@ def plain_tensors(tensors: Iterable[torch.Tensor | None]) -> str | None:
     """
     grad = torch.is_grad_enabled()
     plain = PLAIN_TENSOR_TYPES
-    kind = first = None
+    kind: str | None = None
+    first: torch.Tensor | None = None  # set together with kind
     for t in tensors:
         if t is None:
             continue
         if type(t) not in plain or (grad and t.requires_grad):
             return None
-        if kind is None:
+        if first is None:
             first, kind = t, t.device.type
         elif kind == "cpu":
             if not t.is_cpu:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -98,8 +98,8 @@ def _decode_linear_fake(x, weights, biases):
 # oneDNN tensors. A pack is keyed by the first layer of its group and remembers the weights it was
 # made from: modifying a weight in place or swapping its data (module.to(...)) makes it stale.
 
-_PREPARED: "weakref.WeakSet[nn.Linear]" = weakref.WeakSet()
-_PACKS: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+_PREPARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # nn.Linear layers (unpack drops any module)
+_PACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _weight_key(w: torch.Tensor) -> tuple:
@@ -180,9 +180,10 @@ def unpack(module: nn.Module) -> None:
 # ---- the entry points the components call ---------------------------------------------------------
 
 
-def _fast(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor | None:
-    if not fast_path.plain_modules(layers):
+def _fast(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
+    if not fast_path.plain_modules(modules):
         return None
+    layers = cast("Sequence[nn.Linear]", modules)  # plain modules the callers pass as linear layers
     y = decode_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
     if y is not None:
         return y
@@ -203,4 +204,5 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     y = _fast(x, layers)
     if y is None:
         return [layer(x) for layer in layers]
-    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+    # a fast path ran: the layers are plain nn.Linear
+    return list(y.split([cast(nn.Linear, layer).weight.shape[0] for layer in layers], dim=-1))

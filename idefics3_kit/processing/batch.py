@@ -17,6 +17,8 @@ class BatchFeature(dict):
     stays clean): one ``TilePlan`` per image.
     """
 
+    image_plans: list  # set by the processor (read through __getattr__ otherwise)
+
     def __getattr__(self, name):
         try:
             return self[name]

@@ -18,7 +18,7 @@ setup that change token ids are reproduced here from the checkpoint's own files:
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, cast
 
 from .. import files
 from . import chat
@@ -61,12 +61,13 @@ class TextTokenizer:
 
         self.backend = backend
         self.config = dict(config or {})
-        self.special_tokens = {k: _token_content(self.config.get(k)) for k in NAMED_SPECIAL_TOKENS}
-        self.special_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
+        named = {k: _token_content(self.config.get(k)) for k in NAMED_SPECIAL_TOKENS}
+        self.special_tokens: dict[str, str] = {k: v for k, v in named.items() if v is not None}
         extra = self.config.get("extra_special_tokens") or self.config.get("additional_special_tokens") or []
         if isinstance(extra, dict):  # v5 may store named extras as a dict
             extra = list(extra.values())
-        self.extra_special_tokens = [_token_content(t) for t in extra]
+        # a None entry is not an added token: AddedToken(None) below refuses it, so all are str
+        self.extra_special_tokens = cast("list[str]", [_token_content(t) for t in extra])
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
         missing = [t for t in [*self.special_tokens.values(), *self.extra_special_tokens] if t not in added]
         if missing:
@@ -96,11 +97,12 @@ class TextTokenizer:
         """transformers' rule for explicit arguments: ``[bos:0] $A:0 [eos:0]``."""
         from tokenizers import processors
 
-        bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-        specials = [(t, self.backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        bos = self.special_tokens.get("bos_token") if add_bos else None
+        eos = self.special_tokens.get("eos_token") if add_eos else None
+        single = f"{bos + ':0 ' if bos is not None else ''}$A:0{' ' + eos + ':0' if eos is not None else ''}"
+        pair = (f"{single}{' ' + bos + ':1' if bos is not None else ''} "
+                f"$B:1{' ' + eos + ':1' if eos is not None else ''}")
+        specials = [(t, self.backend.token_to_id(t)) for t in (bos, eos) if t is not None]
         self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     def add_special_tokens(self, tokens: Iterable[str]) -> None:

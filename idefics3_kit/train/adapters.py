@@ -43,8 +43,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     if not any(re.fullmatch(pattern, name) for name, _ in model.named_modules()):
         raise ValueError(f"lora.target_modules {cfg.target_modules} match no module of the components "
                          f"{cfg.components}")
-    peft.inject_adapter_in_model(peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                 target_modules=pattern), model)
+    # peft annotates lora_alpha as int, but only divides it by r: a float alpha works (and is ours)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+                                                 lora_dropout=cfg.dropout, target_modules=pattern), model)
     return model
 
 
@@ -109,7 +110,8 @@ def save_adapter(model: nn.Module, path: str, cfg: LoraConfig, state: dict | Non
         raise ValueError("the model has no LoRA adapters to save")
     os.makedirs(path, exist_ok=True)
     files.write_bytes(os.path.join(path, ADAPTER_WEIGHTS), safetensors_bytes(tensors, metadata={"format": "pt"}))
-    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+    # peft annotates lora_alpha as int, but only divides it by r: a float alpha works
+    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
                              target_modules=_target_pattern(cfg.components, cfg.target_modules,
                                                             HF_COMPONENT_PREFIXES))
     files.write_json(os.path.join(path, ADAPTER_CONFIG), _jsonable(config.to_dict()), sort_keys=True)

@@ -19,6 +19,7 @@ import os
 import pickle
 import shutil
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -103,7 +104,7 @@ def load(path: str, model, optimizer) -> dict:
     """
     state = read_state(path)
     model_state, optim_state = get_state_dict(model, optimizer)
-    loaded = {"model": model_state, "optimizer": optim_state}
+    loaded: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
     with _one_process_is_fine():
         try:
             dcp.load(loaded, storage_reader=_SafeReader(path), planner=_SafePlanner())

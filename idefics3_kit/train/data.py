@@ -255,6 +255,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     the ``max_length`` rule.
     """
 
+    ordered: bool  # keep the data's own order (train.sampling); set where the dataset is made (train.sources)
+
     def __init__(self, conversations: list[Conversation], name: str, skipped: dict | None = None,
                  skip_bad_records: bool = False):
         self.conversations = conversations
@@ -266,7 +268,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     @classmethod
     def from_source(cls, source, skip_bad_records: bool = False, where: str = "data.source") -> "ConversationDataset":
         raw = open_source(source, where)
-        conversations, skipped = [], {}
+        conversations: list[Conversation] = []
+        skipped: dict[str, int] = {}
         for index in range(len(raw.records)):
             label = f"{raw.name} record {index}"
             try:

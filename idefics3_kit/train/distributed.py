@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -90,7 +91,7 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, *, bf16: bool = Fals
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kwargs = {"reshard_after_forward": reshard_after_forward}
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
@@ -104,12 +105,13 @@ def wrap(model: nn.Module, strategy: str, runtime: Runtime, *, bf16: bool = Fals
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP2 shards apart, innermost first: every layer of the vision encoder and of the
     decoder (the ``layers`` lists), then the vision encoder and the connector as wholes."""
-    units = []
-    for part in (model.vision, model.decoder):
+    vision, decoder = cast(nn.Module, model.vision), cast(nn.Module, model.decoder)
+    units: list[nn.Module] = []
+    for part in (vision, decoder):
         for module in part.modules():
             if isinstance(module, nn.ModuleList) and module is not None and _is_layer_stack(module):
                 units += list(module)
-    return units + [model.vision, model.connector]
+    return units + [vision, cast(nn.Module, model.connector)]
 
 
 def _is_layer_stack(stack: nn.ModuleList) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TextIO
 
 logger = logging.getLogger("idefics3_kit.train")
 
@@ -18,7 +19,7 @@ FILE = "metrics.jsonl"
 class MetricsLog:
     def __init__(self, out_dir: str, enabled: bool, tensorboard: bool | None):
         self.enabled = enabled
-        self.file = None
+        self.file: TextIO | None = None
         self.writer = None
         if not enabled:
             return
@@ -30,6 +31,7 @@ class MetricsLog:
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
+        assert self.file is not None  # opened in __init__ when enabled
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()

@@ -8,6 +8,8 @@ process gets a similar share of tokens, and splits them into micro-batches.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -63,11 +65,18 @@ class GlobalOrder:
         return batches
 
 
+class StepOrder(Protocol):
+    """What StepMicroBatches reads: the indices of one optimizer step for one process
+    (GlobalOrder for training, the trainer's _EvalOrder for evaluation)."""
+
+    def shard(self, step: int, rank: int, world_size: int) -> list[int]: ...
+
+
 class StepMicroBatches(torch.utils.data.Sampler):
     """The DataLoader's batch sampler for one process: ``accum`` micro-batches per step, from
     ``start`` to ``end``."""
 
-    def __init__(self, order: GlobalOrder, rank: int, world_size: int, micro_batch: int, accum: int,
+    def __init__(self, order: StepOrder, rank: int, world_size: int, micro_batch: int, accum: int,
                  start: int, end: int):
         self.order, self.rank, self.world_size = order, rank, world_size
         self.micro_batch, self.accum, self.start, self.end = micro_batch, accum, start, end

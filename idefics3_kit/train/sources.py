@@ -17,7 +17,7 @@ imported). An unknown name is an error listing the known ones.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from .. import registry
 from ..components.splitter import SplitterConfig
@@ -104,7 +104,7 @@ def _from_parts(spec: dict, processor, cfg=None, progress: bool = True, fresh: b
     _only(spec, {"from_parts"}, "model")
     parts = dict(spec["from_parts"])
     _only(parts, {"vision", "decoder", "connector"}, "model.from_parts")
-    decoder = load_component("decoder", parts["decoder"])
+    decoder: Any = load_component("decoder", parts["decoder"])  # its config, resize_token_embeddings: plain attributes
     needed = max(processor.image_token_id + 1, len(processor.tokenizer))
     if needed > decoder.config.vocab_size:
         decoder.resize_token_embeddings(needed)

@@ -18,10 +18,14 @@ import logging
 import math
 import os
 import time
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 from ..model import VLM
 from ..processing import Processor
@@ -31,7 +35,7 @@ from .config import TrainConfig
 from .data import ConversationDataset
 from .metrics import MetricsLog
 from .progress import progress_bar
-from .sampling import GlobalOrder, StepMicroBatches
+from .sampling import GlobalOrder, StepMicroBatches, StepOrder
 
 logger = logging.getLogger("idefics3_kit.train")
 
@@ -70,8 +74,8 @@ class Trainer:
         self.model = model if model is not None else sources.model(cfg.model, processor, cfg, self.progress, fresh)
         self._given_data = (train_data, eval_data)
         self._data = None
-        self.wrapped = None
-        self.optimizer = None
+        self.wrapped: torch.nn.Module | None = None  # the model in its DDP/FSDP2 wrapper, by _prepare()
+        self.optimizer: torch.optim.Optimizer | None = None  # by _prepare()
         self.step = 0
 
     @property
@@ -109,7 +113,7 @@ class Trainer:
             logger.warning("%s: skipped %s", train.name, train.skipped)
         return train, eval_data
 
-    def _loader(self, dataset, order: GlobalOrder, start: int, end: int, micro: int, accum: int) -> DataLoader:
+    def _loader(self, dataset, order: StepOrder, start: int, end: int, micro: int, accum: int) -> DataLoader:
         sampler = StepMicroBatches(order, self.runtime.rank, self.runtime.world_size, micro, accum, start, end)
         workers = self.config.data.num_workers
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
@@ -205,6 +209,7 @@ class Trainer:
     def _train_step(self, step: int, micro_batches: list[dict]) -> dict:
         cfg, rt = self.config, self.runtime
         torch.manual_seed(cfg.seed + step)  # dropout and the like: the same whatever the resume point
+        assert self.optimizer is not None  # fit() ran _prepare()
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         inputs = [mb["inputs"] for mb in micro_batches]
@@ -220,7 +225,7 @@ class Trainer:
         grad_norm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        skipped = {}
+        skipped: dict[str, int] = {}
         for mb in micro_batches:
             for reason, n in mb["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
@@ -240,6 +245,7 @@ class Trainer:
         if batch is None:
             batch = self._empty_batch()
         batch = {k: v.to(device) for k, v in batch.items()}
+        assert self.wrapped is not None  # fit() ran _prepare()
         with self._autocast():
             loss = self.wrapped(**batch, num_items_in_batch=num_items, loss_only=True).loss
             if "pixel_values" not in batch and self.runtime.distributed:
@@ -259,10 +265,11 @@ class Trainer:
     def _sync(self, last: bool):
         """Gradient sync only on the last micro-batch of a step."""
         wrapped = self.wrapped
+        assert wrapped is not None  # fit() ran _prepare()
         if last or not self.runtime.distributed:
             return contextlib.nullcontext()
         if hasattr(wrapped, "no_sync"):  # DDP
-            return wrapped.no_sync()
+            return cast("DistributedDataParallel", wrapped).no_sync()
         if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
             return _fsdp_no_sync(wrapped)
         return contextlib.nullcontext()
@@ -289,6 +296,7 @@ class Trainer:
         batch = self.micro_batch * rt.world_size
         steps = max(1, math.ceil(n / batch))
         order = _EvalOrder(n, batch)
+        assert self.wrapped is not None  # made by self._prepare() above
         self.wrapped.eval()
         try:
             totals = torch.zeros(2, dtype=torch.float64)

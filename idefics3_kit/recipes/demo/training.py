@@ -56,8 +56,10 @@ class SyntheticConversations(torch.utils.data.Dataset):
 
     def example(self, index: int):
         stage = data_stage(self.options, index // self.global_batch)
-        kinds = tuple(stage.get("kinds", self.options.get("kinds", QUESTION_KINDS)))
-        max_shapes = int(stage.get("max_shapes", self.options.get("max_shapes", 3)))
+        default_kinds: tuple[str, ...] | list[str] = self.options.get("kinds", QUESTION_KINDS)
+        default_max_shapes: int = self.options.get("max_shapes", 3)
+        kinds = tuple(stage.get("kinds", default_kinds))
+        max_shapes = int(stage.get("max_shapes", default_max_shapes))
         return make_example(int(self.options.get("seed", 0)) * 1_000_003 + index, kinds=kinds, max_shapes=max_shapes)
 
     def __getitem__(self, index: int):
