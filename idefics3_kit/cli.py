@@ -378,6 +378,7 @@ def cmd_chat(args) -> int:
     if hasattr(sys.stdin, "reconfigure"):  # an undecodable line must not end the conversation (or lose input)
         sys.stdin.reconfigure(errors="surrogateescape")
     model, proc = _load(args)
+    model.enable_feature_cache()  # every turn sends the conversation's images again: their tiles are encoded once
     _line_editing()
     print(CHAT_HELP, file=sys.stderr)
     messages: list[dict] = []

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import files, registry
 from .config import VLMConfig
+from .feature_cache import DEFAULT_MAX_BYTES, VisionFeatureCache, weights_signature
 from .generation import generate as _generate
 from .hf import hub, parts, weights
 from .hf.parts import resolve_dtype
@@ -100,6 +101,7 @@ class VLM(nn.Module):
         self.connector = registry.create("connector", config.connector.name, config.connector)
         self.decoder = registry.create("decoder", config.decoder.name, config.decoder)
         self.generation_config: dict = {}
+        self.feature_cache: VisionFeatureCache | None = None  # off: enable_feature_cache
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
@@ -254,6 +256,16 @@ class VLM(nn.Module):
         tile goes through the tower (static shapes, no graph break): the first N_real rows are the
         same features, and the padding tiles' rows after them are never merged into the text.
         """
+        pixels, patch_mask = self.real_tiles(pixel_values, pixel_attention_mask)
+        cache = self.feature_cache
+        if cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            params = list(self.vision.parameters()) + list(self.connector.parameters())
+            return cache.features(pixels, patch_mask, weights_signature(params), self.encode_tiles)
+        return self.encode_tiles(pixels, patch_mask)
+
+    def real_tiles(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None):
+        """(tiles [N, 3, S, S] in the model's dtype, patch mask [N, S/p, S/p] or None): the real
+        tiles of a batch [B, T, 3, S, S] (padding tiles dropped, see get_image_features)."""
         self._check_pixels(pixel_values, pixel_attention_mask)
         b, t = pixel_values.shape[:2]
         pixels = pixel_values.to(self.dtype).reshape(b * t, *pixel_values.shape[2:])  # [B*T, 3, H, W]
@@ -263,17 +275,30 @@ class VLM(nn.Module):
         else:
             keep = real.nonzero().squeeze(1)  # [N]: a data-dependent size, fine in eager mode
         pixels = pixels.index_select(0, keep)
-        patch_mask = None
-        if pixel_attention_mask is not None:
-            pixel_mask = pixel_attention_mask.reshape(b * t, *pixel_attention_mask.shape[2:]).index_select(0, keep)
-            p = self.vision.patch_size
-            n, h, w = pixel_mask.shape
-            gh, gw = h // p, w // p  # pixels past the last whole patch are ignored, as the conv does
-            patch_mask = pixel_mask[:, :gh * p, :gw * p].reshape(n, gh, p, gw, p).sum(dim=(2, 4)) > 0  # [N, gh, gw]
-            if not torch.compiler.is_compiling() and bool(patch_mask.all()):
-                patch_mask = None  # every patch real: the same result through faster attention (eager only)
-        hidden = self.vision(pixels, patch_mask)
-        return self.connector(hidden)
+        if pixel_attention_mask is None:
+            return pixels, None
+        pixel_mask = pixel_attention_mask.reshape(b * t, *pixel_attention_mask.shape[2:]).index_select(0, keep)
+        p = self.vision.patch_size
+        n, h, w = pixel_mask.shape
+        gh, gw = h // p, w // p  # pixels past the last whole patch are ignored, as the conv does
+        return pixels, pixel_mask[:, :gh * p, :gw * p].reshape(n, gh, p, gw, p).sum(dim=(2, 4)) > 0  # [N, gh, gw]
+
+    def encode_tiles(self, pixels: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
+        """Vision tower + connector over real tiles [N, 3, S, S] -> features [N, S_img, Dt]."""
+        if patch_mask is not None and not torch.compiler.is_compiling() and bool(patch_mask.all()):
+            patch_mask = None  # every patch real: the same result through faster attention (eager only)
+        return self.connector(self.vision(pixels, patch_mask))
+
+    # ---- the vision-feature cache ----------------------------------------------------------
+    def enable_feature_cache(self, max_bytes: int = DEFAULT_MAX_BYTES) -> VisionFeatureCache:
+        """Keep the features of image tiles seen before (inference only), so a second question
+        about the same image skips the vision tower. Bounded (least recently used entries go
+        first); entries are dropped when the weights change. See idefics3_kit/feature_cache.py."""
+        self.feature_cache = VisionFeatureCache(max_bytes)
+        return self.feature_cache
+
+    def disable_feature_cache(self) -> None:
+        self.feature_cache = None
 
     def merge_image_features(self, input_ids, inputs_embeds, features) -> torch.Tensor:
         """Write feature rows into the <image> positions, in (batch, position) order."""
@@ -465,10 +490,11 @@ class VLM(nn.Module):
                  **kwargs) -> torch.Tensor:
         """Prompt + new tokens [B, L + n] like transformers' generate (left padded).
 
-        Keyword arguments: max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-        min_p, repetition_penalty, eos_token_id, pad_token_id, seed / generator, sampler (a
-        custom SamplerChain), streamer (``put(ids)``/``end()``). Defaults come from the
-        checkpoint's generation_config.json. See docs/generation.md.
+        transformers' keyword arguments (greedy, sampling and beam search, ``num_return_sequences``,
+        ``return_dict_in_generate``, ``stop_strings``, ``logits_processor``/``stopping_criteria``,
+        ``generation_config``, ``streamer``, ...; docs/transformers.md lists every one) plus ours:
+        ``seed`` / ``generator``, ``sampler`` (a custom SamplerChain), ``strict_context``. Defaults
+        come from the checkpoint's generation_config.json. See docs/generation.md.
         """
         return _generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **kwargs)
 

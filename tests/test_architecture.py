@@ -16,7 +16,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "idefics3_kit"
 
 LAYERS = {
-    "registry": 0, "files": 0, "presets": 0, "version": 0,
+    "registry": 0, "files": 0, "presets": 0, "version": 0, "feature_cache": 0,
     "config": 1, "ops": 1,
     "components": 2, "hf": 2,
     "processing": 3, "generation": 3, "streaming": 3, "model": 3,

@@ -304,7 +304,11 @@ def test_version_prints_the_package_version(capsys):
 def _chat_with(monkeypatch, lines, answer):
     """Run ``chat`` in-process with a scripted prompt (``lines``; an exception in it is raised
     at the prompt) and ``answer(turn)`` standing in for the model."""
-    monkeypatch.setattr(cli, "_load", lambda args: (None, None))
+    class FakeModel:
+        def enable_feature_cache(self):
+            pass
+
+    monkeypatch.setattr(cli, "_load", lambda args: (FakeModel(), None))
     turns = []
 
     def fake_answer(model, proc, messages, images, args, stream, out=None):
