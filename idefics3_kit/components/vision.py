@@ -79,10 +79,10 @@ class SiglipAttention(nn.Module):
         def heads(t):  # [N, L, D] -> [N, H, L, hd] (H from the projection: local heads under TP)
             return t.view(n, length, -1, self.head_dim).transpose(1, 2)
 
-        out = ops.attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
-                            causal=False, key_padding_mask=key_mask)
+        q, k, v = (ops.dense(proj, x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = ops.attention(heads(q), heads(k), heads(v), causal=False, key_padding_mask=key_mask)
         out = out.transpose(1, 2).reshape(n, length, -1)  # [N, L, D]
-        return self.out_proj(out)
+        return ops.dense(self.out_proj, out)
 
 
 class SiglipMLP(nn.Module):
@@ -93,9 +93,12 @@ class SiglipMLP(nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"VisionConfig.hidden_act: unsupported activation {act!r} (one of {', '.join(ACTIVATIONS)})")
         self.act = ACTIVATIONS[act]
+        self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        if self.act_name in ops.dense_activations:  # the activation runs in fc1's matmul epilogue
+            return ops.dense(self.fc2, ops.dense(self.fc1, x, self.act_name))
+        return ops.dense(self.fc2, self.act(ops.dense(self.fc1, x)))
 
 
 class SiglipEncoderLayer(nn.Module):

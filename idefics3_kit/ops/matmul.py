@@ -15,8 +15,11 @@ bit-identical results:
    The copy costs the weights' memory once more, so it is made only for models whose decoder
    weights take at most ``PREPACK_AUTO_MAX_BYTES`` (``IDEFICS3_KIT_PREPACK=0/1`` overrides).
 
-Everything else (float32, many rows, autograd, a wrapped or hooked layer, a quantized or
-distributed weight) runs the layer itself.
+3. many rows in bf16 (a prefill): oneDNN's linear called directly (dense_linear.py), which keeps
+   the weight layout oneDNN prepares instead of re-laying it out per call (bit-identical).
+
+Everything else (float32 beyond the decode sizes, autograd, a wrapped or hooked layer, a quantized
+or distributed weight) runs the layer itself.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from . import _library, fast_path
+from .dense_linear import dense
 
 # Rows up to which the compiled kernel is used (measured at SmolVLM-256M shapes, 2 threads): one row
 # 1.2-1.7x faster than oneDNN, two ~1.2x, four about even per projection (0.8-1.5x; vdpbf16ps
@@ -192,10 +196,20 @@ def _fast(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
     return _packed_linear(x, layers)
 
 
+def _many_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; bf16 inference on many rows (a prefill) through oneDNN's linear without the
+    per-call weight re-layout of ``F.linear`` (dense_linear.py): bit-identical in bf16, checked in
+    tests/ops/test_dense_linear.py. Float32 keeps ``F.linear`` (MKL), whose rounding the decode
+    steps share."""
+    if x.dtype == torch.bfloat16:
+        return dense(layer, x)
+    return layer(x)
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``, through a faster path where one applies (bit-identical)."""
     y = _fast(x, (layer,))
-    return layer(x) if y is None else y
+    return _many_rows(layer, x) if y is None else y
 
 
 def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -203,6 +217,6 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     outputs are split views of one tensor (bit-identical to the separate calls)."""
     y = _fast(x, layers)
     if y is None:
-        return [layer(x) for layer in layers]
+        return [_many_rows(layer, x) for layer in layers]
     # a fast path ran: the layers are plain nn.Linear
     return list(y.split([cast(nn.Linear, layer).weight.shape[0] for layer in layers], dim=-1))

@@ -1,0 +1,158 @@
+"""ops.dense: oneDNN's linear with the bias and GELU in the epilogue, against the ordinary path.
+
+Tolerance from PyTorch's own low-precision error: against a float64 reference, the fused path
+may be off by at most what torch's own unfused bf16/float32 path is off (x2, plus one ulp of
+the output for the different rounding point)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from idefics3_kit import ops
+from idefics3_kit.ops import dense_linear as dense_mod
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+ACTS = {None: lambda y: y, "gelu": F.gelu, "gelu_pytorch_tanh": lambda y: F.gelu(y, approximate="tanh")}
+
+
+def layer(k: int, n: int, dtype, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, k ** -0.5)
+        if bias:
+            lin.bias.normal_(0, 0.5)
+    return lin.to(dtype).eval()
+
+
+def float64_reference(lin: nn.Linear, x: torch.Tensor, activation) -> torch.Tensor:
+    y = x.double() @ lin.weight.double().T
+    if lin.bias is not None:
+        y = y + lin.bias.double()
+    return ACTS[activation](y)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("shape,bias", [((2, 100, 64), True), ((300, 48), False), ((1, 128, 96), True)])
+def test_fused_path_is_as_close_to_float64_as_torch_s_own(dtype, activation, shape, bias):
+    lin = layer(shape[-1], 80, dtype, bias)
+    x = torch.randn(*shape).to(dtype)
+    with torch.no_grad():
+        assert dense_mod.applies(lin, x)
+        fused = ops.dense(lin, x, activation)
+        torch_own = ACTS[activation](lin(x))
+    exact = float64_reference(lin, x, activation)
+    assert fused.dtype == dtype and fused.shape == torch_own.shape
+    torch_err = (torch_own.double() - exact).abs().max().item()
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert (fused.double() - exact).abs().max().item() <= 2 * torch_err + ulp
+
+
+@needs_onednn
+def test_non_contiguous_input():
+    lin = layer(64, 32, torch.bfloat16)
+    x = torch.randn(128, 2, 64).to(torch.bfloat16).transpose(0, 1)  # [2, 128, 64], strided
+    with torch.no_grad():
+        torch.testing.assert_close(ops.dense(lin, x), lin(x), rtol=0, atol=torch.finfo(torch.bfloat16).eps * 8)
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("case", ["grad", "few rows", "subclass", "hook", "float16", "reference forced",
+                                  "dtype mismatch"])
+def test_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
+    lin = layer(64, 32, torch.bfloat16)
+    x = torch.randn(2, 100, 64).to(torch.bfloat16)
+    if case == "few rows":
+        x = x[:1, :3]
+    elif case == "subclass":
+        sub = MyLinear(64, 32).to(torch.bfloat16)
+        sub.load_state_dict(lin.state_dict())
+        lin = sub
+    elif case == "hook":
+        lin.register_forward_hook(lambda m, i, o: o * 2)
+    elif case == "float16":
+        lin, x = lin.half(), x.half()
+    elif case == "reference forced":
+        monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
+    elif case == "dtype mismatch":
+        x = x.float()
+        lin = lin.float().to(torch.bfloat16)
+        x = x  # float32 input, bf16 weight: torch would refuse; so do we, with torch's own error
+    grad = case == "grad"
+    if grad:
+        lin.weight.requires_grad_(True)
+    with torch.set_grad_enabled(grad):
+        assert not dense_mod.applies(lin, x)
+        if case == "dtype mismatch":
+            with pytest.raises(RuntimeError):
+                ops.dense(lin, x, "gelu_pytorch_tanh")
+            return
+        got = ops.dense(lin, x, "gelu_pytorch_tanh")
+        want = F.gelu(lin(x), approximate="tanh")
+    assert torch.equal(got, want)
+    if grad:
+        got.float().sum().backward()
+        assert lin.weight.grad is not None
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.dense(layer(8, 8, torch.float32), torch.randn(100, 8), "swish")
+
+
+def test_the_vision_tower_takes_the_fused_path_and_keeps_its_answer(monkeypatch):
+    """A SigLIP tile through the fused path equals the ordinary path within bf16 rounding."""
+    import idefics3_kit as ik
+    from idefics3_kit.components.vision import SiglipVisionEncoder
+
+    cfg = ik.VLMConfig.preset("tiny").vision.replace(image_size=128)  # 64 patches per tile: the fused path runs
+    torch.manual_seed(0)
+    tower = SiglipVisionEncoder(cfg).to(torch.bfloat16).eval()
+    pixels = torch.rand(2, 3, 128, 128).to(torch.bfloat16) * 2 - 1
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(dense_mod.torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: calls.append(a[3]) or original(*a), raising=False)
+    with torch.no_grad():
+        fused = tower(pixels)
+        monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
+        ordinary = tower(pixels)
+    assert calls.count("gelu") == cfg.num_hidden_layers and len(calls) == 6 * cfg.num_hidden_layers
+    scale = ordinary.float().abs().max().item()
+    torch.testing.assert_close(fused.float(), ordinary.float(), rtol=0, atol=scale * 2 ** -6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [64, 300, 892])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_without_activation_is_bit_identical_to_f_linear(rows, bias):
+    """What lets the decoder's prefill linears (ops.linear / ops.linears) take this path."""
+    lin = layer(576, 1536, torch.bfloat16, bias)
+    x = torch.randn(2, rows, 576).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ops.dense(lin, x), lin(x))
+        assert all(torch.equal(a, b) for a, b in zip(ops.linears(x, [lin, lin]), [lin(x), lin(x)]))
+
+
+@needs_onednn
+def test_a_bf16_prefill_gives_the_ordinary_logits_bit_for_bit(monkeypatch):
+    import idefics3_kit as ik
+    from idefics3_kit.ops import matmul
+
+    torch.manual_seed(0)
+    model = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).eval()
+    ids = torch.randint(3, 200, (2, 80))
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits
+        monkeypatch.setattr(matmul, "_many_rows", lambda layer, x: layer(x))  # only this path undone
+        ordinary = model(input_ids=ids).logits
+    assert torch.equal(fast, ordinary)
