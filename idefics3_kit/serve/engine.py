@@ -62,7 +62,8 @@ class Row:
     """One choice of one job inside a batch: its sampler, detokenizer, stop strings and budget."""
 
     def __init__(self, job: Job, choice: int, tokenizer, eos_ids: set, defaults: dict):
-        self.job, self.choice, self.eos_ids = job, choice, eos_ids
+        self.job, self.choice = job, choice
+        self.eos_ids = set() if job.params.ignore_eos else eos_ids
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.text, self.sent, self.tokens = "", 0, 0
         self.finished = False
@@ -294,8 +295,10 @@ class Engine:
         max_new = max(job.max_new for job in jobs)
         self.metrics.batch_size.observe(len(rows))
         self.metrics.running.set(len(rows))
-        settings = resolve_settings({}, self.model.decoder.config, max_new_tokens=max_new,
-                                    eos_token_id=list(self.eos_ids), pad_token_id=self.pad_id)
+        # no eos for the loop itself: each row ends on its own eos (or ignores it), and the loop
+        # ends when every row has ended
+        settings = resolve_settings({}, self.model.decoder.config, max_new_tokens=max_new, eos_token_id=[],
+                                    pad_token_id=self.pad_id)
         with warnings.catch_warnings():
             # a short prompt padded to a long one may run past the context in the padded layout;
             # its own positions stay inside (each row was checked against the context)

@@ -27,7 +27,7 @@ NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, Non
            "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "prediction": (None,),
            "web_search_options": (None,)}
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-         "top_p", "seed", "stop", "n", "response_format", "top_k", "min_p", "repetition_penalty"}
+         "top_p", "seed", "stop", "n", "response_format", "top_k", "min_p", "repetition_penalty", "ignore_eos"}
 
 
 @dataclass
@@ -43,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple = ()
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (load tests)
 
 
 @dataclass
@@ -143,6 +144,9 @@ def _sampling(body: dict, settings: ServeSettings) -> SamplingParams:
     if n > settings.max_batch_size:
         raise bad_request(f"'n' is {n} but this server decodes at most {settings.max_batch_size} rows together "
                           "(--max-batch-size)", param="n")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad_request(f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise bad_request(f"'top_k' must be an integer >= 0, got {top_k!r}", param="top_k")
@@ -150,7 +154,8 @@ def _sampling(body: dict, settings: ServeSettings) -> SamplingParams:
         max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0, low_open=True), top_k=top_k, min_p=_number(body, "min_p", 0.0, 1.0),
         repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, low_open=True),
-        seed=None if seed is None else int(seed) % 2 ** 63, stop=_stop(body.get("stop")), n=n)
+        seed=None if seed is None else int(seed) % 2 ** 63, stop=_stop(body.get("stop")), n=n,
+        ignore_eos=ignore_eos)
 
 
 def _stop(stop) -> tuple:

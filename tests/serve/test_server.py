@@ -280,3 +280,10 @@ def test_a_client_that_disconnects_cancels_its_work(demo):
             time.sleep(0.05)
         assert _cancelled(url) == 1
         assert len(gate.batches) == 1  # the cancelled request never reached the model
+
+
+def test_ignore_eos_generates_max_tokens(server):
+    url, _ = server
+    r = client(url).chat.completions.create(model="demo", messages=image_message(), max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
