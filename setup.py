@@ -134,7 +134,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[_torch_requirement(ext_modules), "safetensors", "tokenizers", "pillow", "numpy", "jinja2"],
     extras_require={"progress": ["tqdm"], "train": ["tqdm", "peft", "datasets", "pyyaml"],
-                    "hub": ["huggingface_hub"]},
+                    "hub": ["huggingface_hub"], "serve": ["fastapi", "uvicorn"]},
     entry_points={"console_scripts": ["idefics3-kit=idefics3_kit.cli:main"]},
     include_package_data=True,
     package_data={"idefics3_kit": ["_build_info.json", "py.typed"],

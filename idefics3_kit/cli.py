@@ -575,10 +575,107 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---- serve -----------------------------------------------------------------------------------
+
+SERVE_INSTALL = 'pip install -c constraints.txt "idefics3_kit[serve]"'
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over OpenAI's chat API (HTTP, batching, streaming)",
+                       description="Serve MODEL_DIR with an OpenAI-compatible HTTP API: POST /v1/chat/completions "
+                                   "(text and images, streaming), GET /v1/models, /health, /metrics. Needs the "
+                                   f"serve extra ({SERVE_INSTALL}). docs/serve.md explains every flag.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory (weights, tokenizer, processor files)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8"],
+                   help="int8: torchao int8 weight-only on the decoder (needs torchao; default: none)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model id clients send and /v1/models lists (default: the folder's name)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
+                                                    "IDEFICS3_KIT_API_KEY environment variable, else open)")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                   help="rows decoded together; a request with n choices takes n rows (default: 8)")
+    g.add_argument("--batch-window-ms", type=float, default=10.0, metavar="MS",
+                   help="how long a new batch waits for more requests to join it (default: 10)")
+    g.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting for the engine before 429 + Retry-After (default: 64)")
+    g.add_argument("--max-body-bytes", type=int, default=20 * 1024 * 1024, metavar="BYTES",
+                   help="largest request body; more is a 413 (default: 20 MiB)")
+    g.add_argument("--max-images-per-request", type=int, default=8, metavar="N", help="(default: 8)")
+    g.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="pixels per image, read from the header before decoding (default: 4096x4096)")
+    g.add_argument("--max-tokens-cap", type=int, default=1024, metavar="N",
+                   help="the most new tokens one request may ask for (default: 1024)")
+    g.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+                   help="new tokens when a request sets no max_tokens (default: 256, bounded by the context)")
+    g.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a request may wait and generate before a 504 (default: 300)")
+    g.add_argument("--allowed-image-dir", metavar="DIR",
+                   help="serve local image paths (file:// or plain) from under DIR only (default: none allowed)")
+    g.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (size and time limited; the server then reaches any URL it is "
+                        "given, internal addresses included)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: info)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _serve_settings(args):
+    """ServeSettings from the flags, refused (one line) before the model loads."""
+    try:
+        from .serve.settings import ServeSettings
+    except ImportError as exc:
+        raise UserError(f"the serve command needs FastAPI and uvicorn: {SERVE_INSTALL} ({exc})") from None
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.allowed_image_dir is not None and not os.path.isdir(args.allowed_image_dir):
+        raise UserError(f"--allowed-image-dir {args.allowed_image_dir}: not a directory")
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model_dir))
+    values = dict(model_name=name, api_key=args.api_key or os.environ.get("IDEFICS3_KIT_API_KEY") or None,
+                  max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
+                  max_body_bytes=args.max_body_bytes, max_images_per_request=args.max_images_per_request,
+                  max_image_pixels=args.max_image_pixels, max_tokens_cap=args.max_tokens_cap,
+                  default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
+                  allowed_image_dir=args.allowed_image_dir, allow_remote_images=args.allow_remote_images)
+    try:
+        return ServeSettings(**values)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        flag = {"model_name": "served-model-name", "request_timeout_s": "request-timeout"}.get(field, field)
+        raise UserError(f"--{flag.replace('_', '-')} {rest}") from None
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"the serve command needs FastAPI and uvicorn: {SERVE_INSTALL} (missing: {exc.name})") \
+            from None
+    settings = _serve_settings(args)
+    if not os.path.isdir(args.model_dir):
+        raise UserError(f"model directory not found: {args.model_dir}")
+    _check_runtime_flags(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .serve import server
+
+    server.run(args.model_dir, settings, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+               quantization=args.quantization, log_level=args.log_level)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 PARSERS = [add_components_parser, add_demo_parser, add_plan_parser, add_generate_parser, add_chat_parser,
-           add_inspect_parser, add_train_parser, add_export_parser]
+           add_inspect_parser, add_train_parser, add_export_parser, add_serve_parser]
 
 
 class _Parser(argparse.ArgumentParser):

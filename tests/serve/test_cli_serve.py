@@ -1,0 +1,58 @@
+"""``idefics3-kit serve``: flags documented and checked before the model loads; a clear line without FastAPI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+
+from idefics3_kit import cli
+
+
+def _serve_parser():
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+
+
+def test_help_documents_every_flag():
+    sub = _serve_parser()
+    text = sub.format_help()
+    for action in sub._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"serve {action.option_strings} has no help text"
+    for flag in ("--host", "--port", "--dtype", "--device", "--quantization", "--max-batch-size", "--api-key",
+                 "--allowed-image-dir", "--allow-remote-images"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "0"], "--port must be in 1..65535"),
+    (["--max-batch-size", "0"], "--max-batch-size must be an integer >= 1"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0"),
+    (["--allowed-image-dir", "/no/such/dir"], "--allowed-image-dir /no/such/dir: not a directory"),
+    ([], "model directory not found: /no/such/model"),
+])
+def test_bad_flags_are_one_line_before_loading(capsys, args, message):
+    pytest.importorskip("fastapi")
+    assert cli.main(["serve", "/no/such/model", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_without_fastapi_the_error_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    assert cli.main(["serve", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install -c constraints.txt "idefics3_kit[serve]"' in err and err.count("\n") == 1
+
+
+def test_the_core_package_imports_without_fastapi():
+    import subprocess
+
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None; import idefics3_kit, "
+            "idefics3_kit.cli; idefics3_kit.cli.build_parser(); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr
