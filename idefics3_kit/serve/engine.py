@@ -152,17 +152,16 @@ def collate(inputs: list[PreparedInputs], pad_id: int) -> dict:
         ids[i, length - x.prompt_tokens:] = x.input_ids[0]
         mask[i, length - x.prompt_tokens:] = x.attention_mask[0]
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": None, "pixel_attention_mask": None}
-    with_images = [x for x in inputs if x.pixel_values is not None]
-    if with_images:
-        tiles = max(x.pixel_values.shape[1] for x in with_images)
-        shape = with_images[0].pixel_values.shape[2:]
-        mshape = with_images[0].pixel_attention_mask.shape[2:]
-        pixels = torch.zeros((len(inputs), tiles, *shape), dtype=with_images[0].pixel_values.dtype)
-        pmask = torch.zeros((len(inputs), tiles, *mshape), dtype=with_images[0].pixel_attention_mask.dtype)
-        for i, x in enumerate(inputs):
-            if x.pixel_values is not None:
-                pixels[i, :x.pixel_values.shape[1]] = x.pixel_values[0]
-                pmask[i, :x.pixel_attention_mask.shape[1]] = x.pixel_attention_mask[0]
+    images = [(i, x.pixel_values, x.pixel_attention_mask) for i, x in enumerate(inputs) if x.pixel_values is not None]
+    if images:
+        tiles = max(pv.shape[1] for _, pv, _ in images)
+        _, first, _ = images[0]
+        size = first.shape[-1]
+        pixels = torch.zeros((len(inputs), tiles, *first.shape[2:]), dtype=first.dtype)  # [B, T_max, 3, S, S]
+        pmask = torch.zeros((len(inputs), tiles, size, size), dtype=torch.long)  # [B, T_max, S, S]
+        for i, pv, pm in images:
+            pixels[i, :pv.shape[1]] = pv[0]
+            pmask[i, :pv.shape[1]] = 1 if pm is None else pm[0]
         batch["pixel_values"], batch["pixel_attention_mask"] = pixels, pmask
     return batch
 
@@ -179,7 +178,7 @@ class RowSampler:
         for i, row in enumerate(self.rows):
             if row.greedy or row.finished:
                 continue
-            sub = SamplerState(tokens=state.tokens[i:i + 1], new_tokens=state.new_tokens,
+            sub = SamplerState(tokens=None if state.tokens is None else state.tokens[i:i + 1], new_tokens=state.new_tokens,
                                eos_token_ids=state.eos_token_ids, generators=row.generator,
                                pad_lengths=None if state.pad_lengths is None else state.pad_lengths[i:i + 1])
             ids[i] = row.chain(logits[i:i + 1], sub)[0]

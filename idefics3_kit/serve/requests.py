@@ -22,7 +22,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # accepted and without effect here (metadata, switches of features we do not have, at their neutral values)
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
            "prompt_cache_key", "reasoning_effort", "modalities"}
-NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (False, None),
+NEUTRAL: dict[str, tuple] = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logprobs": (False, None),
            "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
            "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "prediction": (None,),
            "web_search_options": (None,)}
@@ -184,7 +184,8 @@ def _stream_options(options, stream: bool) -> bool:
 def _messages(messages, settings: ServeSettings):
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list of messages", param="messages")
-    out, images = [], []
+    out: list[dict] = []
+    images: list = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -223,6 +224,8 @@ def _content(content, where: str, role: str, images: list, settings: ServeSettin
                                   "(--max-images-per-request)", param="messages", code="too_many_images")
             spec = part.get("image_url")
             url = spec.get("url") if isinstance(spec, dict) else spec
+            if not isinstance(url, str):
+                raise bad_request(f"{at}: image_url must be a string or {{'url': string}}", param="messages")
             images.append(load_image(url, settings, f"{at} (image {len(images)})"))
             parts.append({"type": "image"})
         else:
