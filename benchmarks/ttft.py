@@ -1,0 +1,354 @@
+"""Time to first token for an image question: idefics3_kit vs transformers, side by side in one run.
+
+SmolVLM-256M geometry (random weights, saved once with save_pretrained and loaded by both), a
+1600x900 photo (13 tiles of 512x512: 832 image tokens) or two of them, greedy. Per stage:
+
+    processor    text + images -> ids and pixel tiles          (each library's own processor)
+    vision       the SigLIP tower over the real tiles           (model.vision / vision_model)
+    connector    pixel shuffle + projection
+    prefill      merge into the text embeddings + the decoder over the whole prompt (last logits)
+    first token  argmax of the last logits
+    TTFT         the whole path through each library's public calls: processor(...) then
+                 generate(max_new_tokens=1)
+
+The legs are interleaved (ours, transformers, ours, ...) so load from other processes hits
+both alike; best-of and median of ``--repeats`` rounds are printed. The vision tower's achieved
+GFLOP/s is printed next to this machine's measured matmul peak for the dtype (the best of a few
+large GEMMs through torch.matmul). ``--openvino`` adds optimum-intel's OpenVINO export of the
+same checkpoint (TTFT only), run by benchmarks/_openvino_worker.py under ``--openvino-python``, a
+separate venv (docs/performance.md has its install lines); its export is not counted.
+
+Usage: python benchmarks/ttft.py [--threads 2] [--repeats 3] [--dtypes bf16 fp32] [--images 1 2]
+                                 [--no-hf] [--openvino [--openvino-python PY]] [--feature-cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import idefics3_kit as ik  # noqa: E402
+from tests.processor_checkpoints import make_checkpoint as make_processor_checkpoint  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PHOTO = ROOT.parent / "shared" / "data" / "images" / "rocket.jpg"
+OV_PYTHON = "/work/ovenv/bin/python"
+
+
+# ---- the checkpoint and the prompt ---------------------------------------------------------------
+
+def make_checkpoint(path: str) -> ik.VLMConfig:
+    """SmolVLM-256M shapes, random weights, the test processor (tiny BPE) with the real geometry."""
+    from transformers import AutoTokenizer
+
+    make_processor_checkpoint(path, flavour="smol", longest_edge=2048, tile=512, image_seq_len=64)
+    image_token = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    cfg = ik.VLMConfig.preset("smolvlm-256m").replace(image_token_id=image_token)
+    model = ik.VLM(cfg)
+    with torch.no_grad():  # small weights keep random activations in a sane range
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return cfg
+
+
+def photo(width: int = 1600, height: int = 900):
+    from PIL import Image
+
+    if PHOTO.exists():
+        return Image.open(PHOTO).convert("RGB").resize((width, height), Image.BICUBIC)
+    from tests.processor_checkpoints import gradient_image
+
+    return gradient_image(width, height)
+
+
+def prompt_for(processor, n_images: int) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": "What is in this picture? Describe it."}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+# ---- the machine's matmul peak -------------------------------------------------------------------
+
+def matmul_peak(dtype, threads: int) -> float:
+    """GFLOP/s of the best of a few large GEMMs (the shapes of the vision tower's linears)."""
+    best = 0.0
+    for m, k, n in ((8192, 768, 3072), (8192, 3072, 768), (4096, 4096, 4096)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        torch.matmul(a, b)
+        for _ in range(3):
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def vision_flops(cfg: ik.VLMConfig, tiles: int) -> float:
+    """Multiply-adds x2 of the SigLIP tower over ``tiles`` full tiles (linears, attention, patch conv)."""
+    v = cfg.vision
+    p = (v.image_size // v.patch_size) ** 2
+    d, f = v.hidden_size, v.intermediate_size
+    per_layer = 2 * p * (4 * d * d + 2 * d * f) + 2 * 2 * p * p * d
+    patch = 2 * p * d * 3 * v.patch_size ** 2
+    return tiles * (v.num_hidden_layers * per_layer + patch)
+
+
+# ---- the stages ----------------------------------------------------------------------------------
+
+def ours_stages(model, processor, text, images):
+    """Zero-argument callables, one per stage, each over the previous stage's saved output."""
+    state = {}
+
+    def process():
+        state["batch"] = processor(text=[text], images=[images], return_tensors="pt")
+
+    def vision():
+        b = state["batch"]
+        pixels, patch_mask = model.real_tiles(b["pixel_values"], b["pixel_attention_mask"])
+        if patch_mask is not None and bool(patch_mask.all()):
+            patch_mask = None  # as encode_tiles does
+        state["tiles"] = model.vision(pixels, patch_mask)
+
+    def connector():
+        state["features"] = model.connector(state["tiles"])
+
+    def prefill():
+        b = state["batch"]
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    image_hidden_states=state["features"], logits_to_keep=1)
+        state["logits"] = out.logits
+
+    def first_token():
+        state["token"] = int(state["logits"][0, -1].argmax())
+
+    def ttft():
+        b = processor(text=[text], images=[images], return_tensors="pt")
+        state["ttft_ids"] = model.generate(**b, max_new_tokens=1)
+
+    return {"processor": process, "vision": vision, "connector": connector, "prefill": prefill,
+            "first token": first_token, "TTFT": ttft}, state
+
+
+def hf_stages(model, processor, text, images, dtype):
+    state = {}
+
+    def process():
+        state["batch"] = processor(text=[text], images=[images], return_tensors="pt")
+
+    def vision():
+        b = state["batch"]
+        pv = b["pixel_values"].to(dtype)
+        n = pv.shape[0] * pv.shape[1]
+        pv = pv.reshape(n, *pv.shape[2:])
+        pm = b["pixel_attention_mask"].reshape(n, *pv.shape[2:])
+        real = (pv != 0).flatten(1).any(dim=1)
+        pv, pm = pv[real], pm[real]
+        p = model.config.vision_config.patch_size
+        patch_mask = pm.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
+        state["tiles"] = model.model.vision_model(pixel_values=pv, patch_attention_mask=patch_mask).last_hidden_state
+
+    def connector():
+        state["features"] = model.model.connector(state["tiles"])
+
+    def prefill():
+        b = state["batch"]
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    image_hidden_states=state["features"], logits_to_keep=1)
+        state["logits"] = out.logits
+
+    def first_token():
+        state["token"] = int(state["logits"][0, -1].argmax())
+
+    def ttft():
+        b = processor(text=[text], images=[images], return_tensors="pt")
+        b["pixel_values"] = b["pixel_values"].to(dtype)
+        state["ttft_ids"] = model.generate(**b, max_new_tokens=1, do_sample=False)
+
+    return {"processor": process, "vision": vision, "connector": connector, "prefill": prefill,
+            "first token": first_token, "TTFT": ttft}, state
+
+
+class OpenVINO:
+    """optimum-intel's export of the same checkpoint, served by benchmarks/_openvino_worker.py in its
+    own venv (optimum-intel pins an older transformers than ours; docs/performance.md installs it)."""
+
+    def __init__(self, python: str, path: str, image, dtype_name: str, threads: int):
+        image_path = str(Path(path) / "ttft_photo.png")
+        image.save(image_path)  # lossless: the worker sees the same pixels
+        self.log = open(Path(path) / f"openvino_worker_{dtype_name}.log", "w")  # noqa: SIM115 (the worker's stderr)
+        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "_openvino_worker.py"), path, image_path,
+                                      dtype_name, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, bufsize=1)
+        print(f"openvino {dtype_name}: export + load took {float(self.reply('ready')[0]):.1f} s (not counted)")
+        self.token = None
+
+    def reply(self, expect: str | None = None) -> list[str]:
+        line = self.proc.stdout.readline().strip()
+        if not line or line.startswith("error") or (expect and not line.startswith(expect)):
+            self.proc.kill()
+            self.proc.wait()
+            tail = "".join(Path(self.log.name).read_text().splitlines(keepends=True)[-5:])
+            raise RuntimeError(f"openvino worker: {line or 'exited'}; the end of its log:\n{tail}")
+        return line.split()[1:] if expect else line.split()
+
+    def ttft(self, text: str, n_images: int):
+        """A zero-argument callable: one question through the worker; returns the worker's seconds."""
+        def run() -> float:
+            self.proc.stdin.write(f"run {n_images} {json.dumps(text)}\n")
+            seconds, token = self.reply()
+            self.token = int(token)
+            return float(seconds)
+
+        return run
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self.log.close()
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def interleaved(legs: dict, repeats: int) -> dict:
+    """{leg: {stage: [seconds per round]}}; the legs' stages run in order, the legs alternate.
+
+    A stage that returns a number reports its own seconds (the OpenVINO worker's, without the pipe)."""
+    for stages in legs.values():  # warm-up round
+        for fn in stages.values():
+            fn()
+    times = {leg: {stage: [] for stage in stages} for leg, stages in legs.items()}
+    for _ in range(repeats):
+        for leg, stages in legs.items():
+            for stage, fn in stages.items():
+                t = time.perf_counter()
+                took = fn()
+                times[leg][stage].append(took if took is not None else time.perf_counter() - t)
+    return times
+
+
+def report(times: dict, flops: float, peak: float, label: str) -> None:
+    legs = list(times)
+    stages = list(times[legs[0]])
+    print(f"\n{label}")
+    header = " | ".join(f"{leg + ' best':>12s} {leg + ' med':>11s}" for leg in legs)
+    print(f"{'stage':12s} | {header}" + (" | hf/ours (best)" if "hf" in legs else ""))
+    for stage in stages:
+        row = []
+        for leg in legs:
+            ts = times[leg].get(stage)
+            row.append(f"{min(ts):12.3f} {statistics.median(ts):11.3f}" if ts else f"{'-':>12s} {'-':>11s}")
+        ratio = ""
+        if "hf" in legs and times["hf"].get(stage) and times["ours"].get(stage):
+            ratio = f" | {min(times['hf'][stage]) / min(times['ours'][stage]):6.2f}x"
+        print(f"{stage:12s} | " + " | ".join(row) + ratio)
+    for leg in legs:
+        if times[leg].get("vision"):
+            gflops = flops / min(times[leg]["vision"]) / 1e9
+            print(f"vision tower ({leg}): {gflops:7.1f} GFLOP/s = {gflops / peak:5.1%} of the measured matmul peak "
+                  f"{peak:.0f} GFLOP/s")
+    if "openvino" in times and "TTFT" in times["ours"]:
+        print(f"TTFT openvino/ours (best): {min(times['openvino']['TTFT']) / min(times['ours']['TTFT']):.2f}x")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    ap.add_argument("--images", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--no-hf", action="store_true", help="ours only (no transformers leg)")
+    ap.add_argument("--openvino", action="store_true", help="add optimum-intel's OpenVINO leg (TTFT)")
+    ap.add_argument("--openvino-python", default=OV_PYTHON if Path(OV_PYTHON).exists() else None,
+                    help=f"python of the venv with optimum-intel (default {OV_PYTHON} when it exists)")
+    ap.add_argument("--feature-cache", action="store_true",
+                    help="also time a second question about the same image with the vision-feature cache on")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.openvino and args.openvino_python is None:
+        print(f"(openvino leg skipped: no {OV_PYTHON}; docs/performance.md installs it)")
+        args.openvino = False
+
+    with tempfile.TemporaryDirectory() as path:
+        cfg = make_checkpoint(path)
+        image = photo()
+        processor = ik.Processor.from_pretrained(path)
+        print(f"SmolVLM-256M shapes, random weights; {args.threads} threads; torch {torch.__version__}; "
+              f"one 1600x900 image = 13 tiles of 512x512 (832 image tokens); interleaved, {args.repeats} rounds")
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            peak = matmul_peak(dtype, args.threads)
+            ours = ik.VLM.from_pretrained(path, dtype=dtype).eval()
+            legs = {}
+            hf = hf_processor = None
+            if not args.no_hf:
+                from transformers import Idefics3ForConditionalGeneration
+
+                from tests.processor_checkpoints import hf_processor as load_hf_processor
+
+                hf = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+                hf_processor = load_hf_processor(path)
+            ov = OpenVINO(args.openvino_python, path, image, dname, args.threads) if args.openvino else None
+            for n_images in args.images:
+                images = [image] * n_images
+                text = prompt_for(processor, n_images)
+                legs["ours"], ours_state = ours_stages(ours, processor, text, images)
+                if hf is not None:
+                    legs["hf"], hf_state = hf_stages(hf, hf_processor, text, images, dtype)
+                if ov is not None:
+                    legs["openvino"] = {"TTFT": ov.ttft(text, n_images)}
+                with torch.inference_mode():
+                    times = interleaved(legs, args.repeats)
+                tiles = int(ours_state["tiles"].shape[0])
+                tokens = int(ours_state["batch"]["input_ids"].shape[1])
+                report(times, vision_flops(cfg, tiles), peak,
+                       f"{dname}, {n_images} image(s): {tiles} tiles, {tokens} prompt tokens "
+                       f"(seconds; vision {vision_flops(cfg, tiles) / 1e12:.2f} TFLOP)")
+                if hf is not None:
+                    same = torch.equal(ours_state["ttft_ids"][:, -1], hf_state["ttft_ids"][:, -1])
+                    print(f"first token ours == transformers: {same}")
+                if ov is not None:
+                    print(f"first token ours == openvino: {ov.token == int(ours_state['ttft_ids'][0, -1])}")
+                if args.feature_cache:
+                    cached_question(ours, processor, text, images, args.repeats)
+            if ov is not None:
+                ov.close()
+    return 0
+
+
+def cached_question(model, processor, text, images, repeats: int) -> None:
+    """TTFT of a follow-up question about the same image, the vision-feature cache on vs off."""
+    batch = processor(text=[text], images=[images], return_tensors="pt")
+    model.enable_feature_cache()
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=1)  # fills the cache
+        best = {}
+        for label, on in (("cache on", True), ("cache off", False)):
+            if not on:
+                model.disable_feature_cache()
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                b = processor(text=[text], images=[images], return_tensors="pt")
+                model.generate(**b, max_new_tokens=1)
+                ts.append(time.perf_counter() - t)
+            best[label] = min(ts)
+    print(f"second question, same image: TTFT {best['cache on']:.3f} s with the feature cache, "
+          f"{best['cache off']:.3f} s without ({best['cache off'] / best['cache on']:.1f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
