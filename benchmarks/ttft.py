@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -221,6 +222,22 @@ class OpenVINO:
         self.log.close()
 
 
+def with_env(fn, **env):
+    """``fn`` run with these environment variables set (restored after)."""
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
 # ---- timing --------------------------------------------------------------------------------------
 
 def interleaved(legs: dict, repeats: int) -> dict:
@@ -245,15 +262,17 @@ def report(times: dict, flops: float, peak: float, label: str) -> None:
     stages = list(times[legs[0]])
     print(f"\n{label}")
     header = " | ".join(f"{leg + ' best':>12s} {leg + ' med':>11s}" for leg in legs)
-    print(f"{'stage':12s} | {header}" + (" | hf/ours (best)" if "hf" in legs else ""))
+    others = [leg for leg in ("hf", "plain") if leg in legs]  # each gets a "<leg>/ours" ratio column
+    print(f"{'stage':12s} | {header}" + "".join(f" | {leg}/ours (best)" for leg in others))
     for stage in stages:
         row = []
         for leg in legs:
             ts = times[leg].get(stage)
             row.append(f"{min(ts):12.3f} {statistics.median(ts):11.3f}" if ts else f"{'-':>12s} {'-':>11s}")
         ratio = ""
-        if "hf" in legs and times["hf"].get(stage) and times["ours"].get(stage):
-            ratio = f" | {min(times['hf'][stage]) / min(times['ours'][stage]):6.2f}x"
+        for leg in others:
+            if times[leg].get(stage) and times["ours"].get(stage):
+                ratio += f" | {min(times[leg][stage]) / min(times['ours'][stage]):13.2f}x"
         print(f"{stage:12s} | " + " | ".join(row) + ratio)
     for leg in legs:
         if times[leg].get("vision"):
@@ -274,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--openvino", action="store_true", help="add optimum-intel's OpenVINO leg (TTFT)")
     ap.add_argument("--openvino-python", default=OV_PYTHON if Path(OV_PYTHON).exists() else None,
                     help=f"python of the venv with optimum-intel (default {OV_PYTHON} when it exists)")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="add a leg 'plain': ours with the fused many-row linears off (IDEFICS3_KIT_DENSE=0)")
     ap.add_argument("--feature-cache", action="store_true",
                     help="also time a second question about the same image with the vision-feature cache on")
     args = ap.parse_args(argv)
@@ -306,6 +327,9 @@ def main(argv=None) -> int:
                 images = [image] * n_images
                 text = prompt_for(processor, n_images)
                 legs["ours"], ours_state = ours_stages(ours, processor, text, images)
+                if args.compare_plain:
+                    plain, _ = ours_stages(ours, processor, text, images)
+                    legs["plain"] = {stage: with_env(fn, IDEFICS3_KIT_DENSE="0") for stage, fn in plain.items()}
                 if hf is not None:
                     legs["hf"], hf_state = hf_stages(hf, hf_processor, text, images, dtype)
                 if ov is not None:

@@ -16,11 +16,13 @@ the kernel inductor uses) directly:
 The result differs from the unfused path only by rounding: at most one bf16 ulp of the output
 (the activation sees the unrounded sum), float32 within GEMM reassociation. Anything else — few
 rows (the decode paths in matmul.py own those), autograd, a wrapped, hooked or quantized layer, a
-tensor subclass, torch.compile, another device — runs the ordinary ``activation(layer(x))``.
+tensor subclass, torch.compile, another device — runs the ordinary ``activation(layer(x))``, as
+does everything with ``IDEFICS3_KIT_DENSE=0`` (for comparisons: benchmarks/ttft.py --compare-plain).
 """
 
 from __future__ import annotations
 
+import os
 from typing import cast
 
 import torch
@@ -47,6 +49,8 @@ def _ordinary(layer: nn.Module, x: torch.Tensor, activation: str | None) -> torc
 def applies(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fused oneDNN path runs for ``layer(x)``: see the module docstring."""
     if type(layer) is not nn.Linear or not _library.fast_paths_on() or torch.compiler.is_compiling():
+        return False
+    if os.environ.get("IDEFICS3_KIT_DENSE") == "0":
         return False
     if x.dtype not in DTYPES or x.dim() < 2 or x.numel() < MIN_ROWS * max(x.shape[-1], 1):
         return False

@@ -67,7 +67,7 @@ class MyLinear(nn.Linear):
 
 
 @pytest.mark.parametrize("case", ["grad", "few rows", "subclass", "hook", "float16", "reference forced",
-                                  "dtype mismatch"])
+                                  "switched off", "dtype mismatch"])
 def test_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
     lin = layer(64, 32, torch.bfloat16)
     x = torch.randn(2, 100, 64).to(torch.bfloat16)
@@ -83,6 +83,8 @@ def test_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
         lin, x = lin.half(), x.half()
     elif case == "reference forced":
         monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
+    elif case == "switched off":
+        monkeypatch.setenv("IDEFICS3_KIT_DENSE", "0")
     elif case == "dtype mismatch":
         x = x.float()
         lin = lin.float().to(torch.bfloat16)
