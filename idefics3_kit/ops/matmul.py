@@ -15,7 +15,8 @@ bit-identical results:
    The copy costs the weights' memory once more, so it is made only for models whose decoder
    weights take at most ``PREPACK_AUTO_MAX_BYTES`` (``IDEFICS3_KIT_PREPACK=0/1`` overrides).
 
-Everything else (float32, many rows, autograd, a wrapped or hooked layer, a quantized or
+Groups of ``ops.quant.QuantizedLinear`` layers go to the compiled ``quant_linear`` in one call.
+Everything else (float32, many rows, autograd, a wrapped or hooked layer, a torchao-quantized or
 distributed weight) runs the layer itself.
 """
 
@@ -28,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from . import _library, fast_path
+from . import _library, fast_path, quant
 
 # Rows up to which the compiled kernel is used (measured at SmolVLM-256M shapes, 2 threads): one row
 # 1.2-1.7x faster than oneDNN, two ~1.2x, four about even per projection (0.8-1.5x; vdpbf16ps
@@ -183,12 +184,23 @@ def unpack(module: nn.Module) -> None:
 def _fast(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor | None:
     if not fast_path.plain_modules(layers):
         return None
+    if any(type(layer) is quant.QuantizedLinear for layer in layers):
+        return _quantized(x, layers)
     y = decode_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
     if y is not None:
         return y
     if fast_path.plain_tensors((x, *(layer.weight for layer in layers))) is None or torch.compiler.is_compiling():
         return None
     return _packed_linear(x, layers)
+
+
+def _quantized(x: torch.Tensor, layers) -> torch.Tensor | None:
+    """A group of quantized layers in one compiled call (q|k|v, gate|up); None for a mixed group
+    or where the kernel does not apply (each layer then runs its own forward)."""
+    if not all(type(layer) is quant.QuantizedLinear for layer in layers):
+        return None
+    args = ([layer.qweight for layer in layers], [layer.scales for layer in layers], [layer.bias for layer in layers])
+    return _library.op("quant_linear")(x, *args) if quant.applies(x, *args) else None
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -203,4 +215,5 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     y = _fast(x, layers)
     if y is None:
         return [layer(x) for layer in layers]
-    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+    return list(y.split([layer.out_features if type(layer) is quant.QuantizedLinear else layer.weight.shape[0]
+                         for layer in layers], dim=-1))
