@@ -37,6 +37,8 @@ TORCH_LIBRARY(idefics3_kit, m) {
   // Weight-only quantized linear over a few bf16 rows: qweights int8 [N_i, K] (scales [N_i]) or
   // packed int4 uint8 [N_i, K/2] (scales [N_i, K/g]), outputs side by side (idefics3_kit/ops/quant.py).
   m.def("quant_linear(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor?[] biases) -> Tensor");
+  // The bf16 weight [N, K] of one quantized weight (bf16 scales): prefill dequantizes, then GEMM.
+  m.def("quant_dequantize(Tensor qweight, Tensor scales) -> Tensor");
   // Llama RMSNorm: weight * cast(x * rsqrt(mean(x^2) + eps)), statistics in float32.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // Uninitialized CPU tensor whose memory goes back to a bounded pool when freed (large

@@ -13,8 +13,7 @@ namespace {
 constexpr int64_t kMinBytesPerWorker = 96 * 1024;  // below this a second thread costs more than it saves
 
 // bits of one weight, after checking it against x's K and its scales.
-int check_weight(const at::Tensor& w, const at::Tensor& s, int64_t k, size_t i) {
-  const char* op = "quant_linear";
+int check_weight(const at::Tensor& w, const at::Tensor& s, int64_t k, size_t i, const char* op = "quant_linear") {
   const std::string name = "qweights[" + std::to_string(i) + "]", sname = "scales[" + std::to_string(i) + "]";
   check_cpu(w, op, name.c_str());
   check_cpu(s, op, sname.c_str());
@@ -90,8 +89,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::Te
   const int64_t kpad = qgemv::padded_k(k);
   std::vector<float> xf(rows_x * k);
   std::vector<uint16_t> xeo(rows_x * kpad);
-  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xf.data(), xeo.data());
-  const qgemv::Act act{rows_x, k, kpad, xf.data(), xeo.data()};
+  std::vector<float> xinit(rows_x * kpad / 4);
+  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xf.data(), xeo.data(),
+                 xinit.data());
+  const qgemv::Act act{rows_x, k, kpad, xf.data(), xeo.data(), xinit.data()};
 
   // One contiguous range of the concatenated rows per worker (a multiple of 4 rows), as in
   // decode_linear: each core streams its part of the weights front to back.
@@ -115,6 +116,42 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::Te
   return y;
 }
 
-TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) { m.impl("quant_linear", &quant_linear_cpu); }
+// The weight [N, K] in bf16 (q * s rounded once, as ops.quant.dequantize): the prefill (many rows)
+// then runs the ordinary bf16 matmul. Rows split over the threads.
+at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.dim() == 2, "quant_dequantize: qweight must be 2-D, got ", shape_str(qweight));
+  const int64_t n = qweight.size(0), k = qweight.scalar_type() == at::kByte ? 2 * qweight.size(1) : qweight.size(1);
+  const int bits = check_weight(qweight, scales, k, 0, "quant_dequantize");
+  at::Tensor out = at::empty({n, k}, scales.options());
+  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint8_t* w = static_cast<const uint8_t*>(qweight.data_ptr());
+  const int64_t groups = bits == 4 ? scales.size(1) : 1, group = k / groups;
+  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (bits == 8) {
+        const float sr = bf16_bits_to_float(s[r]);
+        const int8_t* wr = reinterpret_cast<const int8_t*>(w) + r * k;
+        for (int64_t i = 0; i < k; ++i) o[r * k + i] = float_to_bf16_rne(static_cast<float>(wr[i]) * sr);
+      } else {
+        const uint8_t* wr = w + r * (k / 2);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float sg = bf16_bits_to_float(s[r * groups + g]);
+          for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
+            const uint8_t b = wr[i / 2];
+            o[r * k + i] = float_to_bf16_rne(static_cast<float>((b & 0xF) - 8) * sg);
+            o[r * k + i + 1] = float_to_bf16_rne(static_cast<float>((b >> 4) - 8) * sg);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) {
+  m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("quant_dequantize", &quant_dequantize_cpu);
+}
 
 }  // namespace idefics3_kit

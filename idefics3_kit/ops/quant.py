@@ -13,7 +13,8 @@ faster. Two symmetric formats, scales in the dtype of the weight they replace:
 ``quant_linear_ref`` is the specification: y = x @ dequantize(w).T accumulated in float32, bias
 added, rounded once to x's dtype. The compiled ``quant_linear`` (bf16 x, bf16 scales, at most
 ``MAX_ROWS`` rows: a decode step) computes the same sums from the packed bytes without writing a
-dequantized copy; more rows dequantize once to x's dtype and run the ordinary (oneDNN) matmul.
+dequantized copy; more rows (a prefill) dequantize once to x's dtype (the compiled
+``quant_dequantize`` for bf16) and run the ordinary (oneDNN) matmul.
 """
 
 from __future__ import annotations
@@ -133,9 +134,18 @@ def quant_linear(x: torch.Tensor, qweights, scales, biases=None) -> torch.Tensor
     biases = list(biases) if biases is not None else [None] * len(qweights)
     if applies(x, qweights, scales, biases):
         return _library.op("quant_linear")(x, list(qweights), list(scales), biases)
-    outs = [F.linear(x, dequantize(q, s, x.dtype), None if b is None else b.to(x.dtype))
+    outs = [F.linear(x, _dequantize_for(x, q, s), None if b is None else b.to(x.dtype))
             for q, s, b in zip(qweights, scales, biases)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _dequantize_for(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weight in x's dtype for the ordinary matmul: the compiled ``quant_dequantize`` (one pass,
+    threads; the same values as ``dequantize``) for bf16, else the reference."""
+    if (x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16 and qweight.is_contiguous()
+            and scales.is_contiguous() and fast_path.usable("quant_dequantize", (x, qweight, scales))):
+        return _library.op("quant_dequantize")(qweight, scales)
+    return dequantize(qweight, scales, x.dtype)
 
 
 @_library.register_fake("quant_linear")
@@ -144,6 +154,13 @@ def _quant_linear_fake(x, qweights, scales, biases):
                                           *((f"scales[{i}]", s) for i, s in enumerate(scales))))
     torch._check(len(qweights) > 0, lambda: "quant_linear: qweights must not be empty")
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in qweights)))
+
+
+@_library.register_fake("quant_dequantize")
+def _quant_dequantize_fake(qweight, scales):
+    _library.same_device("quant_dequantize", (("qweight", qweight), ("scales", scales)))
+    k = qweight.shape[1] * (2 if qweight.dtype == torch.uint8 else 1)
+    return scales.new_empty((qweight.shape[0], k))
 
 
 class QuantizedLinear(nn.Module):

@@ -63,8 +63,9 @@ void check(const Problem& p, bool vector) {
   std::vector<uint16_t> y(p.rows * y_stride, 0xDEAD);
   std::vector<float> xf(p.rows * p.k);
   std::vector<uint16_t> xeo(p.rows * q::padded_k(p.k));
-  q::prepare(p.x.data(), p.rows, p.k, p.k, xf.data(), xeo.data());
-  const q::Act act{p.rows, p.k, q::padded_k(p.k), xf.data(), xeo.data()};
+  std::vector<float> xinit(p.rows * q::padded_k(p.k) / 4);
+  q::prepare(p.x.data(), p.rows, p.k, p.k, xf.data(), xeo.data(), xinit.data());
+  const q::Act act{p.rows, p.k, q::padded_k(p.k), xf.data(), xeo.data(), xinit.data()};
   const q::Job job{p.w.data(), static_cast<int>(p.bits), p.group, p.scales.data(),
                    p.bias.empty() ? nullptr : p.bias.data(), y.data() + 1, y_stride};
   const int64_t cut = p.n / 2 / 4 * 4 + 1;  // an odd cut: the single-row tail of the first piece
@@ -124,8 +125,9 @@ void test_every_nibble() {
     p.scales.assign(16, float_to_bf16_rne(1.0f));
     std::vector<float> xf(64);
     std::vector<uint16_t> xeo(64), y(16);
-    q::prepare(p.x.data(), 1, 64, 64, xf.data(), xeo.data());
-    const q::Act act{1, 64, 64, xf.data(), xeo.data()};
+    std::vector<float> xinit(16);
+    q::prepare(p.x.data(), 1, 64, 64, xf.data(), xeo.data(), xinit.data());
+    const q::Act act{1, 64, 64, xf.data(), xeo.data(), xinit.data()};
     const q::Job job{p.w.data(), 4, 64, p.scales.data(), nullptr, y.data(), 16};
     q::run_rows(act, job, 0, 16, vector);
     for (int r = 0; r < 16; ++r) CHECK(bf16_bits_to_float(y[r]) == static_cast<float>(r - 8));

@@ -108,6 +108,14 @@ def test_opcheck_quant_linear(bits, group):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_compiled_dequantize_equals_reference(bits, group):
+    q, s = quant.quantize_weight(_weight(24, 256).bfloat16(), bits, group)
+    assert torch.equal(ns.quant_dequantize(q, s), quant.dequantize(q, s, torch.bfloat16))
+    torch.library.opcheck(ns.quant_dequantize.default, (q, s))
+
+
+@needs_kernel
 def test_op_refuses_bad_arguments_by_name():
     q, s = quant.quantize_weight(_weight(8, 64).bfloat16(), 4, 32)
     x = torch.randn(1, 64).bfloat16()

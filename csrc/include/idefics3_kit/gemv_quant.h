@@ -7,10 +7,11 @@
 //
 // Why these loops: a decode step reads every weight once, so the bytes read set the speed. The
 // quantized weights are expanded in registers and never written back. Both paths are exact up to
-// fp32 summation order: int8 values convert exactly to fp32; int4 values (-8..7) and bf16 x
-// multiply exactly in vdpbf16ps (the nibbles become bf16 through a 16-entry vpermw table).
+// fp32 summation order: int8 values convert exactly to fp32; int4 nibbles become bf16 numbers
+// exactly and multiply bf16 x exactly in vdpbf16ps (see block4).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -25,6 +26,7 @@ struct Act {
   int64_t rows, k, kpad;  // kpad: k rounded up to 64
   const float* xf;        // [rows, k] fp32 copy of x (int8 path, portable path)
   const uint16_t* xeo;    // [rows, kpad] bf16: per 64 columns, the 32 even ones then the 32 odd ones (int4 path)
+  const float* xinit;     // [rows, kpad / 4]: -136 * (x[4i] + .. + x[4i+3]), the int4 path's offset (see block4)
 };
 
 // One weight: output rows [r0, r1) go to y[m * y_stride + r].
@@ -40,12 +42,19 @@ struct Job {
 
 inline int64_t padded_k(int64_t k) { return (k + 63) / 64 * 64; }
 
-// x [rows, k] bf16 (row stride x_stride) -> act's buffers (xf: rows * k floats, xeo: rows * kpad).
-inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, float* xf, uint16_t* xeo) {
+// x [rows, k] bf16 (row stride x_stride) -> act's buffers (xf: rows * k floats, xeo: rows * kpad,
+// xinit: rows * kpad / 4 floats).
+inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, float* xf, uint16_t* xeo,
+                    float* xinit) {
   const int64_t kpad = padded_k(k);
   for (int64_t m = 0; m < rows; ++m) {
     const uint16_t* xm = x + m * x_stride;
     for (int64_t i = 0; i < k; ++i) xf[m * k + i] = bf16_bits_to_float(xm[i]);
+    for (int64_t i = 0; i < kpad / 4; ++i) {
+      float sum = 0.0f;
+      for (int64_t c = 4 * i; c < std::min<int64_t>(4 * i + 4, k); ++c) sum += xf[m * k + c];
+      xinit[m * (kpad / 4) + i] = -136.0f * sum;
+    }
     uint16_t* e = xeo + m * kpad;
     for (int64_t c = 0; c < kpad; c += 64)
       for (int64_t j = 0; j < 32; ++j) {
@@ -135,18 +144,16 @@ IK_QBF16_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float
     for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m][q]) * bf16_bits_to_float(j.scales[r + q]);
 }
 
-// int4: 64 columns per step. 32 bytes -> 32 16-bit lanes; low and high nibbles -> bf16 (q - 8)
-// through a vpermw table; vdpbf16ps against the even / odd x columns. fp32 lane i of the step's
-// dot covers columns 4i..4i+3, so lanes 0-7 belong to the chunk's first 32 columns and 8-15 to
-// the next 32: one scale vector per step serves group 32 (two scales) and larger groups (one).
+// int4: 64 columns per step. 32 bytes -> 32 16-bit lanes; each nibble u becomes the bf16 number
+// 128 + u by OR-ing in 0x4300 (exact: 7 mantissa bits), and vdpbf16ps multiplies them with the
+// even / odd x columns. fp32 lane i of a step covers columns 4i..4i+3; it starts from
+// -136 * (their x sum), so the lane holds sum x * (128 + u) - 136 * sum x = sum x * (u - 8)
+// (the products are exact; the offset costs ~2^-17 of the lane's magnitude, far below bf16's
+// rounding of the output). Lanes 0-7 belong to the step's first 32 columns and 8-15 to the next
+// 32: one scale vector per step serves group 32 (two scales) and larger groups (one).
 template <int M, int R>
 IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
-  alignas(64) static const uint16_t table_bits[32] = {
-      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,   // -8 .. -1
-      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,   //  0 ..  7
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  const __m512i table = _mm512_load_si512(table_bits);
-  const __m512i low = _mm512_set1_epi16(0x000F);
+  const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int q = 0; q < R; ++q) acc[m][q] = _mm512_setzero_ps();
@@ -156,19 +163,21 @@ IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float
   for (int64_t c = 0; c < a.kpad; c += 64) {
     const bool full = c + 64 <= a.k;
     __m512i xe[M], xo[M];
+    __m512 init[M];
     for (int m = 0; m < M; ++m) {
       xe[m] = _mm512_loadu_si512(a.xeo + (m0 + m) * a.kpad + c);
       xo[m] = _mm512_loadu_si512(a.xeo + (m0 + m) * a.kpad + c + 32);
+      init[m] = _mm512_loadu_ps(a.xinit + (m0 + m) * (a.kpad / 4) + c / 4);
     }
     for (int q = 0; q < R; ++q) {
       const uint8_t* wq = w + q * row_bytes + c / 2;
       if ((c & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(wq + 2 * R * row_bytes), _MM_HINT_T0);
-      // a half chunk at the end (k % 64 == 32): zero bytes map to -8 but meet zero x columns
+      // a half chunk at the end (k % 64 == 32): the masked bytes meet zero x columns and a zero init
       const __m256i bytes = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq))
                                  : _mm256_maskz_loadu_epi8(0xFFFFu, wq);
       const __m512i v = _mm512_cvtepu8_epi16(bytes);
-      const __m512i wlo = _mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
-      const __m512i whi = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      const __m512i wlo = _mm512_ternarylogic_epi32(v, low, magic, 0xEA);  // (v & 0xF) | 0x4300
+      const __m512i whi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
       __m512 sv;
       if (j.group == 32) {
         const int64_t g = c / 32;
@@ -178,7 +187,7 @@ IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float
         sv = _mm512_set1_ps(bf16_bits_to_float(s[q * groups + c / j.group]));
       }
       for (int m = 0; m < M; ++m) {
-        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(xe[m]), reinterpret_cast<__m512bh>(wlo));
+        __m512 d = _mm512_dpbf16_ps(init[m], reinterpret_cast<__m512bh>(xe[m]), reinterpret_cast<__m512bh>(wlo));
         d = _mm512_dpbf16_ps(d, reinterpret_cast<__m512bh>(xo[m]), reinterpret_cast<__m512bh>(whi));
         acc[m][q] = _mm512_fmadd_ps(d, sv, acc[m][q]);
       }
