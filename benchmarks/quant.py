@@ -97,6 +97,20 @@ def print_table(title: str, results: dict, variants: dict, nbytes: dict, bandwid
     print(f"measured read bandwidth ({args.threads} threads): {bandwidth:.1f} GB/s")
 
 
+def accuracy(variants: dict, reference, prompts: int = 8, length: int = 64) -> None:
+    """Teacher-forced logits of every position of fixed random prompts against the float32 model:
+    relative RMS error and top-1 agreement (bf16's own error is the yardstick)."""
+    ids = torch.randint(0, reference.vocab_size, (prompts, length), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        ref = reference(input_ids=ids).logits.float()
+        print(f"\naccuracy vs float32 ({prompts} prompts x {length} tokens, teacher-forced; random weights: see docs)")
+        for name, dec in variants.items():
+            got = dec(input_ids=ids).logits.float()
+            rel = ((got - ref).norm() / ref.norm()).item()
+            agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            print(f"  {name:5s} logits rel. RMS error {rel:.4f}   top-1 agreement {agree:.1%}")
+
+
 def llama_leg(args) -> None:
     try:
         import llama_cpp  # noqa: F401
@@ -133,6 +147,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--busy", action="store_true", help="also run with one background process spinning")
     p.add_argument("--llama", default=None, help="folder with q8_0.gguf / q4_0.gguf (optional leg)")
+    p.add_argument("--accuracy", action="store_true", help="also print logits error / top-1 agreement vs float32")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -161,6 +176,8 @@ def main() -> None:
         print_table("busy (one background process spinning at nice 10)", busy, variants, nbytes, bandwidth, args)
         print("\nbusy / quiet decode tokens/s: " + "   ".join(
             f"{name} b{b} {busy[(name, b)][1] / quiet[(name, b)][1]:.0%}" for name in variants for b in args.batches))
+    if args.accuracy:
+        accuracy(variants, copy.deepcopy(model.decoder).float())
     llama_leg(args)
 
 
