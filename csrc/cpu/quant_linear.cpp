@@ -123,28 +123,11 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& sca
   const int64_t n = qweight.size(0), k = qweight.scalar_type() == at::kByte ? 2 * qweight.size(1) : qweight.size(1);
   const int bits = check_weight(qweight, scales, k, 0, "quant_dequantize");
   at::Tensor out = at::empty({n, k}, scales.options());
-  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const qgemv::Job job{static_cast<const uint8_t*>(qweight.data_ptr()), bits, bits == 4 ? k / scales.size(1) : 0,
+                       reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()), nullptr, nullptr, 0};
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const uint8_t* w = static_cast<const uint8_t*>(qweight.data_ptr());
-  const int64_t groups = bits == 4 ? scales.size(1) : 1, group = k / groups;
   at::parallel_for(0, n, std::max<int64_t>(1, 65536 / k), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (bits == 8) {
-        const float sr = bf16_bits_to_float(s[r]);
-        const int8_t* wr = reinterpret_cast<const int8_t*>(w) + r * k;
-        for (int64_t i = 0; i < k; ++i) o[r * k + i] = float_to_bf16_rne(static_cast<float>(wr[i]) * sr);
-      } else {
-        const uint8_t* wr = w + r * (k / 2);
-        for (int64_t g = 0; g < groups; ++g) {
-          const float sg = bf16_bits_to_float(s[r * groups + g]);
-          for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
-            const uint8_t b = wr[i / 2];
-            o[r * k + i] = float_to_bf16_rne(static_cast<float>((b & 0xF) - 8) * sg);
-            o[r * k + i + 1] = float_to_bf16_rne(static_cast<float>((b >> 4) - 8) * sg);
-          }
-        }
-      }
-    }
+    qgemv::run_dequant(job, k, o, r0, r1);
   });
   return out;
 }

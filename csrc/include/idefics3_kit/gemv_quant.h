@@ -94,6 +94,23 @@ inline void rows_portable(const Act& a, const Job& j, int64_t r0, int64_t r1) {
   }
 }
 
+// Rows [r0, r1) of one quantized weight -> bf16 out [N, k] (q * s rounded once): the prefill's
+// dequantize-then-GEMM.
+inline void dequant_portable(const Job& j, int64_t k, uint16_t* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* o = out + r * k;
+    if (j.bits == 8) {
+      const float s = bf16_bits_to_float(j.scales[r]);
+      const int8_t* w = reinterpret_cast<const int8_t*>(j.w) + r * k;
+      for (int64_t i = 0; i < k; ++i) o[i] = float_to_bf16_rne(static_cast<float>(w[i]) * s);
+    } else {
+      const uint8_t* w = j.w + r * (k / 2);
+      for (int64_t i = 0; i < k; ++i)
+        o[i] = float_to_bf16_rne(static_cast<float>(weight_int4(w, i)) * bf16_bits_to_float(j.scales[r * (k / j.group) + i / j.group]));
+    }
+  }
+}
+
 }  // namespace qgemv
 }  // namespace idefics3_kit
 
@@ -219,6 +236,40 @@ IK_QBF16_FN void rows_m(const Act& a, const Job& j, int64_t m0, int64_t r0, int6
   }
 }
 
+// dequant_portable, 16 (int8) or 32 (int4) columns per step; vcvtneps2bf16 rounds to nearest
+// even like float_to_bf16_rne (the products are finite and far from the subnormal range).
+IK_QBF16_FN inline void dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* o = out + r * k;
+    if (j.bits == 8) {
+      const __m512 s = _mm512_set1_ps(bf16_bits_to_float(j.scales[r]));
+      const int8_t* w = reinterpret_cast<const int8_t*>(j.w) + r * k;
+      int64_t i = 0;
+      for (; i + 16 <= k; i += 16) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(v, s))));
+      }
+      for (; i < k; ++i) o[i] = float_to_bf16_rne(static_cast<float>(w[i]) * bf16_bits_to_float(j.scales[r]));
+      continue;
+    }
+    const uint8_t* w = j.w + r * (k / 2);
+    const int64_t groups = k / j.group;
+    const __m512i low = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 s = _mm512_set1_ps(bf16_bits_to_float(j.scales[r * groups + g]));
+      for (int64_t i = g * j.group; i < (g + 1) * j.group; i += 32) {  // 16 bytes: columns i .. i + 31
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i / 2)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low), eight));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+        const __m512i lo16 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(lo, s))));
+        const __m512i hi16 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(hi, s))));
+        // 32-bit lane j = column 2j (low half) | column 2j + 1 (high half)
+        _mm512_storeu_si512(o + i, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
+      }
+    }
+  }
+}
+
 inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
   int64_t m0 = 0;
   for (; m0 + 4 <= a.rows; m0 += 4) rows_m<4>(a, j, m0, r0, r1);
@@ -246,6 +297,13 @@ inline bool vectorized() {
 #else
   return false;
 #endif
+}
+
+inline void run_dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int64_t r1, bool allow_vector = true) {
+#ifdef IK_HAVE_GEMV_QUANT_PATH
+  if (allow_vector && avx512::available()) return avx512::dequant(j, k, out, r0, r1);
+#endif
+  dequant_portable(j, k, out, r0, r1);
 }
 
 inline void run_rows(const Act& a, const Job& j, int64_t r0, int64_t r1, bool allow_vector = true) {
