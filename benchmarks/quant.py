@@ -73,15 +73,29 @@ def measure(decoder, batch: int, context: int, tokens: int) -> tuple[float, floa
         return ttft, batch * tokens / (time.perf_counter() - start)
 
 
-def run_all(variants: dict, args) -> dict:
-    results = {}
-    for _ in range(args.rounds):  # interleaved rounds, best of each
-        for name, dec in variants.items():
-            for b in args.batches:
-                ttft, tps = measure(dec, b, args.context, args.tokens)
-                old = results.get((name, b), (float("inf"), 0.0))
-                results[(name, b)] = (min(old[0], ttft), max(old[1], tps))
-    return results
+def run_all(variants: dict, args, busy: bool = False) -> tuple[dict, dict]:
+    """(quiet, busy) results: best of --rounds rounds; with ``busy``, each round runs every variant
+    quiet and then with the spinner, so load from other processes falls on both legs alike."""
+    quiet, loaded = {}, {}
+    names = list(variants)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotated: no variant always comes first
+        for results, spin in ((quiet, False), (loaded, True)) if busy else ((quiet, False),):
+            spinner = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", "while True: pass"]) if spin else None
+            try:
+                if spinner:
+                    time.sleep(1.0)  # past the start-up of a new process, when the scheduler still favours it
+                for name in order:
+                    dec = variants[name]
+                    for b in args.batches:
+                        ttft, tps = measure(dec, b, args.context, args.tokens)
+                        old = results.get((name, b), (float("inf"), 0.0))
+                        results[(name, b)] = (min(old[0], ttft), max(old[1], tps))
+            finally:
+                if spinner:
+                    spinner.kill()
+                    spinner.wait()
+    return quiet, loaded
 
 
 def print_table(title: str, results: dict, variants: dict, nbytes: dict, bandwidth: float, args) -> None:
@@ -145,6 +159,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-speed", action="store_true", help="skip the timings (with --accuracy)")
     p.add_argument("--busy", action="store_true", help="also run with one background process spinning")
     p.add_argument("--llama", default=None, help="folder with q8_0.gguf / q4_0.gguf (optional leg)")
     p.add_argument("--accuracy", action="store_true", help="also print logits error / top-1 agreement vs float32")
@@ -162,23 +177,20 @@ def main() -> None:
     print(f"threads {args.threads}  context {args.context}  decode tokens {args.tokens}  int4 group {args.group_size}  "
           f"load avg {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)  "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    if args.no_speed:
+        accuracy(variants, copy.deepcopy(model.decoder).float())
+        return
     bandwidth = read_bandwidth(args.threads)
-    quiet = run_all(variants, args)
+    quiet, busy = run_all(variants, args, args.busy)
     print_table("quiet", quiet, variants, nbytes, bandwidth, args)
     if args.busy:
-        spinner = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", "while True: pass"])
-        try:
-            time.sleep(0.5)
-            busy = run_all(variants, args)
-        finally:
-            spinner.kill()
-            spinner.wait()
-        print_table("busy (one background process spinning at nice 10)", busy, variants, nbytes, bandwidth, args)
+        print_table("busy (one background process spinning at nice 10; rounds interleaved with the quiet ones)",
+                    busy, variants, nbytes, bandwidth, args)
         print("\nbusy / quiet decode tokens/s: " + "   ".join(
             f"{name} b{b} {busy[(name, b)][1] / quiet[(name, b)][1]:.0%}" for name in variants for b in args.batches))
+    llama_leg(args)
     if args.accuracy:
         accuracy(variants, copy.deepcopy(model.decoder).float())
-    llama_leg(args)
 
 
 if __name__ == "__main__":
