@@ -86,12 +86,13 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::Te
     jobs[i].y = yp + first_row[i];
     jobs[i].y_stride = n_total;
   }
+  // x prepared once per call (a fixed cost per call: only the forms this call's weights use)
   const int64_t kpad = qgemv::padded_k(k);
-  std::vector<float> xf(rows_x * k);
-  std::vector<uint16_t> xeo(rows_x * kpad);
-  std::vector<float> xinit(rows_x * kpad / 4);
-  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xf.data(), xeo.data(),
-                 xinit.data());
+  const bool any4 = std::any_of(jobs.begin(), jobs.end(), [](const qgemv::Job& j) { return j.bits == 4; });
+  std::vector<float> xf(rows_x * k), xinit(any4 ? rows_x * kpad / 4 : 0);
+  std::vector<uint16_t> xeo(any4 ? rows_x * kpad : 0);
+  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xf.data(),
+                 any4 ? xeo.data() : nullptr, any4 ? xinit.data() : nullptr);
   const qgemv::Act act{rows_x, k, kpad, xf.data(), xeo.data(), xinit.data()};
 
   // One contiguous range of the concatenated rows per worker (a multiple of 4 rows), as in

@@ -43,13 +43,14 @@ struct Job {
 inline int64_t padded_k(int64_t k) { return (k + 63) / 64 * 64; }
 
 // x [rows, k] bf16 (row stride x_stride) -> act's buffers (xf: rows * k floats, xeo: rows * kpad,
-// xinit: rows * kpad / 4 floats).
+// xinit: rows * kpad / 4 floats; xeo and xinit may be null when no int4 weight will use them).
 inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, float* xf, uint16_t* xeo,
                     float* xinit) {
   const int64_t kpad = padded_k(k);
   for (int64_t m = 0; m < rows; ++m) {
     const uint16_t* xm = x + m * x_stride;
     for (int64_t i = 0; i < k; ++i) xf[m * k + i] = bf16_bits_to_float(xm[i]);
+    if (xeo == nullptr) continue;  // only the fp32 copy wanted (int8 weights)
     for (int64_t i = 0; i < kpad / 4; ++i) {
       float sum = 0.0f;
       for (int64_t c = 4 * i; c < std::min<int64_t>(4 * i + 4, k); ++c) sum += xf[m * k + c];
