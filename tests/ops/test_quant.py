@@ -67,8 +67,8 @@ def _tolerance(ref: torch.Tensor) -> torch.Tensor:
     return ref.float().abs() * 2 ** -7 + 1e-3
 
 
-# K: a multiple of 64, a half 64-column chunk at the end (96, 576 = 9 x 64 ... 576 % 128 = 64), a
-# 16-column tail for int8 (40); int4 only where its group divides K
+# K: multiples of 64 (256, 576), one ending in half a 64-column step (96 = 64 + 32), a 16-column
+# tail for int8 (40); int4 only where its group divides K
 SHAPES = [(bits, group, k) for bits, group in FORMATS for k in (40, 96, 256, 576)
           if (bits == 8 and k != 96) or (bits == 4 and k % group == 0)]
 
