@@ -1,6 +1,7 @@
 """Exact-match accuracy of the shipped demo model on freshly generated images.
 
-    python benchmarks/eval_demo.py [--count 200] [--first-seed N] [--model DIR]
+    python benchmarks/eval_demo.py [--count 200] [--first-seed N] [--model DIR] [--quantization int8|int4]
+                                   [--group-size 64]
 
 The images are drawn from seeds the training never used (training draws from 0 upward;
 evaluation from 20,000,000 by default, apart from the test suite's 10,000,000 range).
@@ -25,14 +26,19 @@ def main() -> int:
     parser.add_argument("--first-seed", type=int, default=20_000_000, help="seed of the first image")
     parser.add_argument("--model", default=shipped_model_dir(), help="checkpoint directory (default: shipped)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                        help="quantize the decoder and LM head while loading (docs/quantization.md)")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default 64)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = VLM.from_pretrained(args.model).eval()
+    model = VLM.from_pretrained(args.model, quantization=args.quantization, group_size=args.group_size).eval()
     processor = Processor.from_pretrained(args.model)
     start = time.perf_counter()
     result = evaluate(model, processor, args.count, args.first_seed)
     elapsed = time.perf_counter() - start
-    print(f"model: {args.model} ({model.num_parameters():,} parameters)")
+    print(f"model: {args.model} ({model.num_parameters():,} parameters)"
+          + (f", quantized {args.quantization}" + (f" group {args.group_size or 64}" if args.quantization == "int4" else "")
+             if args.quantization else ""))
     print(f"exact match: {result['correct']}/{result['count']} = {100 * result['accuracy']:.1f}% "
           f"({elapsed:.1f} s, {args.count / elapsed:.1f} images/s)")
     for kind, acc in result["per_kind"].items():

@@ -34,6 +34,11 @@ TORCH_LIBRARY(idefics3_kit, m) {
   // bf16 linear over a few rows (decode steps): x [..., K], weights [N_i, K] -> [..., sum N_i],
   // the outputs of the weights side by side (q|k|v, gate|up without a concatenated copy).
   m.def("decode_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
+  // Weight-only quantized linear over a few bf16 rows: qweights int8 [N_i, K] (scales [N_i]) or
+  // packed int4 uint8 [N_i, K/2] (scales [N_i, K/g]), outputs side by side (idefics3_kit/ops/quant.py).
+  m.def("quant_linear(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor?[] biases) -> Tensor");
+  // The bf16 weight [N, K] of one quantized weight (bf16 scales): prefill dequantizes, then GEMM.
+  m.def("quant_dequantize(Tensor qweight, Tensor scales) -> Tensor");
   // Llama RMSNorm: weight * cast(x * rsqrt(mean(x^2) + eps)), statistics in float32.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // Uninitialized CPU tensor whose memory goes back to a bounded pool when freed (large
@@ -43,9 +48,12 @@ TORCH_LIBRARY(idefics3_kit, m) {
   // Every layer of a one-token Llama decode step: x [B, 1, D] -> [B, 1, D]; params holds 12
   // entries per layer (input norm, q, k, v, q/k/v biases or None, o, post norm, gate, up, down);
   // the new keys/values are written at position `past` of each layer's cache [B, Hkv, Lmax, hd].
+  // scales: empty, or one entry per params entry, set where that weight is quantized (quant_linear's
+  // layout; bf16 x only).
   m.def(
       "decode_layers(Tensor x, Tensor?[] params, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor cos, "
-      "Tensor sin_signed, Tensor? key_mask, int past, int num_heads, int num_kv_heads, float eps) -> Tensor");
+      "Tensor sin_signed, Tensor? key_mask, int past, int num_heads, int num_kv_heads, float eps, "
+      "Tensor?[] scales) -> Tensor");
 }
 
 #ifndef IDEFICS3_KIT_NO_PYTHON

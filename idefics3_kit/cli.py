@@ -591,8 +591,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quantization", default="none", choices=["none", "int8"],
-                   help="int8: torchao int8 weight-only on the decoder (needs torchao; default: none)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="int8 / int4: the decoder's weights quantized as they load (docs/quantization.md; default: none)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: the folder's name)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* (default: the "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ from .feature_cache import DEFAULT_MAX_BYTES, VisionFeatureCache, weights_signat
 from .generation import generate as _generate
 from .hf import hub, parts, weights
 from .hf.parts import resolve_dtype
+from .ops import quant
 from .streaming import stream as _stream
 
 
@@ -102,6 +103,7 @@ class VLM(nn.Module):
         self.decoder = registry.create("decoder", config.decoder.name, config.decoder)
         self.generation_config: dict = {}
         self.feature_cache: VisionFeatureCache | None = None  # off: enable_feature_cache
+        self.quantization_config: dict | None = None  # set by quantize() / a quantized checkpoint
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
@@ -440,7 +442,8 @@ class VLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, allow_nonfinite: bool = False, *, torch_dtype=None,
                         device_map=None, revision: str | None = None, cache_dir=None,
-                        local_files_only: bool | None = None, token=None, **unsupported) -> "VLM":
+                        local_files_only: bool | None = None, token=None, quantization: str | None = None,
+                        group_size: int | None = None, **unsupported) -> "VLM":
         """Load a Hugging Face Idefics3/SmolVLM checkpoint: a local folder or a Hub id.
 
         The model is built on the meta device and the checkpoint tensors are assigned
@@ -450,6 +453,11 @@ class VLM(nn.Module):
         ``device_map`` ("auto", "cpu", "cuda", "cuda:N": one device, or with "auto" and several
         GPUs the decoder layers spread over them), ``revision``, ``cache_dir``,
         ``local_files_only``, ``token`` (Hub ids, with the hub extra). Others are refused by name.
+
+        ``quantization`` ("int8" / "int4", ``group_size`` for int4) quantizes the decoder's linears and
+        LM head while loading: each weight is quantized as it is read, so the float model is never
+        whole in memory. A checkpoint saved quantized (config.json ``quantization_config``) loads
+        straight into the quantized layout. See docs/quantization.md.
         """
         _refuse_loading_arguments(unsupported)
         path = hub.locate(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
@@ -459,8 +467,30 @@ class VLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         load_device = devices[0] if devices and len(devices) == 1 else None
+        saved = _read_quantization_config(path)
+        plan = saved or (_quantization_plan(model, quantization, group_size) if quantization is not None else None)
+        if saved is not None:
+            if quantization is not None and _BITS.get(quantization) != saved["bits"]:
+                raise ValueError(f"from_pretrained: {path} is saved quantized to {saved['bits']} bits; "
+                                 f"quantization={quantization!r} cannot change that (load the float checkpoint)")
+            quant.empty_quantized_modules(model, saved["modules"], saved["bits"], saved["group_size"])
+        quantized_now: dict = {}
+        convert = None
+        if plan is not None and saved is None:
+            targets = {f"{name}.weight" for name in plan["modules"]}
+
+            def convert(name: str, tensor: torch.Tensor) -> torch.Tensor:
+                if name not in targets:
+                    return tensor
+                q, s = quant.quantize_weight(tensor, plan["bits"], plan["group_size"])
+                quantized_now[name] = (q, s) if load_device is None else (q.to(load_device), s.to(load_device))
+                return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")  # the float weight is dropped
         weights.load_into(model, path, dtype=hub.resolve_load_dtype(dtype, torch_dtype, path), device=load_device,
-                          allow_nonfinite=allow_nonfinite)
+                          allow_nonfinite=allow_nonfinite, convert=convert)
+        if plan is not None and saved is None:
+            _swap_in_quantized(model, plan, quantized_now)
+        if plan is not None:
+            model.quantization_config = plan
         if devices and len(devices) > 1:
             hub.spread(model, devices)
         model.generation_config = _read_generation_config(path)
@@ -481,9 +511,28 @@ class VLM(nn.Module):
             return  # a rank other than 0 of a distributed model: it took part in the gather
         with files.atomic_directory(os.fspath(path), weights.is_model_file) as tmp:
             self.config.save_pretrained(tmp)
+            if getattr(self, "quantization_config", None):
+                cfg_file = os.path.join(tmp, "config.json")
+                data = files.read_json_object(cfg_file, "config.json")
+                files.write_json(cfg_file, {**data, "quantization_config": self.quantization_config}, indent=2,
+                                 sort_keys=True)
             weights.save_state(state, tmp, max_shard_bytes=max_shard_bytes)
             gen = dict(self.generation_config) or _default_generation_config(self.config)
             files.write_json(os.path.join(tmp, "generation_config.json"), gen, sort_keys=True)
+
+    # ---- weight-only quantization (ops/quant.py, docs/quantization.md) ----------------------
+    def quantize(self, method: str = "int8", group_size: int | None = None, components=("decoder",),
+                 lm_head: bool = True) -> "VLM":
+        """Quantize the linears of ``components`` ("decoder", "connector", "vision") in place:
+        "int8" (per output channel) or "int4" (groups of ``group_size`` = 32/64/128 columns,
+        default 64). ``lm_head=False`` keeps the LM head in float. Returns the model."""
+        if self.quantization_config:
+            raise ValueError("quantize: the model is already quantized "
+                             f"({self.quantization_config['bits']} bits); quantize a float model")
+        plan = _quantization_plan(self, method, group_size, components, lm_head)
+        quant.quantize_modules(self, plan["modules"], plan["bits"], plan["group_size"])
+        self.quantization_config = plan
+        return self
 
     # ---- generation (idefics3_kit.generation / idefics3_kit.streaming) --------------------
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
@@ -514,6 +563,68 @@ _NEUTRAL_LOADING = {"trust_remote_code": (False, None), "low_cpu_mem_usage": (Tr
                     "force_download": (False,), "proxies": (None,), "subfolder": ("", None),
                     "output_loading_info": (False,), "ignore_mismatched_sizes": (False,),
                     "quantization_config": (None,), "variant": (None,)}
+
+
+_BITS = {"int8": 8, "int4": 4}
+QUANTIZABLE = ("decoder", "connector", "vision")
+
+
+def _quantization_plan(model: VLM, method, group_size, components=("decoder",), lm_head: bool = True) -> dict:
+    """config.json's ``quantization_config``: method, bits, group size and the quantized modules' names."""
+    if method not in _BITS:
+        raise ValueError(f"quantization must be 'int8' or 'int4', got {method!r}")
+    bits = _BITS[method]
+    if bits == 8 and group_size is not None:
+        raise ValueError("int8 quantization is per output channel: group_size applies to int4 only")
+    group_size = (group_size or 64) if bits == 4 else None
+    quant.check_format(bits, group_size)
+    components = (components,) if isinstance(components, str) else tuple(components)
+    unknown = [c for c in components if c not in QUANTIZABLE]
+    if unknown or not components:
+        raise ValueError(f"quantize: components must name some of {QUANTIZABLE}, got {components!r}")
+    names = [f"{c}.{n}" for c in components for n, m in getattr(model, c).named_modules() if type(m) is nn.Linear]
+    if not lm_head:
+        names = [n for n in names if n != "decoder.lm_head"]
+    for name in names:
+        quant.check_format(bits, group_size, cast(nn.Linear, model.get_submodule(name)).in_features, name)
+    return {"method": "idefics3_kit", "bits": bits, "group_size": group_size, "modules": names}
+
+
+def _swap_in_quantized(model: VLM, plan: dict, quantized: dict) -> None:
+    """After a quantize-on-load: the linears whose weights were quantized as they were read become
+    QuantizedLinear; a weight that came from elsewhere (the tied LM head) is quantized now."""
+    for name in plan["modules"]:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        if f"{name}.weight" not in quantized:
+            quant.quantize_modules(model, [name], plan["bits"], plan["group_size"])
+            continue
+        q, s = quantized[f"{name}.weight"]
+        new = quant.QuantizedLinear(linear.in_features, linear.out_features, plan["bits"], plan["group_size"],
+                                    bias=False, dtype=s.dtype, device="meta")
+        new.qweight, new.scales = nn.Parameter(q, requires_grad=False), nn.Parameter(s, requires_grad=False)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        setattr(parent, attr, new)
+    model.tie_weights()
+
+
+def _read_quantization_config(path: str) -> dict | None:
+    """config.json's ``quantization_config`` (ours only; checked), or None."""
+    data = files.read_json_object(os.path.join(path, "config.json"), "config.json").get("quantization_config")
+    if data is None:
+        return None
+    if not isinstance(data, dict) or data.get("method") != "idefics3_kit":
+        raise ValueError(f"{path}: config.json's quantization_config is not idefics3_kit's "
+                         f"(method {data.get('method') if isinstance(data, dict) else data!r}); it cannot be loaded here")
+    bits, group, modules = data.get("bits"), data.get("group_size"), data.get("modules")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ValueError(f"{path}: quantization_config.modules must be a list of module names")
+    if not isinstance(bits, int):
+        raise ValueError(f"{path}: quantization_config.bits must be 8 or 4, got {bits!r}")
+    quant.check_format(bits, group if bits == 4 else None)
+    return {"method": "idefics3_kit", "bits": bits, "group_size": group if bits == 4 else None, "modules": modules}
 
 
 def _refuse_loading_arguments(arguments: dict) -> None:

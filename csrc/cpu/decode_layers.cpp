@@ -32,9 +32,12 @@ at::Tensor need(const c10::List<std::optional<at::Tensor>>& params, int64_t laye
 }
 
 // x [B, 1, K] through the given weights, outputs side by side on the last dim (q|k|v, or one
-// projection). bf16: one decode_linear call, as the Python layers make it; float32: at::linear
-// per weight (what nn.Linear runs), joined by an exact copy.
-at::Tensor project(const at::Tensor& x, std::vector<at::Tensor> weights, c10::List<std::optional<at::Tensor>> biases) {
+// projection). bf16: one decode_linear call, as the Python layers make it, or one quant_linear
+// call when the weights are quantized (``scales`` given: ops.quant.QuantizedLinear's layout);
+// float32: at::linear per weight (what nn.Linear runs), joined by an exact copy.
+at::Tensor project(const at::Tensor& x, std::vector<at::Tensor> weights, c10::List<std::optional<at::Tensor>> biases,
+                   const std::vector<at::Tensor>& scales = {}) {
+  if (!scales.empty()) return quant_linear_cpu(x, weights, scales, biases);
   if (x.scalar_type() == at::kBFloat16) return decode_linear_cpu(x, weights, biases);
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < weights.size(); ++i) outs.push_back(at::linear(x, weights[i], biases.get(i)));
@@ -51,9 +54,11 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // silu(gate) * up. The Python layers apply SiLU to split views of one decode_linear output in
 // bf16 and to a separate, contiguous F.linear output in float32; SiLU's vectorized and scalar
 // exp differ in the last bit, so the layout must be the same here, not only the values.
-at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor& up_w) {
+at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor& up_w,
+                 const std::vector<at::Tensor>& scales = {}) {
   if (x.scalar_type() == at::kBFloat16) {
-    const at::Tensor gu = decode_linear_cpu(x, {gate_w, up_w}, c10::List<std::optional<at::Tensor>>({std::nullopt, std::nullopt}));
+    const at::Tensor gu = project(x, {gate_w, up_w}, c10::List<std::optional<at::Tensor>>({std::nullopt, std::nullopt}),
+                                  scales);
     const int64_t inter = gate_w.size(0);
     return at::silu(gu.narrow(-1, 0, inter)) * gu.narrow(-1, inter, up_w.size(0));
   }
@@ -62,18 +67,25 @@ at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor
 
 // Every parameter of every layer against the layer's dimensions: the ATen ops of the float32 path
 // would broadcast a wrong-shaped norm or down_proj weight instead of failing.
-void check_params(const c10::List<std::optional<at::Tensor>>& params, int64_t layers, const at::Tensor& x,
-                  int64_t heads, int64_t kv_heads, int64_t hd) {
+bool has(const c10::List<std::optional<at::Tensor>>& list, int64_t i) {
+  if (i >= static_cast<int64_t>(list.size())) return false;
+  const std::optional<at::Tensor> t = list.get(i);
+  return t.has_value() && t->defined();
+}
+
+void check_params(const c10::List<std::optional<at::Tensor>>& params, const c10::List<std::optional<at::Tensor>>& scales,
+                  int64_t layers, const at::Tensor& x, int64_t heads, int64_t kv_heads, int64_t hd) {
   const int64_t hidden = x.size(2), q_rows = heads * hd, kv_rows = kv_heads * hd;
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t base = l * kParamsPerLayer;
     // The intermediate size is gate_proj's row count (up_proj and down_proj are checked against it).
     const std::optional<at::Tensor> gate = params.get(base + kGate);
     const bool has_gate = gate.has_value() && gate->defined();
-    TORCH_CHECK(!has_gate || (gate->dim() == 2 && gate->size(1) == hidden), "decode_layers: params[", base + kGate,
+    const int64_t gate_cols = has(scales, base + kGate) && has_gate && gate->scalar_type() == at::kByte ? 2 : 1;  // packed int4
+    TORCH_CHECK(!has_gate || (gate->dim() == 2 && gate->size(1) * gate_cols == hidden), "decode_layers: params[", base + kGate,
                 "] (layer ", l, " gate_proj) must be [intermediate, hidden = ", hidden, "], got ", shape_str(*gate));
     const int64_t inter = has_gate ? gate->size(0) : 0;
-    const std::vector<int64_t> want[kParamsPerLayer] = {
+    std::vector<int64_t> want[kParamsPerLayer] = {
         {hidden}, {q_rows, hidden}, {kv_rows, hidden}, {kv_rows, hidden}, {q_rows}, {kv_rows}, {kv_rows},
         {hidden, q_rows}, {hidden}, {inter, hidden}, {inter, hidden}, {hidden, inter}};
     for (int64_t slot = 0; slot < kParamsPerLayer; ++slot) {
@@ -84,9 +96,18 @@ void check_params(const c10::List<std::optional<at::Tensor>>& params, int64_t la
                     ") must be a tensor, got None");
         continue;
       }
-      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), "decode_layers: params[", base + slot,
-                  "] (layer ", l, " ", kSlotNames[slot], ") must be a CPU ", x.scalar_type(), " tensor, got ",
-                  t->scalar_type(), " on ", t->device());
+      const bool quantized = has(scales, base + slot);
+      if (quantized) {  // ops.quant's layout: int8 [N, K] or packed int4 uint8 [N, K/2]; scales checked by quant_linear
+        TORCH_CHECK(x.scalar_type() == at::kBFloat16 && (t->scalar_type() == at::kChar || t->scalar_type() == at::kByte),
+                    "decode_layers: params[", base + slot, "] (layer ", l, " ", kSlotNames[slot], ") has scales, so it "
+                    "must be an int8 or packed-int4 uint8 weight with bfloat16 x, got ", t->scalar_type(), " with ",
+                    x.scalar_type(), " x");
+        if (t->scalar_type() == at::kByte) want[slot][1] /= 2;
+      } else {
+        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), "decode_layers: params[", base + slot,
+                    "] (layer ", l, " ", kSlotNames[slot], ") must be a CPU ", x.scalar_type(), " tensor, got ",
+                    t->scalar_type(), " on ", t->device());
+      }
       TORCH_CHECK(t->sizes() == at::IntArrayRef(want[slot]), "decode_layers: params[", base + slot, "] (layer ", l,
                   " ", kSlotNames[slot], ") must be ", at::IntArrayRef(want[slot]), " (hidden ", hidden, ", num_heads ",
                   heads, ", num_kv_heads ", kv_heads, ", head_dim ", hd, ", intermediate ", inter, "), got ",
@@ -149,22 +170,35 @@ void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cach
 at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params,
                              at::TensorList k_cache, at::TensorList v_cache, const at::Tensor& cos,
                              const at::Tensor& sin_signed, const std::optional<at::Tensor>& key_mask, int64_t past,
-                             int64_t heads, int64_t kv_heads, double eps) {
+                             int64_t heads, int64_t kv_heads, double eps,
+                             const c10::List<std::optional<at::Tensor>>& scales) {
   TORCH_CHECK(params.size() % kParamsPerLayer == 0 && params.size() > 0, "decode_layers: params must hold ",
               kParamsPerLayer, " entries per layer, got ", params.size());
   const int64_t layers = static_cast<int64_t>(params.size()) / kParamsPerLayer;
   check_args(x_in, layers, k_cache, v_cache, cos, sin_signed, key_mask, past, heads, kv_heads, eps);
   const int64_t b = x_in.size(0), hd = k_cache[0].size(3), inter_rows = heads + kv_heads;
-  check_params(params, layers, x_in, heads, kv_heads, hd);
+  TORCH_CHECK(scales.size() == 0 || scales.size() == params.size(), "decode_layers: scales must be empty or hold one "
+              "entry per params entry (", params.size(), "), got ", scales.size());
+  check_params(params, scales, layers, x_in, heads, kv_heads, hd);
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const std::optional<at::Tensor> mask = key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt;
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l) {
     auto bias = [&](Param slot) { return params.get(l * kParamsPerLayer + slot); };
+    // the scales of a group of quantized weights (all or none of the group: else an error)
+    auto group_scales = [&](std::initializer_list<Param> slots) {
+      std::vector<at::Tensor> out;
+      for (Param slot : slots)
+        if (has(scales, l * kParamsPerLayer + slot)) out.push_back(*scales.get(l * kParamsPerLayer + slot));
+      TORCH_CHECK(out.empty() || out.size() == slots.size(), "decode_layers: layer ", l, ": the weights of one "
+                  "projection group (q|k|v, gate|up) must be all quantized or none");
+      return out;
+    };
     // attention block
     const at::Tensor h = norm(x, need(params, l, kInNorm), eps);
     const at::Tensor qkv = project(h, {need(params, l, kQ), need(params, l, kK), need(params, l, kV)},
-                                   c10::List<std::optional<at::Tensor>>({bias(kQBias), bias(kKBias), bias(kVBias)}));
+                                   c10::List<std::optional<at::Tensor>>({bias(kQBias), bias(kKBias), bias(kVBias)}),
+                                   group_scales({kQ, kK, kV}));
     TORCH_CHECK(qkv.size(-1) == (heads + 2 * kv_heads) * hd, "decode_layers: layer ", l, ": q|k|v projections give ",
                 qkv.size(-1), " features, expected (num_heads + 2 num_kv_heads) * head_dim = ",
                 (heads + 2 * kv_heads) * hd);
@@ -178,12 +212,13 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
     const at::Tensor attn = decode_attention_cpu(q, k_cache[l].narrow(2, 0, past + 1), v_cache[l].narrow(2, 0, past + 1),
                                                  mask, std::nullopt, scale);  // [B, H, 1, hd] over [B, 1, H, hd] memory
     const at::Tensor o = project(attn.transpose(1, 2).reshape({b, 1, heads * hd}), {need(params, l, kO)},
-                                 c10::List<std::optional<at::Tensor>>({std::nullopt}));
+                                 c10::List<std::optional<at::Tensor>>({std::nullopt}), group_scales({kO}));
     x = x + o;
     // MLP block
     const at::Tensor h2 = norm(x, need(params, l, kPostNorm), eps);
-    const at::Tensor act = gated(h2, need(params, l, kGate), need(params, l, kUp));
-    x = x + project(act, {need(params, l, kDown)}, c10::List<std::optional<at::Tensor>>({std::nullopt}));
+    const at::Tensor act = gated(h2, need(params, l, kGate), need(params, l, kUp), group_scales({kGate, kUp}));
+    x = x + project(act, {need(params, l, kDown)}, c10::List<std::optional<at::Tensor>>({std::nullopt}),
+                    group_scales({kDown}));
   }
   return x;
 }

@@ -15,6 +15,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights,
                              const c10::List<std::optional<at::Tensor>>& biases);
 
+at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                            const c10::List<std::optional<at::Tensor>>& biases);
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 }  // namespace idefics3_kit

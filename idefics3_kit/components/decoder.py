@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..config import DecoderConfig, require
 from ..ops.fast_path import plain_module
+from ..ops.quant import QuantizedLinear
 from ..registry import register
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -318,12 +319,14 @@ class CausalDecoder(nn.Module):
 
     # ---- weights shared with the embeddings (the one owner of tying) ----------------------
     def tied_weights(self) -> dict[str, str]:
-        """Parameter name -> the name it shares storage with (checkpoints store only the latter)."""
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+        """Parameter name -> the name it shares storage with (checkpoints store only the latter).
+        A quantized LM head (``ops.quant.QuantizedLinear``) holds its own copy: nothing is tied."""
+        tied = self.config.tie_word_embeddings and not isinstance(self.lm_head, QuantizedLinear)
+        return {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
 
     def tie_weights(self) -> None:
         """Share the LM head with the embeddings when the config says so (again after loading)."""
-        if self.config.tie_word_embeddings:
+        if self.tied_weights():
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def get_input_embeddings(self) -> nn.Module:
@@ -434,22 +437,22 @@ class CausalDecoder(nn.Module):
         found = self._plain_llama_layers()
         if found is None:
             return None
-        weights, modules = found
+        weights, modules, scales = found
         cache.check_room(1)
         cache.allocate(x.shape[0], self.config.num_key_value_heads, self.config.head_dim, x.dtype, x.device)
         # allocate() filled every layer's keys and values
         keys, values = cast("list[torch.Tensor]", cache.keys), cast("list[torch.Tensor]", cache.values)
         return ops.decode_layers(x, weights, keys, values, rope[0], rope[1], key_padding_mask,
                                  cache.length, self.config.num_attention_heads, self.config.num_key_value_heads,
-                                 self.config.rms_norm_eps, modules)
+                                 self.config.rms_norm_eps, modules, scales)
 
     def _plain_llama_layers(self):
-        """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from),
-        or None unless every layer is this file's Llama layer with SiLU, no o_proj or MLP biases and
-        the config's eps (``ops.decode_layers`` then checks that every module is exactly its plain
+        """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from,
+        the scales of quantized weights in the same order or None when none is quantized), or None
+        unless every layer is this file's Llama layer with SiLU, no o_proj or MLP biases and the config's eps (``ops.decode_layers`` then checks that every module is exactly its plain
         class, without hooks). Runs every decode step, so modules are read from their dicts
         (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
-        weights, modules = [], []
+        weights, modules, scales = [], [], []
         eps = self.config.rms_norm_eps
         silu = F.silu
         for layer in self.model.layers:
@@ -467,14 +470,22 @@ class CausalDecoder(nn.Module):
                 if (o._parameters["bias"] is not None or gate._parameters["bias"] is not None
                         or up._parameters["bias"] is not None or down._parameters["bias"] is not None):
                     return None
-                weights.append((norm1._parameters["weight"], q._parameters["weight"], k._parameters["weight"],
-                                v._parameters["weight"], q._parameters["bias"], k._parameters["bias"],
-                                v._parameters["bias"], o._parameters["weight"], norm2._parameters["weight"],
-                                gate._parameters["weight"], up._parameters["weight"], down._parameters["weight"]))
+                (qw, qs), (kw, ks), (vw, vs), (ow, os_), (gw, gs), (uw, us), (dw, ds) = (
+                    _weight_and_scales(p) for p in (q, k, v, o, gate, up, down))
+                weights.append((norm1._parameters["weight"], qw, kw, vw, q._parameters["bias"], k._parameters["bias"],
+                                v._parameters["bias"], ow, norm2._parameters["weight"], gw, uw, dw))
+                scales.append((None, qs, ks, vs, None, None, None, os_, None, gs, us, ds))
             except (AttributeError, KeyError):  # a replaced part without these parameters: not a plain layer
                 return None
             modules += (layer, attn, mlp, norm1, norm2, q, k, v, o, gate, up, down)
-        return weights, modules
+        quantized = any(s is not None for per_layer in scales for s in per_layer)
+        return weights, modules, scales if quantized else None
+
+
+def _weight_and_scales(linear: nn.Module):
+    """(weight, None) of an nn.Linear; (qweight, scales) of a quantized one (``ops.quant``)."""
+    p = linear._parameters
+    return (p["weight"], None) if "weight" in p else (p["qweight"], p["scales"])
 
 
 def _resized_embedding(old: nn.Embedding, new_size: int) -> nn.Embedding:

@@ -203,7 +203,7 @@ def read_header_shapes(paths: Iterable[str]) -> dict[str, tuple]:
 
 
 def load_into(module: nn.Module, path: str, *, dtype=None, device=None, prefixes=IDEFICS3_PREFIXES,
-              ignore=None, allow_nonfinite: bool = False) -> None:
+              ignore=None, allow_nonfinite: bool = False, convert=None) -> None:
     """Load a checkpoint into ``module`` (which may live on the meta device).
 
     Every parameter must be present with the right shape and no tensor may be left over;
@@ -213,7 +213,9 @@ def load_into(module: nn.Module, path: str, *, dtype=None, device=None, prefixes
     A tensor holding NaN or inf is an error naming it unless ``allow_nonfinite``.
     Tied parameters (``tied_parameters``) are taken from their source. ``ignore`` (a predicate on
     Hugging Face tensor names) skips tensors that belong to other parts of a larger checkpoint,
-    e.g. the text tower of a CLIP dual encoder.
+    e.g. the text tower of a CLIP dual encoder. ``convert(name, tensor)``, when given, sees each
+    tensor as it is read (after the checks and the cast) and returns what is kept: a quantizer
+    keeps its own copy and returns a meta tensor, so the float weights are never all in memory.
     """
     paths = checkpoint_files(path)
     expected = {name: tuple(p.shape) for name, p in module.named_parameters()}
@@ -236,7 +238,9 @@ def load_into(module: nn.Module, path: str, *, dtype=None, device=None, prefixes
                 nonfinite.append(f"{hf_name} ({os.path.basename(file)})")
             if dtype is not None:
                 tensor = tensor.to(dtype)
-        state[ours] = tensor.to(device) if device is not None else tensor
+        if convert is not None:
+            tensor = convert(ours, tensor)
+        state[ours] = tensor.to(device) if device is not None and tensor.device.type != "meta" else tensor
     if nonfinite:
         raise CheckpointError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or inf values: "
                               f"{', '.join(sorted(nonfinite)[:8])}{' ...' if len(nonfinite) > 8 else ''}; "

@@ -26,7 +26,8 @@ from .norm import check_eps
 LAYER_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "post_norm", "gate", "up", "down")
 
 
-def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, rope_and_mask, head_dim: int, modules) -> bool:
+def _applies(x: torch.Tensor, flat: list, scales: list, k_cache, v_cache, rope_and_mask, head_dim: int,
+             modules) -> bool:
     if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu":
         return False
     if x.dtype == torch.bfloat16:
@@ -38,11 +39,14 @@ def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, rope_and_mask, head_
         return False
     if any(c is None or not c.is_contiguous() for c in (*k_cache, *v_cache)):
         return False
-    if not fast_path.usable("decode_layers", (x, *flat, *k_cache, *v_cache, *rope_and_mask), modules):
+    if not fast_path.usable("decode_layers", (x, *flat, *scales, *k_cache, *v_cache, *rope_and_mask), modules):
         return False
     dtype = x.dtype
-    for p in flat:
-        if p is not None and (p.dtype != dtype or not p.is_contiguous()):
+    for p, s in zip(flat, scales):
+        if s is not None:  # a quantized weight (ops.quant's layout): the bf16 kernel only
+            if dtype != torch.bfloat16 or s.dtype != torch.bfloat16 or not (p.is_contiguous() and s.is_contiguous()):
+                return False
+        elif p is not None and (p.dtype != dtype or not p.is_contiguous()):
             return False
     return True
 
@@ -50,16 +54,20 @@ def _applies(x: torch.Tensor, flat: list, k_cache, v_cache, rope_and_mask, head_
 def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequence[torch.Tensor],
                   v_cache: Sequence[torch.Tensor], cos: torch.Tensor, sin_signed: torch.Tensor,
                   key_padding_mask: torch.Tensor | None, past: int, num_heads: int, num_kv_heads: int,
-                  eps: float, modules: Sequence[nn.Module] = ()) -> torch.Tensor | None:
+                  eps: float, modules: Sequence[nn.Module] = (),
+                  layer_scales: Sequence[tuple] | None = None) -> torch.Tensor | None:
     """x [B, 1, D] through every layer -> [B, 1, D], or None when the op does not apply.
 
     cos/sin_signed: [B or 1, 1, 1, hd] rotary tables of the new position, the sine with its first
     half negated (x * cos + roll(x, hd/2) * sin_signed is the rotation); ``modules``: every module
-    whose forward the op replaces (they must be plain, see ``fast_path``).
+    whose forward the op replaces (they must be plain, see ``fast_path``); ``layer_scales``: per
+    layer, a ``LAYER_WEIGHTS``-ordered tuple holding the scales of each quantized weight
+    (``ops.quant.QuantizedLinear``: the weight slot then holds its qweight) and None elsewhere.
     """
     check_eps(eps, "decode_layers")
     flat = [p for weights in layer_weights for p in weights]
-    if not layer_weights or not _applies(x, flat, k_cache, v_cache, (cos, sin_signed, key_padding_mask),
+    scales = [s for per_layer in layer_scales for s in per_layer] if layer_scales else [None] * len(flat)
+    if not layer_weights or not _applies(x, flat, scales, k_cache, v_cache, (cos, sin_signed, key_padding_mask),
                                          k_cache[0].shape[-1], modules):
         return None
     b = x.shape[0]
@@ -67,11 +75,13 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequ
         cos, sin_signed = cos.expand(b, -1, -1, -1), sin_signed.expand(b, -1, -1, -1)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
     return _library.op("decode_layers")(x, flat, list(k_cache), list(v_cache), cos, sin_signed, mask,
-                                        int(past), int(num_heads), int(num_kv_heads), float(eps))
+                                        int(past), int(num_heads), int(num_kv_heads), float(eps),
+                                        scales if layer_scales else [])
 
 
 @_library.register_fake("decode_layers")
-def _decode_layers_fake(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads, num_kv_heads, eps):
+def _decode_layers_fake(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads, num_kv_heads, eps,
+                        scales=()):
     _library.same_device("decode_layers", (("x", x), *((f"params[{i}]", p) for i, p in enumerate(params)),
                                            *((f"k_cache[{i}]", c) for i, c in enumerate(k_cache)),
                                            *((f"v_cache[{i}]", c) for i, c in enumerate(v_cache)),

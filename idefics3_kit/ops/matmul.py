@@ -18,8 +18,9 @@ bit-identical results:
 3. many rows in bf16 (a prefill): oneDNN's linear called directly (dense_linear.py), which keeps
    the weight layout oneDNN prepares instead of re-laying it out per call (bit-identical).
 
-Everything else (float32 beyond the decode sizes, autograd, a wrapped or hooked layer, a quantized
-or distributed weight) runs the layer itself.
+Groups of ``ops.quant.QuantizedLinear`` layers go to the compiled ``quant_linear`` in one call.
+Everything else (float32 beyond the decode sizes, autograd, a wrapped or hooked layer, a
+torchao-quantized or distributed weight) runs the layer itself.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Sequence, cast
 import torch
 import torch.nn as nn
 
-from . import _library, fast_path
+from . import _library, fast_path, quant
 from .dense_linear import dense
 
 # Rows up to which the compiled kernel is used (measured at SmolVLM-256M shapes, 2 threads): one row
@@ -188,12 +189,23 @@ def _fast(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
     if not fast_path.plain_modules(modules):
         return None
     layers = cast("Sequence[nn.Linear]", modules)  # plain modules the callers pass as linear layers
+    if any(type(layer) is quant.QuantizedLinear for layer in modules):
+        return _quantized(x, modules)
     y = decode_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
     if y is not None:
         return y
     if fast_path.plain_tensors((x, *(layer.weight for layer in layers))) is None or torch.compiler.is_compiling():
         return None
     return _packed_linear(x, layers)
+
+
+def _quantized(x: torch.Tensor, layers) -> torch.Tensor | None:
+    """A group of quantized layers in one compiled call (q|k|v, gate|up); None for a mixed group
+    or where the kernel does not apply (each layer then runs its own forward)."""
+    if not all(type(layer) is quant.QuantizedLinear for layer in layers):
+        return None
+    args = ([layer.qweight for layer in layers], [layer.scales for layer in layers], [layer.bias for layer in layers])
+    return _library.op("quant_linear")(x, *args) if quant.applies(x, *args) else None
 
 
 def _many_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -218,5 +230,6 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     y = _fast(x, layers)
     if y is None:
         return [_many_rows(layer, x) for layer in layers]
-    # a fast path ran: the layers are plain nn.Linear
-    return list(y.split([cast(nn.Linear, layer).weight.shape[0] for layer in layers], dim=-1))
+    # a fast path ran: plain nn.Linear or QuantizedLinear layers
+    return list(y.split([layer.out_features if type(layer) is quant.QuantizedLinear
+                         else cast(nn.Linear, layer).weight.shape[0] for layer in layers], dim=-1))

@@ -12,21 +12,17 @@ from .app import create_app
 from .settings import ServeSettings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 def load(model_dir: str, dtype: str = "fp32", device: str = "cpu", quantization: str = "none"):
-    """(model, processor) ready to serve. ``quantization="int8"``: torchao int8 weight-only on the
-    decoder's linears (needs torchao; the fast paths step aside for the quantized weights)."""
+    """(model, processor) ready to serve. ``quantization`` "int8" / "int4": the decoder's linears
+    quantized weight-only as they load (docs/quantization.md); a checkpoint saved quantized loads
+    as it is with "none"."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    model = VLM.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device)
-    if quantization == "int8":
-        try:
-            from torchao.quantization import Int8WeightOnlyConfig, quantize_
-        except ImportError:
-            raise ImportError("--quantization int8 needs torchao: pip install -c constraints.txt torchao") from None
-        quantize_(model.decoder, Int8WeightOnlyConfig())
+    model = VLM.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device,
+                                quantization=None if quantization == "none" else quantization)
     processor = Processor.from_pretrained(model_dir)
     model.enable_feature_cache()  # a follow-up question about the same image skips the vision tower
     return model.eval(), processor

@@ -431,7 +431,7 @@ def _op_args(dec, b=2, past=3, dtype=None):
     cache = dec.new_cache(b, past + 3)
     cache.allocate(b, dec.config.num_key_value_heads, dec.config.head_dim, dtype, "cpu")
     x = torch.randn(b, 1, dec.hidden_size, generator=g).to(dtype)
-    weights, _ = dec._plain_llama_layers()
+    weights, _, _ = dec._plain_llama_layers()
     params = [None if p is None else p.detach() for layer in weights for p in layer]
     for c in cache.keys + cache.values:
         c.copy_(torch.randn(c.shape, generator=g))
@@ -441,7 +441,7 @@ def _op_args(dec, b=2, past=3, dtype=None):
     mask[-1, 0] = False
     c = dec.config
     return [x, params, cache.keys, cache.values, cos, sin, mask, past, c.num_attention_heads, c.num_key_value_heads,
-            c.rms_norm_eps]
+            c.rms_norm_eps, []]
 
 
 # ---- opcheck ----------------------------------------------------------------------------------
@@ -530,10 +530,10 @@ def test_rms_norm_bad_arguments():
 def test_decode_layers_bad_arguments():
     dec = _tiny_decoder(torch.float32)
     good = _op_args(dec, b=2, past=3)
-    x, params, kc, vc, cos, sin, mask, past, h, hkv, eps = good
+    x, params, kc, vc, cos, sin, mask, past, h, hkv, eps, scales = good
 
     def with_(**changes):
-        names = ["x", "params", "kc", "vc", "cos", "sin", "mask", "past", "h", "hkv", "eps"]
+        names = ["x", "params", "kc", "vc", "cos", "sin", "mask", "past", "h", "hkv", "eps", "scales"]
         args = dict(zip(names, good))
         args.update(changes)
         return lambda: ns.decode_layers(*[args[n] for n in names])

@@ -457,14 +457,14 @@ def test_decode_layers_meta_argument_is_refused():
               torch.randn(16, 16), torch.ones(16), torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24)]
     kc, vc = [torch.zeros(1, 1, 4, 8)], [torch.zeros(1, 1, 4, 8)]
     cos, sin = torch.ones(1, 1, 1, 8), torch.zeros(1, 1, 1, 8)
-    out = ns.decode_layers(x, params, kc, vc, cos, sin, None, 0, 2, 1, 1e-5)
+    out = ns.decode_layers(x, params, kc, vc, cos, sin, None, 0, 2, 1, 1e-5, [])
     assert out.shape == x.shape and torch.isfinite(out).all()
     with pytest.raises(RuntimeError, match="cos must be on the device of x"):
-        ns.decode_layers(x, params, kc, vc, _meta(cos), sin, None, 0, 2, 1, 1e-5)
+        ns.decode_layers(x, params, kc, vc, _meta(cos), sin, None, 0, 2, 1, 1e-5, [])
     bad = list(params)
     bad[11] = _meta(bad[11])
     with pytest.raises(RuntimeError, match=r"params\[11\] must be on the device of x"):
-        ns.decode_layers(x, bad, kc, vc, cos, sin, None, 0, 2, 1, 1e-5)
+        ns.decode_layers(x, bad, kc, vc, cos, sin, None, 0, 2, 1, 1e-5, [])
     # the wrapper steps aside (returns None) instead of calling the op
     with torch.inference_mode():
         assert ops.decode_layers(x, [tuple(params)], kc, vc, _meta(cos), sin, None, 0, 2, 1, 1e-5) is None
@@ -516,7 +516,7 @@ def _layers_args(dtype, b=2, layers=2, hidden=32, heads=4, kv_heads=2, hd=8, int
     vc = [torch.randn(b, kv_heads, past + 2, hd, generator=g).to(dtype) for _ in range(layers)]
     x = torch.randn(b, 1, hidden, generator=g).to(dtype)
     cos, sin = (torch.randn(b, 1, 1, hd, generator=g).to(dtype) for _ in range(2))
-    return [x, params, kc, vc, cos, sin, torch.ones(b, past + 1, dtype=torch.bool), past, heads, kv_heads, 1e-5]
+    return [x, params, kc, vc, cos, sin, torch.ones(b, past + 1, dtype=torch.bool), past, heads, kv_heads, 1e-5, []]
 
 
 def _needs_layers(dtype):
@@ -549,7 +549,7 @@ def test_decode_layers_refuses_wrong_shapes_and_eps(dtype):
             ns.decode_layers(*args)
     for eps in (-1.0, math.nan, math.inf):
         args = _layers_args(dtype)
-        args[-1] = eps
+        args[10] = eps
         with pytest.raises(RuntimeError, match="eps must be finite and >= 0"):
             ns.decode_layers(*args)
         with pytest.raises(ValueError, match="decode_layers: eps must be a finite number >= 0"):

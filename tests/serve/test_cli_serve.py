@@ -56,3 +56,28 @@ def test_the_core_package_imports_without_fastapi():
             "idefics3_kit.cli; idefics3_kit.cli.build_parser(); print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_load_quantizes_the_decoder(method):
+    """``--quantization`` loads through VLM.from_pretrained(quantization=...): no torchao needed."""
+    import torch
+
+    from idefics3_kit.recipes.demo.model import shipped_model_dir
+    from idefics3_kit.serve.server import load
+
+    model, processor = load(shipped_model_dir(), quantization=method)
+    assert model.quantization_config["bits"] == {"int8": 8, "int4": 4}[method]
+    assert model.feature_cache is not None
+    ids = processor(text=["hello"], return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=3)
+    assert ids.shape[1] < out.shape[1] <= ids.shape[1] + 3
+    assert torch.equal(out[:, :ids.shape[1]], ids)
+
+
+def test_load_refuses_an_unknown_quantization():
+    from idefics3_kit.recipes.demo.model import shipped_model_dir
+    from idefics3_kit.serve.server import load
+
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        load(shipped_model_dir(), quantization="int3")

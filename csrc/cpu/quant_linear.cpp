@@ -1,0 +1,141 @@
+// quant_linear on CPU: a linear over a few bf16 rows (decode steps) against int8 / int4
+// weight-only quantized weights, several weights' outputs side by side (q|k|v, gate|up).
+// Kernel: csrc/include/idefics3_kit/gemv_quant.h; format and reference: idefics3_kit/ops/quant.py.
+#include <vector>
+
+#include "common.h"
+#include "idefics3_kit/gemv_quant.h"
+#include "kernels.h"
+
+namespace idefics3_kit {
+namespace {
+
+constexpr int64_t kMinBytesPerWorker = 96 * 1024;  // below this a second thread costs more than it saves
+
+// bits of one weight, after checking it against x's K and its scales.
+int check_weight(const at::Tensor& w, const at::Tensor& s, int64_t k, size_t i, const char* op = "quant_linear") {
+  const std::string name = "qweights[" + std::to_string(i) + "]", sname = "scales[" + std::to_string(i) + "]";
+  check_cpu(w, op, name.c_str());
+  check_cpu(s, op, sname.c_str());
+  check_dim(w, 2, op, name.c_str());
+  check_contiguous(w, op, name.c_str());
+  check_contiguous(s, op, sname.c_str());
+  check_dtype(s, at::kBFloat16, op, sname.c_str());
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(w.size(1) == k, op, ": ", name, " (int8) must be [N, K] with K = ", k, ", got ", shape_str(w));
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == w.size(0), op, ": ", sname, " must be [N] = [", w.size(0), "] for int8, got ",
+                shape_str(s));
+    return 8;
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte, op, ": ", name, " must be int8 (8 bits) or uint8 (packed 4 bits), got ",
+              w.scalar_type());
+  TORCH_CHECK(2 * w.size(1) == k, op, ": ", name, " (packed int4) must be [N, K/2] with K = ", k, ", got ", shape_str(w));
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == w.size(0) && s.size(1) > 0 && k % s.size(1) == 0 && (k / s.size(1)) % 32 == 0,
+              op, ": ", sname, " must be [N, K/g] with N = ", w.size(0), " and a group size g that is a multiple of 32 "
+              "dividing K = ", k, ", got ", shape_str(s));
+  return 4;
+}
+
+}  // namespace
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                            const c10::List<std::optional<at::Tensor>>& biases) {
+  const char* op = "quant_linear";
+  check_cpu(x, op, "x");
+  check_dtype(x, at::kBFloat16, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK(!qweights.empty(), op, ": qweights must hold at least one weight");
+  TORCH_CHECK(scales.size() == qweights.size() && biases.size() == qweights.size(), op,
+              ": scales and biases must have one entry per weight: ", qweights.size(), " weights, ", scales.size(),
+              " scales, ", biases.size(), " biases");
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(k > 0, op, ": x's last dimension (K) must be positive, got shape ", shape_str(x));
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows_x = xc.numel() / k;
+
+  std::vector<qgemv::Job> jobs;
+  std::vector<at::Tensor> bias_f(qweights.size());
+  std::vector<int64_t> first_row, row_bytes;
+  int64_t n_total = 0;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    const int bits = check_weight(qweights[i], scales[i], k, i);
+    const std::optional<at::Tensor> b = biases.get(i);
+    if (b.has_value() && b->defined()) {
+      const std::string bname = "biases[" + std::to_string(i) + "]";
+      check_cpu(*b, op, bname.c_str());
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == qweights[i].size(0), op, ": ", bname, " must be [N] = [",
+                  qweights[i].size(0), "], got ", shape_str(*b));
+      TORCH_CHECK(b->scalar_type() == at::kBFloat16 || b->scalar_type() == at::kFloat, op, ": ", bname,
+                  " must be bfloat16 or float32, got ", b->scalar_type());
+      bias_f[i] = b->to(at::kFloat).contiguous();
+    }
+    jobs.push_back({static_cast<const uint8_t*>(qweights[i].data_ptr()), bits, bits == 4 ? k / scales[i].size(1) : 0,
+                    reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
+                    bias_f[i].defined() ? bias_f[i].data_ptr<float>() : nullptr, nullptr, 0});
+    first_row.push_back(n_total);
+    row_bytes.push_back(bits == 8 ? k : k / 2);
+    n_total += qweights[i].size(0);
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n_total;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (rows_x == 0 || n_total == 0) return y;
+
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    jobs[i].y = yp + first_row[i];
+    jobs[i].y_stride = n_total;
+  }
+  // x prepared once per call (a fixed cost per call: only the forms this call's weights use)
+  const int64_t kpad = qgemv::padded_k(k);
+  const bool any4 = std::any_of(jobs.begin(), jobs.end(), [](const qgemv::Job& j) { return j.bits == 4; });
+  std::vector<float> xf(rows_x * k), xinit(any4 ? rows_x * kpad / 4 : 0);
+  std::vector<uint16_t> xeo(any4 ? rows_x * kpad : 0);
+  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xf.data(),
+                 any4 ? xeo.data() : nullptr, any4 ? xinit.data() : nullptr);
+  const qgemv::Act act{rows_x, k, kpad, xf.data(), xeo.data(), xinit.data()};
+
+  // One contiguous range of the concatenated rows per worker (a multiple of 4 rows), as in
+  // decode_linear: each core streams its part of the weights front to back.
+  int64_t bytes = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) bytes += qweights[i].size(0) * row_bytes[i];
+  const int64_t workers = std::clamp<int64_t>(bytes / kMinBytesPerWorker, 1, at::get_num_threads());
+  const int64_t per_worker = ((n_total + workers - 1) / workers + 3) / 4 * 4;
+  auto run_range = [&](int64_t lo, int64_t hi) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const int64_t a = std::max(lo, first_row[i]), b = std::min(hi, first_row[i] + qweights[i].size(0));
+      if (a < b) qgemv::run_rows(act, jobs[i], a - first_row[i], b - first_row[i]);
+    }
+  };
+  if (workers == 1) {
+    run_range(0, n_total);
+  } else {
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t t = w0; t < w1; ++t) run_range(t * per_worker, std::min(n_total, (t + 1) * per_worker));
+    });
+  }
+  return y;
+}
+
+// The weight [N, K] in bf16 (q * s rounded once, as ops.quant.dequantize): the prefill (many rows)
+// then runs the ordinary bf16 matmul. Rows split over the threads.
+at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.dim() == 2, "quant_dequantize: qweight must be 2-D, got ", shape_str(qweight));
+  const int64_t n = qweight.size(0), k = qweight.scalar_type() == at::kByte ? 2 * qweight.size(1) : qweight.size(1);
+  const int bits = check_weight(qweight, scales, k, 0, "quant_dequantize");
+  at::Tensor out = at::empty({n, k}, scales.options());
+  const qgemv::Job job{static_cast<const uint8_t*>(qweight.data_ptr()), bits, bits == 4 ? k / scales.size(1) : 0,
+                       reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()), nullptr, nullptr, 0};
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / k), [&](int64_t r0, int64_t r1) {
+    qgemv::run_dequant(job, k, o, r0, r1);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) {
+  m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("quant_dequantize", &quant_dequantize_cpu);
+}
+
+}  // namespace idefics3_kit

@@ -1,0 +1,167 @@
+"""Weight-only quantization (ops/quant.py): the format, the compiled few-row kernel against its
+reference within a tolerance derived from bf16 rounding, opcheck, and decode_layers taking
+quantized layers bit-identically to the Python layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import idefics3_kit as ik
+from idefics3_kit import ops
+from idefics3_kit.ops import _library, quant
+
+ns = torch.ops.idefics3_kit
+needs_kernel = pytest.mark.skipif(not (_library.has_extension() and _library.defines("quant_linear")),
+                                  reason="compiled extension not built")
+FORMATS = [(8, None), (4, 32), (4, 64), (4, 128)]
+
+
+def _weight(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_quantize_round_trip_error_is_within_half_a_step(bits, group):
+    w = _weight(24, 256)
+    q, s = quant.quantize_weight(w, bits, group)
+    assert q.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert q.shape == ((24, 256) if bits == 8 else (24, 128))
+    assert s.shape == ((24,) if bits == 8 else (24, 256 // group)) and s.dtype == w.dtype
+    err = (quant.dequantize(q, s) - w).abs()
+    step = s.abs()[:, None] if bits == 8 else s.abs().repeat_interleave(group, dim=1)
+    # half a step; int4's +8 end is clamped to +7 (one step) for a group whose peak is negative
+    assert (err <= step * (0.5 if bits == 8 else 1.0) + 1e-6).all()
+    if bits == 4:
+        assert (err <= step * 0.5 + 1e-6).float().mean() > 0.99
+
+
+def test_int4_packing_layout():
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 1], w[0, 31] = -8.0, 7.0, 3.0  # the peak -8 sets the scale to 1
+    q, s = quant.quantize_weight(w, 4, 32)
+    assert s.tolist() == [[1.0]]
+    assert q[0, 0].item() == (0 + 8 * 0) | ((7 + 8) << 4) - 0 and q[0, 0].item() == 0xF0  # col 0 low, col 1 high
+    assert q[0, 15].item() >> 4 == 3 + 8 and q[0, 15].item() & 0xF == 8
+    assert torch.equal(quant.dequantize(q, s), w)
+
+
+def test_zero_rows_and_groups_quantize_to_zero():
+    w = torch.zeros(4, 64)
+    for bits, group in FORMATS[:2]:
+        q, s = quant.quantize_weight(w, bits, group)
+        assert torch.equal(quant.dequantize(q, s), w)
+
+
+@pytest.mark.parametrize("bits,group,k,match", [
+    (3, None, 64, "bits must be 8 or 4"), (4, 48, 96, "group_size must be one of"),
+    (4, None, 64, "group_size must be one of"), (4, 128, 576, "does not divide in_features 576")])
+def test_bad_formats_are_refused_by_name(bits, group, k, match):
+    with pytest.raises(quant.QuantizationError, match=match):
+        quant.quantize_weight(_weight(4, k), bits, group)
+
+
+def _tolerance(ref: torch.Tensor) -> torch.Tensor:
+    """Per element: two bf16 ulps of the result (one rounding of the output, summation order)."""
+    return ref.float().abs() * 2 ** -7 + 1e-3
+
+
+# K: multiples of 64 (256, 576), one ending in half a 64-column step (96 = 64 + 32), a 16-column
+# tail for int8 (40); int4 only where its group divides K
+SHAPES = [(bits, group, k) for bits, group in FORMATS for k in (40, 96, 256, 576)
+          if (bits == 8 and k != 96) or (bits == 4 and k % group == 0)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group,k", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])
+def test_compiled_matches_reference(bits, group, rows, k):
+    ws = [quant.quantize_weight(_weight(n, k, seed=n), bits, group) for n in (13, 8)]
+    qs, ss = [w[0] for w in ws], [w[1].bfloat16() for w in ws]
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3)).bfloat16()
+    biases = [torch.randn(13).bfloat16(), None]
+    assert quant.applies(x, qs, ss, biases)
+    got = quant.quant_linear(x, qs, ss, biases)
+    ref = quant.quant_linear_ref(x, qs, ss, biases)
+    assert got.shape == (rows, 21)
+    assert ((got.float() - ref.float()).abs() <= _tolerance(ref)).all()
+
+
+@needs_kernel
+def test_many_rows_dequantize_then_matmul():
+    q, s = quant.quantize_weight(_weight(32, 128).bfloat16(), 4, 32)
+    x = torch.randn(2, 40, 128).bfloat16()
+    assert not quant.applies(x, [q], [s])
+    got = quant.quant_linear(x, [q], [s])
+    ref = quant.quant_linear_ref(x, [q], [s])
+    # the weight is dequantized to bf16 first (one rounding per weight: 2^-9 of each product),
+    # then oneDNN's bf16 matmul: bounded by the sum of |products|, plus the output's rounding
+    products = x.float().abs() @ quant.dequantize(q, s, torch.float32).abs().T
+    assert ((got.float() - ref.float()).abs() <= products * 2 ** -8 + _tolerance(ref)).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+def test_opcheck_quant_linear(bits, group):
+    ws = [quant.quantize_weight(_weight(n, 128, seed=n).bfloat16(), bits, group) for n in (8, 5)]
+    x = torch.randn(2, 1, 128).bfloat16()
+    torch.library.opcheck(ns.quant_linear.default, (x, [w[0] for w in ws], [w[1] for w in ws],
+                                                    [None, torch.randn(5)]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_compiled_dequantize_equals_reference(bits, group):
+    q, s = quant.quantize_weight(_weight(24, 256).bfloat16(), bits, group)
+    assert torch.equal(ns.quant_dequantize(q, s), quant.dequantize(q, s, torch.bfloat16))
+    torch.library.opcheck(ns.quant_dequantize.default, (q, s))
+
+
+@needs_kernel
+def test_op_refuses_bad_arguments_by_name():
+    q, s = quant.quantize_weight(_weight(8, 64).bfloat16(), 4, 32)
+    x = torch.randn(1, 64).bfloat16()
+    with pytest.raises(RuntimeError, match=r"scales\[0\] must be \[N, K/g\]"):
+        ns.quant_linear(x, [q], [s[:, :1].contiguous()[:, :0]], [None])
+    with pytest.raises(RuntimeError, match=r"qweights\[0\] must be int8 \(8 bits\) or uint8"):
+        ns.quant_linear(x, [q.to(torch.int16)], [s], [None])
+    with pytest.raises(RuntimeError, match=r"x must be BFloat16"):
+        ns.quant_linear(x.float(), [q], [s], [None])
+    with pytest.raises(RuntimeError, match=r"scales\[0\] must be BFloat16"):
+        ns.quant_linear(x, [q], [s.float()], [None])
+
+
+def test_quantized_linear_steps_aside_for_float32_and_grad():
+    lin = nn.Linear(64, 16)
+    ql = quant.QuantizedLinear.from_linear(lin, 8)
+    x = torch.randn(3, 64)
+    expected = nn.functional.linear(x, ql.dequantized_weight(torch.float32), lin.bias)
+    assert torch.equal(ql(x), expected)
+    assert not ql.qweight.requires_grad and not ql.scales.requires_grad
+
+
+# ---- decode_layers takes quantized layers -------------------------------------------------------
+
+def _tiny_quantized(bits, group=32):
+    torch.manual_seed(0)
+    model = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).eval()
+    return model.quantize("int8") if bits == 8 else model.quantize("int4", group_size=group)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_layers_takes_quantized_layers_bit_identically(bits):
+    if not ops.matmul.covers(2, torch.bfloat16):
+        pytest.skip("bf16 decode_layers needs AVX-512 BF16")
+    dec = _tiny_quantized(bits).decoder
+    found = dec._plain_llama_layers()
+    assert found is not None and found[2] is not None  # the fused step takes the quantized layers
+    ids = torch.randint(3, 100, (2, 5))
+    outs = []
+    for hidden in (False, True):  # output_hidden_states runs the Python layers
+        cache = dec.new_cache(2, 8)
+        with torch.inference_mode():
+            dec(input_ids=ids, cache=cache)
+            outs.append(dec(input_ids=ids[:, :1], cache=cache, output_hidden_states=hidden).logits)
+    assert torch.equal(outs[0], outs[1])
