@@ -15,6 +15,7 @@ loop keeps serving; generation runs on the engine's thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -143,8 +144,20 @@ class _Reply:
         self.model, self.chat, self.job = model_name, chat, job
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.backlog: collections.deque = collections.deque()  # events taken from the queue, not yet sent
+
+    def _merge_deltas(self, choice: int, text: str) -> str:
+        """``text`` plus the deltas of the same choice already waiting: one chunk for them all when
+        the client side runs behind the decode steps (the text is the same)."""
+        while not self.job.events.empty():
+            self.backlog.append(self.job.events.get_nowait())
+        while self.backlog and self.backlog[0][0] == "delta" and self.backlog[0][1] == choice:
+            text += self.backlog.popleft()[2]
+        return text
 
     async def _next(self):
+        if self.backlog:
+            return self.backlog.popleft()
         remaining = self.job.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(self.job.events.get(), timeout=max(remaining, 0.001))
@@ -207,7 +220,8 @@ class _Reply:
                     yield f"data: {json.dumps(exc.body())}\n\n"
                     return
                 if kind == "delta":
-                    yield self._chunk([{"index": rest[0], "delta": {"content": rest[1]}, "logprobs": None,
+                    text = self._merge_deltas(rest[0], rest[1])
+                    yield self._chunk([{"index": rest[0], "delta": {"content": text}, "logprobs": None,
                                         "finish_reason": None}])
                 elif kind == "finish":
                     yield self._chunk([{"index": rest[0], "delta": {}, "logprobs": None, "finish_reason": rest[1]}])

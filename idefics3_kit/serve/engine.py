@@ -47,15 +47,39 @@ class Job:
         self.first_token_at: float | None = None
         self.completion_tokens = 0
         self.open_rows = params.n
+        self.buffer: list | None = None  # during a batch: events wait here for the step's flush_events
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def emit(self, *event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
-            pass
+        if self.buffer is not None:
+            self.buffer.append((self, event))
+            return
+        _call_in_loop(self.loop, _deliver, [(self, event)])
+
+
+def _deliver(items: list) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
+
+
+def _call_in_loop(loop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+        pass
+
+
+def flush_events(buffer: list) -> None:
+    """Hand a decode step's events to their event loops, one call per loop: one wake-up per step
+    instead of one per token per stream (with small models the wake-ups cost more than the step)."""
+    by_loop: dict = {}
+    for job, event in buffer:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    buffer.clear()
+    for loop, items in by_loop.items():
+        _call_in_loop(loop, _deliver, items)
 
 
 class Row:
@@ -288,6 +312,18 @@ class Engine:
         return jobs
 
     def _decode(self, jobs: list[Job]) -> None:
+        buffer: list = []
+        for job in jobs:
+            job.buffer = buffer
+        try:
+            self._decode_rows(jobs)
+        finally:
+            for job in jobs:
+                job.buffer = None
+            flush_events(buffer)
+
+    def _decode_rows(self, jobs: list[Job]) -> None:
+        buffer = jobs[0].buffer
         rows = [Row(job, c, self.processor, set(self.eos_ids), self.defaults) for job in jobs
                 for c in range(job.params.n)]
         batch = collate([row.job.inputs for row in rows], self.pad_id)
@@ -314,6 +350,8 @@ class Engine:
                         for i, token in enumerate(nxt.tolist()):
                             if not rows[i].finished:
                                 rows[i].push(token, now, self.metrics)
+                        if buffer:
+                            flush_events(buffer)
             finally:
                 steps.close()
         for row in rows:  # the loop ended (budget spent) with rows still open: they ran out of length

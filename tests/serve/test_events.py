@@ -1,0 +1,66 @@
+"""How tokens travel from the engine's thread to the streams: one hand-off per decode step, and a
+stream that runs behind sends the waiting text of a choice as one chunk (the same text)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from idefics3_kit.serve.app import _Reply  # noqa: E402
+from idefics3_kit.serve.engine import Job, flush_events  # noqa: E402
+
+
+def job(loop, n: int = 1) -> Job:
+    return Job(inputs=None, params=types.SimpleNamespace(n=n), max_new=8, loop=loop, deadline=1e18)
+
+
+class CountingLoop:
+    """Stands in for an event loop: counts the wake-ups and runs what was handed over at once."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def call_soon_threadsafe(self, fn, *args):
+        self.calls += 1
+        fn(*args)
+
+
+def test_a_step_s_events_reach_every_stream_in_one_wake_up():
+    loop = CountingLoop()
+    jobs = [job(loop) for _ in range(8)]
+    buffer: list = []
+    for j in jobs:
+        j.buffer = buffer
+        j.emit("delta", 0, "a")
+        j.emit("delta", 0, "b")
+    assert loop.calls == 0
+    flush_events(buffer)
+    assert loop.calls == 1 and buffer == []
+    assert all([j.events.get_nowait(), j.events.get_nowait()] == [("delta", 0, "a"), ("delta", 0, "b")] for j in jobs)
+
+
+def test_without_a_batch_an_event_goes_at_once():
+    loop = CountingLoop()
+    j = job(loop)
+    j.emit("finish", 0, "stop")
+    assert loop.calls == 1 and j.events.get_nowait() == ("finish", 0, "stop")
+
+
+def test_a_stream_behind_the_engine_merges_waiting_deltas_of_one_choice():
+    async def main():
+        j = job(asyncio.get_running_loop(), n=2)
+        chat = types.SimpleNamespace(params=types.SimpleNamespace(n=2), include_usage=False)
+        reply = _Reply("m", chat, j)
+        for event in [("delta", 0, "Hel"), ("delta", 0, "lo"), ("delta", 1, "x"), ("delta", 0, "!"),
+                      ("finish", 0, "stop"), ("finish", 1, "length"), ("done", {"total_tokens": 3})]:
+            j.events.put_nowait(event)
+        return [chunk async for chunk in reply.stream()]
+
+    chunks = [json.loads(c[len("data: "):]) for c in asyncio.run(main()) if c != "data: [DONE]\n\n"]
+    deltas = [(c["choices"][0]["index"], c["choices"][0]["delta"].get("content")) for c in chunks[2:]]
+    assert deltas == [(0, "Hello"), (1, "x"), (0, "!"), (0, None), (1, None)]
