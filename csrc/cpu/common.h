@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <atomic>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace idefics3_kit {
 
@@ -67,5 +69,45 @@ struct AtParallel {
     });
   }
 };
+
+// Bias i of a few-row linear with N outputs: None, or [N] bfloat16 / float32; returned as a
+// contiguous float32 tensor (undefined when absent), the form the GEMV kernels add.
+inline at::Tensor bias_as_float(const c10::List<std::optional<at::Tensor>>& biases, size_t i, int64_t n,
+                                const char* op) {
+  const std::optional<at::Tensor> b = biases.get(i);
+  if (!b.has_value() || !b->defined()) return at::Tensor();
+  const std::string name = "biases[" + std::to_string(i) + "]";
+  check_cpu(*b, op, name.c_str());
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == n, op, ": ", name, " must be [N] = [", n, "], got ", shape_str(*b));
+  TORCH_CHECK(b->scalar_type() == at::kBFloat16 || b->scalar_type() == at::kFloat, op, ": ", name,
+              " must be bfloat16 or float32, got ", b->scalar_type());
+  return b->to(at::kFloat).contiguous();
+}
+
+// The work split of the few-row GEMVs: the weights' output rows, concatenated into [0, n_total)
+// (weight i starts at first_row[i] and has rows[i] rows), cut into one contiguous range per
+// worker (a multiple of 4 rows), so each core streams its part of the weights front to back,
+// which the prefetchers follow best (measured: 55 GB/s on 2 cores vs ~32 GB/s with small,
+// dynamically shared pieces). Workers: one per ``min_bytes_per_worker`` of weights read, at most
+// the thread count. ``run(i, lo, hi)`` computes rows [lo, hi) of weight i.
+template <typename Run>
+inline void for_worker_row_ranges(const std::vector<int64_t>& first_row, const std::vector<int64_t>& rows,
+                                  int64_t n_total, int64_t bytes, int64_t min_bytes_per_worker, Run&& run) {
+  const int64_t workers = std::clamp<int64_t>(bytes / min_bytes_per_worker, 1, at::get_num_threads());
+  const int64_t per_worker = ((n_total + workers - 1) / workers + 3) / 4 * 4;
+  auto run_range = [&](int64_t lo, int64_t hi) {
+    for (size_t i = 0; i < first_row.size(); ++i) {
+      const int64_t a = std::max(lo, first_row[i]), b = std::min(hi, first_row[i] + rows[i]);
+      if (a < b) run(i, a - first_row[i], b - first_row[i]);
+    }
+  };
+  if (workers == 1) {
+    run_range(0, n_total);
+  } else {
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t t = w0; t < w1; ++t) run_range(t * per_worker, std::min(n_total, (t + 1) * per_worker));
+    });
+  }
+}
 
 }  // namespace idefics3_kit

@@ -59,16 +59,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::Te
   int64_t n_total = 0;
   for (size_t i = 0; i < qweights.size(); ++i) {
     const int bits = check_weight(qweights[i], scales[i], k, i);
-    const std::optional<at::Tensor> b = biases.get(i);
-    if (b.has_value() && b->defined()) {
-      const std::string bname = "biases[" + std::to_string(i) + "]";
-      check_cpu(*b, op, bname.c_str());
-      TORCH_CHECK(b->dim() == 1 && b->size(0) == qweights[i].size(0), op, ": ", bname, " must be [N] = [",
-                  qweights[i].size(0), "], got ", shape_str(*b));
-      TORCH_CHECK(b->scalar_type() == at::kBFloat16 || b->scalar_type() == at::kFloat, op, ": ", bname,
-                  " must be bfloat16 or float32, got ", b->scalar_type());
-      bias_f[i] = b->to(at::kFloat).contiguous();
-    }
+    bias_f[i] = bias_as_float(biases, i, qweights[i].size(0), op);
     jobs.push_back({static_cast<const uint8_t*>(qweights[i].data_ptr()), bits, bits == 4 ? k / scales[i].size(1) : 0,
                     reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
                     bias_f[i].defined() ? bias_f[i].data_ptr<float>() : nullptr, nullptr, 0});
@@ -95,25 +86,15 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::Te
                  any4 ? xeo.data() : nullptr, any4 ? xinit.data() : nullptr);
   const qgemv::Act act{rows_x, k, kpad, xf.data(), xeo.data(), xinit.data()};
 
-  // One contiguous range of the concatenated rows per worker (a multiple of 4 rows), as in
-  // decode_linear: each core streams its part of the weights front to back.
+  // the work split decode_linear uses (common.h)
   int64_t bytes = 0;
-  for (size_t i = 0; i < jobs.size(); ++i) bytes += qweights[i].size(0) * row_bytes[i];
-  const int64_t workers = std::clamp<int64_t>(bytes / kMinBytesPerWorker, 1, at::get_num_threads());
-  const int64_t per_worker = ((n_total + workers - 1) / workers + 3) / 4 * 4;
-  auto run_range = [&](int64_t lo, int64_t hi) {
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      const int64_t a = std::max(lo, first_row[i]), b = std::min(hi, first_row[i] + qweights[i].size(0));
-      if (a < b) qgemv::run_rows(act, jobs[i], a - first_row[i], b - first_row[i]);
-    }
-  };
-  if (workers == 1) {
-    run_range(0, n_total);
-  } else {
-    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t t = w0; t < w1; ++t) run_range(t * per_worker, std::min(n_total, (t + 1) * per_worker));
-    });
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    bytes += qweights[i].size(0) * row_bytes[i];
+    rows.push_back(qweights[i].size(0));
   }
+  for_worker_row_ranges(first_row, rows, n_total, bytes, kMinBytesPerWorker,
+                        [&](size_t i, int64_t lo, int64_t hi) { qgemv::run_rows(act, jobs[i], lo, hi); });
   return y;
 }
 
