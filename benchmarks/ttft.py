@@ -111,6 +111,20 @@ def vision_flops(cfg: ik.VLMConfig, tiles: int) -> float:
 
 # ---- the stages ----------------------------------------------------------------------------------
 
+def decoder_stages(model, state: dict) -> dict:
+    """Prefill and first token, the same call in both libraries (each model's own forward)."""
+    def prefill():
+        b = state["batch"]
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    image_hidden_states=state["features"], logits_to_keep=1)
+        state["logits"] = out.logits
+
+    def first_token():
+        state["token"] = int(state["logits"][0, -1].argmax())
+
+    return {"prefill": prefill, "first token": first_token}
+
+
 def ours_stages(model, processor, text, images):
     """Zero-argument callables, one per stage, each over the previous stage's saved output."""
     state = {}
@@ -128,21 +142,12 @@ def ours_stages(model, processor, text, images):
     def connector():
         state["features"] = model.connector(state["tiles"])
 
-    def prefill():
-        b = state["batch"]
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                    image_hidden_states=state["features"], logits_to_keep=1)
-        state["logits"] = out.logits
-
-    def first_token():
-        state["token"] = int(state["logits"][0, -1].argmax())
-
     def ttft():
         b = processor(text=[text], images=[images], return_tensors="pt")
         state["ttft_ids"] = model.generate(**b, max_new_tokens=1)
 
-    return {"processor": process, "vision": vision, "connector": connector, "prefill": prefill,
-            "first token": first_token, "TTFT": ttft}, state
+    return {"processor": process, "vision": vision, "connector": connector, **decoder_stages(model, state),
+            "TTFT": ttft}, state
 
 
 def hf_stages(model, processor, text, images, dtype):
@@ -166,22 +171,13 @@ def hf_stages(model, processor, text, images, dtype):
     def connector():
         state["features"] = model.model.connector(state["tiles"])
 
-    def prefill():
-        b = state["batch"]
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                    image_hidden_states=state["features"], logits_to_keep=1)
-        state["logits"] = out.logits
-
-    def first_token():
-        state["token"] = int(state["logits"][0, -1].argmax())
-
     def ttft():
         b = processor(text=[text], images=[images], return_tensors="pt")
         b["pixel_values"] = b["pixel_values"].to(dtype)
         state["ttft_ids"] = model.generate(**b, max_new_tokens=1, do_sample=False)
 
-    return {"processor": process, "vision": vision, "connector": connector, "prefill": prefill,
-            "first token": first_token, "TTFT": ttft}, state
+    return {"processor": process, "vision": vision, "connector": connector, **decoder_stages(model, state),
+            "TTFT": ttft}, state
 
 
 class OpenVINO:
