@@ -39,18 +39,22 @@ def narrow(cfg: ik.VLMConfig) -> ik.VLMConfig:
                        image_token_id=1000)
 
 
-def make_checkpoint(path: str, preset: str = "smolvlm-256m", narrow_widths: bool = False) -> ik.VLMConfig:
+def save_random_model(path: str, cfg: ik.VLMConfig) -> ik.VLMConfig:
+    """A model of ``cfg`` with seeded small random weights (activations stay in a sane range),
+    saved with save_pretrained so that both libraries load the same weights."""
     torch.manual_seed(0)
-    cfg = ik.VLMConfig.preset(preset)
-    if narrow_widths:
-        cfg = narrow(cfg)
     model = ik.VLM(cfg)
-    with torch.no_grad():  # small weights keep random activations in a sane range
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.02)
     model.save_pretrained(path)
     return cfg
+
+
+def make_checkpoint(path: str, preset: str = "smolvlm-256m", narrow_widths: bool = False) -> ik.VLMConfig:
+    cfg = ik.VLMConfig.preset(preset)
+    return save_random_model(path, narrow(cfg) if narrow_widths else cfg)
 
 
 def make_batch(cfg: ik.VLMConfig, batch: int, text_tokens: int) -> dict:

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import idefics3_kit as ik  # noqa: E402
+from benchmarks.generate import save_random_model  # noqa: E402
 from tests.processor_checkpoints import make_checkpoint as make_processor_checkpoint  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,15 +56,7 @@ def make_checkpoint(path: str) -> ik.VLMConfig:
 
     make_processor_checkpoint(path, flavour="smol", longest_edge=2048, tile=512, image_seq_len=64)
     image_token = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<image>")
-    torch.manual_seed(0)
-    cfg = ik.VLMConfig.preset("smolvlm-256m").replace(image_token_id=image_token)
-    model = ik.VLM(cfg)
-    with torch.no_grad():  # small weights keep random activations in a sane range
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
-    model.save_pretrained(path)
-    return cfg
+    return save_random_model(path, ik.VLMConfig.preset("smolvlm-256m").replace(image_token_id=image_token))
 
 
 def photo(width: int = 1600, height: int = 900):

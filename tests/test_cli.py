@@ -154,7 +154,7 @@ PROCESSOR_BOOTSTRAP = None if HAS_PROCESSOR else STUB
 
 # ---- help, components, errors --------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["generate", "chat", "inspect", "components"])
+@pytest.mark.parametrize("command", ["generate", "chat", "inspect", "components", "serve"])
 def test_help_documents_every_flag(command):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]

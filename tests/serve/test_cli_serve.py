@@ -15,14 +15,9 @@ def _serve_parser():
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
 
 
-def test_help_documents_every_flag():
-    sub = _serve_parser()
-    text = sub.format_help()
-    for action in sub._actions:
-        for flag in action.option_strings:
-            assert flag in text
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"serve {action.option_strings} has no help text"
+def test_help_names_the_issue_s_flags():
+    # every flag having help text is checked for all commands in tests/test_cli.py
+    text = _serve_parser().format_help()
     for flag in ("--host", "--port", "--dtype", "--device", "--quantization", "--max-batch-size", "--api-key",
                  "--allowed-image-dir", "--allow-remote-images"):
         assert flag in text
