@@ -33,15 +33,32 @@ def _model_and_batch(dtype=torch.float32, tie=False):
     return model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
+class _DequantizedLinear(nn.Linear):
+    """A float linear holding a dequantized weight that, like the quantized format's decode step,
+    feeds at most MAX_ROWS rows through the activation quantization (quantize_activations)."""
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if rows <= quant.MAX_ROWS:
+            xq, xs = quant.quantize_activations(x)
+            x = (xq.float() * xs.repeat_interleave(quant.ACT_BLOCK, dim=-1)[..., :x.shape[-1]]).to(x.dtype)
+        return super().forward(x)
+
+
 def _dequantized_copy(model):
-    """The model with every QuantizedLinear replaced by an nn.Linear holding its dequantized weight."""
+    """The model with every QuantizedLinear replaced by a _DequantizedLinear holding its dequantized weight."""
     out = ik.VLM(model.config).to(model.dtype).eval()
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, quant.QuantizedLinear):
-            state[f"{name}.weight"] = module.dequantized_weight(torch.float32).to(module.scales.dtype)
+            parent, _, attr = name.rpartition(".")
+            lin = _DequantizedLinear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     dtype=model.dtype)
+            lin.weight.data = module.dequantized_weight(torch.float32).to(module.scales.dtype)
             if module.bias is not None:
-                state[f"{name}.bias"] = module.bias
+                lin.bias.data = module.bias.data
+            setattr(out.get_submodule(parent), attr, lin)
+            state[f"{name}.weight"] = lin.weight
     for name, p in model.named_parameters():
         if not name.endswith((".qweight", ".scales")) and name not in state:
             state[name] = p

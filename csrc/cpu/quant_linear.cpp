@@ -14,25 +14,30 @@ constexpr int64_t kMinBytesPerWorker = 96 * 1024;  // below this a second thread
 
 // bits of one weight, after checking it against x's K and its scales.
 int check_weight(const at::Tensor& w, const at::Tensor& s, int64_t k, size_t i, const char* op = "quant_linear") {
-  const std::string name = "qweights[" + std::to_string(i) + "]", sname = "scales[" + std::to_string(i) + "]";
-  check_cpu(w, op, name.c_str());
-  check_cpu(s, op, sname.c_str());
-  check_dim(w, 2, op, name.c_str());
-  check_contiguous(w, op, name.c_str());
-  check_contiguous(s, op, sname.c_str());
-  check_dtype(s, at::kBFloat16, op, sname.c_str());
+  const bool plain = w.device().is_cpu() && s.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                     s.is_contiguous() && s.scalar_type() == at::kBFloat16;
+  if (!plain) {  // the names are built only to report a problem (this runs ~120 times per decode step)
+    const std::string name = "qweights[" + std::to_string(i) + "]", sname = "scales[" + std::to_string(i) + "]";
+    check_cpu(w, op, name.c_str());
+    check_cpu(s, op, sname.c_str());
+    check_dim(w, 2, op, name.c_str());
+    check_contiguous(w, op, name.c_str());
+    check_contiguous(s, op, sname.c_str());
+    check_dtype(s, at::kBFloat16, op, sname.c_str());
+  }
   if (w.scalar_type() == at::kChar) {
-    TORCH_CHECK(w.size(1) == k, op, ": ", name, " (int8) must be [N, K] with K = ", k, ", got ", shape_str(w));
-    TORCH_CHECK(s.dim() == 1 && s.size(0) == w.size(0), op, ": ", sname, " must be [N] = [", w.size(0), "] for int8, got ",
+    TORCH_CHECK(w.size(1) == k, op, ": qweights[", i, "] (int8) must be [N, K] with K = ", k, ", got ", shape_str(w));
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == w.size(0), op, ": scales[", i, "] must be [N] = [", w.size(0), "] for int8, got ",
                 shape_str(s));
     return 8;
   }
-  TORCH_CHECK(w.scalar_type() == at::kByte, op, ": ", name, " must be int8 (8 bits) or uint8 (packed 4 bits), got ",
+  TORCH_CHECK(w.scalar_type() == at::kByte, op, ": qweights[", i, "] must be int8 (8 bits) or uint8 (packed 4 bits), got ",
               w.scalar_type());
-  TORCH_CHECK(2 * w.size(1) == k, op, ": ", name, " (packed int4) must be [N, K/2] with K = ", k, ", got ", shape_str(w));
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == w.size(0) && s.size(1) > 0 && k % s.size(1) == 0 && (k / s.size(1)) % 32 == 0,
-              op, ": ", sname, " must be [N, K/g] with N = ", w.size(0), " and a group size g that is a multiple of 32 "
-              "dividing K = ", k, ", got ", shape_str(s));
+  TORCH_CHECK(2 * w.size(1) == k, op, ": qweights[", i, "] (packed int4) must be [N, K/2] with K = ", k, ", got ", shape_str(w));
+  const int64_t group = s.dim() == 2 && s.size(1) > 0 && k % s.size(1) == 0 ? k / s.size(1) : 0;
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == w.size(0) && (group == 32 || group == 64 || group == 128), op, ": scales[", i,
+              "] must be [N, K/g] with N = ", w.size(0), " and a group size g of 32, 64 or 128 dividing K = ", k, ", got ",
+              shape_str(s));
   return 4;
 }
 
@@ -77,14 +82,19 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::Te
     jobs[i].y = yp + first_row[i];
     jobs[i].y_stride = n_total;
   }
-  // x prepared once per call (a fixed cost per call: only the forms this call's weights use)
-  const int64_t kpad = qgemv::padded_k(k);
+  // x quantized once per call (a fixed cost per call, shared by every weight of it), in the forms
+  // this call's weights use
+  const bool any8 = std::any_of(jobs.begin(), jobs.end(), [](const qgemv::Job& j) { return j.bits == 8; });
   const bool any4 = std::any_of(jobs.begin(), jobs.end(), [](const qgemv::Job& j) { return j.bits == 4; });
-  std::vector<float> xf(rows_x * k), xinit(any4 ? rows_x * kpad / 4 : 0);
-  std::vector<uint16_t> xeo(any4 ? rows_x * kpad : 0);
-  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xf.data(),
-                 any4 ? xeo.data() : nullptr, any4 ? xinit.data() : nullptr);
-  const qgemv::Act act{rows_x, k, kpad, xf.data(), xeo.data(), xinit.data()};
+  const qgemv::ActSizes n = qgemv::act_sizes(rows_x, k);
+  std::vector<int8_t> xq(n.xq), xeo(any4 ? n.xeo : 0);
+  std::vector<int32_t> init8(any8 ? n.init8 : 0), init4(any4 ? n.init4 : 0);
+  std::vector<float> xs(n.xs), xs8(any8 ? n.xs8 : 0), xs4(any4 ? n.xs4 : 0);
+  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xq.data(), xs.data(),
+                 any4 ? xeo.data() : nullptr, any8 ? init8.data() : nullptr, any4 ? init4.data() : nullptr,
+                 any8 ? xs8.data() : nullptr, any4 ? xs4.data() : nullptr);
+  const qgemv::Act act{rows_x, k, qgemv::padded_k(k), xq.data(), xs.data(), xeo.data(),
+                       init8.data(), init4.data(), xs8.data(), xs4.data()};
 
   // the work split decode_linear uses (common.h)
   int64_t bytes = 0;

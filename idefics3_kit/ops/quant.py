@@ -10,11 +10,16 @@ faster. Two symmetric formats, scales in the dtype of the weight they replace:
   columns); w = q * s, q in [-8, 7] (llama.cpp q4_0's rule: the largest-magnitude weight of a
   group maps to -8, which uses all 16 levels).
 
-``quant_linear_ref`` is the specification: y = x @ dequantize(w).T accumulated in float32, bias
-added, rounded once to x's dtype. The compiled ``quant_linear`` (bf16 x, bf16 scales, at most
-``MAX_ROWS`` rows: a decode step) computes the same sums from the packed bytes without writing a
-dequantized copy; more rows (a prefill) dequantize once to x's dtype (the compiled
-``quant_dequantize`` for bf16) and run the ordinary (oneDNN) matmul.
+A decode step (at most ``MAX_ROWS`` rows) also quantizes its activations, per row and per block
+of 32 columns, to int8 (llama.cpp's q8_0: scale = amax / 127, round half to even), so the
+compiled kernel multiplies int8 by int8 with AVX-512 VNNI instead of expanding every weight to
+float: ~3x fewer instructions per weight byte, which is what lets a step run at the memory's
+speed. ``quant_linear_ref`` is the specification of that step: the quantized activations times
+the exactly dequantized weights, accumulated in float32, bias added, rounded once to x's dtype.
+The ordinary path (float32 models, other devices, wrappers) computes the same thing in torch, so
+a step gives the same answer with or without the kernel. More rows (a prefill) are not
+activation-quantized: the weight is dequantized once to x's dtype (the compiled
+``quant_dequantize`` for bf16) and the ordinary (oneDNN) matmul runs.
 """
 
 from __future__ import annotations
@@ -93,9 +98,40 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype |
     return w.view(n, -1).to(dtype)
 
 
+ACT_BLOCK = 32  # columns per activation scale in a decode step
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (xq int8 [..., K], xs float32 [..., ceil(K / 32)]): per row and block of 32
+    columns, xs = amax / 127 and xq = round_half_even(x * (127 / amax)) in float32 (0 for an
+    all-zero block); x ~= xq * xs within half a step."""
+    k = x.shape[-1]
+    blocks = -(-k // ACT_BLOCK)
+    xf = F.pad(x.float(), (0, blocks * ACT_BLOCK - k)).unflatten(-1, (blocks, ACT_BLOCK))   # [..., K/32, 32]
+    amax = xf.abs().amax(dim=-1, keepdim=True)                                            # [..., K/32, 1]
+    # a true division (``127.0 / amax`` would be reciprocal() * 127: two roundings, not the kernel's one)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xf * inv).clamp_(-127, 127).to(torch.int8).flatten(-2)[..., :k]
+    return xq, (amax / 127).squeeze(-1)
+
+
 def quant_linear_ref(x: torch.Tensor, qweights, scales, biases=None) -> torch.Tensor:
-    """Reference: each weight's linear accumulated in float32 over the exactly dequantized weight,
-    bias added, rounded once to x's dtype; the outputs concatenated on the last dim."""
+    """Reference of a decode step: x quantized per block of 32 columns (``quantize_activations``),
+    each weight's linear accumulated in float32 over the exactly dequantized weight, bias added,
+    rounded once to x's dtype; the outputs concatenated on the last dim."""
+    biases = biases if biases is not None else [None] * len(qweights)
+    xq, xs = quantize_activations(x)
+    x_seen = xq.float() * xs.repeat_interleave(ACT_BLOCK, dim=-1)[..., :x.shape[-1]]   # [..., K]
+    outs = []
+    for q, s, b in zip(qweights, scales, biases):
+        y = x_seen @ dequantize(q, s, torch.float32).T
+        outs.append((y if b is None else y + b.float()).to(x.dtype))
+    return torch.cat(outs, dim=-1)
+
+
+def weight_only_ref(x: torch.Tensor, qweights, scales, biases=None) -> torch.Tensor:
+    """What a prefill (more than MAX_ROWS rows) computes, up to the matmul's rounding: x as it is
+    (no activation quantization) against each dequantized weight, float32 sums, one rounding."""
     biases = biases if biases is not None else [None] * len(qweights)
     outs = []
     for q, s, b in zip(qweights, scales, biases):
@@ -104,11 +140,15 @@ def quant_linear_ref(x: torch.Tensor, qweights, scales, biases=None) -> torch.Te
     return torch.cat(outs, dim=-1)
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
 def applies(x: torch.Tensor, qweights, scales, biases=None) -> bool:
     """Whether the compiled kernel runs: bf16 x of at most MAX_ROWS rows, bf16 scales, contiguous
     weights of the format above, plain tensors on the CPU (``fast_path``)."""
     biases = list(biases) if biases is not None else []
-    if x.dtype != torch.bfloat16 or x.dim() == 0 or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
+    if x.dtype != torch.bfloat16 or x.dim() == 0 or x.shape[-1] == 0 or _rows(x) > MAX_ROWS:
         return False
     if not qweights or not fast_path.usable("quant_linear", (x, *qweights, *scales, *biases)):
         return False
@@ -130,11 +170,15 @@ def applies(x: torch.Tensor, qweights, scales, biases=None) -> bool:
 
 
 def quant_linear(x: torch.Tensor, qweights, scales, biases=None) -> torch.Tensor:
-    """x [..., K] @ each dequantized weight (+ bias) -> [..., sum N_i]: the compiled kernel where
-    it applies, else dequantize to x's dtype and the ordinary matmul (prefill, float32, wrappers)."""
+    """x [..., K] @ each dequantized weight (+ bias) -> [..., sum N_i]. A decode step (at most
+    MAX_ROWS rows) quantizes x per block of 32 columns: the compiled kernel where it applies, else
+    the same math in torch (``quant_linear_ref``). More rows (a prefill) dequantize the weight to
+    x's dtype and run the ordinary matmul."""
     biases = list(biases) if biases is not None else [None] * len(qweights)
     if applies(x, qweights, scales, biases):
         return _library.op("quant_linear")(x, list(qweights), list(scales), biases)
+    if 0 < _rows(x) <= MAX_ROWS:
+        return quant_linear_ref(x, qweights, scales, biases)
     outs = [F.linear(x, _dequantize_for(x, q, s), None if b is None else b.to(x.dtype))
             for q, s, b in zip(qweights, scales, biases)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

@@ -1,7 +1,8 @@
 // Torch-free tests of the quantized few-row kernel (csrc/include/idefics3_kit/gemv_quant.h): the
-// AVX-512 path where the CPU has it and the portable loop, int8 and int4 (groups 32/64/128, K
-// with a half 64-column chunk at the end), 1..8 rows, against a double-precision loop over the
-// dequantized weights. Buffers are sized exactly, so ASan sees any read past a row or a table.
+// AVX-512 VNNI path where the CPU has it and the portable loop, int8 and int4 (groups 32/64/128,
+// K ending inside a 128-column step), 1..8 rows, against a double-precision loop over the
+// quantized activations and the dequantized weights; the activation quantization against its
+// definition. Buffers are sized exactly, so ASan sees any read past a row or a table.
 #include <idefics3_kit/gemv_quant.h>
 
 #include <cmath>
@@ -56,21 +57,39 @@ double weight(const Problem& p, int64_t r, int64_t i) {
   return v * static_cast<double>(bf16_bits_to_float(p.scales[r * (p.k / p.group) + i / p.group]));
 }
 
+// The prepared activations for p.x (sizes from act_sizes: exact, for ASan).
+struct Prepared {
+  std::vector<int8_t> xq, xeo;
+  std::vector<int32_t> init8, init4;
+  std::vector<float> xs, xs8, xs4;
+  q::Act act;
+  explicit Prepared(const Problem& p, bool vector = true) {
+    const q::ActSizes n = q::act_sizes(p.rows, p.k);
+    xq.resize(n.xq), xeo.resize(n.xeo), init8.resize(n.init8), init4.resize(n.init4), xs.resize(n.xs);
+    xs8.resize(n.xs8), xs4.resize(n.xs4);
+    q::prepare(p.x.data(), p.rows, p.k, p.k, xq.data(), xs.data(), xeo.data(), init8.data(), init4.data(), xs8.data(),
+               xs4.data(), vector);
+    act = q::Act{p.rows, p.k, q::padded_k(p.k), xq.data(), xs.data(), xeo.data(), init8.data(), init4.data(),
+                 xs8.data(), xs4.data()};
+  }
+};
+
+// x[m, i] as the kernel sees it: its int8 value times its block's scale.
+double x_seen(const Prepared& a, int64_t m, int64_t i) {
+  return a.xq[m * a.act.kpad + i] * static_cast<double>(a.xs[m * (a.act.kpad / 32) + i / 32]);
+}
+
 // Runs the kernel over rows [0, n) in two pieces (as two workers would) and checks every output
 // against the exact sum: within one bf16 ulp plus the fp32 accumulation bound.
 void check(const Problem& p, bool vector) {
   const int64_t y_stride = p.n + 3;
   std::vector<uint16_t> y(p.rows * y_stride, 0xDEAD);
-  std::vector<float> xf(p.rows * p.k);
-  std::vector<uint16_t> xeo(p.rows * q::padded_k(p.k));
-  std::vector<float> xinit(p.rows * q::padded_k(p.k) / 4);
-  q::prepare(p.x.data(), p.rows, p.k, p.k, xf.data(), xeo.data(), xinit.data());
-  const q::Act act{p.rows, p.k, q::padded_k(p.k), xf.data(), xeo.data(), xinit.data()};
+  const Prepared a(p, vector);
   const q::Job job{p.w.data(), static_cast<int>(p.bits), p.group, p.scales.data(),
                    p.bias.empty() ? nullptr : p.bias.data(), y.data() + 1, y_stride};
   const int64_t cut = p.n / 2 / 4 * 4 + 1;  // an odd cut: the single-row tail of the first piece
-  q::run_rows(act, job, 0, cut, vector);
-  q::run_rows(act, job, cut, p.n, vector);
+  q::run_rows(a.act, job, 0, cut, vector);
+  q::run_rows(a.act, job, cut, p.n, vector);
   for (int64_t m = 0; m < p.rows; ++m)
     for (int64_t c = 0; c < y_stride; ++c) {
       const uint16_t got = y[m * y_stride + c];
@@ -81,7 +100,7 @@ void check(const Problem& p, bool vector) {
       }
       double exact = p.bias.empty() ? 0.0 : p.bias[r], mag = std::fabs(exact);
       for (int64_t i = 0; i < p.k; ++i) {
-        const double prod = bf16_bits_to_float(p.x[m * p.k + i]) * weight(p, r, i);
+        const double prod = x_seen(a, m, i) * weight(p, r, i);
         exact += prod;
         mag += std::fabs(prod);
       }
@@ -97,15 +116,40 @@ void check(const Problem& p, bool vector) {
     }
 }
 
+// Each block's int8 values are round-half-even(x * 127 / amax) with scale amax / 127: every value
+// within half a step of x, the block's peak at +-127, zeros past k and for an all-zero block.
+void test_activation_quantization() {
+  std::mt19937 rng(11);
+  for (int64_t k : {32, 40, 96, 576}) {
+    Problem p = make(rng, 2, k, 1, 8, 0, false);
+    for (int64_t i = 0; i < 32 && i < k; ++i) p.x[k + i] = 0;  // row 1 starts with an all-zero block
+    const Prepared a(p);
+    for (int64_t m = 0; m < 2; ++m)
+      for (int64_t i = 0; i < a.act.kpad; ++i) {
+        const float s = a.xs[m * (a.act.kpad / 32) + i / 32];
+        if (i >= k) {
+          CHECK(a.xq[m * a.act.kpad + i] == 0);
+          continue;
+        }
+        const double x = bf16_bits_to_float(p.x[m * k + i]);
+        CHECK(std::fabs(x_seen(a, m, i) - x) <= 0.5 * s + std::fabs(x) * std::ldexp(1.0, -20) + 1e-30);  // + rounding of x * inv
+      }
+    CHECK(a.xs[a.act.kpad / 32] == 0.0f);  // row 1's zero block
+    int peak = 0;
+    for (int64_t i = 0; i < std::min<int64_t>(32, k); ++i) peak = std::max(peak, std::abs(int{a.xq[i]}));
+    CHECK(peak == 127);
+  }
+}
+
 void test_against_double_both_paths() {
   std::mt19937 rng(7);
   for (bool vector : {false, true}) {
     if (vector && !q::vectorized()) {
-      std::printf("AVX-512 BF16 not available: portable path only\n");
+      std::printf("AVX-512 BF16 + VNNI not available: portable path only\n");
       continue;
     }
     for (int64_t rows : {1, 2, 3, 4, 5, 8})
-      for (int64_t k : {32, 40, 96, 128, 576}) {
+      for (int64_t k : {32, 40, 96, 128, 160, 576, 1536}) {
         check(make(rng, rows, k, 13, 8, 0, rows % 2 == 1), vector);
         for (int64_t group : {32, 64, 128})
           if (k % group == 0) check(make(rng, rows, k, 11, 4, group, rows % 2 == 0), vector);
@@ -113,24 +157,37 @@ void test_against_double_both_paths() {
   }
 }
 
-// Every nibble value decodes to its weight (the vpermw table) in both paths.
+// The vectorized prepare writes the portable one's bytes (so a kernel path never changes the
+// quantized activations), including k inside a block and an all-zero block.
+void test_prepare_paths_agree() {
+  if (!q::vectorized()) return;
+  std::mt19937 rng(5);
+  for (int64_t k : {32, 40, 96, 160, 576, 1536})
+    for (int64_t rows : {1, 3}) {
+      Problem p = make(rng, rows, k, 1, 8, 0, false);
+      for (int64_t i = 0; i < std::min<int64_t>(32, k); ++i) p.x[i] = 0;
+      const Prepared a(p, false), b(p, true);
+      CHECK(a.xq == b.xq && a.xs == b.xs && a.xeo == b.xeo && a.init8 == b.init8 && a.init4 == b.init4);
+      CHECK(a.xs8 == b.xs8 && a.xs4 == b.xs4);
+    }
+}
+
+// Every nibble value decodes to its weight in both paths (x = 1.0 on one column: xq 127, scale 1/127).
 void test_every_nibble() {
   for (bool vector : {false, true}) {
     if (vector && !q::vectorized()) continue;
-    Problem p{1, 64, 16, 4, 64, {}, {}, {}, {}};
-    p.x.assign(64, 0);
+    Problem p{1, 128, 16, 4, 64, {}, {}, {}, {}};
+    p.x.assign(128, 0);
     p.x[5] = float_to_bf16_rne(1.0f);  // column 5: the high nibble of byte 2
-    p.w.assign(16 * 32, 0x88);
-    for (int r = 0; r < 16; ++r) p.w[r * 32 + 2] = static_cast<uint8_t>(0x08 | (r << 4));
-    p.scales.assign(16, float_to_bf16_rne(1.0f));
-    std::vector<float> xf(64);
-    std::vector<uint16_t> xeo(64), y(16);
-    std::vector<float> xinit(16);
-    q::prepare(p.x.data(), 1, 64, 64, xf.data(), xeo.data(), xinit.data());
-    const q::Act act{1, 64, 64, xf.data(), xeo.data(), xinit.data()};
+    p.w.assign(16 * 64, 0x88);
+    for (int r = 0; r < 16; ++r) p.w[r * 64 + 2] = static_cast<uint8_t>(0x08 | (r << 4));
+    p.scales.assign(16 * 2, float_to_bf16_rne(1.0f));
+    std::vector<uint16_t> y(16);
+    const Prepared a(p);
     const q::Job job{p.w.data(), 4, 64, p.scales.data(), nullptr, y.data(), 16};
-    q::run_rows(act, job, 0, 16, vector);
-    for (int r = 0; r < 16; ++r) CHECK(bf16_bits_to_float(y[r]) == static_cast<float>(r - 8));
+    q::run_rows(a.act, job, 0, 16, vector);
+    for (int r = 0; r < 16; ++r) CHECK(bf16_bits_to_float(y[r]) == float_to_bf16_rne((r - 8) * 127 * (1.0f / 127)) ||
+                                       std::fabs(bf16_bits_to_float(y[r]) - (r - 8)) <= 1e-2);
   }
 }
 
@@ -154,4 +211,4 @@ void test_dequantize_paths_agree() {
 
 }  // namespace
 
-TEST_MAIN(test_against_double_both_paths(); test_every_nibble(); test_dequantize_paths_agree();)
+TEST_MAIN(test_against_double_both_paths(); test_activation_quantization(); test_prepare_paths_agree(); test_every_nibble(); test_dequantize_paths_agree();)

@@ -1,6 +1,6 @@
-"""Weight-only quantization (ops/quant.py): the format, the compiled few-row kernel against its
-reference within a tolerance derived from bf16 rounding, opcheck, and decode_layers taking
-quantized layers bit-identically to the Python layers."""
+"""Weight-only quantization (ops/quant.py): the format, the decode step's activation quantization,
+the compiled few-row kernel against its reference within a tolerance derived from bf16 rounding,
+opcheck, and decode_layers taking quantized layers bit-identically to the Python layers."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_many_rows_dequantize_then_matmul():
     x = torch.randn(2, 40, 128).bfloat16()
     assert not quant.applies(x, [q], [s])
     got = quant.quant_linear(x, [q], [s])
-    ref = quant.quant_linear_ref(x, [q], [s])
+    ref = quant.weight_only_ref(x, [q], [s])
     # the weight is dequantized to bf16 first (one rounding per weight: 2^-9 of each product),
     # then oneDNN's bf16 matmul: bounded by the sum of |products|, plus the output's rounding
     products = x.float().abs() @ quant.dequantize(q, s, torch.float32).abs().T
@@ -135,10 +135,35 @@ def test_op_refuses_bad_arguments_by_name():
 def test_quantized_linear_steps_aside_for_float32_and_grad():
     lin = nn.Linear(64, 16)
     ql = quant.QuantizedLinear.from_linear(lin, 8)
-    x = torch.randn(3, 64)
-    expected = nn.functional.linear(x, ql.dequantized_weight(torch.float32), lin.bias)
-    assert torch.equal(ql(x), expected)
+    x = torch.randn(3, 64)  # a decode step: activations quantized, in torch
+    assert torch.equal(ql(x), quant.quant_linear_ref(x, [ql.qweight], [ql.scales], [ql.bias]))
+    x = torch.randn(quant.MAX_ROWS + 1, 64)  # a prefill: dequantize + matmul
+    assert torch.equal(ql(x), nn.functional.linear(x, ql.dequantized_weight(torch.float32), lin.bias))
     assert not ql.qweight.requires_grad and not ql.scales.requires_grad
+
+
+@pytest.mark.parametrize("k", [32, 40, 100, 576])
+def test_activation_quantization_is_within_half_a_step(k):
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * torch.logspace(-2, 2, k)
+    x[1, :32] = 0  # an all-zero block
+    xq, xs = quant.quantize_activations(x.bfloat16())
+    assert xq.dtype == torch.int8 and xq.shape == (3, k) and xs.shape == (3, -(-k // 32))
+    step = xs.repeat_interleave(32, dim=-1)[:, :k]
+    seen = xq.float() * step
+    assert ((seen - x.bfloat16().float()).abs() <= step * 0.5 + x.abs() * 2 ** -20).all()
+    assert xs[1, 0] == 0 and (xq[1, :32] == 0).all()
+    assert (xq.abs().view(-1)[:32].max() == 127)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 64)])
+def test_decode_step_error_vs_weight_only_is_small(bits, group):
+    """The activation quantization of a decode step costs about what int8 weights cost: checked
+    as a bound on the relative error of the whole output against the weight-only result."""
+    q, s = quant.quantize_weight(_weight(64, 576).bfloat16(), bits, group)
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
+    step, full = quant.quant_linear(x, [q], [s]).float(), quant.weight_only_ref(x, [q], [s]).float()
+    assert (step - full).norm() / full.norm() < 0.02
 
 
 # ---- decode_layers takes quantized layers -------------------------------------------------------

@@ -3,15 +3,20 @@
 //   int8: w[n, k] = q[n, k] * s[n]                       (q int8 [N, K], s bf16 [N])
 //   int4: w[n, k] = (nibble(n, k) - 8) * s[n, k / g]     (bytes [N, K/2]: column 2j low nibble,
 //                                                         2j+1 high; s bf16 [N, K/g])
-// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), accumulated in fp32, rounded to bf16 once.
+// The activations are quantized too, per row and per block of 32 columns (llama.cpp's q8_0):
+//   xq[m, c] = round_half_even(x[m, c] * 127 / amax_b),  xs[m, b] = amax_b / 127,
+// so y[m, n] = sum_b xs[m, b] * sum_{c in b} xq[m, c] * w[n, c] (+ bias[n]): integer products
+// summed exactly in int32, scaled and accumulated in fp32, rounded to bf16 once.
 //
-// Why these loops: a decode step reads every weight once, so the bytes read set the speed. The
-// quantized weights are expanded in registers and never written back. Both paths are exact up to
-// fp32 summation order: int8 values convert exactly to fp32; int4 nibbles become bf16 numbers
-// exactly and multiply bf16 x exactly in vdpbf16ps (see block4).
+// Why: a decode step reads every weight once, so the bytes read set the speed, and expanding
+// each weight byte to fp32 (or bf16) costs more instructions than the memory system needs to
+// deliver it. With int8 activations one VNNI vpdpbusd multiplies 64 weight bytes by 64 x bytes
+// and sums them in fours: ~4 instructions per 64 int8 weights (~6 per 128 int4 weights) instead
+// of ~12, which keeps the kernel at the memory's speed on two cores.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -21,47 +26,99 @@
 namespace idefics3_kit {
 namespace qgemv {
 
-// The activations, prepared once per call and shared by every weight of it.
+constexpr int64_t kBlock = 32;  // columns per activation scale
+
+// The activations, prepared once per call and shared by every weight of it (prepare()).
 struct Act {
-  int64_t rows, k, kpad;  // kpad: k rounded up to 64
-  const float* xf;        // [rows, k] fp32 copy of x (int8 path, portable path)
-  const uint16_t* xeo;    // [rows, kpad] bf16: per 64 columns, the 32 even ones then the 32 odd ones (int4 path)
-  const float* xinit;     // [rows, kpad / 4]: -136 * (x[4i] + .. + x[4i+3]), the int4 path's offset (see block4)
+  int64_t rows, k, kpad;  // kpad: k rounded up to 128 (one int4 step, two int8 steps)
+  const int8_t* xq;       // [rows, kpad] x quantized, natural column order, zeros past k
+  const float* xs;        // [rows, kpad / 32] the blocks' scales (0 for an all-zero block)
+  const int8_t* xeo;      // [rows, kpad] per 128 columns: the 64 even ones, then the 64 odd ones (int4)
+  const int32_t* init8;   // [rows, kpad / 4]: -128 * (sum of xq over columns 4i .. 4i+3) (int8, see block8)
+  const int32_t* init4;   // [rows, kpad / 8]: -8 * (sum of xq over columns 8i .. 8i+7) (int4, see block4)
+  const float* xs8;       // [rows, kpad / 64, 16]: per 64-column step, lane l's block scale (c + 4l) / 32
+  const float* xs4;       // [rows, kpad / 128, 16]: per 128-column step, lane l's block scale (c + 8l) / 32
 };
 
 // One weight: output rows [r0, r1) go to y[m * y_stride + r].
 struct Job {
   const uint8_t* w;         // int8 [N, k] (bits 8) or packed [N, k/2] (bits 4)
   int bits;                 // 8 or 4
-  int64_t group;            // int4 group size (a multiple of 32 dividing k)
+  int64_t group;            // int4 group size: 32, 64 or 128, dividing k (quant_linear checks it)
   const uint16_t* scales;   // bf16 [N] (bits 8) or [N, k / group] (bits 4)
   const float* bias;        // [N] or nullptr
   uint16_t* y;              // bf16 output, already offset to this weight's first column
   int64_t y_stride;
 };
 
-inline int64_t padded_k(int64_t k) { return (k + 63) / 64 * 64; }
+inline int64_t padded_k(int64_t k) { return (k + 127) / 128 * 128; }
 
-// x [rows, k] bf16 (row stride x_stride) -> act's buffers (xf: rows * k floats, xeo: rows * kpad,
-// xinit: rows * kpad / 4 floats; xeo and xinit may be null when no int4 weight will use them).
-inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, float* xf, uint16_t* xeo,
-                    float* xinit) {
-  const int64_t kpad = padded_k(k);
-  for (int64_t m = 0; m < rows; ++m) {
-    const uint16_t* xm = x + m * x_stride;
-    for (int64_t i = 0; i < k; ++i) xf[m * k + i] = bf16_bits_to_float(xm[i]);
-    if (xeo == nullptr) continue;  // only the fp32 copy wanted (int8 weights)
-    for (int64_t i = 0; i < kpad / 4; ++i) {
-      float sum = 0.0f;
-      for (int64_t c = 4 * i; c < std::min<int64_t>(4 * i + 4, k); ++c) sum += xf[m * k + c];
-      xinit[m * (kpad / 4) + i] = -136.0f * sum;
+// Sizes of the buffers prepare() fills, in elements (the caller owns them).
+struct ActSizes {
+  int64_t xq, xs, xeo, init8, init4, xs8, xs4;
+};
+inline ActSizes act_sizes(int64_t rows, int64_t k) {
+  const int64_t kp = padded_k(k);
+  return {rows * kp, rows * kp / kBlock, rows * kp, rows * kp / 4, rows * kp / 8, rows * kp / 4, rows * kp / 8};
+}
+
+// Round half to even for |v| < 2^22: adding and subtracting 1.5 * 2^23 leaves v rounded to an
+// integer by the FPU's default mode (what torch.round does), with no libm call (std::nearbyint
+// is one on baseline x86-64, and it cost more than the whole quantization).
+#if defined(__FAST_MATH__)
+#error "gemv_quant.h needs IEEE float semantics: -ffast-math would fold round_half_even to the identity"
+#endif
+inline float round_half_even(float v) {
+  constexpr float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+// One block's quantization, as the reference (ops/quant.py quantize_activations) computes it in
+// float32: inv = 127 / amax, q = round_half_even(x * inv); |x * inv| <= 127 up to one rounding, so
+// the clamp never changes a value the reference keeps.
+inline void quantize_row(const uint16_t* x, int64_t k, int8_t* xq, float* xs) {
+  const int64_t kp = padded_k(k);
+  for (int64_t c0 = 0; c0 < kp; c0 += kBlock) {
+    const int64_t c1 = std::min(c0 + kBlock, k);
+    float amax = 0.0f;
+    for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(bf16_bits_to_float(x[c])));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    xs[c0 / kBlock] = amax / 127.0f;
+    for (int64_t c = c0; c < c0 + kBlock; ++c) {
+      const float v = c < c1 ? round_half_even(bf16_bits_to_float(x[c]) * inv) : 0.0f;
+      xq[c] = static_cast<int8_t>(v >= -127.0f ? std::min(v, 127.0f) : -127.0f);  // NaN (from inf x) -> -127, as the vector path
     }
-    uint16_t* e = xeo + m * kpad;
-    for (int64_t c = 0; c < kpad; c += 64)
-      for (int64_t j = 0; j < 32; ++j) {
-        e[c + j] = c + 2 * j < k ? xm[c + 2 * j] : 0;
-        e[c + 32 + j] = c + 2 * j + 1 < k ? xm[c + 2 * j + 1] : 0;
+  }
+}
+
+// x [rows, k] bf16 (row stride x_stride) -> act's buffers (sizes: act_sizes(rows, k)). xq and xs
+// are always filled; the int8 forms (init8, xs8) and the int4 forms (xeo, init4, xs4) only when
+// given (null: no weight of that kind in the call).
+inline void prepare_portable(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs,
+                             int8_t* xeo, int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
+  const int64_t kp = padded_k(k);
+  for (int64_t m = 0; m < rows; ++m) {
+    int8_t* q = xq + m * kp;
+    const float* s = xs + m * (kp / kBlock);
+    quantize_row(x + m * x_stride, k, q, xs + m * (kp / kBlock));
+    if (init8 != nullptr) {
+      for (int64_t i = 0; i < kp / 4; ++i) init8[m * (kp / 4) + i] = -128 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+      for (int64_t c = 0; c < kp; c += 64)
+        for (int64_t l = 0; l < 16; ++l) xs8[m * (kp / 4) + c / 4 + l] = s[(c + 4 * l) / kBlock];
+    }
+    if (xeo == nullptr) continue;
+    for (int64_t i = 0; i < kp / 8; ++i) {
+      int32_t sum = 0;
+      for (int64_t c = 8 * i; c < 8 * i + 8; ++c) sum += q[c];
+      init4[m * (kp / 8) + i] = -8 * sum;
+    }
+    for (int64_t c = 0; c < kp; c += 128)
+      for (int64_t j = 0; j < 64; ++j) {
+        xeo[m * kp + c + j] = q[c + 2 * j];
+        xeo[m * kp + c + 64 + j] = q[c + 2 * j + 1];
       }
+    for (int64_t c = 0; c < kp; c += 128)
+      for (int64_t l = 0; l < 16; ++l) xs4[m * (kp / 8) + c / 8 + l] = s[(c + 8 * l) / kBlock];
   }
 }
 
@@ -70,25 +127,28 @@ inline int weight_int4(const uint8_t* row, int64_t i) {
   return ((i & 1) ? (b >> 4) : (b & 0xF)) - 8;
 }
 
-// Portable loop: the same sums, per group for int4 (CPUs without AVX-512 BF16).
+// Portable loop: the same integer sums per block of 32 columns (CPUs without AVX-512 VNNI).
 inline void rows_portable(const Act& a, const Job& j, int64_t r0, int64_t r1) {
+  const int64_t blocks = (a.k + kBlock - 1) / kBlock;
   for (int64_t m = 0; m < a.rows; ++m) {
-    const float* xm = a.xf + m * a.k;
+    const int8_t* xm = a.xq + m * a.kpad;
+    const float* sm = a.xs + m * (a.kpad / kBlock);
     for (int64_t r = r0; r < r1; ++r) {
       float acc = 0.0f;
-      if (j.bits == 8) {
-        const int8_t* wr = reinterpret_cast<const int8_t*>(j.w) + r * a.k;
-        for (int64_t i = 0; i < a.k; ++i) acc += xm[i] * static_cast<float>(wr[i]);
-        acc *= bf16_bits_to_float(j.scales[r]);
-      } else {
-        const uint8_t* wr = j.w + r * (a.k / 2);
-        const int64_t groups = a.k / j.group;
-        for (int64_t g = 0; g < groups; ++g) {
-          float part = 0.0f;
-          for (int64_t i = g * j.group; i < (g + 1) * j.group; ++i) part += xm[i] * static_cast<float>(weight_int4(wr, i));
-          acc += part * bf16_bits_to_float(j.scales[r * groups + g]);
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        const int64_t c1 = std::min((b + 1) * kBlock, a.k);
+        if (j.bits == 8) {
+          const int8_t* wr = reinterpret_cast<const int8_t*>(j.w) + r * a.k;
+          for (int64_t c = b * kBlock; c < c1; ++c) dot += xm[c] * wr[c];
+          acc += static_cast<float>(dot) * sm[b];
+        } else {
+          const uint8_t* wr = j.w + r * (a.k / 2);
+          for (int64_t c = b * kBlock; c < c1; ++c) dot += xm[c] * weight_int4(wr, c);
+          acc += static_cast<float>(dot) * sm[b] * bf16_bits_to_float(j.scales[r * (a.k / j.group) + b * kBlock / j.group]);
         }
       }
+      if (j.bits == 8) acc *= bf16_bits_to_float(j.scales[r]);
       if (j.bias) acc += j.bias[r];
       j.y[m * j.y_stride + r] = float_to_bf16_rne(acc);
     }
@@ -119,7 +179,8 @@ inline void dequant_portable(const Job& j, int64_t k, uint16_t* out, int64_t r0,
 #define IK_HAVE_GEMV_QUANT_PATH 1
 #include <immintrin.h>
 
-#define IK_QBF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define IK_UNROLL _Pragma("GCC unroll 16")
+#define IK_QBF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 
 namespace idefics3_kit {
 namespace qgemv {
@@ -127,97 +188,158 @@ namespace avx512 {
 
 inline bool available() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+                         __builtin_cpu_supports("avx512vnni");
   return ok;
 }
 
-// int8: M rows of x against R weight rows, 16 columns per step (int8 -> int32 -> fp32, FMA).
+// How many weight rows ahead a step prefetches: at least two blocks of R (the hardware prefetchers
+// lose track of R interleaved short row streams) and at least kPrefetchBytes, since quantized rows
+// are short (288 bytes for int4 at K = 576). Distances from 2 to 16 KiB measured alike here
+// (weights in a large L3); 32 KiB was slower.
+constexpr int64_t kPrefetchBytes = 4096;
+inline int64_t prefetch_rows(int64_t row_bytes, int64_t r) { return std::max<int64_t>(2 * r, (kPrefetchBytes + row_bytes - 1) / row_bytes); }
+
+// int8: M rows of x against R weight rows, 64 columns per step. The weight bytes become unsigned
+// by flipping their top bit (w + 128), vpdpbusd sums four (w + 128) * xq products per int32 lane
+// on top of the lane's -128 * (sum of its xq) (init8), which leaves exactly sum w * xq. Lane l of
+// a step covers columns c + 4l .. c + 4l + 3, all in block (c + 4l) / 32, whose scale xs8 holds.
 template <int M, int R>
 IK_QBF16_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
-  __m512 acc[M][R];
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[M * R];
+  IK_UNROLL
   for (int m = 0; m < M; ++m)
-    for (int q = 0; q < R; ++q) acc[m][q] = _mm512_setzero_ps();
-  const int8_t* w = reinterpret_cast<const int8_t*>(j.w) + r * a.k;
-  const float* x = a.xf + m0 * a.k;
-  int64_t i = 0;
-  for (; i + 16 <= a.k; i += 16) {
-    __m512 xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * a.k + i);
+    IK_UNROLL
+    for (int q = 0; q < R; ++q) acc[m * R + q] = _mm512_setzero_ps();
+  const uint8_t* w = j.w + r * a.k;
+  const int64_t ahead = prefetch_rows(a.k, R) * a.k;
+  for (int64_t c = 0; c < a.k; c += 64) {
+    // a step past k reads zero bytes (w + 128 = 128) against zero xq and a zero init: no effect
+    const __mmask64 mask = c + 64 <= a.k ? ~__mmask64{0} : (__mmask64{1} << (a.k - c)) - 1;
+    __m512i xq[M], init[M];
+    __m512 xs[M];
+    IK_UNROLL
+    for (int m = 0; m < M; ++m) {
+      xq[m] = _mm512_loadu_si512(a.xq + (m0 + m) * a.kpad + c);
+      init[m] = _mm512_loadu_si512(a.init8 + (m0 + m) * (a.kpad / 4) + c / 4);
+      xs[m] = _mm512_loadu_ps(a.xs8 + (m0 + m) * (a.kpad / 4) + c / 4);
+    }
+    IK_UNROLL
     for (int q = 0; q < R; ++q) {
-      if ((i & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (q + 2 * R) * a.k + i), _MM_HINT_T0);
-      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + q * a.k + i))));
-      for (int m = 0; m < M; ++m) acc[m][q] = _mm512_fmadd_ps(xv[m], wv, acc[m][q]);
+      const uint8_t* wq = w + q * a.k + c;
+      _mm_prefetch(reinterpret_cast<const char*>(wq + ahead), _MM_HINT_T0);  // one line per step
+      const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wq), flip);
+      IK_UNROLL
+      for (int m = 0; m < M; ++m)
+        acc[m * R + q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init[m], wu, xq[m])), xs[m], acc[m * R + q]);
     }
   }
-  if (i < a.k) {  // tail: masked loads read zeros past k
-    const __mmask16 tail = static_cast<__mmask16>((1u << (a.k - i)) - 1);
-    __m512 xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(tail, x + m * a.k + i);
-    for (int q = 0; q < R; ++q) {
-      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, w + q * a.k + i)));
-      for (int m = 0; m < M; ++m) acc[m][q] = _mm512_fmadd_ps(xv[m], wv, acc[m][q]);
-    }
-  }
+  IK_UNROLL
   for (int m = 0; m < M; ++m)
-    for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m][q]) * bf16_bits_to_float(j.scales[r + q]);
+    IK_UNROLL
+    for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m * R + q]) * bf16_bits_to_float(j.scales[r + q]);
 }
 
-// int4: 64 columns per step. 32 bytes -> 32 16-bit lanes; each nibble u becomes the bf16 number
-// 128 + u by OR-ing in 0x4300 (exact: 7 mantissa bits), and vdpbf16ps multiplies them with the
-// even / odd x columns. fp32 lane i of a step covers columns 4i..4i+3; it starts from
-// -136 * (their x sum), so the lane holds sum x * (128 + u) - 136 * sum x = sum x * (u - 8)
-// (the products are exact; the offset costs ~2^-17 of the lane's magnitude, far below bf16's
-// rounding of the output). Lanes 0-7 belong to the step's first 32 columns and 8-15 to the next
-// 32: one scale vector per step serves group 32 (two scales) and larger groups (one).
+// int4: 128 columns (64 bytes) per step. The low nibbles are the even columns and the high ones
+// the odd columns, each already unsigned (q + 8), so two vpdpbusd against the even / odd xq
+// (xeo) on top of -8 * (sum of the lane's xq) (init4) leave sum (u - 8) * xq exactly. Lane l
+// covers columns c + 8l .. c + 8l + 7: one activation block (xs4) and one weight group, whose
+// scale is picked per lane from the step's 128 / g scales by a permute.
 template <int M, int R>
 IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
-  const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
-  __m512 acc[M][R];
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int64_t row_bytes = a.k / 2, groups = a.k / j.group, per_step = 128 / std::min<int64_t>(j.group, 128);
+  const int shift = j.group == 32 ? 2 : j.group == 64 ? 3 : 4;  // lane l -> scale (8 l) / g = l >> shift
+  const int gshift = shift + 3;                                    // log2(g): no division in the loop
+  const __m512i pick = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), shift);
+  __m512 acc[M * R];
+  IK_UNROLL
   for (int m = 0; m < M; ++m)
-    for (int q = 0; q < R; ++q) acc[m][q] = _mm512_setzero_ps();
-  const int64_t row_bytes = a.k / 2, groups = a.k / j.group;
+    IK_UNROLL
+    for (int q = 0; q < R; ++q) acc[m * R + q] = _mm512_setzero_ps();
   const uint8_t* w = j.w + r * row_bytes;
   const uint16_t* s = j.scales + r * groups;
-  for (int64_t c = 0; c < a.kpad; c += 64) {
-    const bool full = c + 64 <= a.k;
-    __m512i xe[M], xo[M];
-    __m512 init[M];
-    for (int m = 0; m < M; ++m) {
-      xe[m] = _mm512_loadu_si512(a.xeo + (m0 + m) * a.kpad + c);
-      xo[m] = _mm512_loadu_si512(a.xeo + (m0 + m) * a.kpad + c + 32);
-      init[m] = _mm512_loadu_ps(a.xinit + (m0 + m) * (a.kpad / 4) + c / 4);
-    }
+  const int64_t ahead = prefetch_rows(row_bytes, R) * row_bytes;
+  int64_t c = 0;
+  // Whole 512-column super-steps first: the four steps' int32 lanes are summed into the 16
+  // activation blocks (exact integers), so the scaling costs one convert, multiply and FMA per
+  // 512 columns instead of per 128, and the 16 blocks' scales load contiguously.
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int bshift = gshift - 5;  // block b (32 columns) -> group b >> bshift
+  const __m512i block_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), bshift);
+  for (; c + 512 <= a.k; c += 512) {
+    IK_UNROLL
     for (int q = 0; q < R; ++q) {
       const uint8_t* wq = w + q * row_bytes + c / 2;
-      if ((c & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(wq + 2 * R * row_bytes), _MM_HINT_T0);
-      // a half chunk at the end (k % 64 == 32): the masked bytes meet zero x columns and a zero init
-      const __m256i bytes = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq))
-                                 : _mm256_maskz_loadu_epi8(0xFFFFu, wq);
-      const __m512i v = _mm512_cvtepu8_epi16(bytes);
-      const __m512i wlo = _mm512_ternarylogic_epi32(v, low, magic, 0xEA);  // (v & 0xF) | 0x4300
-      const __m512i whi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
-      __m512 sv;
-      if (j.group == 32) {
-        const int64_t g = c / 32;
-        const float s1 = g + 1 < groups ? bf16_bits_to_float(s[q * groups + g + 1]) : 0.0f;
-        sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(bf16_bits_to_float(s[q * groups + g])), _mm512_set1_ps(s1));
-      } else {
-        sv = _mm512_set1_ps(bf16_bits_to_float(s[q * groups + c / j.group]));
+      __m512i lo[4], hi[4];
+      IK_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(wq + 64 * t + ahead), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(wq + 64 * t);
+        lo[t] = _mm512_and_si512(v, low);
+        hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
+      // the 16 blocks' weight scales: 16 >> bshift bf16 values, each repeated 1 << bshift times
+      const __m256i s16 = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (16 >> bshift)) - 1), s + q * groups + (c >> gshift));
+      const __m512 ws = _mm512_permutexvar_ps(block_group, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s16), 16)));
+      IK_UNROLL
       for (int m = 0; m < M; ++m) {
-        __m512 d = _mm512_dpbf16_ps(init[m], reinterpret_cast<__m512bh>(xe[m]), reinterpret_cast<__m512bh>(wlo));
-        d = _mm512_dpbf16_ps(d, reinterpret_cast<__m512bh>(xo[m]), reinterpret_cast<__m512bh>(whi));
-        acc[m][q] = _mm512_fmadd_ps(d, sv, acc[m][q]);
+        const int8_t* xeo = a.xeo + (m0 + m) * a.kpad + c;
+        const int32_t* init = a.init4 + (m0 + m) * (a.kpad / 8) + c / 8;
+        __m512i d[4];
+        IK_UNROLL
+        for (int t = 0; t < 4; ++t)
+          d[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(init + 16 * t), lo[t], _mm512_loadu_si512(xeo + 128 * t)),
+                                     hi[t], _mm512_loadu_si512(xeo + 128 * t + 64));
+        // lanes (4 per block) -> pairs -> blocks: lane i of the result is block i of the 512 columns
+        const __m512i p01 = _mm512_add_epi32(_mm512_permutex2var_epi32(d[0], even, d[1]), _mm512_permutex2var_epi32(d[0], odd, d[1]));
+        const __m512i p23 = _mm512_add_epi32(_mm512_permutex2var_epi32(d[2], even, d[3]), _mm512_permutex2var_epi32(d[2], odd, d[3]));
+        const __m512i blocks = _mm512_add_epi32(_mm512_permutex2var_epi32(p01, even, p23), _mm512_permutex2var_epi32(p01, odd, p23));
+        const __m512 xs = _mm512_loadu_ps(a.xs + (m0 + m) * (a.kpad / kBlock) + c / kBlock);
+        acc[m * R + q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(blocks), _mm512_mul_ps(xs, ws), acc[m * R + q]);
       }
     }
   }
+  for (; c < a.k; c += 128) {  // the remaining 128-column steps, one at a time
+    // past k (k is a multiple of 32): zero bytes meet zero xq and a zero init; absent scales are 0
+    const int64_t bytes = std::min<int64_t>(64, (a.k - c) / 2);
+    const __mmask64 mask = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+    const __mmask8 smask = static_cast<__mmask8>((1u << std::min<int64_t>(per_step, groups - (c >> gshift))) - 1);
+    __m512i xe[M], xo[M], init[M];
+    __m512 xs[M];
+    IK_UNROLL
+    for (int m = 0; m < M; ++m) {
+      xe[m] = _mm512_loadu_si512(a.xeo + (m0 + m) * a.kpad + c);
+      xo[m] = _mm512_loadu_si512(a.xeo + (m0 + m) * a.kpad + c + 64);
+      init[m] = _mm512_loadu_si512(a.init4 + (m0 + m) * (a.kpad / 8) + c / 8);
+      xs[m] = _mm512_loadu_ps(a.xs4 + (m0 + m) * (a.kpad / 8) + c / 8);
+    }
+    IK_UNROLL
+    for (int q = 0; q < R; ++q) {
+      const uint8_t* wq = w + q * row_bytes + c / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(wq + ahead), _MM_HINT_T0);  // one line per step
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, wq);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m128i s16 = _mm_maskz_loadu_epi16(smask, s + q * groups + (c >> gshift));
+      const __m512 ws = _mm512_permutexvar_ps(pick, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_zextsi128_si256(s16)), 16)));
+      IK_UNROLL
+      for (int m = 0; m < M; ++m) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init[m], lo, xe[m]), hi, xo[m]);
+        acc[m * R + q] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), xs[m]), ws, acc[m * R + q]);
+      }
+    }
+  }
+  IK_UNROLL
   for (int m = 0; m < M; ++m)
-    for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m][q]);
+    IK_UNROLL
+    for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m * R + q]);
 }
 
 template <int M>
 IK_QBF16_FN void rows_m(const Act& a, const Job& j, int64_t m0, int64_t r0, int64_t r1) {
-  constexpr int R = 4;
+  constexpr int R = M <= 2 ? 4 : 2;  // accumulators + x registers stay within the 32 zmm
   float sums[M * R];
   auto store = [&](int64_t r, int rows) {
     for (int m = 0; m < M; ++m)
@@ -234,6 +356,59 @@ IK_QBF16_FN void rows_m(const Act& a, const Job& j, int64_t m0, int64_t r0, int6
   for (; r < r1; ++r) {
     if (j.bits == 8) block8<M, 1>(a, j, m0, r, sums); else block4<M, 1>(a, j, m0, r, sums);
     store(r, 1);
+  }
+}
+
+// prepare_portable's buffers, equal byte for byte: 32 columns per block in two registers
+// (vcvtps2dq rounds half to even in the default MXCSR mode, like round_half_even), the lane sums
+// by vpdpbusd against ones, the even / odd split by vpmovwb.
+IK_QBF16_FN inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs,
+                                int8_t* xeo, int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
+  const int64_t kp = padded_k(k);
+  const __m512i ones = _mm512_set1_epi8(1), lim = _mm512_set1_epi32(127);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i quarter = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2);
+  for (int64_t m = 0; m < rows; ++m) {
+    const uint16_t* xm = x + m * x_stride;
+    int8_t* q = xq + m * kp;
+    float* s = xs + m * (kp / kBlock);
+    for (int64_t c0 = 0; c0 < kp; c0 += kBlock) {
+      const int64_t n = std::clamp<int64_t>(k - c0, 0, kBlock);
+      const __mmask32 mk = n == kBlock ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+      const __m512i raw = _mm512_maskz_loadu_epi16(mk, xm + c0);
+      const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+      const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      s[c0 / kBlock] = amax / 127.0f;
+      for (int h = 0; h < 2; ++h) {
+        const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(h ? v1 : v0, inv));  // NaN -> INT_MIN -> -127
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c0 + 16 * h),
+                         _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(qi, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim))));
+      }
+    }
+    for (int64_t c = 0; c < kp; c += 128) {
+      const __m512i a = _mm512_loadu_si512(q + c), b = _mm512_loadu_si512(q + c + 64);
+      const __m512i sa = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, a);  // sums of 4 columns
+      const __m512i sb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, b);
+      if (init8 != nullptr) {
+        _mm512_storeu_si512(init8 + m * (kp / 4) + c / 4, _mm512_mullo_epi32(sa, _mm512_set1_epi32(-128)));
+        _mm512_storeu_si512(init8 + m * (kp / 4) + c / 4 + 16, _mm512_mullo_epi32(sb, _mm512_set1_epi32(-128)));
+        for (int64_t h = 0; h < 2; ++h)
+          _mm512_storeu_ps(xs8 + m * (kp / 4) + (c + 64 * h) / 4,
+                           _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[(c + 64 * h) / kBlock]), _mm512_set1_ps(s[(c + 64 * h) / kBlock + 1])));
+      }
+      if (xeo == nullptr) continue;
+      const __m512i s8 = _mm512_add_epi32(_mm512_permutex2var_epi32(sa, even, sb), _mm512_permutex2var_epi32(sa, odd, sb));
+      _mm512_storeu_si512(init4 + m * (kp / 8) + c / 8, _mm512_mullo_epi32(s8, _mm512_set1_epi32(-8)));
+      int8_t* e = xeo + m * kp + c;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(e), _mm512_cvtepi16_epi8(a));  // the even bytes
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + 32), _mm512_cvtepi16_epi8(b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + 64), _mm512_cvtepi16_epi8(_mm512_srli_epi16(a, 8)));  // the odd
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + 96), _mm512_cvtepi16_epi8(_mm512_srli_epi16(b, 8)));
+      _mm512_storeu_ps(xs4 + m * (kp / 8) + c / 8, _mm512_permutexvar_ps(quarter, _mm512_maskz_loadu_ps(0xF, s + c / kBlock)));
+    }
   }
 }
 
@@ -290,7 +465,7 @@ inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
 namespace idefics3_kit {
 namespace qgemv {
 
-// Runtime ISA dispatch: AVX-512 BF16 where the CPU has it, else the portable loop.
+// Runtime ISA dispatch: AVX-512 BF16 + VNNI where the CPU has it, else the portable loop.
 // allow_vector = false (tests) forces the portable loop.
 inline bool vectorized() {
 #ifdef IK_HAVE_GEMV_QUANT_PATH
@@ -305,6 +480,16 @@ inline void run_dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int6
   if (allow_vector && avx512::available()) return avx512::dequant(j, k, out, r0, r1);
 #endif
   dequant_portable(j, k, out, r0, r1);
+}
+
+// x [rows, k] bf16 -> act's buffers (prepare_portable's contract); the AVX-512 path where the CPU
+// has it (the same bytes: tests/cpp/test_quant.cpp), allow_vector = false forces the portable one.
+inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs, int8_t* xeo,
+                    int32_t* init8, int32_t* init4, float* xs8, float* xs4, bool allow_vector = true) {
+#ifdef IK_HAVE_GEMV_QUANT_PATH
+  if (allow_vector && avx512::available()) return avx512::prepare(x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
+#endif
+  prepare_portable(x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
 }
 
 inline void run_rows(const Act& a, const Job& j, int64_t r0, int64_t r1, bool allow_vector = true) {
