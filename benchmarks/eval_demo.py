@@ -29,16 +29,19 @@ def main() -> int:
     parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
                         help="quantize the decoder and LM head while loading (docs/quantization.md)")
     parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default 64)")
+    parser.add_argument("--batch-size", type=int, default=50,
+                        help="images per generate call (default 50); a quantized model's decode steps quantize "
+                             "their activations only at <= 8 rows (ops.quant.MAX_ROWS), so use 8 to measure that")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = VLM.from_pretrained(args.model, quantization=args.quantization, group_size=args.group_size).eval()
     processor = Processor.from_pretrained(args.model)
     start = time.perf_counter()
-    result = evaluate(model, processor, args.count, args.first_seed)
+    result = evaluate(model, processor, args.count, args.first_seed, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
     print(f"model: {args.model} ({model.num_parameters():,} parameters)"
           + (f", quantized {args.quantization}" + (f" group {args.group_size or 64}" if args.quantization == "int4" else "")
-             if args.quantization else ""))
+             if args.quantization else "") + f", batch size {args.batch_size}")
     print(f"exact match: {result['correct']}/{result['count']} = {100 * result['accuracy']:.1f}% "
           f"({elapsed:.1f} s, {args.count / elapsed:.1f} images/s)")
     for kind, acc in result["per_kind"].items():

@@ -112,17 +112,21 @@ def print_table(title: str, results: dict, variants: dict, nbytes: dict, bandwid
 
 
 def accuracy(variants: dict, reference, prompts: int = 8, length: int = 64) -> None:
-    """Teacher-forced logits of every position of fixed random prompts against the float32 model:
-    relative RMS error and top-1 agreement (bf16's own error is the yardstick)."""
+    """Logits of every position of fixed random prompts against the float32 model (teacher-forced):
+    relative RMS error and top-1 agreement (bf16's own error is the yardstick). Two ways per
+    variant: one prefill over the prompts (more than MAX_ROWS rows: weight-only) and one decode
+    step per position (8 rows: the decode kernels, activations quantized too)."""
     ids = torch.randint(0, reference.vocab_size, (prompts, length), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         ref = reference(input_ids=ids).logits.float()
         print(f"\naccuracy vs float32 ({prompts} prompts x {length} tokens, teacher-forced; random weights: see docs)")
         for name, dec in variants.items():
-            got = dec(input_ids=ids).logits.float()
-            rel = ((got - ref).norm() / ref.norm()).item()
-            agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-            print(f"  {name:5s} logits rel. RMS error {rel:.4f}   top-1 agreement {agree:.1%}")
+            cache = dec.new_cache(prompts, length)
+            stepped = torch.cat([dec(input_ids=ids[:, t:t + 1], cache=cache).logits.float() for t in range(length)], 1)
+            for how, got in (("prefill", dec(input_ids=ids).logits.float()), ("decode steps", stepped)):
+                rel = ((got - ref).norm() / ref.norm()).item()
+                agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+                print(f"  {name:5s} {how:12s} logits rel. RMS error {rel:.4f}   top-1 agreement {agree:.1%}")
 
 
 def llama_leg(args) -> None:
