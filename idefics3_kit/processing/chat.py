@@ -226,10 +226,16 @@ CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker, cut off af
 def template_variables(template: str) -> set[str]:
     """The names a template reads from its context (transformers routes other keywords of
     apply_chat_template to the processor call)."""
+    return set(_template_variables(template))
+
+
+@functools.lru_cache(maxsize=16)
+def _template_variables(template: str) -> frozenset[str]:
+    """Cached: parsing the template costs more than rendering it (a server asks once per request)."""
     import jinja2.meta
 
     compile_template(template)  # a template that does not parse fails here, with our message
-    return set(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+    return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
 
 
 def render(template: str, messages, add_generation_prompt: bool = False, continue_final_message: bool | str = False,

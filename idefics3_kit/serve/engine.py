@@ -2,7 +2,9 @@
 
 Dynamic batching with a short gather window: the worker takes the first waiting request, waits
 up to ``batch_window_ms`` for more (up to ``max_batch_size`` rows; a request with ``n`` choices
-takes ``n`` rows), left-pads their prompts into one batch and runs the ordinary generation loop
+takes ``n`` rows), each arrival keeping the window open for another ``batch_window_ms`` (at most
+``MAX_WINDOWS`` windows in all: clients answered together come back one request-parse apart, and
+a fixed window split them into two or three batches), left-pads their prompts into one batch and runs the ordinary generation loop
 (``generation.generate_steps``, KV cache and fast paths included) over it. Each row has its own
 sampler (temperature, top_p, top_k, seed: one generator per row), its own token budget and stop
 strings, and finishes on its own: its text is final and its stream ends while the other rows go
@@ -32,6 +34,9 @@ from .errors import APIError
 from .metrics import Metrics
 from .requests import PreparedInputs, SamplingParams
 from .settings import ServeSettings
+
+
+MAX_WINDOWS = 4  # the most a batch's gathering waits: this many windows after its first request
 
 
 class Job:
@@ -294,12 +299,17 @@ class Engine:
         if first is None:
             return None
         jobs, rows = [first], first.params.n
-        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
+        window = self.settings.batch_window_ms / 1000
+        last_call = time.monotonic() + MAX_WINDOWS * window
+        deadline = time.monotonic() + window
         while rows < self.settings.max_batch_size:
             try:
                 job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            # each arrival keeps the window open a little longer (clients that were answered
+            # together come back one request-parse apart), up to MAX_WINDOWS windows in all
+            deadline = min(last_call, time.monotonic() + window)
             if job is None:
                 self.queue.put(None)  # stop after this batch
                 break

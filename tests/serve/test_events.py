@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
+import time
 import types
 
 import pytest
@@ -64,3 +67,46 @@ def test_a_stream_behind_the_engine_merges_waiting_deltas_of_one_choice():
     chunks = [json.loads(c[len("data: "):]) for c in asyncio.run(main()) if c != "data: [DONE]\n\n"]
     deltas = [(c["choices"][0]["index"], c["choices"][0]["delta"].get("content")) for c in chunks[2:]]
     assert deltas == [(0, "Hello"), (1, "x"), (0, "!"), (0, None), (1, None)]
+
+
+# ---- gathering a batch ------------------------------------------------------------------------
+
+def _gatherer(window_ms: float, max_batch: int = 8):
+    """An Engine with only what _gather reads (no model)."""
+    from idefics3_kit.serve.engine import Engine
+    from idefics3_kit.serve.metrics import Metrics
+    from idefics3_kit.serve.settings import ServeSettings
+
+    engine = Engine.__new__(Engine)
+    engine.settings = ServeSettings(max_batch_size=max_batch, batch_window_ms=window_ms)
+    engine.queue, engine.carry, engine.metrics = queue.Queue(), None, Metrics()
+    return engine
+
+
+def _feed(engine, jobs, gap_s: float) -> threading.Thread:
+    def run():
+        for j in jobs:
+            engine.queue.put(j)
+            time.sleep(gap_s)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_requests_arriving_one_after_another_join_one_batch():
+    """Clients answered together come back one request-parse apart: each arrival keeps the window
+    open, so the third request (500 ms after the first, past one 400 ms window) still joins."""
+    engine = _gatherer(400)
+    jobs = [job(None) for _ in range(3)]
+    feeder = _feed(engine, jobs, 0.25)
+    assert engine._gather() == jobs
+    feeder.join()
+
+
+def test_gathering_ends_at_the_batch_size_and_carries_the_rest():
+    engine = _gatherer(400, max_batch=2)
+    jobs = [job(None) for _ in range(3)]
+    for j in jobs:
+        engine.queue.put(j)
+    assert engine._gather() == jobs[:2]
+    assert engine._gather() == jobs[2:]
