@@ -1,19 +1,20 @@
-"""The batching engine: one worker thread runs the model; requests arriving together decode together.
+"""The batching engine: one worker thread runs the model; requests decode together.
 
-Dynamic batching with a short gather window: the worker takes the first waiting request, waits
-up to ``batch_window_ms`` for more (up to ``max_batch_size`` rows; a request with ``n`` choices
-takes ``n`` rows), each arrival keeping the window open for another ``batch_window_ms`` (at most
+Continuous batching (serve/batch.py): the rows being decoded form one running batch; between two
+decode steps the worker admits the requests that arrived (prefilled on their own, then joined,
+up to ``max_batch_size`` rows; a request with ``n`` choices takes ``n`` rows) and drops the rows
+that finished, so a request never waits for a batch to end and a finished row frees its slot at
+once. When nothing is decoding the worker waits for a request, then up to ``batch_window_ms``
+for more, each arrival keeping the window open for another ``batch_window_ms`` (at most
 ``MAX_WINDOWS`` windows in all: clients answered together come back one request-parse apart, and
-a fixed window split them into two or three batches), left-pads their prompts into one batch and runs the ordinary generation loop
-(``generation.generate_steps``, KV cache and fast paths included) over it. Each row has its own
-sampler (temperature, top_p, top_k, seed: one generator per row), its own token budget and stop
-strings, and finishes on its own: its text is final and its stream ends while the other rows go
-on. New requests wait for the running batch to end (this is not continuous batching: a request
-never joins a batch already decoding). A cancelled row (client gone, timeout) stops streaming at
-once; when every row of a batch is finished or cancelled the batch stops.
+a fixed window split them into two or three batches). Each row has its own sampler
+(temperature, top_p, top_k, seed: one generator per row), its own token budget and stop strings,
+and finishes on its own. A cancelled row (client gone, timeout) stops streaming at once and
+leaves the batch at the next step.
 
 Results go back to each request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe``:
-``("delta", choice, text)``, ``("finish", choice, reason)``, ``("done", usage)`` or ``("error", APIError)``.
+``("delta", choice, text)``, ``("finish", choice, reason)``, ``("done", usage)`` or ``("error", APIError)``;
+a step's events go in one hand-off per event loop (``flush_events``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import queue
 import random
 import threading
 import time
-import warnings
 
 import torch
 
-from ..components.sampler import SamplerState, build_chain
-from ..generation import generate_steps, resolve_settings
+from ..components.sampler import build_chain
+from ..generation import resolve_settings
 from ..streaming import IncrementalDetokenizer
+from .batch import RunningBatch
 from .errors import APIError
 from .metrics import Metrics
 from .requests import PreparedInputs, SamplingParams
@@ -195,25 +196,6 @@ def collate(inputs: list[PreparedInputs], pad_id: int) -> dict:
     return batch
 
 
-class RowSampler:
-    """generate_steps' ``sampler=``: each row picks its token with its own chain and generator."""
-
-    def __init__(self, rows: list[Row]):
-        self.rows = rows
-        self.greedy = [i for i, r in enumerate(rows) if r.greedy]
-
-    def __call__(self, logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
-        ids = logits.argmax(dim=-1)  # the greedy rows (the greedy selector is argmax)
-        for i, row in enumerate(self.rows):
-            if row.greedy or row.finished:
-                continue
-            sub = SamplerState(tokens=None if state.tokens is None else state.tokens[i:i + 1], new_tokens=state.new_tokens,
-                               eos_token_ids=state.eos_token_ids, generators=row.generator,
-                               pad_lengths=None if state.pad_lengths is None else state.pad_lengths[i:i + 1])
-            ids[i] = row.chain(logits[i:i + 1], sub)[0]
-        return ids
-
-
 class Engine:
     """The worker thread and its bounded queue (see the module docstring)."""
 
@@ -229,6 +211,7 @@ class Engine:
         self.carry: Job | None = None  # a job that did not fit the last batch: first in the next one
         self.thread: threading.Thread | None = None
         self.failed: BaseException | None = None
+        self.buffer: list = []  # a step's events, handed to the event loops together (flush_events)
 
     # ---- the event loop's side ----------------------------------------------------------------
     def start(self) -> None:
@@ -270,26 +253,59 @@ class Engine:
 
     # ---- the worker's side ----------------------------------------------------------------
     def _run(self) -> None:
+        running = RunningBatch(self.model, self.pad_id)
+        stopping = False
         while True:
-            jobs = self._gather()
-            if jobs is None:
-                return
-            for job in (j for j in jobs if j.cancelled):  # gone while waiting: no work for them
-                job.done = True
-                self.metrics.cancelled.inc()
-            jobs = [j for j in jobs if not j.cancelled]
-            if not jobs:
-                continue
+            if not running:
+                if stopping:
+                    return
+                jobs = self._gather()  # nothing decoding: wait for work (and a window for company)
+                if jobs is None:
+                    return
+            else:
+                jobs, stopping = self._waiting(self.settings.max_batch_size - len(running), stopping)
             try:
-                self._decode(jobs)
+                self._admit(running, [j for j in jobs if not self._dropped_while_waiting(j)])
+                if running:
+                    self._step(running)
             except Exception as exc:  # a bug or a device error: these requests fail, the server goes on
                 error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
-                for job in jobs:
+                for job in list({id(j): j for j in [row.job for row in running.rows] + jobs}.values()):
                     if not job.done:
                         job.done = True
+                        job.buffer = None
                         job.emit("error", error)
+                running.clear()
             finally:
-                self.metrics.running.set(0)
+                flush_events(self.buffer)
+                self.metrics.running.set(len(running))
+
+    def _dropped_while_waiting(self, job: Job) -> bool:
+        if job.cancelled:  # gone while waiting: no work for it
+            job.done = True
+            self.metrics.cancelled.inc()
+        return job.cancelled
+
+    def _waiting(self, room: int, stopping: bool) -> tuple[list[Job], bool]:
+        """The jobs waiting now that fit in ``room`` rows (no wait); True once the stop marker was seen."""
+        jobs: list[Job] = []
+        while not stopping:
+            job, self.carry = self.carry, None
+            if job is None:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if job is None:
+                stopping = True
+                break
+            if job.params.n > room:
+                self.carry = job
+                break
+            jobs.append(job)
+            room -= job.params.n
+        self.metrics.queue_depth.set(self.queue.qsize() + (self.carry is not None))
+        return jobs, stopping
 
     def _gather(self) -> list[Job] | None:
         """The next batch: the first waiting job, then whatever arrives within the window and fits."""
@@ -321,61 +337,41 @@ class Engine:
         self.metrics.queue_depth.set(self.queue.qsize() + (self.carry is not None))
         return jobs
 
-    def _decode(self, jobs: list[Job]) -> None:
-        buffer: list = []
+    def _admit(self, running: RunningBatch, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` and join their rows to the running batch; their first tokens stream."""
+        if not jobs:
+            return
         for job in jobs:
-            job.buffer = buffer
-        try:
-            self._decode_rows(jobs)
-        finally:
-            for job in jobs:
-                job.buffer = None
-            flush_events(buffer)
-
-    def _decode_rows(self, jobs: list[Job]) -> None:
-        buffer = jobs[0].buffer
+            job.buffer = self.buffer
         rows = [Row(job, c, self.processor, set(self.eos_ids), self.defaults) for job in jobs
                 for c in range(job.params.n)]
-        batch = collate([row.job.inputs for row in rows], self.pad_id)
-        max_new = max(job.max_new for job in jobs)
         self.metrics.batch_size.observe(len(rows))
-        self.metrics.running.set(len(rows))
-        # no eos for the loop itself: each row ends on its own eos (or ignores it), and the loop
-        # ends when every row has ended
-        settings = resolve_settings({}, self.model.decoder.config, max_new_tokens=max_new, eos_token_id=[],
-                                    pad_token_id=self.pad_id)
-        with warnings.catch_warnings():
-            # a short prompt padded to a long one may run past the context in the padded layout;
-            # its own positions stay inside (each row was checked against the context)
-            warnings.filterwarnings("ignore", message="the prompt .* exceeds the model's context")
-            steps = generate_steps(self.model, **batch, sampler=RowSampler(rows), settings=settings)
-            try:
-                with torch.inference_mode():
-                    next(steps)  # the prompt
-                    while not self._settle(rows, jobs):
-                        nxt = next(steps, None)
-                        if nxt is None:
-                            break
-                        now = time.monotonic()
-                        for i, token in enumerate(nxt.tolist()):
-                            if not rows[i].finished:
-                                rows[i].push(token, now, self.metrics)
-                        if buffer:
-                            flush_events(buffer)
-            finally:
-                steps.close()
-        for row in rows:  # the loop ended (budget spent) with rows still open: they ran out of length
-            row.finish("length")
-        self._settle(rows, jobs)
+        with torch.inference_mode():
+            first = running.admit(rows, collate([row.job.inputs for row in rows], self.pad_id))
+        self._push(rows, first)
+        self._settle(running)
 
-    def _settle(self, rows: list[Row], jobs: list[Job]) -> bool:
-        """Drop the rows of cancelled jobs and answer the jobs whose rows all finished (they do not
-        wait for the batch); True when no row is left to decode."""
-        for row in rows:
+    def _step(self, running: RunningBatch) -> None:
+        with torch.inference_mode():
+            nxt = running.step()
+        self._push(running.rows, nxt)
+        self._settle(running)
+
+    def _push(self, rows: list[Row], ids: torch.Tensor) -> None:
+        now = time.monotonic()
+        for row, token in zip(rows, ids.tolist()):
+            if not row.finished:
+                row.push(token, now, self.metrics)
+
+    def _settle(self, running: RunningBatch) -> None:
+        """Finish the rows of cancelled jobs, answer the jobs whose rows all finished (they do not
+        wait for the others), and drop the finished rows from the batch."""
+        for row in running.rows:
             if not row.finished and row.job.cancelled:
                 row.finish("cancelled")
+        jobs = {id(row.job): row.job for row in running.rows}.values()
         self._complete([job for job in jobs if job.open_rows == 0 and not job.done])
-        return all(row.finished for row in rows)
+        running.drop_finished()
 
     def _complete(self, jobs: list[Job]) -> None:
         now = time.monotonic()

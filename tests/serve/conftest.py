@@ -102,26 +102,29 @@ def image_message(question: str = "What color is the circle?", url: str | None =
 
 
 class EngineGate:
-    """Holds the engine's worker at the start of its next batch until ``release()``: makes queueing,
-    batching, timeouts and cancellation deterministic to test. Records each batch's request count."""
+    """Holds the engine's worker when requests next join the running batch, until ``release()``:
+    makes queueing, batching, timeouts and cancellation deterministic to test. Records how many
+    requests joined each time."""
 
     def __init__(self, app):
         self.engine = app.state.engine
-        self.original = self.engine._decode
+        self.original = self.engine._admit
         self.entered, self.go = threading.Event(), threading.Event()
         self.batches: list[int] = []
 
-        def gated(jobs):
+        def gated(running, jobs):
+            if not jobs:  # a decode step with nobody joining
+                return self.original(running, jobs)
             self.batches.append(len(jobs))
             self.entered.set()
             self.go.wait(30)
-            return self.original(jobs)
+            return self.original(running, jobs)
 
-        self.engine._decode = gated
+        self.engine._admit = gated
 
     def release(self):
         self.go.set()
 
     def restore(self):
         self.go.set()
-        self.engine._decode = self.original
+        self.engine._admit = self.original

@@ -17,7 +17,7 @@ QUESTIONS = ["What color is the circle?", "What shape is in the top left?", "Wha
              "Where is the circle?"]
 
 
-def generate_text(demo, question: str, max_new_tokens: int = 8) -> str:
+def generate_text(demo, question: str, max_new_tokens: int = 8, ignore_eos: bool = False) -> str:
     """What model.generate answers for the same prompt (greedy): the reference for the server."""
     from idefics3_kit.processing.images import to_rgb
 
@@ -28,7 +28,8 @@ def generate_text(demo, question: str, max_new_tokens: int = 8) -> str:
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
                                                       "pixel_attention_mask")}
     with torch.inference_mode():
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             **({"eos_token_id": []} if ignore_eos else {}))
     return proc.decode(ids[0, batch["input_ids"].shape[1]:].tolist(), skip_special_tokens=True)
 
 
@@ -287,3 +288,52 @@ def test_ignore_eos_generates_max_tokens(server):
     r = client(url).chat.completions.create(model="demo", messages=image_message(), max_tokens=12, temperature=0,
                                             extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+
+
+def test_a_request_joins_a_batch_that_is_decoding_and_finishes_first(server, demo):
+    """Continuous batching: B arrives while A decodes a long answer, joins A's batch at the next step
+    (no waiting for A to end) and is answered while A goes on; both answer as generate does alone."""
+    import time
+
+    url, app = server
+    c = client(url)
+    long_tokens = 64  # the fixture's cap; each step slowed to >= 5 ms so A lasts >= 0.3 s
+    engine = app.state.engine
+    step = engine._step
+
+    def slow_step(running):
+        time.sleep(0.005)
+        step(running)
+
+    engine._step = slow_step
+    try:
+        _join_while_decoding(c, demo, long_tokens)
+    finally:
+        engine._step = step
+
+
+def _join_while_decoding(c, demo, long_tokens):
+    import threading
+    import time
+
+    stream = c.chat.completions.create(model="demo", messages=image_message(QUESTIONS[0]), max_tokens=long_tokens,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(ch for ch in chunks if ch.choices and ch.choices[0].delta.content)
+    pieces, a_done = [first.choices[0].delta.content], {}
+
+    def read_rest():
+        for ch in chunks:
+            if ch.choices and ch.choices[0].delta.content:
+                pieces.append(ch.choices[0].delta.content)
+        a_done["at"] = time.monotonic()
+
+    reader = threading.Thread(target=read_rest)
+    reader.start()
+    b = c.chat.completions.create(model="demo", messages=image_message(QUESTIONS[1]), max_tokens=8, temperature=0)
+    b_done = time.monotonic()
+    reader.join(60)
+    assert b_done < a_done["at"]  # B did not wait for the end of A
+    assert b.choices[0].message.content == generate_text(demo, QUESTIONS[1])
+    expected_a = generate_text(demo, QUESTIONS[0], max_new_tokens=long_tokens, ignore_eos=True)
+    assert "".join(pieces) == expected_a
