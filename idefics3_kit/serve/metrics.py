@@ -65,6 +65,7 @@ class Histogram(_Series):
     def __init__(self, name: str, help: str, lock: threading.Lock, buckets: tuple):
         super().__init__(name, help, lock)
         self.buckets = tuple(buckets) + (float("inf"),)
+        self.values[()] = ([0] * len(self.buckets), 0.0)  # rendered (all zero) before the first observation
 
     def observe(self, value: float, **labels) -> None:
         key = tuple(sorted(labels.items()))

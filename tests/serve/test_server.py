@@ -132,6 +132,8 @@ def _wait_for_queue(app, count, timeout=30.0):
 
 def test_models_health_and_metrics(server):
     url, _ = server
+    client(url).chat.completions.create(model="demo", messages=image_message(), max_tokens=2, temperature=0,
+                                        extra_body={"ignore_eos": True})  # the series this test reads exist
     models = client(url).models.list()
     assert [m.id for m in models.data] == ["demo"]
     assert httpx.get(url + "/v1/models/demo").json()["id"] == "demo"
