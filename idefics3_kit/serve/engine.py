@@ -270,6 +270,7 @@ class Engine:
                     self._step(running)
             except Exception as exc:  # a bug or a device error: these requests fail, the server goes on
                 error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
+                flush_events(self.buffer)  # what they were sent so far goes before the error
                 for job in list({id(j): j for j in [row.job for row in running.rows] + jobs}.values()):
                     if not job.done:
                         job.done = True

@@ -339,3 +339,26 @@ def _join_while_decoding(c, demo, long_tokens):
     assert b.choices[0].message.content == generate_text(demo, QUESTIONS[1])
     expected_a = generate_text(demo, QUESTIONS[0], max_new_tokens=long_tokens, ignore_eos=True)
     assert "".join(pieces) == expected_a
+
+
+def test_a_failing_decode_step_fails_its_requests_and_the_server_goes_on(server, demo):
+    url, app = server
+    engine = app.state.engine
+    step = engine._step
+    calls = []
+
+    def broken(running):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        step(running)
+
+    engine._step = broken
+    try:
+        with pytest.raises(openai.InternalServerError, match="generation failed: RuntimeError: boom"):
+            client(url).chat.completions.create(model="demo", messages=image_message(), max_tokens=4, temperature=0)
+    finally:
+        engine._step = step
+    answer = client(url).chat.completions.create(model="demo", messages=image_message(QUESTIONS[2]), max_tokens=8,
+                                                 temperature=0)
+    assert answer.choices[0].message.content == generate_text(demo, QUESTIONS[2])
