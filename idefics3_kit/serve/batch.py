@@ -20,9 +20,12 @@ Layout, for B rows and a cache of ``length`` written columns out of ``max_length
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import ops
+from ..components.decoder import KVCache
 from ..components.sampler import SamplerState
 from ..generation.loop import check_logits, prepare_prompt
 
@@ -34,9 +37,7 @@ class RunningBatch:
     def __init__(self, model, pad_id: int):
         self.model, self.pad_id = model, pad_id
         self.rows: list = []
-        self.cache = None
-        self.mask = self.tokens = self.positions = self.last = None
-        self.real: list[int] = []
+        self.part: _Part | None = None  # the cache and per-row state (None: no rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,22 +64,25 @@ class RunningBatch:
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> torch.Tensor:
         """Feed every row's pending token; returns the next token ids [B] (now pending)."""
-        length = self.cache.length
-        self.mask[:, length] = 1
-        self.tokens[:, length] = self.last
-        out = self.model(input_ids=self.last[:, None], position_ids=self.positions[:, None],
-                         attention_mask=self.mask[:, :length + 1], cache=self.cache, logits_to_keep=1)
-        self.positions += 1
-        self.real = [r + 1 for r in self.real]
+        part = self.part
+        assert part is not None, "step() on an empty batch"
+        length = part.cache.length
+        part.mask[:, length] = 1
+        part.tokens[:, length] = part.last
+        out = self.model(input_ids=part.last[:, None], position_ids=part.positions[:, None],
+                         attention_mask=part.mask[:, :length + 1], cache=part.cache, logits_to_keep=1)
+        part.positions += 1
+        part.real = [r + 1 for r in part.real]
         check_logits(out.logits[:, -1], max(row.tokens for row in self.rows))
-        state = SamplerState(tokens=self.tokens[:, :length + 1], new_tokens=0,
-                             pad_lengths=torch.tensor([length + 1 - r for r in self.real]))
-        self.last = self._sample(self.rows, out.logits[:, -1], state)
-        return self.last
+        state = SamplerState(tokens=part.tokens[:, :length + 1], new_tokens=0,
+                             pad_lengths=torch.tensor([length + 1 - r for r in part.real]))
+        part.last = self._sample(self.rows, out.logits[:, -1], state)
+        return part.last
 
     def _sample(self, rows: list, logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
         """Each row picks its token with its own chain and generator (greedy rows: argmax)."""
         ids = logits.argmax(dim=-1)
+        assert state.tokens is not None
         for i, row in enumerate(rows):
             if row.greedy or row.finished:
                 continue
@@ -96,7 +100,7 @@ class RunningBatch:
         self._repack([], None)
 
     def clear(self) -> None:
-        self.__init__(self.model, self.pad_id)
+        self.rows, self.part = [], None
 
     # ---- the cache's layout ---------------------------------------------------------------------
     def _repack(self, new_rows: list, new: "_Part | None") -> None:
@@ -104,7 +108,8 @@ class RunningBatch:
         row's cached tokens moved to the right end of a cache as long as the longest row, with room
         for the longest remaining budget."""
         keep = [i for i, row in enumerate(self.rows) if not row.finished]
-        sources = [(self._part(), i) for i in keep] + ([(new, i) for i in range(len(new_rows))] if new else [])
+        sources = [(self.part, i) for i in keep if self.part is not None]
+        sources += [(new, i) for i in range(len(new_rows))] if new is not None else []
         rows = [self.rows[i] for i in keep] + list(new_rows)
         if not rows:
             self.clear()
@@ -114,35 +119,45 @@ class RunningBatch:
         budget = max(row.job.max_new - row.tokens for row in rows)
         max_length = length + max(budget, 0) + 1
         cache = self.model.decoder.new_cache(len(rows), max_length)
-        template = next(part.cache for part, _ in sources)
-        device = template.keys[0].device
+        template = _layers(sources[0][0].cache)
+        device = template[0][0].device
         mask = torch.zeros((len(rows), max_length), dtype=torch.long, device=device)
         tokens = torch.full((len(rows), max_length), self.pad_id, dtype=torch.long, device=device)
-        for layer, k0 in enumerate(template.keys):
-            v0 = template.values[layer]
+        for layer, (k0, v0) in enumerate(template):
             shape = (len(rows), k0.shape[1], max_length, k0.shape[3])  # [B, Hkv, max_length, hd]
             cache.keys[layer] = k0.new_zeros(shape)
             cache.values[layer] = v0.new_zeros(shape)
+        new_layers = _layers(cache)
         for dst, ((part, src), r) in enumerate(zip(sources, real)):
             end = part.cache.length
-            for layer in range(len(template.keys)):
-                cache.keys[layer][dst, :, length - r:length] = part.cache.keys[layer][src, :, end - r:end]
-                cache.values[layer][dst, :, length - r:length] = part.cache.values[layer][src, :, end - r:end]
+            for (k, v), (k_src, v_src) in zip(new_layers, _layers(part.cache)):
+                k[dst, :, length - r:length] = k_src[src, :, end - r:end]
+                v[dst, :, length - r:length] = v_src[src, :, end - r:end]
             mask[dst, length - r:length] = 1
             tokens[dst, length - r:length] = part.tokens[src, end - r:end]
         cache.advance(length)
-        self.cache, self.mask, self.tokens, self.real, self.rows = cache, mask, tokens, real, rows
-        self.positions = torch.stack([part.positions[src] for part, src in sources])
-        self.last = torch.stack([part.last[src] for part, src in sources])
+        self.rows = rows
+        self.part = _Part(cache, mask, tokens, torch.stack([part.positions[src] for part, src in sources]),
+                          torch.stack([part.last[src] for part, src in sources]), real)
         ops.prepare_decode(self.model.decoder, len(rows))  # bf16 on CPU: packed weights where they pay
 
-    def _part(self) -> "_Part":
-        return _Part(self.cache, self.mask, self.tokens, self.positions, self.last, self.real)
+def _layers(cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) buffers: all allocated once a prefill has run."""
+    out = []
+    for k, v in zip(cache.keys, cache.values):
+        assert k is not None and v is not None, "a KV cache layer was never written"
+        out.append((k, v))
+    return out
 
 
+@dataclass
 class _Part:
-    """Rows to repack from: a cache with its mask, token history, next positions, pending tokens and
-    per-row cached-token counts."""
+    """Rows of one cache: the cache, its mask and token history [B, max_length], each row's next
+    position and pending token [B], and how many tokens each row has cached."""
 
-    def __init__(self, cache, mask, tokens, positions, last, real):
-        self.cache, self.mask, self.tokens, self.positions, self.last, self.real = cache, mask, tokens, positions, last, real
+    cache: KVCache
+    mask: torch.Tensor
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    last: torch.Tensor
+    real: list[int]
