@@ -10,9 +10,11 @@ torch's fused kernel and is the ordinary path. The router picks at most one comp
 
 - one query (decode, causal or not)  -> ``decode_attention`` (k/v may be strided cache views)
 - causal, several queries (prefill)   -> ``prefill_attention`` (queries are the last Lq of Lk keys)
-- non-causal, several queries         -> ``vision_attention`` on CUDA; on the CPU torch's own
-  fused kernel measured faster than ours (x0.6-0.9, benchmarks/attention_cpu.py), so those
-  calls go straight to SDPA (``PREFER_TORCH_NONCAUSAL``) without entering the compiled path.
+- non-causal, several queries         -> ``vision_attention`` on CUDA, and on a CPU with AMX for
+  bf16 with head dim 32 or 64 (its tile-unit flash kernel, csrc/include/idefics3_kit/vision_amx.h:
+  1.0-1.4x torch's SDPA on SigLIP's shapes, benchmarks/attention_cpu.py); other CPU calls go
+  straight to SDPA (``PREFER_TORCH_NONCAUSAL``: torch's fused kernel measured faster than our
+  blocked one, x0.6-0.9) without entering the compiled path.
 
 A kernel runs only where ``fast_path.usable`` allows it and it covers the shapes (below);
 everything else, autograd included, runs ``attention_sdpa``.
@@ -136,9 +138,17 @@ def _kernel_name(q: torch.Tensor, causal: bool) -> str | None:
         return "decode_attention"
     if causal:
         return "prefill_attention"
-    if q.device.type == "cpu" and PREFER_TORCH_NONCAUSAL:
+    if q.device.type == "cpu" and PREFER_TORCH_NONCAUSAL and not _amx_vision(q):
         return None
     return "vision_attention"
+
+
+AMX_VISION_HEAD_DIMS = (32, 64)
+
+
+def _amx_vision(q: torch.Tensor) -> bool:
+    """Whether the CPU vision_attention op takes its AMX flash path for q (bf16, head dim 32/64)."""
+    return q.dtype == torch.bfloat16 and q.shape[-1] in AMX_VISION_HEAD_DIMS and _library.cpu_has("amx_bf16")
 
 
 def _cpu_covers(q, k, v, causal) -> bool:

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from idefics3_kit import ops
+from idefics3_kit.ops import _library
 import importlib
 
 attention_ops = importlib.import_module("idefics3_kit.ops.attention")
@@ -208,6 +209,21 @@ def test_dispatch_policy_sends_vision_to_torch():
     expect_torch = attention_ops.PREFER_TORCH_NONCAUSAL
     assert (compiled_kernel(q, q, q, False, None) is None) == expect_torch
     assert compiled_kernel(q, q, q, True, None) == "prefill_attention"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.bfloat16, 32), (torch.bfloat16, 72),
+                                     (torch.float32, 64)])
+def test_dispatch_sends_bf16_vision_to_the_amx_kernel_where_there_is_one(dtype, d):
+    q = torch.randn(1, 2, 40, d).to(dtype)
+    amx = _library.cpu_has("amx_bf16") and dtype == torch.bfloat16 and d in (32, 64)
+    assert (compiled_kernel(q, q, q, False, None) == "vision_attention") == (amx or not attention_ops.PREFER_TORCH_NONCAUSAL)
+    if amx:  # through the router: the AMX kernel, within the reference's own bf16 error
+        q32, k32, v32 = (torch.randn(2, 3, 70, d, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        kpm = torch.ones(2, 70, dtype=torch.bool)
+        kpm[1, 50:] = False
+        _check_close(q32, k32, v32, kpm, False, torch.bfloat16,
+                     lambda ql, kl, vl: ops.attention(ql, kl, vl, causal=False, key_padding_mask=kpm))
 
 
 @needs_ext

@@ -1,0 +1,130 @@
+// Torch-free test of the AMX vision attention (csrc/include/idefics3_kit/vision_amx.h) against a
+// double-precision softmax(q k^T * scale) v: head dims 32 and 64, query and key counts around the
+// 16-query and 32-key blocks, strided rows (the [N, L, H, hd] layout of the projections), no
+// mask, a random key mask, a mask that hides every key (zeros out), and scores spread wide enough
+// to make the lazy running maximum rescale. Buffers are sized exactly, so ASan sees any read past
+// a row, a tail block or a packed buffer.
+#include <idefics3_kit/vision_amx.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "check.h"
+
+#ifdef IK_HAVE_AMX_PATH
+namespace va = idefics3_kit::attn::vamx;
+using idefics3_kit::bf16_bits_to_float;
+using idefics3_kit::float_to_bf16_rne;
+
+namespace {
+
+struct Case {
+  int64_t lq, lk, d, stride;  // stride: elements between rows (>= d)
+  int mask;                   // 0 none, 1 random, 2 every key hidden
+  float spread;               // std of q (wider scores: more rescaling)
+};
+
+void run(const Case& t, std::mt19937& rng, va::Scratch& scratch) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto fill = [&](int64_t rows, float std) {
+    std::vector<uint16_t> x(rows * t.stride, 0x7FC0);  // NaN between rows: must never be read
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t e = 0; e < t.d; ++e) x[r * t.stride + e] = float_to_bf16_rne(normal(rng) * std);
+    return x;
+  };
+  const std::vector<uint16_t> q = fill(t.lq, t.spread), k = fill(t.lk, 1.0f), v = fill(t.lk, 1.0f);
+  std::vector<uint8_t> keep(t.lk, 1);
+  if (t.mask == 1)
+    for (auto& m : keep) m = std::uniform_int_distribution<int>(0, 3)(rng) != 0;
+  if (t.mask == 2) std::fill(keep.begin(), keep.end(), 0);
+  std::vector<uint16_t> out(t.lq * t.stride, 0xDEAD);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(t.d));
+  const va::Head h{q.data(), k.data(), v.data(), out.data(), t.lq, t.lk, t.d, t.stride, t.stride, t.stride, t.stride,
+                   t.mask ? keep.data() : nullptr, scale};
+  va::configure();
+  va::run_head(h, scratch);
+  va::release();
+  double vmax = 0.0;
+  for (int64_t j = 0; j < t.lk; ++j)
+    for (int64_t e = 0; e < t.d; ++e) vmax = std::max(vmax, std::fabs(double(bf16_bits_to_float(v[j * t.stride + e]))));
+  for (int64_t i = 0; i < t.lq; ++i) {
+    std::vector<double> p(t.lk, 0.0);
+    double top = -INFINITY, sum = 0.0;
+    for (int64_t j = 0; j < t.lk; ++j) {
+      if (!keep[j] && t.mask) continue;
+      double s = 0.0;
+      for (int64_t e = 0; e < t.d; ++e)
+        s += double(bf16_bits_to_float(q[i * t.stride + e])) * bf16_bits_to_float(k[j * t.stride + e]);
+      p[j] = s * scale;
+      top = std::max(top, p[j]);
+    }
+    for (int64_t j = 0; j < t.lk; ++j) {
+      p[j] = (!keep[j] && t.mask) ? 0.0 : std::exp(p[j] - top);
+      sum += p[j];
+    }
+    for (int64_t e = 0; e < t.d; ++e) {
+      double ref = 0.0;
+      for (int64_t j = 0; j < t.lk; ++j) ref += p[j] * bf16_bits_to_float(v[j * t.stride + e]);
+      ref = sum > 0 ? ref / sum : 0.0;
+      const double got = bf16_bits_to_float(out[i * t.stride + e]);
+      // P rounded to bf16 (2^-9 of each weight, so 2^-9 of max|v|), the output's own rounding, and
+      // fp32 scores / sums
+      const double bound = std::ldexp(vmax, -8) + std::ldexp(std::fabs(ref), -8) + 1e-6;
+      if (!(std::fabs(got - ref) <= bound))
+        std::fprintf(stderr, "lq %lld lk %lld d %lld mask %d: out[%lld, %lld] = %g, reference %g\n", (long long)t.lq,
+                     (long long)t.lk, (long long)t.d, t.mask, (long long)i, (long long)e, got, ref);
+      CHECK(std::fabs(got - ref) <= bound);
+    }
+    for (int64_t e = t.d; e < t.stride; ++e) CHECK(out[i * t.stride + e] == 0xDEAD);  // nothing past the row
+  }
+}
+
+void test_against_double() {
+  if (!va::usable(64)) {
+    std::printf("AMX not available: vision_amx not tested here\n");
+    return;
+  }
+  std::mt19937 rng(17);
+  va::Scratch scratch;
+  for (int64_t d : {32, 64})
+    for (int64_t lq : {1, 15, 16, 17, 40})
+      for (int64_t lk : {1, 31, 32, 33, 70})
+        for (int mask : {0, 1, 2}) run({lq, lk, d, d + 8 * (lq % 2), mask, 1.0f}, rng, scratch);
+  // wide scores: rows whose maximum arrives late force the lazy rescale of partial outputs
+  for (int64_t lk : {64, 200}) run({20, lk, 64, 64, 0, 6.0f}, rng, scratch);
+  run({16, 1024, 64, 64 * 12, 1, 3.0f}, rng, scratch);
+}
+
+// A NaN query makes its own row NaN and leaves the others as they were.
+void test_nan_query_spoils_only_its_row() {
+  if (!va::usable(64)) return;
+  const int64_t lq = 20, lk = 40, d = 64;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint16_t> q(lq * d), k(lk * d), v(lk * d), a(lq * d), b(lq * d);
+  for (auto* t : {&q, &k, &v})
+    for (auto& x : *t) x = float_to_bf16_rne(normal(rng));
+  va::Scratch scratch;
+  va::configure();
+  va::run_head({q.data(), k.data(), v.data(), a.data(), lq, lk, d, d, d, d, d, nullptr, 0.125f}, scratch);
+  q[3 * d + 7] = 0x7FC0;  // NaN in row 3
+  va::run_head({q.data(), k.data(), v.data(), b.data(), lq, lk, d, d, d, d, d, nullptr, 0.125f}, scratch);
+  va::release();
+  for (int64_t i = 0; i < lq; ++i)
+    for (int64_t e = 0; e < d; ++e) {
+      if (i == 3)
+        CHECK(std::isnan(bf16_bits_to_float(b[i * d + e])));
+      else
+        CHECK(a[i * d + e] == b[i * d + e]);
+    }
+}
+
+}  // namespace
+
+TEST_MAIN(test_against_double(); test_nan_query_spoils_only_its_row();)
+#else
+TEST_MAIN(std::printf("no AMX path in this build\n");)
+#endif
