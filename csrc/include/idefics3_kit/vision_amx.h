@@ -83,39 +83,35 @@ IK_AMX_FN inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// K [lk, d] -> kp: per 32-dim chunk c, per dim pair j, per key: (dim 32c + 2j, dim 32c + 2j + 1);
-// V [lk, d] -> vp: per key pair, per dim: (key 2i, key 2i + 1). Zero past lk (lkp keys).
+// K [lk, d] -> kp and V [lk, d] -> vp in the tile unit's pair layout, each tile's 16 rows of
+// 64 bytes contiguous (1 KiB blocks: a tile load reads one block, not 16 rows 4 KiB apart, which
+// all fall in one L1 set):
+//   kp: per 16 keys, per 32-dim chunk c, per dim pair j: (key, dim 32c + 2j), (key, dim 32c + 2j + 1) for 16 keys
+//   vp: per 32 keys, per 16-dim chunk, per key pair i: (key 2i, dim), (key 2i + 1, dim) for 16 dims
+// Zero past lk (lkp keys).
 IK_AMX_FN inline void pack_kv(const Head& h, int64_t lkp, uint16_t* kp, uint16_t* vp) {
   const int64_t d = h.d, chunks = d / 32;
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t j = 0; j < 16; ++j) {
-      uint16_t* row = kp + (c * 16 + j) * lkp * 2;
-      for (int64_t key = 0; key < lkp; ++key) {
-        const bool in = key < h.lk;
-        row[2 * key] = in ? h.k[key * h.k_stride + 32 * c + 2 * j] : 0;
-        row[2 * key + 1] = in ? h.k[key * h.k_stride + 32 * c + 2 * j + 1] : 0;
-      }
-    }
-  for (int64_t i = 0; i < lkp / 2; ++i) {
-    const bool in0 = 2 * i < h.lk, in1 = 2 * i + 1 < h.lk;
-    const uint16_t* v0 = h.v + 2 * i * h.v_stride;
-    const uint16_t* v1 = v0 + h.v_stride;
-    uint16_t* row = vp + i * d * 2;
-    for (int64_t e = 0; e < d; ++e) {
-      row[2 * e] = in0 ? v0[e] : 0;
-      row[2 * e + 1] = in1 ? v1[e] : 0;
-    }
+  for (int64_t key = 0; key < lkp; ++key) {
+    const uint16_t* row = h.k + key * h.k_stride;
+    uint16_t* blk = kp + (key / 16) * chunks * 512 + (key % 16) * 2;
+    for (int64_t e = 0; e < d; ++e) blk[(e / 32) * 512 + ((e % 32) / 2) * 32 + (e % 2)] = key < h.lk ? row[e] : 0;
+  }
+  for (int64_t key = 0; key < lkp; ++key) {
+    const uint16_t* row = h.v + key * h.v_stride;
+    uint16_t* blk = vp + (key / 32) * (d / 16) * 512 + ((key % 32) / 2) * 32 + (key % 2);
+    for (int64_t e = 0; e < d; ++e) blk[(e / 16) * 512 + (e % 16) * 2] = key < h.lk ? row[e] : 0;
   }
 }
 
-// S for 16 keys (kb .. kb + 15) into rows of sb (row stride 32 floats), columns col .. col + 15.
+// S for 16 keys (kb .. kb + 15) into rows of sb (row stride 32 floats).
 template <int Chunks>
-IK_AMX_FN inline void scores(const uint16_t* kp, int64_t lkp, int64_t kb, float* sb) {
+IK_AMX_FN inline void scores(const uint16_t* kp, int64_t kb, float* sb) {
+  const uint16_t* blk = kp + (kb / 16) * Chunks * 512;
   _tile_zero(0);
-  _tile_loadd(1, kp + kb * 2, lkp * 4);
+  _tile_loadd(1, blk, 64);
   _tile_dpbf16ps(0, 2, 1);
   if constexpr (Chunks > 1) {
-    _tile_loadd(1, kp + (16 * lkp + kb) * 2, lkp * 4);
+    _tile_loadd(1, blk + 512, 64);
     _tile_dpbf16ps(0, 3, 1);
   }
   _tile_stored(0, sb, kK * 4);
@@ -184,8 +180,8 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
       const uint32_t bits = s.bits[b];
       if (bits == 0) continue;
       const int64_t kb = b * kK;
-      scores<Chunks>(s.kp.data(), lkp, kb, sb);
-      scores<Chunks>(s.kp.data(), lkp, kb + 16, sb + 16);
+      scores<Chunks>(s.kp.data(), kb, sb);
+      scores<Chunks>(s.kp.data(), kb + 16, sb + 16);
       const __mmask16 lo = static_cast<__mmask16>(bits), hi = static_cast<__mmask16>(bits >> 16);
       const bool all_kept = bits == ~uint32_t{0};
       const __m512 cv = _mm512_set1_ps(c);
@@ -223,15 +219,15 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
       }
       started = true;
       _tile_loadd(0, s.pb.data(), kK * 2);
-      const uint16_t* vrow = s.vp.data() + (kb / 2) * d * 2;
-      _tile_loadd(1, vrow, d * 4);
+      const uint16_t* vblk = s.vp.data() + (kb / 32) * (d / 16) * 512;
+      _tile_loadd(1, vblk, 64);
       _tile_dpbf16ps(4, 0, 1);
-      _tile_loadd(1, vrow + 32, d * 4);
+      _tile_loadd(1, vblk + 512, 64);
       _tile_dpbf16ps(5, 0, 1);
       if constexpr (Chunks > 1) {
-        _tile_loadd(1, vrow + 64, d * 4);
+        _tile_loadd(1, vblk + 1024, 64);
         _tile_dpbf16ps(6, 0, 1);
-        _tile_loadd(1, vrow + 96, d * 4);
+        _tile_loadd(1, vblk + 1536, 64);
         _tile_dpbf16ps(7, 0, 1);
       }
     }
