@@ -362,3 +362,38 @@ def test_a_failing_decode_step_fails_its_requests_and_the_server_goes_on(server,
     answer = client(url).chat.completions.create(model="demo", messages=image_message(QUESTIONS[2]), max_tokens=8,
                                                  temperature=0)
     assert answer.choices[0].message.content == generate_text(demo, QUESTIONS[2])
+
+
+def test_a_client_that_disconnects_mid_answer_leaves_the_batch(demo):
+    """Cancel during decoding: the row leaves the running batch at the next step (continuous
+    batching), long before its 64 tokens, and the server goes on serving."""
+    import time
+
+    with live_server(*demo) as (url, app):
+        engine = app.state.engine
+        step, steps = engine._step, []
+
+        def slow_step(running):
+            steps.append(len(running))
+            time.sleep(0.01)
+            step(running)
+
+        engine._step = slow_step
+        try:
+            body = {"model": "demo", "messages": image_message(), "max_tokens": 64, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+                lines = r.iter_lines()
+                while "content" not in next(lines):  # the first token has streamed: it is decoding
+                    pass
+            deadline = time.monotonic() + 10
+            while _cancelled(url) < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _cancelled(url) == 1
+            assert len(steps) < 60  # it stopped decoding well before its budget
+            assert engine.metrics.running.values.get((), 0) == 0
+        finally:
+            engine._step = step
+        answer = client(url).chat.completions.create(model="demo", messages=image_message(QUESTIONS[3]), max_tokens=8,
+                                                     temperature=0)
+        assert answer.choices[0].message.content == generate_text(demo, QUESTIONS[3])
