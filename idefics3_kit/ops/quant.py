@@ -119,24 +119,24 @@ def quant_linear_ref(x: torch.Tensor, qweights, scales, biases=None) -> torch.Te
     """Reference of a decode step: x quantized per block of 32 columns (``quantize_activations``),
     each weight's linear accumulated in float32 over the exactly dequantized weight, bias added,
     rounded once to x's dtype; the outputs concatenated on the last dim."""
-    biases = biases if biases is not None else [None] * len(qweights)
     xq, xs = quantize_activations(x)
     x_seen = xq.float() * xs.repeat_interleave(ACT_BLOCK, dim=-1)[..., :x.shape[-1]]   # [..., K]
-    outs = []
-    for q, s, b in zip(qweights, scales, biases):
-        y = x_seen @ dequantize(q, s, torch.float32).T
-        outs.append((y if b is None else y + b.float()).to(x.dtype))
-    return torch.cat(outs, dim=-1)
+    return _float32_linears(x_seen, x.dtype, qweights, scales, biases)
 
 
 def weight_only_ref(x: torch.Tensor, qweights, scales, biases=None) -> torch.Tensor:
     """What a prefill (more than MAX_ROWS rows) computes, up to the matmul's rounding: x as it is
     (no activation quantization) against each dequantized weight, float32 sums, one rounding."""
+    return _float32_linears(x.float(), x.dtype, qweights, scales, biases)
+
+
+def _float32_linears(x32: torch.Tensor, dtype: torch.dtype, qweights, scales, biases) -> torch.Tensor:
+    """x32 @ each dequantized weight (+ bias) in float32, each rounded once to ``dtype``, concatenated."""
     biases = biases if biases is not None else [None] * len(qweights)
     outs = []
     for q, s, b in zip(qweights, scales, biases):
-        y = x.float() @ dequantize(q, s, torch.float32).T
-        outs.append((y if b is None else y + b.float()).to(x.dtype))
+        y = x32 @ dequantize(q, s, torch.float32).T
+        outs.append((y if b is None else y + b.float()).to(dtype))
     return torch.cat(outs, dim=-1)
 
 

@@ -75,7 +75,7 @@ class RunningBatch:
         part.real = [r + 1 for r in part.real]
         check_logits(out.logits[:, -1], max(row.tokens for row in self.rows))
         state = SamplerState(tokens=part.tokens[:, :length + 1], new_tokens=0,
-                             pad_lengths=torch.tensor([length + 1 - r for r in part.real]))
+                             pad_lengths=torch.tensor([length + 1 - r for r in part.real], device=part.tokens.device))
         part.last = self._sample(self.rows, out.logits[:, -1], state)
         return part.last
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 
 import httpx
@@ -253,6 +254,22 @@ def test_timeout_is_504_and_cancels_the_work(demo):
         assert _cancelled(url) >= 1
 
 
+@contextlib.contextmanager
+def _wrapped_step(engine, before):
+    """Run ``before(running)`` ahead of each of the engine's decode steps (slow them, fail one)."""
+    step = engine._step
+
+    def wrapped(running):
+        before(running)
+        step(running)
+
+    engine._step = wrapped
+    try:
+        yield
+    finally:
+        engine._step = step
+
+
 def _cancelled(url) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith("idefics3_cancelled_requests_total "):
@@ -300,18 +317,8 @@ def test_a_request_joins_a_batch_that_is_decoding_and_finishes_first(server, dem
     url, app = server
     c = client(url)
     long_tokens = 64  # the fixture's cap; each step slowed to >= 5 ms so A lasts >= 0.3 s
-    engine = app.state.engine
-    step = engine._step
-
-    def slow_step(running):
-        time.sleep(0.005)
-        step(running)
-
-    engine._step = slow_step
-    try:
+    with _wrapped_step(app.state.engine, lambda running: time.sleep(0.005)):
         _join_while_decoding(c, demo, long_tokens)
-    finally:
-        engine._step = step
 
 
 def _join_while_decoding(c, demo, long_tokens):
@@ -343,22 +350,16 @@ def _join_while_decoding(c, demo, long_tokens):
 
 def test_a_failing_decode_step_fails_its_requests_and_the_server_goes_on(server, demo):
     url, app = server
-    engine = app.state.engine
-    step = engine._step
     calls = []
 
-    def broken(running):
+    def fail_once(running):
         if not calls:
             calls.append(1)
             raise RuntimeError("boom")
-        step(running)
 
-    engine._step = broken
-    try:
+    with _wrapped_step(app.state.engine, fail_once):
         with pytest.raises(openai.InternalServerError, match="generation failed: RuntimeError: boom"):
             client(url).chat.completions.create(model="demo", messages=image_message(), max_tokens=4, temperature=0)
-    finally:
-        engine._step = step
     answer = client(url).chat.completions.create(model="demo", messages=image_message(QUESTIONS[2]), max_tokens=8,
                                                  temperature=0)
     assert answer.choices[0].message.content == generate_text(demo, QUESTIONS[2])
@@ -370,16 +371,13 @@ def test_a_client_that_disconnects_mid_answer_leaves_the_batch(demo):
     import time
 
     with live_server(*demo) as (url, app):
-        engine = app.state.engine
-        step, steps = engine._step, []
+        engine, steps = app.state.engine, []
 
         def slow_step(running):
             steps.append(len(running))
             time.sleep(0.01)
-            step(running)
 
-        engine._step = slow_step
-        try:
+        with _wrapped_step(engine, slow_step):
             body = {"model": "demo", "messages": image_message(), "max_tokens": 64, "temperature": 0, "stream": True,
                     "ignore_eos": True}
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
@@ -392,8 +390,6 @@ def test_a_client_that_disconnects_mid_answer_leaves_the_batch(demo):
             assert _cancelled(url) == 1
             assert len(steps) < 60  # it stopped decoding well before its budget
             assert engine.metrics.running.values.get((), 0) == 0
-        finally:
-            engine._step = step
         answer = client(url).chat.completions.create(model="demo", messages=image_message(QUESTIONS[3]), max_tokens=8,
                                                      temperature=0)
         assert answer.choices[0].message.content == generate_text(demo, QUESTIONS[3])
