@@ -10,8 +10,9 @@ rounds. Also printed: the weight bytes each decode step reads (decoder linears +
 the embedding reads one row) and the achieved GB/s next to a measured read bandwidth.
 --busy repeats everything with one background process spinning (`nice -n 10 python3 -c
 "while True: pass"`) and prints busy / quiet ratios (issue 21, item 6).
---llama: the optional llama.cpp leg needs llama-cpp-python and GGUF files (q8_0 / q4_0) of the
-same decoder; without them it is skipped with a note.
+--llama DIR: the optional llama.cpp leg, in the same interleaved rounds (batch 1): bf16.gguf,
+q8_0.gguf and q4_0.gguf of the same decoder (benchmarks/make_gguf.py writes them with llama.cpp's own converter
+and quantizer) through llama-cpp-python; without them it is skipped with a note.
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ def run_all(variants: dict, args, busy: bool = False) -> tuple[dict, dict]:
                 if spinner:
                     time.sleep(1.0)  # past the start-up of a new process, when the scheduler still favours it
                 for name in order:
-                    dec = variants[name]
                     for b in args.batches:
-                        ttft, tps = measure(dec, b, args.context, args.tokens)
+                        got = measure_variant(variants[name], b, args)
+                        if got is None:
+                            continue
+                        ttft, tps = got
                         old = results.get((name, b), (float("inf"), 0.0))
                         results[(name, b)] = (min(old[0], ttft), max(old[1], tps))
             finally:
@@ -100,14 +103,17 @@ def run_all(variants: dict, args, busy: bool = False) -> tuple[dict, dict]:
 
 def print_table(title: str, results: dict, variants: dict, nbytes: dict, bandwidth: float, args) -> None:
     print(f"\n{title}")
-    print(f"{'variant':8s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>8s} {'vs bf16':>8s} {'MB/step':>8s} {'GB/s':>6s}")
+    print(f"{'variant':10s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>8s} {'vs bf16':>8s} {'MB/step':>8s} {'GB/s':>6s}")
     for name in variants:
         for b in args.batches:
+            if (name, b) not in results:
+                continue
             ttft, tps = results[(name, b)]
             base = results[("bf16", b)][1]
-            gbs = nbytes[name] * tps / b / 1e9
-            print(f"{name:8s} {b:5d} {ttft * 1e3:9.1f} {tps:8.1f} {tps / base:7.2f}x {nbytes[name] / 1e6:8.1f} "
-                  f"{gbs:6.1f}")
+            row = f"{name:10s} {b:5d} {ttft * 1e3:9.1f} {tps:8.1f} {tps / base:7.2f}x"
+            if name in nbytes:  # ours: bytes read per step and the bandwidth that makes
+                row += f" {nbytes[name] / 1e6:8.1f} {nbytes[name] * tps / b / 1e9:6.1f}"
+            print(row)
     print(f"measured read bandwidth ({args.threads} threads): {bandwidth:.1f} GB/s")
 
 
@@ -129,30 +135,55 @@ def accuracy(variants: dict, reference, prompts: int = 8, length: int = 64) -> N
                 print(f"  {name:5s} {how:12s} logits rel. RMS error {rel:.4f}   top-1 agreement {agree:.1%}")
 
 
-def llama_leg(args) -> None:
+class LlamaCpp:
+    """The optional llama.cpp leg: one GGUF file of the same decoder through llama-cpp-python,
+    timed like ``measure`` (batch 1 only: llama-cpp-python decodes one sequence). Decode steps
+    feed a fixed token (no sampler), so only the model's step is timed, as ours."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                                   verbose=False)
+
+    def measure(self, batch: int, context: int, tokens: int) -> tuple[float, float] | None:
+        if batch != 1:
+            return None
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(list(range(10, 10 + context)))
+        ttft = time.perf_counter() - start
+        self.llm.eval([11])  # warm-up step
+        start = time.perf_counter()
+        for t in range(tokens):
+            self.llm.eval([12 + t % 100])
+        return ttft, tokens / (time.perf_counter() - start)
+
+
+def llama_variants(args) -> dict:
+    """{"llama bf16": LlamaCpp, "llama q8_0": ..., "llama q4_0": ...} for the GGUF files found, with a note for what is missing."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        print("\nllama.cpp leg: skipped (llama-cpp-python is not installed)")
-        return
+        print("llama.cpp leg: skipped (llama-cpp-python is not installed; see docs/quantization.md)")
+        return {}
     if not args.llama:
-        print("\nllama.cpp leg: skipped (pass --llama DIR holding q8_0.gguf / q4_0.gguf of the decoder)")
-        return
-    import llama_cpp
-    for fmt in ("q8_0", "q4_0"):
+        print("llama.cpp leg: skipped (pass --llama DIR holding q8_0.gguf / q4_0.gguf: benchmarks/make_gguf.py)")
+        return {}
+    found = {}
+    for fmt in ("bf16", "q8_0", "q4_0"):
         path = os.path.join(args.llama, f"{fmt}.gguf")
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            found[f"llama {fmt}"] = LlamaCpp(path, args.threads, args.context + args.tokens + 8)
+        else:
             print(f"llama.cpp {fmt}: {path} not found")
-            continue
-        llm = llama_cpp.Llama(path, n_threads=args.threads, n_ctx=args.context + args.tokens + 8, verbose=False)
-        prompt = list(range(10, 10 + args.context))
-        start = time.perf_counter()
-        llm.eval(prompt)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(args.tokens):
-            llm.eval([int(llm.sample())])
-        print(f"llama.cpp {fmt}: TTFT {ttft * 1e3:.1f} ms, {args.tokens / (time.perf_counter() - start):.1f} tok/s")
+    return found
+
+
+def measure_variant(variant, batch: int, args) -> tuple[float, float] | None:
+    if isinstance(variant, LlamaCpp):
+        return variant.measure(batch, args.context, args.tokens)
+    return measure(variant, batch, args.context, args.tokens)
 
 
 def main() -> None:
@@ -165,7 +196,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-speed", action="store_true", help="skip the timings (with --accuracy)")
     p.add_argument("--busy", action="store_true", help="also run with one background process spinning")
-    p.add_argument("--llama", default=None, help="folder with q8_0.gguf / q4_0.gguf (optional leg)")
+    p.add_argument("--llama", default=None, help="folder with bf16.gguf / q8_0.gguf / q4_0.gguf (optional leg)")
     p.add_argument("--accuracy", action="store_true", help="also print logits error / top-1 agreement vs float32")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,12 +209,14 @@ def main() -> None:
         quant.quantize_modules(q, names, 8 if method == "int8" else 4, args.group_size if method == "int4" else None)
         variants[method] = q
     nbytes = {name: step_bytes(dec) for name, dec in variants.items()}
+    ours = dict(variants)
     print(f"threads {args.threads}  context {args.context}  decode tokens {args.tokens}  int4 group {args.group_size}  "
           f"load avg {os.getloadavg()[0]:.1f} (other processes skew 2-thread timings)  "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     if args.no_speed:
-        accuracy(variants, copy.deepcopy(model.decoder).float())
+        accuracy(ours, copy.deepcopy(model.decoder).float())
         return
+    variants.update(llama_variants(args))
     bandwidth = read_bandwidth(args.threads)
     quiet, busy = run_all(variants, args, args.busy)
     print_table("quiet", quiet, variants, nbytes, bandwidth, args)
@@ -191,10 +224,10 @@ def main() -> None:
         print_table("busy (one background process spinning at nice 10; rounds interleaved with the quiet ones)",
                     busy, variants, nbytes, bandwidth, args)
         print("\nbusy / quiet decode tokens/s: " + "   ".join(
-            f"{name} b{b} {busy[(name, b)][1] / quiet[(name, b)][1]:.0%}" for name in variants for b in args.batches))
-    llama_leg(args)
+            f"{name} b{b} {busy[(name, b)][1] / quiet[(name, b)][1]:.0%}" for name in variants for b in args.batches
+            if (name, b) in quiet))
     if args.accuracy:
-        accuracy(variants, copy.deepcopy(model.decoder).float())
+        accuracy(ours, copy.deepcopy(model.decoder).float())
 
 
 if __name__ == "__main__":
