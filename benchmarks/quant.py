@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import idefics3_kit as ik  # noqa: E402
+from idefics3_kit import ops  # noqa: E402
 from idefics3_kit.ops import quant  # noqa: E402
 
 
@@ -65,12 +66,12 @@ def measure(decoder, batch: int, context: int, tokens: int) -> tuple[float, floa
     with torch.inference_mode():
         start = time.perf_counter()
         out = decoder(input_ids=ids, cache=cache, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = ops.argmax_last(out.logits[:, -1])[:, None]  # greedy, as generate picks
         ttft = time.perf_counter() - start
         decoder(input_ids=nxt, cache=cache, logits_to_keep=1)  # warm-up step
         start = time.perf_counter()
         for _ in range(tokens):
-            nxt = decoder(input_ids=nxt, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = ops.argmax_last(decoder(input_ids=nxt, cache=cache, logits_to_keep=1).logits[:, -1])[:, None]
         return ttft, batch * tokens / (time.perf_counter() - start)
 
 

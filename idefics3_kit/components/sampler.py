@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from .. import registry
+from .. import ops, registry
 from ..registry import register
 
 
@@ -177,7 +177,7 @@ class Greedy:
         self.config = config
 
     def __call__(self, logits: torch.Tensor, state: SamplerState | None = None) -> torch.Tensor:
-        return logits.argmax(dim=-1)
+        return ops.argmax_last(logits)
 
 
 @dataclass(frozen=True)

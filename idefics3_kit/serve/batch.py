@@ -81,7 +81,7 @@ class RunningBatch:
 
     def _sample(self, rows: list, logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
         """Each row picks its token with its own chain and generator (greedy rows: argmax)."""
-        ids = logits.argmax(dim=-1)
+        ids = ops.argmax_last(logits)
         assert state.tokens is not None
         for i, row in enumerate(rows):
             if row.greedy or row.finished:
