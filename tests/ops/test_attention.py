@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from idefics3_kit import ops
@@ -42,8 +42,18 @@ def _max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+def _output_ulp(ref32: torch.Tensor, dtype: torch.dtype) -> float:
+    """The spacing of ``dtype`` numbers at the largest output: two correct roundings of the same
+    value differ by up to this much."""
+    top = ref32.abs().max().item()
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top)) if top > 0 else 0.0
+
+
 def _check_close(q, k, v, kpm, causal, dtype, run):
-    """err(ours vs fp32 reference) <= 2 * err(reference in dtype vs fp32 reference) + eps."""
+    """err(ours vs fp32 reference) <= max(2 * err(reference in dtype vs fp32 reference), one ulp
+    of the output in dtype) + eps. The ulp floor matters with a few keys: there the reference's
+    error is mostly its final rounding, which can land luckily close (hypothesis found 2 keys,
+    outputs near 3: reference off by 0.005, ours by 0.0147, the bf16 spacing there is 0.0156)."""
     ref32 = attention_ref(q, k, v, causal=causal, key_padding_mask=kpm)
     ql, kl, vl = q.to(dtype), k.to(dtype), v.to(dtype)
     ours = run(ql, kl, vl)
@@ -56,7 +66,8 @@ def _check_close(q, k, v, kpm, causal, dtype, run):
         assert _max_err(ours, ref32) <= 1e-5
     else:
         ref_low = attention_ref(ql, kl, vl, causal=causal, key_padding_mask=kpm)
-        assert _max_err(ours, ref32) <= 2 * _max_err(ref_low, ref32) + 2e-3
+        bound = max(2 * _max_err(ref_low, ref32), _output_ulp(ref32, dtype)) + 2e-3
+        assert _max_err(ours, ref32) <= bound
 
 
 # ---- reference semantics (always run) ---------------------------------------------------------
@@ -102,6 +113,7 @@ masks = st.sampled_from([None, "random", "left_pad"])
 @given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 4), lq=st.integers(1, 140),
        extra=st.integers(0, 70), d=head_dims, dtype=dtypes, mask=masks, causal=st.booleans(),
        seed=st.integers(0, 1000))
+@example(b=2, hkv=1, groups=1, lq=2, extra=1, d=64, dtype=torch.bfloat16, mask="random", causal=False, seed=2)
 def test_vision_and_prefill_match_reference(b, hkv, groups, lq, extra, d, dtype, mask, causal, seed):
     lk = lq + extra if causal else max(1, extra + lq // 2)
     q, k, v, kpm = _inputs(b, hkv * groups, hkv, lq, lk, d, mask, seed)
