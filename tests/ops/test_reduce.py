@@ -53,6 +53,10 @@ def test_shapes_and_views():
     assert torch.equal(ops.argmax_last(view), view.argmax(dim=-1))
     sliced = torch.randn(3, 2000)[:, 7:1900]
     assert torch.equal(ops.argmax_last(sliced), sliced.argmax(dim=-1))
+    for shape in ((0, 1000), (1000,), (2, 0, 700)):  # no rows, one row without a batch dim
+        x = torch.randn(*shape)
+        got = ops.argmax_last(x)
+        assert got.shape == x.argmax(dim=-1).shape and torch.equal(got, x.argmax(dim=-1))
 
 
 def test_short_rows_integers_and_compile_take_torch(monkeypatch):
