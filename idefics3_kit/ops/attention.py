@@ -143,7 +143,7 @@ def _kernel_name(q: torch.Tensor, causal: bool) -> str | None:
     return "vision_attention"
 
 
-AMX_VISION_HEAD_DIMS = (32, 64)
+AMX_VISION_HEAD_DIMS = (32, 64)  # the C++ side's rule is attn::vamx::usable (vision_amx.h): keep them equal
 
 
 def _amx_vision(q: torch.Tensor) -> bool:

@@ -141,6 +141,7 @@ class RunningBatch:
                           torch.stack([part.last[src] for part, src in sources]), real)
         ops.prepare_decode(self.model.decoder, len(rows))  # bf16 on CPU: packed weights where they pay
 
+
 def _layers(cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's (keys, values) buffers: all allocated once a prefill has run."""
     out = []

@@ -103,7 +103,8 @@ class Metrics:
         self.tpot = Histogram(p + "time_per_output_token_seconds", "time between a row's generated tokens",
                               lock, TPOT_BUCKETS)
         self.duration = Histogram(p + "request_duration_seconds", "arrival to last token", lock, DURATION_BUCKETS)
-        self.batch_size = Histogram(p + "batch_size", "rows joining the running batch together (one prefill)", lock, BATCH_BUCKETS)
+        self.batch_size = Histogram(p + "batch_size", "rows joining the running batch together (one prefill)",
+                                    lock, BATCH_BUCKETS)
         self.prompt_tokens.inc(0)
         self.completion_tokens.inc(0)
         self.cancelled.inc(0)
