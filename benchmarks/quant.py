@@ -1,12 +1,16 @@
 """Decode speed of weight-only quantized models: int8 / int4 vs our bf16, side by side in one run.
 
-    python benchmarks/quant.py [--threads 2] [--context 128] [--tokens 16] [--batches 1 4]
+    python benchmarks/quant.py [--threads 2] [--context 128] [--tokens 64] [--batches 1 4]
                                [--group-size 64] [--rounds 3] [--busy] [--llama GGUF_DIR]
 
 SmolVLM-256M decoder shapes with random weights (VLMConfig.preset("smolvlm-256m")), LM head
 quantized too. For each variant and batch: time to first token (a prefill of --context tokens)
-and decode tokens/s (single-token steps, greedy ids fed back), best of --rounds interleaved
-rounds. Also printed: the weight bytes each decode step reads (decoder linears + LM head + norms;
+and decode tokens/s (single-token steps, greedy ids fed back, each step timed), best of --rounds
+interleaved rounds, in two windows: the first FIRST_STEPS steps right after the prefill, and the
+steps after them up to --tokens ("steady"). They differ: on this machine the first steps after a
+prefill (or any pause) run up to 1.4x slower than the steady ones for int4, less for int8, not at
+all for bf16 (docs/quantization.md, "Right after a prefill"), so a 16-token window and a long
+answer give different ratios; both are printed. Also printed: the weight bytes each decode step reads (decoder linears + LM head + norms;
 the embedding reads one row) and the achieved GB/s next to a measured read bandwidth.
 --busy repeats everything with one background process spinning (`nice -n 10 python3 -c
 "while True: pass"`) and prints busy / quiet ratios (issue 21, item 6).
@@ -59,20 +63,31 @@ def read_bandwidth(threads: int) -> float:
     return best
 
 
-def measure(decoder, batch: int, context: int, tokens: int) -> tuple[float, float]:
-    """(time to first token in s, decode tokens/s summed over the batch)."""
+FIRST_STEPS = 16  # the window right after the prefill (what a short answer sees)
+
+
+def rates(step_seconds: list[float], batch: int) -> tuple[float, float]:
+    """(tokens/s over the first FIRST_STEPS steps, tokens/s over the steps after them) summed over the
+    batch; the steady rate is nan when there are no steps after the first window."""
+    first, rest = step_seconds[:FIRST_STEPS], step_seconds[FIRST_STEPS:]
+    return batch * len(first) / sum(first), (batch * len(rest) / sum(rest)) if rest else float("nan")
+
+
+def measure(decoder, batch: int, context: int, tokens: int) -> tuple[float, float, float]:
+    """(time to first token in s, decode tokens/s of the first window, of the steady window)."""
     ids = torch.randint(0, decoder.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
     cache = decoder.new_cache(batch, context + tokens + 2)
+    steps = []
     with torch.inference_mode():
         start = time.perf_counter()
         out = decoder(input_ids=ids, cache=cache, logits_to_keep=1)
         nxt = ops.argmax_last(out.logits[:, -1])[:, None]  # greedy, as generate picks
         ttft = time.perf_counter() - start
-        decoder(input_ids=nxt, cache=cache, logits_to_keep=1)  # warm-up step
-        start = time.perf_counter()
         for _ in range(tokens):
+            start = time.perf_counter()
             nxt = ops.argmax_last(decoder(input_ids=nxt, cache=cache, logits_to_keep=1).logits[:, -1])[:, None]
-        return ttft, batch * tokens / (time.perf_counter() - start)
+            steps.append(time.perf_counter() - start)
+    return (ttft, *rates(steps, batch))
 
 
 def run_all(variants: dict, args, busy: bool = False) -> tuple[dict, dict]:
@@ -92,9 +107,8 @@ def run_all(variants: dict, args, busy: bool = False) -> tuple[dict, dict]:
                         got = measure_variant(variants[name], b, args)
                         if got is None:
                             continue
-                        ttft, tps = got
-                        old = results.get((name, b), (float("inf"), 0.0))
-                        results[(name, b)] = (min(old[0], ttft), max(old[1], tps))
+                        old = results.get((name, b), (float("inf"), 0.0, 0.0))
+                        results[(name, b)] = (min(old[0], got[0]), max(old[1], got[1]), max(old[2], got[2]))
             finally:
                 if spinner:
                     spinner.kill()
@@ -104,16 +118,20 @@ def run_all(variants: dict, args, busy: bool = False) -> tuple[dict, dict]:
 
 def print_table(title: str, results: dict, variants: dict, nbytes: dict, bandwidth: float, args) -> None:
     print(f"\n{title}")
-    print(f"{'variant':10s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>8s} {'vs bf16':>8s} {'MB/step':>8s} {'GB/s':>6s}")
+    steady = f"steady (steps {FIRST_STEPS + 1}-{args.tokens})"
+    print(f"{'':26s} {'first ' + str(FIRST_STEPS) + ' steps':>17s} {steady:>17s}")
+    print(f"{'variant':10s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>8s} {'vs bf16':>8s} {'tok/s':>8s} {'vs bf16':>8s} "
+          f"{'MB/step':>8s} {'GB/s':>6s}")
     for name in variants:
         for b in args.batches:
             if (name, b) not in results:
                 continue
-            ttft, tps = results[(name, b)]
-            base = results[("bf16", b)][1]
-            row = f"{name:10s} {b:5d} {ttft * 1e3:9.1f} {tps:8.1f} {tps / base:7.2f}x"
-            if name in nbytes:  # ours: bytes read per step and the bandwidth that makes
-                row += f" {nbytes[name] / 1e6:8.1f} {nbytes[name] * tps / b / 1e9:6.1f}"
+            ttft, first, steady = results[(name, b)]
+            _, base_first, base_steady = results[("bf16", b)]
+            row = (f"{name:10s} {b:5d} {ttft * 1e3:9.1f} {first:8.1f} {first / base_first:7.2f}x "
+                   f"{steady:8.1f} {steady / base_steady:7.2f}x")
+            if name in nbytes:  # ours: bytes read per step and the bandwidth that makes (steady)
+                row += f" {nbytes[name] / 1e6:8.1f} {nbytes[name] * steady / b / 1e9:6.1f}"
             print(row)
     print(f"measured read bandwidth ({args.threads} threads): {bandwidth:.1f} GB/s")
 
@@ -147,18 +165,19 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
                                    verbose=False)
 
-    def measure(self, batch: int, context: int, tokens: int) -> tuple[float, float] | None:
+    def measure(self, batch: int, context: int, tokens: int) -> tuple[float, float, float] | None:
         if batch != 1:
             return None
         self.llm.reset()
         start = time.perf_counter()
         self.llm.eval(list(range(10, 10 + context)))
         ttft = time.perf_counter() - start
-        self.llm.eval([11])  # warm-up step
-        start = time.perf_counter()
+        steps = []
         for t in range(tokens):
+            start = time.perf_counter()
             self.llm.eval([12 + t % 100])
-        return ttft, tokens / (time.perf_counter() - start)
+            steps.append(time.perf_counter() - start)
+        return (ttft, *rates(steps, batch))
 
 
 def llama_variants(args) -> dict:
@@ -181,7 +200,7 @@ def llama_variants(args) -> dict:
     return found
 
 
-def measure_variant(variant, batch: int, args) -> tuple[float, float] | None:
+def measure_variant(variant, batch: int, args) -> tuple[float, float, float] | None:
     if isinstance(variant, LlamaCpp):
         return variant.measure(batch, args.context, args.tokens)
     return measure(variant, batch, args.context, args.tokens)
@@ -191,7 +210,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64,
+                   help=f"decode steps per measurement: the first {FIRST_STEPS}, then the steady window (default 64)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
@@ -200,6 +220,8 @@ def main() -> None:
     p.add_argument("--llama", default=None, help="folder with bf16.gguf / q8_0.gguf / q4_0.gguf (optional leg)")
     p.add_argument("--accuracy", action="store_true", help="also print logits error / top-1 agreement vs float32")
     args = p.parse_args()
+    if args.tokens <= FIRST_STEPS:
+        p.error(f"--tokens must be more than {FIRST_STEPS} (the first window), got {args.tokens}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = ik.VLM(ik.VLMConfig.preset("smolvlm-256m")).to(torch.bfloat16).eval()
@@ -224,9 +246,10 @@ def main() -> None:
     if args.busy:
         print_table("busy (one background process spinning at nice 10; rounds interleaved with the quiet ones)",
                     busy, variants, nbytes, bandwidth, args)
-        print("\nbusy / quiet decode tokens/s: " + "   ".join(
-            f"{name} b{b} {busy[(name, b)][1] / quiet[(name, b)][1]:.0%}" for name in variants for b in args.batches
-            if (name, b) in quiet))
+        for window, i in ((f"first {FIRST_STEPS} steps", 1), ("steady", 2)):
+            print(f"\nbusy / quiet decode tokens/s, {window}: " + "   ".join(
+                f"{name} b{b} {busy[(name, b)][i] / quiet[(name, b)][i]:.0%}" for name in variants
+                for b in args.batches if (name, b) in quiet))
     if args.accuracy:
         accuracy(ours, copy.deepcopy(model.decoder).float())
 

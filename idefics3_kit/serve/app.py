@@ -94,12 +94,13 @@ def create_app(model, processor, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request):
         arrival = time.monotonic()
-        body = await _read_json(request, settings.max_body_bytes)
-        chat, inputs = await run_in_threadpool(_parse, body, settings, processor, engine.context)
-        job = Job(inputs, chat.params, engine.max_new_tokens(inputs, chat.params), asyncio.get_running_loop(),
-                  deadline=arrival + settings.request_timeout_s)
-        job.arrival = arrival
-        engine.submit(job)
+        with engine.preparing_request():
+            body = await _read_json(request, settings.max_body_bytes)
+            chat, inputs = await run_in_threadpool(_parse, body, settings, processor, engine.context)
+            job = Job(inputs, chat.params, engine.max_new_tokens(inputs, chat.params), asyncio.get_running_loop(),
+                      deadline=arrival + settings.request_timeout_s)
+            job.arrival = arrival
+            engine.submit(job)
         metrics.prompt_tokens.inc(inputs.prompt_tokens)
         reply = _Reply(settings.model_name, chat, job)
         if chat.stream:

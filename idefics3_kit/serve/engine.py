@@ -20,6 +20,7 @@ a step's events go in one hand-off per event loop (``flush_events``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import random
 import threading
@@ -38,6 +39,8 @@ from .settings import ServeSettings
 
 
 MAX_WINDOWS = 4  # the most a batch's gathering waits: this many windows after its first request
+GRACE_FRACTION = 5  # with no request being prepared, gathering waits a fifth of the window for one more
+GRACE_POLL_S = 0.001  # how often gathering looks again while a request is being prepared
 
 
 class Job:
@@ -212,6 +215,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.failed: BaseException | None = None
         self.buffer: list = []  # a step's events, handed to the event loops together (flush_events)
+        self.preparing = 0  # requests the app is reading or preprocessing now: they will come (see _gather)
+        self._preparing_lock = threading.Lock()
 
     # ---- the event loop's side ----------------------------------------------------------------
     def start(self) -> None:
@@ -239,6 +244,18 @@ class Engine:
         room = self.context - inputs.prompt_tokens
         wanted = params.max_tokens if params.max_tokens is not None else self.settings.default_max_tokens
         return max(1, min(wanted, room))
+
+    @contextlib.contextmanager
+    def preparing_request(self):
+        """Around the app's reading and preprocessing of one request: a batch being gathered keeps
+        its window open while requests are on their way, and closes as soon as none is."""
+        with self._preparing_lock:
+            self.preparing += 1
+        try:
+            yield
+        finally:
+            with self._preparing_lock:
+                self.preparing -= 1
 
     def submit(self, job: Job) -> None:
         """Queue a job; a full queue is a 429 with Retry-After, a dead worker a 503."""
@@ -321,8 +338,10 @@ class Engine:
         deadline = time.monotonic() + window
         while rows < self.settings.max_batch_size:
             try:
-                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self.queue.get(timeout=max(0.0, self._window_end(deadline, last_call) - time.monotonic()))
             except queue.Empty:
+                if self.preparing and time.monotonic() < last_call:
+                    continue  # a request is still being preprocessed: it joins if it comes in time
                 break
             # each arrival keeps the window open a little longer (clients that were answered
             # together come back one request-parse apart), up to MAX_WINDOWS windows in all
@@ -337,6 +356,14 @@ class Engine:
             rows += job.params.n
         self.metrics.queue_depth.set(self.queue.qsize() + (self.carry is not None))
         return jobs
+
+    def _window_end(self, deadline: float, last_call: float) -> float:
+        """When to stop waiting for the next arrival: the window's deadline while requests are being
+        prepared (they are coming), else a short grace only (one in GRACE_FRACTION of the window, for a
+        request whose bytes the event loop has not read yet) instead of an idle rest of the window."""
+        if self.preparing:
+            return min(last_call, max(deadline, time.monotonic() + GRACE_POLL_S))
+        return min(deadline, time.monotonic() + self.settings.batch_window_ms / 1000 / GRACE_FRACTION)
 
     def _admit(self, running: RunningBatch, jobs: list[Job]) -> None:
         """Prefill ``jobs`` and join their rows to the running batch; their first tokens stream."""

@@ -80,27 +80,65 @@ def _gatherer(window_ms: float, max_batch: int = 8):
     engine = Engine.__new__(Engine)
     engine.settings = ServeSettings(max_batch_size=max_batch, batch_window_ms=window_ms)
     engine.queue, engine.carry, engine.metrics = queue.Queue(), None, Metrics()
+    engine.preparing, engine._preparing_lock = 0, threading.Lock()
     return engine
 
 
-def _feed(engine, jobs, gap_s: float) -> threading.Thread:
+def _feed(engine, jobs, gap_s: float, preparing: bool = True) -> threading.Thread:
+    """Submit ``jobs`` ``gap_s`` apart; with ``preparing``, each is announced as being prepared (as
+    the app does while it reads and preprocesses a request) from the moment the previous one lands."""
     def run():
         for j in jobs:
-            engine.queue.put(j)
-            time.sleep(gap_s)
+            if preparing:
+                with engine.preparing_request():
+                    time.sleep(gap_s)
+                    engine.queue.put(j)
+            else:
+                time.sleep(gap_s)
+                engine.queue.put(j)
     thread = threading.Thread(target=run)
     thread.start()
     return thread
 
 
 def test_requests_arriving_one_after_another_join_one_batch():
-    """Clients answered together come back one request-parse apart: each arrival keeps the window
-    open, so the third request (500 ms after the first, past one 400 ms window) still joins."""
+    """Clients answered together come back one request-parse apart: while a request is being
+    prepared the window stays open, so the third request (750 ms after the first was announced,
+    past one 400 ms window) still joins."""
     engine = _gatherer(400)
     jobs = [job(None) for _ in range(3)]
     feeder = _feed(engine, jobs, 0.25)
     assert engine._gather() == jobs
     feeder.join()
+
+
+def test_gathering_does_not_wait_out_the_window_when_nothing_is_coming():
+    """With no request being prepared, a batch closes after a short grace, not the whole window:
+    a request that lands later than that starts the next batch."""
+    engine = _gatherer(2000)
+    first, late = job(None), job(None)
+    engine.queue.put(first)
+    feeder = _feed(engine, [late], 2.0, preparing=False)
+    start = time.monotonic()
+    assert engine._gather() == [first]
+    assert time.monotonic() - start < 1.9  # the grace is a fifth of the 2 s window (0.4 s)
+    feeder.join()
+    assert engine._gather() == [late]
+
+
+def test_gathering_waits_for_a_request_being_prepared_at_most_the_window_cap():
+    """A request announced as being prepared keeps the batch open, but never past MAX_WINDOWS windows."""
+    from idefics3_kit.serve.engine import MAX_WINDOWS
+
+    engine = _gatherer(50)
+    first = job(None)
+    engine.queue.put(first)
+    with engine.preparing_request():  # announced, never submitted (e.g. a request that fails to parse)
+        start = time.monotonic()
+        assert engine._gather() == [first]
+        waited = time.monotonic() - start
+    assert MAX_WINDOWS * 0.05 - 0.01 <= waited < MAX_WINDOWS * 0.05 + 2.0
+    assert engine.preparing == 0
 
 
 def test_gathering_ends_at_the_batch_size_and_carries_the_rest():
