@@ -1,6 +1,7 @@
 // vision_attention on CPU: non-causal attention with an optional key padding mask (SigLIP).
 //
-// bf16 with head dim 32 or 64 on a CPU with AMX, finite keys and values: the tile-unit flash kernel
+// bf16 with a head dim the AMX kernel takes (multiples of 8 up to 128) on a CPU with AMX, finite keys
+// and values: the tile-unit flash kernel
 // (csrc/include/idefics3_kit/vision_amx.h), one (batch, head) per work item. Everything else (float32,
 // other head dims, no AMX, or a NaN / inf in k or v, whose propagation rules the blocked kernel
 // follows exactly as attention_ref does): the blocked GEMM + softmax + GEMM kernel. A non-finite

@@ -11,7 +11,8 @@ torch's fused kernel and is the ordinary path. The router picks at most one comp
 - one query (decode, causal or not)  -> ``decode_attention`` (k/v may be strided cache views)
 - causal, several queries (prefill)   -> ``prefill_attention`` (queries are the last Lq of Lk keys)
 - non-causal, several queries         -> ``vision_attention`` on CUDA, and on a CPU with AMX for
-  bf16 with head dim 32 or 64 (its tile-unit flash kernel, csrc/include/idefics3_kit/vision_amx.h:
+  bf16 with head dim a multiple of 8 up to 128 (its tile-unit flash kernel,
+  csrc/include/idefics3_kit/vision_amx.h:
   1.0-1.4x torch's SDPA on SigLIP's shapes, benchmarks/attention_cpu.py); other CPU calls go
   straight to SDPA (``PREFER_TORCH_NONCAUSAL``: torch's fused kernel measured faster than our
   blocked one, x0.6-0.9) without entering the compiled path.
@@ -143,12 +144,17 @@ def _kernel_name(q: torch.Tensor, causal: bool) -> str | None:
     return "vision_attention"
 
 
-AMX_VISION_HEAD_DIMS = (32, 64)  # the C++ side's rule is attn::vamx::usable (vision_amx.h): keep them equal
+AMX_VISION_MAX_HEAD_DIM = 128  # the C++ side's rule is attn::vamx::usable (vision_amx.h): keep them equal
+
+
+def amx_vision_head_dim(d: int) -> bool:
+    """The head dims the AMX vision kernel takes: multiples of 8 up to 128 (SigLIP's 64 and 72 among them)."""
+    return d % 8 == 0 and 8 <= d <= AMX_VISION_MAX_HEAD_DIM
 
 
 def _amx_vision(q: torch.Tensor) -> bool:
-    """Whether the CPU vision_attention op takes its AMX flash path for q (bf16, head dim 32/64)."""
-    return q.dtype == torch.bfloat16 and q.shape[-1] in AMX_VISION_HEAD_DIMS and _library.cpu_has("amx_bf16")
+    """Whether the CPU vision_attention op takes its AMX flash path for q (bf16, a head dim it takes)."""
+    return q.dtype == torch.bfloat16 and amx_vision_head_dim(q.shape[-1]) and _library.cpu_has("amx_bf16")
 
 
 def _cpu_covers(q, k, v, causal) -> bool:

@@ -1,6 +1,7 @@
 // Torch-free test of the AMX vision attention (csrc/include/idefics3_kit/vision_amx.h) against a
-// double-precision softmax(q k^T * scale) v: head dims 32 and 64, query and key counts around the
-// 16-query and 32-key blocks, strided rows (the [N, L, H, hd] layout of the projections), no
+// double-precision softmax(q k^T * scale) v: every head dim the kernel takes (8 to 128 in steps of 8:
+// each of its three tile layouts, and dims that are not a multiple of 16 or 32, whose zero padding
+// must not leak), query and key counts around the 16-query and 32-key blocks, strided rows (the [N, L, H, hd] layout of the projections), no
 // mask, a random key mask, a mask that hides every key (zeros out), and scores spread wide enough
 // to make the lazy running maximum rescale. Buffers are sized exactly, so ASan sees any read past
 // a row, a tail block or a packed buffer.
@@ -89,13 +90,18 @@ void test_against_double() {
   }
   std::mt19937 rng(17);
   va::Scratch scratch;
-  for (int64_t d : {32, 64})
+  for (int64_t d = 8; d <= va::kMaxDim; d += 8)
     for (int64_t lq : {1, 15, 16, 17, 40})
       for (int64_t lk : {1, 31, 32, 33, 70})
         for (int mask : {0, 1, 2}) run({lq, lk, d, d + 8 * (lq % 2), mask, 1.0f}, rng, scratch);
-  // wide scores: rows whose maximum arrives late force the lazy rescale of partial outputs
-  for (int64_t lk : {64, 200}) run({20, lk, 64, 64, 0, 6.0f}, rng, scratch);
+  // wide scores: rows whose maximum arrives late force the lazy rescale of partial outputs (in
+  // tiles for d <= 80, in the fp32 buffer above)
+  for (int64_t d : {64, 72, 128})
+    for (int64_t lk : {64, 200}) run({20, lk, d, d, 0, 6.0f}, rng, scratch);
   run({16, 1024, 64, 64 * 12, 1, 3.0f}, rng, scratch);
+  run({16, 729, 72, 72 * 16, 1, 3.0f}, rng, scratch);  // SigLIP-so400m: 16 heads of 72, 27 x 27 patches
+  // the head dims it refuses
+  for (int64_t d : {0, 4, 12, 136, 256}) CHECK(!va::usable(d));
 }
 
 // A NaN query makes its own row NaN and leaves the others as they were.

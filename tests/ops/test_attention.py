@@ -134,6 +134,20 @@ def test_decode_matches_reference_on_cache_views(b, hkv, groups, lk, d, dtype, m
 
 
 @needs_ext
+@pytest.mark.parametrize("d", [8, 40, 64, 72, 96, 120, 128])
+@pytest.mark.parametrize("lq,lk,mask", [(17, 70, "random"), (40, 33, None), (1, 1, None), (16, 100, "left_pad")])
+def test_vision_bf16_every_head_dim_of_the_tile_kernel(d, lq, lk, mask):
+    # bf16 vision attention at each of the AMX kernel's three tile layouts (Q and the outputs in
+    # tiles up to 64, Q reloaded up to 80, the outputs in a buffer above), dims that are not a
+    # multiple of 16 or 32 (zero padded inside), GQA, partial query and key blocks, masks, and the
+    # [B, L, H, D] projection layout. On a CPU without AMX the blocked kernel runs the same cases.
+    q, k, v, kpm = _inputs(2, 4, 2, lq, lk, d, mask, d + lq)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # [B, L, H, D] memory
+    _check_close(q, k, v, kpm, False, torch.bfloat16,
+                 lambda ql, kl, vl: torch.ops.idefics3_kit.vision_attention(ql, kl, vl, kpm, 1 / math.sqrt(d)))
+
+
+@needs_ext
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("groups", [1, 4, 7, 16])
 @pytest.mark.parametrize("lk", [1, 15, 16, 17, 33, 300])
@@ -218,10 +232,10 @@ def test_dispatch_policy_sends_vision_to_torch():
 
 @needs_ext
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.bfloat16, 32), (torch.bfloat16, 72),
-                                     (torch.float32, 64)])
+                                     (torch.bfloat16, 128), (torch.bfloat16, 136), (torch.float32, 64)])
 def test_dispatch_sends_bf16_vision_to_the_amx_kernel_where_there_is_one(dtype, d):
     q = torch.randn(1, 2, 40, d).to(dtype)
-    amx = _library.cpu_has("amx_bf16") and dtype == torch.bfloat16 and d in (32, 64)
+    amx = _library.cpu_has("amx_bf16") and dtype == torch.bfloat16 and d <= 128
     assert (compiled_kernel(q, q, q, False, None) == "vision_attention") == (amx or not attention_ops.PREFER_TORCH_NONCAUSAL)
     if amx:  # through the router: the AMX kernel, within the reference's own bf16 error
         q32, k32, v32 = (torch.randn(2, 3, 70, d, generator=torch.Generator().manual_seed(i)) for i in range(3))

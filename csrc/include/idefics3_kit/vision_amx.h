@@ -1,16 +1,21 @@
 // bf16 non-causal (vision) attention on Intel AMX: a flash-attention loop with both matrix
-// products on the tile unit, for head dims 32 and 64 (SigLIP at SmolVLM sizes: 64).
+// products on the tile unit, for head dims 8 to 128 in steps of 8 (SigLIP at SmolVLM-256M/500M
+// sizes: 64; SigLIP-so400m in SmolVLM-2.2B and Idefics3-8B: 72).
 //
 // Why: torch's CPU flash attention reaches ~0.4 TFLOP/s on SigLIP's 13 x 12 heads x 1024 x 1024
 // scores at 2 threads, a third of the vision tower's time; the scores never need to leave the
 // caches, and one TDPBF16PS does 16 x 16 x 32 multiply-adds.
 //
 // Per (batch, head): K and V are re-laid out once into the tile unit's pair layout (zero padded
-// to a multiple of 32 keys), then per block of 16 queries and 32 keys:
-//   S[16 q, 16 keys] = Q[16 q, 32 dims] . Kpairs[16 dim pairs, 16 keys x 2]   (x2 halves, x d/32 chunks)
+// to a multiple of 32 keys, and K's dims to a multiple of 32, V's to a multiple of 16), then per
+// block of 16 queries and 32 keys:
+//   S[16 q, 16 keys] = Q[16 q, 32 dims] . Kpairs[16 dim pairs, 16 keys x 2]   (x2 halves, x C = ceil(d/32) chunks)
 //   softmax rows in fp32 (online, AVX-512), P rounded to bf16
-//   O[16 q, 16 dims] += P[16 q, 32 keys] . Vpairs[16 key pairs, 16 dims x 2]  (d/16 tiles, kept in
-//   tile registers for the whole row of key blocks)
+//   O[16 q, 16 dims] += P[16 q, 32 keys] . Vpairs[16 key pairs, 16 dims x 2]  (T = ceil(d/16) tiles)
+// Eight tile registers hold it (Layout below): tile 0 the scores then the probabilities, tile 1
+// the K or V block, then Q's C chunks and the T output accumulators when they fit (d <= 64);
+// above that Q is reloaded from the L1 per chunk so five accumulators fit in tiles, and past 80
+// dims the rest live in an fp32 buffer (L1), each staged through a tile for its product.
 // The running maximum is lazy (a row is rescaled only when a score passes its max by more than
 // 2^8 in exp2 units, so unnormalized probabilities stay <= 256; exact in real arithmetic, the
 // usual rounding otherwise). Scores stay fp32 (torch's flash kernel does the same; the bf16
@@ -32,14 +37,20 @@
 
 #include "bf16.h"
 
+// GCC 12's _mm512_mask_reduce_max_ps initializes a vector from itself (_mm256_undefined_pd), which
+// -Wmaybe-uninitialized reports in every function that inlines it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace idefics3_kit {
 namespace attn {
 namespace vamx {
 
 constexpr int64_t kQ = 16, kK = 32;  // queries and keys per block
 constexpr float kLazy = 8.0f;        // rescale when a score passes the row max by more than this (log2 units)
+constexpr int64_t kMaxDim = 128;
 
-inline bool usable(int64_t d) { return (d == 32 || d == 64) && idefics3_kit::amx::available(); }
+inline bool usable(int64_t d) { return d >= 8 && d <= kMaxDim && d % 8 == 0 && idefics3_kit::amx::available(); }
 
 // One (batch, head): rows of q/out `q_stride`/`o_stride` elements apart, of k/v `k_stride`/`v_stride`.
 struct Head {
@@ -60,6 +71,21 @@ struct Scratch {
   std::vector<uint32_t> bits;
 };
 
+// Where a head of C 32-dim chunks (scores) and T 16-dim output tiles keeps things. Tiles 0 (scores,
+// then probabilities) and 1 (the K or V block) always; then Q's chunks in tiles 2.. and the output
+// accumulators after them when both fit (d <= 64), else Q reloaded through tile 2 per chunk and
+// the first five accumulators in tiles 3..7; the ones past those (d > 80) live in the fp32 output
+// buffer and are staged through tile 2 (free while the outputs accumulate).
+template <int C, int T>
+struct Layout {
+  static constexpr int64_t kDq = 32 * C;  // q and k dims in the packed layouts (zero padded)
+  static constexpr int64_t kDo = 16 * T;  // v and output dims in the packed layouts (zero padded)
+  static constexpr bool kQInTiles = 2 + C + T <= 8;
+  static constexpr int kTileO = kQInTiles ? 2 + C : 3;             // the first accumulator
+  static constexpr int kOTiles = kQInTiles ? T : std::min(T, 5);   // accumulators held in tiles
+  static constexpr int kTileStage = 2;                             // for the ones in the buffer
+};
+
 IK_AMX_FN inline void configure() {
   idefics3_kit::amx::TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -67,6 +93,57 @@ IK_AMX_FN inline void configure() {
   // type it does not alias with), leaving an all-zero configuration: tile loads then fault.
   asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
+}
+
+// The tile intrinsics paste their register number into the instruction text, so it must be a
+// literal: these switch on it (constant after inlining, so the switch folds away).
+#define IK_TILE_SWITCH(t, STMT) \
+  switch (t) {                  \
+    case 0: STMT(0); break;     \
+    case 1: STMT(1); break;     \
+    case 2: STMT(2); break;     \
+    case 3: STMT(3); break;     \
+    case 4: STMT(4); break;     \
+    case 5: STMT(5); break;     \
+    case 6: STMT(6); break;     \
+    default: STMT(7); break;    \
+  }
+IK_AMX_FN inline void tile_load(int t, const void* p, int64_t stride_bytes) {
+#define IK_LOAD(n) _tile_loadd(n, p, stride_bytes)
+  IK_TILE_SWITCH(t, IK_LOAD)
+#undef IK_LOAD
+}
+IK_AMX_FN inline void tile_store(int t, void* p, int64_t stride_bytes) {
+#define IK_STORE(n) _tile_stored(n, p, stride_bytes)
+  IK_TILE_SWITCH(t, IK_STORE)
+#undef IK_STORE
+}
+IK_AMX_FN inline void tile_zero(int t) {
+#define IK_ZERO(n) _tile_zero(n)
+  IK_TILE_SWITCH(t, IK_ZERO)
+#undef IK_ZERO
+}
+#undef IK_TILE_SWITCH
+// tile 0 += tile q . tile 1 (scores; q in 2..5), and tile o += tile 0 . tile 1 (outputs; o in 2..7).
+// Only those registers are spelled out: the assembler refuses a product whose tiles are not distinct,
+// and an unoptimized build emits every case.
+IK_AMX_FN inline void dp_scores(int q) {
+  switch (q) {
+    case 2: _tile_dpbf16ps(0, 2, 1); break;
+    case 3: _tile_dpbf16ps(0, 3, 1); break;
+    case 4: _tile_dpbf16ps(0, 4, 1); break;
+    default: _tile_dpbf16ps(0, 5, 1); break;
+  }
+}
+IK_AMX_FN inline void dp_output(int o) {
+  switch (o) {
+    case 2: _tile_dpbf16ps(2, 0, 1); break;
+    case 3: _tile_dpbf16ps(3, 0, 1); break;
+    case 4: _tile_dpbf16ps(4, 0, 1); break;
+    case 5: _tile_dpbf16ps(5, 0, 1); break;
+    case 6: _tile_dpbf16ps(6, 0, 1); break;
+    default: _tile_dpbf16ps(7, 0, 1); break;
+  }
 }
 
 // 2^x for x <= ~9; very negative x gives 0 (scalef), -inf gives NaN (callers mask those keys).
@@ -83,65 +160,127 @@ IK_AMX_FN inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 16 x 16 32-bit words: rows r[0..15] in, r[j] = word j of every input row out.
+IK_AMX_FN inline void transpose_16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: (r2i[4L], r2i+1[4L], r2i[4L+1], r2i+1[4L+1]) and the next two
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + m], lane L: rows 4i .. 4i+3 of word 4L + m
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // gather lane L of the four row groups: word 4L + m
+    const __m512i v0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x88), v1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x88);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xDD);
+    t[m] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[8 + m] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    t[4 + m] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + m] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+  for (int j = 0; j < 16; ++j) r[j] = t[j];
+}
+
 // K [lk, d] -> kp and V [lk, d] -> vp in the tile unit's pair layout, each tile's 16 rows of
 // 64 bytes contiguous (1 KiB blocks: a tile load reads one block, not 16 rows 4 KiB apart, which
 // all fall in one L1 set):
-//   kp: per 16 keys, per 32-dim chunk c, per dim pair j: (key, dim 32c + 2j), (key, dim 32c + 2j + 1) for 16 keys
-//   vp: per 32 keys, per 16-dim chunk, per key pair i: (key 2i, dim), (key 2i + 1, dim) for 16 dims
-// Zero past lk (lkp keys).
+//   kp: per 16 keys, per 32-dim chunk c < C, per dim pair j: (key, dim 32c + 2j), (key, dim 32c + 2j + 1) for 16 keys
+//       (a 16 x 16 transpose of the block's dim pairs, as 32-bit words)
+//   vp: per 32 keys, per 16-dim chunk t < T, per key pair i: (key 2i, dim), (key 2i + 1, dim) for 16 dims
+//       (two rows' 16 dims interleaved)
+// Zero past lk (lkp keys) and past d (masked loads read nothing there).
+template <int C, int T>
 IK_AMX_FN inline void pack_kv(const Head& h, int64_t lkp, uint16_t* kp, uint16_t* vp) {
-  const int64_t d = h.d, chunks = d / 32;
-  for (int64_t key = 0; key < lkp; ++key) {
-    const uint16_t* row = h.k + key * h.k_stride;
-    uint16_t* blk = kp + (key / 16) * chunks * 512 + (key % 16) * 2;
-    for (int64_t e = 0; e < d; ++e) blk[(e / 32) * 512 + ((e % 32) / 2) * 32 + (e % 2)] = key < h.lk ? row[e] : 0;
+  const int64_t d = h.d;
+  auto dims = [d](int64_t from, int64_t n) {  // mask of the n lanes from dim `from` that are < d
+    const int64_t valid = std::clamp<int64_t>(d - from, 0, n);
+    return valid >= 32 ? ~uint32_t{0} : (uint32_t{1} << valid) - 1;
+  };
+  for (int64_t kb = 0; kb < lkp; kb += 16) {
+    for (int c = 0; c < C; ++c) {
+      const __mmask32 m = dims(32 * c, 32);
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = kb + i < h.lk ? _mm512_maskz_loadu_epi16(m, h.k + (kb + i) * h.k_stride + 32 * c) : _mm512_setzero_si512();
+      transpose_16x16(r);
+      uint16_t* blk = kp + (kb / 16) * C * 512 + c * 512;
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(blk + j * 32, r[j]);
+    }
   }
-  for (int64_t key = 0; key < lkp; ++key) {
-    const uint16_t* row = h.v + key * h.v_stride;
-    uint16_t* blk = vp + (key / 32) * (d / 16) * 512 + ((key % 32) / 2) * 32 + (key % 2);
-    for (int64_t e = 0; e < d; ++e) blk[(e / 16) * 512 + (e % 16) * 2] = key < h.lk ? row[e] : 0;
+  for (int64_t key = 0; key < lkp; key += 2) {
+    uint16_t* blk = vp + (key / 32) * T * 512 + ((key % 32) / 2) * 32;
+    for (int t = 0; t < T; ++t) {
+      const __mmask16 m = static_cast<__mmask16>(dims(16 * t, 16));
+      const __m256i a = key < h.lk ? _mm256_maskz_loadu_epi16(m, h.v + key * h.v_stride + 16 * t) : _mm256_setzero_si256();
+      const __m256i b =
+          key + 1 < h.lk ? _mm256_maskz_loadu_epi16(m, h.v + (key + 1) * h.v_stride + 16 * t) : _mm256_setzero_si256();
+      const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      _mm512_storeu_si512(blk + t * 512, pair);
+    }
   }
 }
 
-// S for 16 keys (kb .. kb + 15) into rows of sb (row stride 32 floats).
-template <int Chunks>
-IK_AMX_FN inline void scores(const uint16_t* kp, int64_t kb, float* sb) {
-  const uint16_t* blk = kp + (kb / 16) * Chunks * 512;
+// S for 16 keys (kb .. kb + 15) into rows of sb (row stride 32 floats). q: the block's 16 query
+// rows (q_stride elements apart, kDq dims), read when Q is not kept in tiles.
+template <int C, int T>
+IK_AMX_FN inline void scores(const uint16_t* kp, int64_t kb, const uint16_t* q, int64_t q_stride, float* sb) {
+  using L = Layout<C, T>;
+  const uint16_t* blk = kp + (kb / 16) * C * 512;
   _tile_zero(0);
-  _tile_loadd(1, blk, 64);
-  _tile_dpbf16ps(0, 2, 1);
-  if constexpr (Chunks > 1) {
-    _tile_loadd(1, blk + 512, 64);
-    _tile_dpbf16ps(0, 3, 1);
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) {
+    if constexpr (!L::kQInTiles) tile_load(2, q + 32 * c, q_stride * 2);
+    tile_load(1, blk + c * 512, 64);
+    dp_scores(L::kQInTiles ? 2 + c : 2);
   }
   _tile_stored(0, sb, kK * 4);
 }
 
-IK_AMX_FN inline void store_o(float* ob, int64_t d) {
-  _tile_stored(4, ob, d * 4);
-  _tile_stored(5, ob + 16, d * 4);
-  if (d > 32) {
-    _tile_stored(6, ob + 32, d * 4);
-    _tile_stored(7, ob + 48, d * 4);
-  }
+// The accumulators held in tiles to / from their columns of ob (kDo floats per row).
+template <int C, int T>
+IK_AMX_FN inline void store_o(float* ob) {
+#pragma GCC unroll 8
+  for (int t = 0; t < Layout<C, T>::kOTiles; ++t) tile_store(Layout<C, T>::kTileO + t, ob + 16 * t, Layout<C, T>::kDo * 4);
 }
 
-IK_AMX_FN inline void load_o(const float* ob, int64_t d) {
-  _tile_loadd(4, ob, d * 4);
-  _tile_loadd(5, ob + 16, d * 4);
-  if (d > 32) {
-    _tile_loadd(6, ob + 32, d * 4);
-    _tile_loadd(7, ob + 48, d * 4);
+template <int C, int T>
+IK_AMX_FN inline void load_o(const float* ob) {
+#pragma GCC unroll 8
+  for (int t = 0; t < Layout<C, T>::kOTiles; ++t) tile_load(Layout<C, T>::kTileO + t, ob + 16 * t, Layout<C, T>::kDo * 4);
+}
+
+// O += P . V for the 32 keys at kb (P in pb, bf16 [16, 32]).
+template <int C, int T>
+IK_AMX_FN inline void accumulate(const uint16_t* pb, const uint16_t* vp, int64_t kb, float* ob) {
+  using L = Layout<C, T>;
+  _tile_loadd(0, pb, kK * 2);
+  const uint16_t* vblk = vp + (kb / 32) * T * 512;
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    tile_load(1, vblk + t * 512, 64);
+    if (t < L::kOTiles) {
+      dp_output(L::kTileO + t);
+    } else {
+      tile_load(L::kTileStage, ob + 16 * t, L::kDo * 4);
+      dp_output(L::kTileStage);
+      tile_store(L::kTileStage, ob + 16 * t, L::kDo * 4);
+    }
   }
 }
 
 // One head. The caller has configured the tiles (configure()) on this thread.
-template <int Chunks>
+template <int C, int T>
 IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
+  using L = Layout<C, T>;
+  constexpr int64_t dq = L::kDq, dout = L::kDo;
   const int64_t d = h.d, lkp = (h.lk + kK - 1) / kK * kK, blocks = lkp / kK;
-  s.kp.resize(d * lkp), s.vp.resize(d * lkp), s.qb.resize(kQ * d), s.pb.resize(kQ * kK);
-  s.sb.resize(kQ * kK), s.ob.resize(kQ * d), s.lv.resize(kQ * 16), s.bits.resize(blocks);
-  pack_kv(h, lkp, s.kp.data(), s.vp.data());
+  s.kp.resize(dq * lkp), s.vp.resize(dout * lkp), s.qb.resize(kQ * dq), s.pb.resize(kQ * kK);
+  s.sb.resize(kQ * kK), s.ob.resize(kQ * dout), s.lv.resize(kQ * 16), s.bits.resize(blocks);
+  pack_kv<C, T>(h, lkp, s.kp.data(), s.vp.data());
   for (int64_t b = 0; b < blocks; ++b) {  // which keys of each block are attended to
     uint32_t m = 0;
     for (int64_t i = 0; i < kK; ++i) {
@@ -158,20 +297,19 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
     const int64_t nq = std::min(kQ, h.lq - q0);
     const uint16_t* qsrc = h.q + q0 * h.q_stride;
     int64_t qstride = h.q_stride;
-    if (nq < kQ) {  // the last rows: zero padded (a tile load reads 16 rows)
+    if (nq < kQ || d < dq) {  // the last rows, or dims past d: zero padded (a tile load reads 16 rows of 64 bytes)
       std::fill(s.qb.begin(), s.qb.end(), uint16_t{0});
-      for (int64_t r = 0; r < nq; ++r) std::memcpy(&s.qb[r * d], qsrc + r * h.q_stride, d * 2);
+      for (int64_t r = 0; r < nq; ++r) std::memcpy(&s.qb[r * dq], qsrc + r * h.q_stride, d * 2);
       qsrc = s.qb.data();
-      qstride = d;
+      qstride = dq;
     }
-    _tile_loadd(2, qsrc, qstride * 2);
-    if constexpr (Chunks > 1) _tile_loadd(3, qsrc + 32, qstride * 2);
-    _tile_zero(4);
-    _tile_zero(5);
-    if constexpr (Chunks > 1) {
-      _tile_zero(6);
-      _tile_zero(7);
+    if constexpr (L::kQInTiles) {
+#pragma GCC unroll 4
+      for (int ch = 0; ch < C; ++ch) tile_load(2 + ch, qsrc + 32 * ch, qstride * 2);
     }
+#pragma GCC unroll 8
+    for (int t = 0; t < L::kOTiles; ++t) tile_zero(L::kTileO + t);
+    if constexpr (L::kOTiles < T) std::fill(ob, ob + kQ * dout, 0.0f);
     float mx[kQ];
     std::fill(mx, mx + kQ, -INFINITY);
     std::fill(lv, lv + kQ * 16, 0.0f);
@@ -180,8 +318,8 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
       const uint32_t bits = s.bits[b];
       if (bits == 0) continue;
       const int64_t kb = b * kK;
-      scores<Chunks>(s.kp.data(), kb, sb);
-      scores<Chunks>(s.kp.data(), kb + 16, sb + 16);
+      scores<C, T>(s.kp.data(), kb, qsrc, qstride, sb);
+      scores<C, T>(s.kp.data(), kb + 16, qsrc, qstride, sb + 16);
       const __mmask16 lo = static_cast<__mmask16>(bits), hi = static_cast<__mmask16>(bits >> 16);
       const bool all_kept = bits == ~uint32_t{0};
       const __m512 cv = _mm512_set1_ps(c);
@@ -210,46 +348,41 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
         _mm512_storeu_si512(s.pb.data() + r * kK, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0)));
       }
       if (rescale && started) {  // rows whose max moved: their partial outputs shrink by alpha
-        store_o(ob, d);
+        store_o<C, T>(ob);
         for (int64_t r = 0; r < kQ; ++r)
           if (alpha[r] != 1.0f)
-            for (int64_t e = 0; e < d; e += 16)
-              _mm512_storeu_ps(ob + r * d + e, _mm512_mul_ps(_mm512_loadu_ps(ob + r * d + e), _mm512_set1_ps(alpha[r])));
-        load_o(ob, d);
+            for (int64_t e = 0; e < dout; e += 16)
+              _mm512_storeu_ps(ob + r * dout + e, _mm512_mul_ps(_mm512_loadu_ps(ob + r * dout + e), _mm512_set1_ps(alpha[r])));
+        load_o<C, T>(ob);
       }
       started = true;
-      _tile_loadd(0, s.pb.data(), kK * 2);
-      const uint16_t* vblk = s.vp.data() + (kb / 32) * (d / 16) * 512;
-      _tile_loadd(1, vblk, 64);
-      _tile_dpbf16ps(4, 0, 1);
-      _tile_loadd(1, vblk + 512, 64);
-      _tile_dpbf16ps(5, 0, 1);
-      if constexpr (Chunks > 1) {
-        _tile_loadd(1, vblk + 1024, 64);
-        _tile_dpbf16ps(6, 0, 1);
-        _tile_loadd(1, vblk + 1536, 64);
-        _tile_dpbf16ps(7, 0, 1);
-      }
+      accumulate<C, T>(s.pb.data(), s.vp.data(), kb, ob);
     }
-    store_o(ob, d);
+    store_o<C, T>(ob);
     for (int64_t r = 0; r < nq; ++r) {
       const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + r * 16));
       const __m512 inv = _mm512_set1_ps(l > 0.0f ? 1.0f / l : 0.0f);
       uint16_t* o = h.out + (q0 + r) * h.o_stride;
-      for (int64_t e = 0; e < d; e += 32) {
-        const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(ob + r * d + e), inv);
-        const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(ob + r * d + e + 16), inv);
-        _mm512_storeu_si512(o + e, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+      for (int64_t e = 0; e < d; e += 16) {  // 16 outputs at a time, the last 8 masked when d % 16 == 8
+        const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(ob + r * dout + e), inv));
+        const __mmask16 keep = d - e >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (d - e)) - 1);
+        _mm256_mask_storeu_epi16(o + e, keep, reinterpret_cast<__m256i>(y));
       }
     }
   }
 }
 
 IK_AMX_FN inline void run_head(const Head& h, Scratch& s) {
-  if (h.d == 64)
-    run_head_t<2>(h, s);
-  else
-    run_head_t<1>(h, s);
+  switch ((h.d + 15) / 16) {  // output tiles T; score chunks C = ceil(T / 2)
+    case 1: run_head_t<1, 1>(h, s); break;
+    case 2: run_head_t<1, 2>(h, s); break;
+    case 3: run_head_t<2, 3>(h, s); break;
+    case 4: run_head_t<2, 4>(h, s); break;
+    case 5: run_head_t<3, 5>(h, s); break;
+    case 6: run_head_t<3, 6>(h, s); break;
+    case 7: run_head_t<4, 7>(h, s); break;
+    default: run_head_t<4, 8>(h, s); break;
+  }
 }
 
 IK_AMX_FN inline void release() { _tile_release(); }
@@ -257,4 +390,6 @@ IK_AMX_FN inline void release() { _tile_release(); }
 }  // namespace vamx
 }  // namespace attn
 }  // namespace idefics3_kit
+
+#pragma GCC diagnostic pop
 #endif
