@@ -27,18 +27,37 @@ const char* const kSlotNames[kParamsPerLayer] = {"input norm", "q_proj", "k_proj
                                                   "v bias", "o_proj", "post-attention norm", "gate_proj", "up_proj",
                                                   "down_proj"};
 
-at::Tensor need(const c10::List<std::optional<at::Tensor>>& params, int64_t layer, Param slot) {
-  const std::optional<at::Tensor> t = params.get(layer * kParamsPerLayer + slot);
-  TORCH_CHECK(t.has_value() && t->defined(), "decode_layers: params[", layer * kParamsPerLayer + slot, "] (layer ", layer,
-              " ", kSlotNames[slot], ") must be a tensor, got None");
+// The op's tensor lists read once into a table of pointers (null for None): a step looks each
+// parameter up several times, and c10::List::get copies the tensor (a refcount round trip) each time.
+class Table {
+ public:
+  explicit Table(const c10::List<std::optional<at::Tensor>>& list) : owned_(list.vec()) {
+    ptrs_.reserve(owned_.size());
+    for (const auto& t : owned_) ptrs_.push_back(t.has_value() && t->defined() ? &*t : nullptr);
+  }
+  // the tensor at i, or null (None, undefined, or past the end)
+  const at::Tensor* get(int64_t i) const { return i < size() ? ptrs_[i] : nullptr; }
+  int64_t size() const { return static_cast<int64_t>(ptrs_.size()); }
+
+ private:
+  std::vector<std::optional<at::Tensor>> owned_;
+  std::vector<const at::Tensor*> ptrs_;
+};
+
+const at::Tensor& need(const Table& params, int64_t layer, Param slot) {
+  const at::Tensor* t = params.get(layer * kParamsPerLayer + slot);
+  TORCH_CHECK(t != nullptr, "decode_layers: params[", layer * kParamsPerLayer + slot, "] (layer ", layer, " ",
+              kSlotNames[slot], ") must be a tensor, got None");
   return *t;
 }
+
+std::optional<at::Tensor> maybe(const at::Tensor* t) { return t ? std::optional<at::Tensor>(*t) : std::nullopt; }
 
 // x [B, 1, K] through the given weights, outputs side by side on the last dim (q|k|v, or one
 // projection). bf16: one decode_linear call, as the Python layers make it, or one quant_linear
 // call when the weights are quantized (``scales`` given: ops.quant.QuantizedLinear's layout);
 // float32: at::linear per weight (what nn.Linear runs), joined by an exact copy.
-at::Tensor project(const at::Tensor& x, std::vector<at::Tensor> weights, c10::List<std::optional<at::Tensor>> biases,
+at::Tensor project(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                    const std::vector<at::Tensor>& scales = {}) {
   if (!scales.empty()) return quant_linear_cpu(x, weights, scales, biases);
   if (x.scalar_type() == at::kBFloat16) return decode_linear_cpu(x, weights, biases);
@@ -58,10 +77,9 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // bf16 and to a separate, contiguous F.linear output in float32; SiLU's vectorized and scalar
 // exp differ in the last bit, so the layout must be the same here, not only the values.
 at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor& up_w,
-                 const std::vector<at::Tensor>& scales = {}) {
+                 const c10::List<std::optional<at::Tensor>>& no_biases, const std::vector<at::Tensor>& scales = {}) {
   if (x.scalar_type() == at::kBFloat16) {
-    const at::Tensor gu = project(x, {gate_w, up_w}, c10::List<std::optional<at::Tensor>>({std::nullopt, std::nullopt}),
-                                  scales);
+    const at::Tensor gu = project(x, {gate_w, up_w}, no_biases, scales);
     const int64_t inter = gate_w.size(0);
     return at::silu(gu.narrow(-1, 0, inter)) * gu.narrow(-1, inter, up_w.size(0));
   }
@@ -109,36 +127,31 @@ at::Tensor rotate_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const 
 
 // Every parameter of every layer against the layer's dimensions: the ATen ops of the float32 path
 // would broadcast a wrong-shaped norm or down_proj weight instead of failing.
-bool has(const c10::List<std::optional<at::Tensor>>& list, int64_t i) {
-  if (i >= static_cast<int64_t>(list.size())) return false;
-  const std::optional<at::Tensor> t = list.get(i);
-  return t.has_value() && t->defined();
-}
-
-void check_params(const c10::List<std::optional<at::Tensor>>& params, const c10::List<std::optional<at::Tensor>>& scales,
-                  int64_t layers, const at::Tensor& x, int64_t heads, int64_t kv_heads, int64_t hd) {
+void check_params(const Table& params, const Table& scales, int64_t layers, const at::Tensor& x, int64_t heads,
+                  int64_t kv_heads, int64_t hd) {
   const int64_t hidden = x.size(2), q_rows = heads * hd, kv_rows = kv_heads * hd;
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t base = l * kParamsPerLayer;
     // The intermediate size is gate_proj's row count (up_proj and down_proj are checked against it).
-    const std::optional<at::Tensor> gate = params.get(base + kGate);
-    const bool has_gate = gate.has_value() && gate->defined();
-    const int64_t gate_cols = has(scales, base + kGate) && has_gate && gate->scalar_type() == at::kByte ? 2 : 1;  // packed int4
-    TORCH_CHECK(!has_gate || (gate->dim() == 2 && gate->size(1) * gate_cols == hidden), "decode_layers: params[", base + kGate,
+    const at::Tensor* gate = params.get(base + kGate);
+    const int64_t gate_cols = scales.get(base + kGate) && gate && gate->scalar_type() == at::kByte ? 2 : 1;  // packed int4
+    TORCH_CHECK(!gate || (gate->dim() == 2 && gate->size(1) * gate_cols == hidden), "decode_layers: params[", base + kGate,
                 "] (layer ", l, " gate_proj) must be [intermediate, hidden = ", hidden, "], got ", shape_str(*gate));
-    const int64_t inter = has_gate ? gate->size(0) : 0;
-    std::vector<int64_t> want[kParamsPerLayer] = {
-        {hidden}, {q_rows, hidden}, {kv_rows, hidden}, {kv_rows, hidden}, {q_rows}, {kv_rows}, {kv_rows},
-        {hidden, q_rows}, {hidden}, {inter, hidden}, {inter, hidden}, {hidden, inter}};
+    const int64_t inter = gate ? gate->size(0) : 0;
+    // each slot's expected shape: want[slot][0 .. dims[slot])
+    int64_t want[kParamsPerLayer][2] = {
+        {hidden, 0}, {q_rows, hidden}, {kv_rows, hidden}, {kv_rows, hidden}, {q_rows, 0}, {kv_rows, 0}, {kv_rows, 0},
+        {hidden, q_rows}, {hidden, 0}, {inter, hidden}, {inter, hidden}, {hidden, inter}};
+    constexpr int64_t dims[kParamsPerLayer] = {1, 2, 2, 2, 1, 1, 1, 2, 1, 2, 2, 2};
     for (int64_t slot = 0; slot < kParamsPerLayer; ++slot) {
-      const std::optional<at::Tensor> t = params.get(base + slot);
+      const at::Tensor* t = params.get(base + slot);
       const bool optional = slot == kQBias || slot == kKBias || slot == kVBias;
-      if (!(t.has_value() && t->defined())) {
+      if (t == nullptr) {
         TORCH_CHECK(optional, "decode_layers: params[", base + slot, "] (layer ", l, " ", kSlotNames[slot],
                     ") must be a tensor, got None");
         continue;
       }
-      const bool quantized = has(scales, base + slot);
+      const bool quantized = scales.get(base + slot) != nullptr;
       if (quantized) {  // ops.quant's layout: int8 [N, K] or packed int4 uint8 [N, K/2]; scales checked by quant_linear
         TORCH_CHECK(x.scalar_type() == at::kBFloat16 && (t->scalar_type() == at::kChar || t->scalar_type() == at::kByte),
                     "decode_layers: params[", base + slot, "] (layer ", l, " ", kSlotNames[slot], ") has scales, so it "
@@ -150,8 +163,9 @@ void check_params(const c10::List<std::optional<at::Tensor>>& params, const c10:
                     "] (layer ", l, " ", kSlotNames[slot], ") must be a CPU ", x.scalar_type(), " tensor, got ",
                     t->scalar_type(), " on ", t->device());
       }
-      TORCH_CHECK(t->sizes() == at::IntArrayRef(want[slot]), "decode_layers: params[", base + slot, "] (layer ", l,
-                  " ", kSlotNames[slot], ") must be ", at::IntArrayRef(want[slot]), " (hidden ", hidden, ", num_heads ",
+      const at::IntArrayRef expected(want[slot], dims[slot]);
+      TORCH_CHECK(t->sizes() == expected, "decode_layers: params[", base + slot, "] (layer ", l,
+                  " ", kSlotNames[slot], ") must be ", expected, " (hidden ", hidden, ", num_heads ",
                   heads, ", num_kv_heads ", kv_heads, ", head_dim ", hd, ", intermediate ", inter, "), got ",
                   shape_str(*t));
       TORCH_CHECK(t->is_contiguous(), "decode_layers: params[", base + slot, "] (layer ", l, " ", kSlotNames[slot],
@@ -209,29 +223,32 @@ void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cach
 
 }  // namespace
 
-at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params,
+at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params_list,
                              at::TensorList k_cache, at::TensorList v_cache, const at::Tensor& cos,
                              const at::Tensor& sin_signed, const std::optional<at::Tensor>& key_mask, int64_t past,
                              int64_t heads, int64_t kv_heads, double eps,
-                             const c10::List<std::optional<at::Tensor>>& scales) {
-  TORCH_CHECK(params.size() % kParamsPerLayer == 0 && params.size() > 0, "decode_layers: params must hold ",
-              kParamsPerLayer, " entries per layer, got ", params.size());
-  const int64_t layers = static_cast<int64_t>(params.size()) / kParamsPerLayer;
+                             const c10::List<std::optional<at::Tensor>>& scales_list) {
+  TORCH_CHECK(params_list.size() % kParamsPerLayer == 0 && params_list.size() > 0, "decode_layers: params must hold ",
+              kParamsPerLayer, " entries per layer, got ", params_list.size());
+  const int64_t layers = static_cast<int64_t>(params_list.size()) / kParamsPerLayer;
   check_args(x_in, layers, k_cache, v_cache, cos, sin_signed, key_mask, past, heads, kv_heads, eps);
   const int64_t b = x_in.size(0), hd = k_cache[0].size(3), inter_rows = heads + kv_heads;
-  TORCH_CHECK(scales.size() == 0 || scales.size() == params.size(), "decode_layers: scales must be empty or hold one "
-              "entry per params entry (", params.size(), "), got ", scales.size());
+  TORCH_CHECK(scales_list.size() == 0 || scales_list.size() == params_list.size(), "decode_layers: scales must be empty "
+              "or hold one entry per params entry (", params_list.size(), "), got ", scales_list.size());
+  const Table params(params_list), scales(scales_list);
   check_params(params, scales, layers, x_in, heads, kv_heads, hd);
+  // the bias lists of the projections without biases (o_proj, gate|up, down), built once
+  const c10::List<std::optional<at::Tensor>> no_bias({std::nullopt}), no_biases({std::nullopt, std::nullopt});
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const std::optional<at::Tensor> mask = key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt;
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l) {
-    auto bias = [&](Param slot) { return params.get(l * kParamsPerLayer + slot); };
+    auto bias = [&](Param slot) { return maybe(params.get(l * kParamsPerLayer + slot)); };
     // the scales of a group of quantized weights (all or none of the group: else an error)
     auto group_scales = [&](std::initializer_list<Param> slots) {
       std::vector<at::Tensor> out;
       for (Param slot : slots)
-        if (has(scales, l * kParamsPerLayer + slot)) out.push_back(*scales.get(l * kParamsPerLayer + slot));
+        if (const at::Tensor* s = scales.get(l * kParamsPerLayer + slot)) out.push_back(*s);
       TORCH_CHECK(out.empty() || out.size() == slots.size(), "decode_layers: layer ", l, ": the weights of one "
                   "projection group (q|k|v, gate|up) must be all quantized or none");
       return out;
@@ -258,14 +275,14 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
     }
     const at::Tensor attn = decode_attention_cpu(q, k_cache[l].narrow(2, 0, past + 1), v_cache[l].narrow(2, 0, past + 1),
                                                  mask, std::nullopt, scale);  // [B, H, 1, hd] over [B, 1, H, hd] memory
-    const at::Tensor o = project(attn.transpose(1, 2).reshape({b, 1, heads * hd}), {need(params, l, kO)},
-                                 c10::List<std::optional<at::Tensor>>({std::nullopt}), group_scales({kO}));
+    const at::Tensor o = project(attn.transpose(1, 2).reshape({b, 1, heads * hd}), {need(params, l, kO)}, no_bias,
+                                 group_scales({kO}));
     x = x + o;
     // MLP block
     const at::Tensor h2 = norm(x, need(params, l, kPostNorm), eps);
-    const at::Tensor act = gated(h2, need(params, l, kGate), need(params, l, kUp), group_scales({kGate, kUp}));
-    x = x + project(act, {need(params, l, kDown)}, c10::List<std::optional<at::Tensor>>({std::nullopt}),
-                    group_scales({kDown}));
+    const at::Tensor act = gated(h2, need(params, l, kGate), need(params, l, kUp), no_biases,
+                                 group_scales({kGate, kUp}));
+    x = x + project(act, {need(params, l, kDown)}, no_bias, group_scales({kDown}));
   }
   return x;
 }

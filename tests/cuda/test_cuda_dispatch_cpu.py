@@ -20,7 +20,7 @@ def test_has_cuda_kernel_is_false_without_cuda():
 
 
 def test_attention_routes_no_cpu_tensor_to_a_cuda_kernel():
-    q = torch.randn(1, 2, 3, 72, dtype=torch.bfloat16)  # 72: no AMX vision kernel (that one is a CPU op)
+    q = torch.randn(1, 2, 3, 136, dtype=torch.bfloat16)  # 136: past the AMX vision kernel (a CPU op: <= 128)
     assert compiled_kernel(q, q, q, False, None) is None  # non-causal on the CPU: torch's SDPA
     assert compiled_kernel(q[:, :, :1], q, q, True, None) in (None, "decode_attention")
 
