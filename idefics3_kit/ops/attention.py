@@ -13,7 +13,7 @@ torch's fused kernel and is the ordinary path. The router picks at most one comp
 - non-causal, several queries         -> ``vision_attention`` on CUDA, and on a CPU with AMX for
   bf16 with head dim a multiple of 8 up to 128 (its tile-unit flash kernel,
   csrc/include/idefics3_kit/vision_amx.h:
-  1.0-1.4x torch's SDPA on SigLIP's shapes, benchmarks/attention_cpu.py); other CPU calls go
+  1.1-1.5x torch's SDPA on SigLIP's shapes, benchmarks/attention_cpu.py); other CPU calls go
   straight to SDPA (``PREFER_TORCH_NONCAUSAL``: torch's fused kernel measured faster than our
   blocked one, x0.6-0.9) without entering the compiled path.
 
