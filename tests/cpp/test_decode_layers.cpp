@@ -1,0 +1,165 @@
+// decode_layers through the dispatcher, as Python calls it, so ASan + UBSan see the whole step: the
+// parameter table, the shape checks, the float32, bf16 and int8 paths and their error exits. The
+// numbers are checked loosely here (a step run twice is the same, bf16 and int8 stay near float32);
+// tests/ops/test_decode_ops.py checks the op bit for bit against the Python layers.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <functional>
+#include <optional>
+#include <vector>
+
+#include "check.h"
+
+namespace {
+
+using Opt = std::optional<at::Tensor>;
+using OptList = c10::List<Opt>;
+
+constexpr int64_t kLayers = 2, kBatch = 2, kHidden = 64, kHeads = 4, kKvHeads = 2, kHeadDim = 16, kInter = 96;
+constexpr int64_t kPast = 5, kMaxLen = 8;
+constexpr int64_t kSlots = 12;  // per layer: in norm, q, k, v, q/k/v bias, o, post norm, gate, up, down
+
+at::Tensor call(const at::Tensor& x, const OptList& params, std::vector<at::Tensor> k_cache,
+                std::vector<at::Tensor> v_cache, const at::Tensor& cos, const at::Tensor& sin, const Opt& mask,
+                const OptList& scales) {
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("idefics3_kit::decode_layers", "")
+                .typed<at::Tensor(const at::Tensor&, const OptList&, at::TensorList, at::TensorList, const at::Tensor&,
+                                  const at::Tensor&, const Opt&, int64_t, int64_t, int64_t, double, const OptList&)>();
+  return op.call(x, params, k_cache, v_cache, cos, sin, mask, kPast, kHeads, kKvHeads, 1e-5, scales);
+}
+
+// One model's float32 parameters (LAYER_WEIGHTS order, no biases).
+std::vector<Opt> make_params() {
+  at::manual_seed(3);
+  std::vector<Opt> p;
+  for (int64_t l = 0; l < kLayers; ++l) {
+    const int64_t q = kHeads * kHeadDim, kv = kKvHeads * kHeadDim;
+    p.insert(p.end(), {1 + 0.1 * at::randn({kHidden}), 0.1 * at::randn({q, kHidden}), 0.1 * at::randn({kv, kHidden}),
+                       0.1 * at::randn({kv, kHidden}), std::nullopt, std::nullopt, std::nullopt,
+                       0.1 * at::randn({kHidden, q}), 1 + 0.1 * at::randn({kHidden}), 0.1 * at::randn({kInter, kHidden}),
+                       0.1 * at::randn({kInter, kHidden}), 0.1 * at::randn({kHidden, kInter})});
+  }
+  return p;
+}
+
+OptList cast(const std::vector<Opt>& p, at::ScalarType dtype) {
+  OptList out;
+  for (const Opt& t : p) out.push_back(t ? Opt(t->to(dtype)) : std::nullopt);
+  return out;
+}
+
+struct Step {
+  at::Tensor x, cos, sin;
+  Opt mask;
+  std::vector<at::Tensor> k_cache, v_cache;
+};
+
+Step make_step(at::ScalarType dtype) {
+  at::manual_seed(11);
+  Step s;
+  s.x = at::randn({kBatch, 1, kHidden}).to(dtype);
+  const at::Tensor angle = at::rand({kBatch, 1, 1, kHeadDim / 2}) * 3.0;
+  const at::Tensor half_cos = at::cos(angle), half_sin = at::sin(angle);
+  s.cos = at::cat({half_cos, half_cos}, -1).to(dtype);
+  s.sin = at::cat({-half_sin, half_sin}, -1).to(dtype);  // the sine with its first half negated
+  at::Tensor mask = at::ones({kBatch, kPast + 1}, at::kBool);
+  mask.index_put_({1, 0}, false);  // left padding on the second row
+  s.mask = mask;
+  for (int64_t l = 0; l < kLayers; ++l) {
+    s.k_cache.push_back(at::randn({kBatch, kKvHeads, kMaxLen, kHeadDim}).to(dtype));
+    s.v_cache.push_back(at::randn({kBatch, kKvHeads, kMaxLen, kHeadDim}).to(dtype));
+  }
+  return s;
+}
+
+at::Tensor run(const Step& s, const OptList& params, const OptList& scales = OptList()) {
+  std::vector<at::Tensor> k, v;  // fresh copies: the op writes the new key and value
+  for (const auto& c : s.k_cache) k.push_back(c.clone());
+  for (const auto& c : s.v_cache) v.push_back(c.clone());
+  return call(s.x, params, k, v, s.cos, s.sin, s.mask, scales);
+}
+
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor d = a.to(at::kFloat) - b.to(at::kFloat);
+  return (d.norm() / b.to(at::kFloat).norm()).item<double>();
+}
+
+bool throws(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
+void test_paths_agree() {
+  const std::vector<Opt> p = make_params();
+  const Step s32 = make_step(at::kFloat), s16 = make_step(at::kBFloat16);
+  const at::Tensor out32 = run(s32, cast(p, at::kFloat));
+  CHECK(out32.sizes() == at::IntArrayRef({kBatch, 1, kHidden}) && out32.isfinite().all().item<bool>());
+  CHECK(at::equal(out32, run(s32, cast(p, at::kFloat))));  // deterministic
+  const at::Tensor out16 = run(s16, cast(p, at::kBFloat16));
+  CHECK(out16.scalar_type() == at::kBFloat16 && rel_err(out16, out32) < 5e-2);
+  // int8 weights (per output channel, ops.quant's layout) on every projection
+  OptList params = cast(p, at::kBFloat16), scales;
+  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+    const Opt w = params.get(i);
+    const int64_t slot = i % kSlots;
+    const bool linear = slot == 1 || slot == 2 || slot == 3 || slot == 7 || slot == 9 || slot == 10 || slot == 11;
+    if (!linear) {
+      scales.push_back(std::nullopt);
+      continue;
+    }
+    const at::Tensor wf = w->to(at::kFloat);
+    const at::Tensor scale = (wf.abs().amax(1) / 127).to(at::kBFloat16);
+    params.set(i, at::round(wf / scale.to(at::kFloat).unsqueeze(1)).clamp(-127, 127).to(at::kChar));
+    scales.push_back(scale);
+  }
+  const at::Tensor out8 = run(s16, params, scales);
+  CHECK(rel_err(out8, out32) < 1e-1);
+}
+
+void test_bad_arguments_throw() {
+  const std::vector<Opt> p = make_params();
+  const Step s = make_step(at::kFloat);
+  {  // a missing weight
+    OptList params = cast(p, at::kFloat);
+    params.set(kSlots + 1, std::nullopt);
+    CHECK(throws([&] { run(s, params); }));
+  }
+  {  // a wrong-shaped down_proj (float32 would broadcast it)
+    OptList params = cast(p, at::kFloat);
+    params.set(11, at::randn({kHidden, kInter + 1}));
+    CHECK(throws([&] { run(s, params); }));
+  }
+  {  // a norm weight of the wrong length
+    OptList params = cast(p, at::kFloat);
+    params.set(0, at::ones({kHidden - 1}));
+    CHECK(throws([&] { run(s, params); }));
+  }
+  {  // params not a whole number of layers, and scales of the wrong length
+    std::vector<Opt> shorter(p.begin(), p.end() - 1);
+    CHECK(throws([&] { run(s, cast(shorter, at::kFloat)); }));
+    OptList scales;
+    scales.push_back(std::nullopt);
+    CHECK(throws([&] { run(s, cast(p, at::kFloat), scales); }));
+  }
+  {  // scales with float32 x: the quantized kernels take bf16 only
+    OptList scales;
+    for (size_t i = 0; i < p.size(); ++i) scales.push_back(i == 1 ? Opt(at::ones({kHeads * kHeadDim})) : std::nullopt);
+    CHECK(throws([&] { run(s, cast(p, at::kFloat), scales); }));
+  }
+  {  // a weight of the wrong dtype
+    OptList params = cast(p, at::kFloat);
+    params.set(2, p[2]->to(at::kDouble));
+    CHECK(throws([&] { run(s, params); }));
+  }
+}
+
+}  // namespace
+
+TEST_MAIN(test_paths_agree(); test_bad_arguments_throw();)
