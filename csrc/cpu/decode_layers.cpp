@@ -9,9 +9,12 @@
 // ((-a) * b and a * (-b) round alike), for q and k together.
 #include <cmath>
 #include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <idefics3_kit/bf16.h>
+#include <idefics3_kit/rms_norm.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -68,9 +71,29 @@ at::Tensor project(const at::Tensor& x, at::TensorList weights, const c10::List<
 
 // RMSNorm as ops.rms_norm runs it: the compiled row kernel for bf16, torch's own for float32
 // (which keeps float32 logits equal to transformers').
-at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+at::Tensor apply_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (x.scalar_type() == at::kBFloat16) return rms_norm_cpu(x, weight, eps);
   return weight * at::rms_norm(x, {x.size(-1)}, std::nullopt, eps);
+}
+
+// bf16: x + delta rounded to bf16 (what ATen's bf16 add computes: the fp32 sum of the two values,
+// rounded once) and that sum's RMSNorm (rms_norm_cpu's row kernel), in one pass per row, without
+// the ATen add's dispatch and allocation. Bit-identical to `x + delta` followed by apply_norm(). Returns
+// {sum, normed}, both [B, 1, D].
+std::pair<at::Tensor, at::Tensor> add_norm_bf16(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
+                                                double eps) {
+  const at::Tensor xc = x.contiguous(), dc = delta.contiguous(), wc = weight.contiguous();
+  at::Tensor sum = at::empty(xc.sizes(), xc.options()), normed = at::empty(xc.sizes(), xc.options());
+  const int64_t d = xc.size(-1), rows = d == 0 ? 0 : xc.numel() / d;
+  auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  const uint16_t *xp = bits(xc), *dp = bits(dc), *wp = bits(wc);
+  uint16_t *sp = bits(sum), *np = bits(normed);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < d; ++c)
+      sp[r * d + c] = float_to_bf16_rne(bf16_bits_to_float(xp[r * d + c]) + bf16_bits_to_float(dp[r * d + c]));
+    norm::row(sp + r * d, wp, d, static_cast<float>(eps), np + r * d);
+  }
+  return {sum, normed};
 }
 
 // silu(gate) * up. The Python layers apply SiLU to split views of one decode_linear output in
@@ -241,7 +264,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
   const c10::List<std::optional<at::Tensor>> no_bias({std::nullopt}), no_biases({std::nullopt, std::nullopt});
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const std::optional<at::Tensor> mask = key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt;
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   at::Tensor x = x_in;
+  at::Tensor h;  // the input norm of layer l (bf16: computed with the previous layer's residual add)
   for (int64_t l = 0; l < layers; ++l) {
     auto bias = [&](Param slot) { return maybe(params.get(l * kParamsPerLayer + slot)); };
     // the scales of a group of quantized weights (all or none of the group: else an error)
@@ -254,7 +279,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
       return out;
     };
     // attention block
-    const at::Tensor h = norm(x, need(params, l, kInNorm), eps);
+    if (!bf16 || l == 0) h = apply_norm(x, need(params, l, kInNorm), eps);
     const at::Tensor qkv = project(h, {need(params, l, kQ), need(params, l, kK), need(params, l, kV)},
                                    c10::List<std::optional<at::Tensor>>({bias(kQBias), bias(kKBias), bias(kVBias)}),
                                    group_scales({kQ, kK, kV}));
@@ -277,12 +302,21 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
                                                  mask, std::nullopt, scale);  // [B, H, 1, hd] over [B, 1, H, hd] memory
     const at::Tensor o = project(attn.transpose(1, 2).reshape({b, 1, heads * hd}), {need(params, l, kO)}, no_bias,
                                  group_scales({kO}));
-    x = x + o;
+    at::Tensor h2;
+    if (bf16) {
+      std::tie(x, h2) = add_norm_bf16(x, o, need(params, l, kPostNorm), eps);
+    } else {
+      x = x + o;
+      h2 = apply_norm(x, need(params, l, kPostNorm), eps);
+    }
     // MLP block
-    const at::Tensor h2 = norm(x, need(params, l, kPostNorm), eps);
     const at::Tensor act = gated(h2, need(params, l, kGate), need(params, l, kUp), no_biases,
                                  group_scales({kGate, kUp}));
-    x = x + project(act, {need(params, l, kDown)}, no_bias, group_scales({kDown}));
+    const at::Tensor down = project(act, {need(params, l, kDown)}, no_bias, group_scales({kDown}));
+    if (bf16 && l + 1 < layers)
+      std::tie(x, h) = add_norm_bf16(x, down, need(params, l + 1, kInNorm), eps);  // and the next layer's input norm
+    else
+      x = x + down;
   }
   return x;
 }
