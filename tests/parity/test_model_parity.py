@@ -168,3 +168,39 @@ def test_bf16_load_and_forward(hf_checkpoint):
     with torch.no_grad():
         out = model(**batch)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("hidden,heads", [(144, 2), (128, 1)])
+def test_bf16_image_features_with_so400m_head_dims(tmp_path, hidden, heads):
+    """bf16 image features of a vision tower with head dim 72 (SigLIP-so400m: SmolVLM-2.2B,
+    Idefics3-8B) or 128 against transformers' float32 ones: within twice transformers' own bf16
+    error. On a CPU with AMX these take the tile-unit attention kernel (a partial-tile mask too)."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    from idefics3_kit.ops import _library
+    from idefics3_kit.ops.attention import amx_vision_head_dim
+
+    g = GEOMETRIES["p14_s2_llama3rope"]
+    vision = dict(g["vision"], image_size=112, hidden_size=hidden, intermediate_size=160, num_attention_heads=heads)
+    text = dict(model_type="llama", pad_token_id=2, bos_token_id=1, eos_token_id=0, **g["text"])
+    torch.manual_seed(0)
+    hf = Idefics3ForConditionalGeneration(Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                                                         image_token_id=g["image_token_id"])).eval()
+    hf.save_pretrained(tmp_path)
+    ours = ik.VLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    hf16 = Idefics3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert amx_vision_head_dim(hidden // heads) or not _library.cpu_has("amx_bf16")
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.zeros(2, 2, 3, 112, 112)
+    pixels[0] = tile_pixels(2, 112, gen)
+    pixels[1, 0] = tile_pixels(1, 112, gen)[0]
+    mask = torch.zeros(2, 2, 112, 112, dtype=torch.long)
+    mask[0] = 1
+    mask[1, 0, :80, :100] = 1  # a partial tile: masked patches
+    with torch.no_grad():
+        ref = torch.cat(list(hf.model.get_image_features(pixels, mask).pooler_output)).float()
+        theirs = torch.cat(list(hf16.model.get_image_features(pixels.bfloat16(), mask).pooler_output)).float()
+        got = ours.get_image_features(pixels.bfloat16(), mask).float().reshape(ref.shape)
+    assert torch.isfinite(got).all()
+    err, their_err = (got - ref).norm() / ref.norm(), (theirs - ref).norm() / ref.norm()
+    assert err <= 2 * their_err + 1e-3, (err.item(), their_err.item())
