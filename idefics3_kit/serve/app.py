@@ -58,7 +58,8 @@ def create_app(model, processor, settings: ServeSettings | None = None) -> FastA
     _install_error_handlers(app)
     app.add_middleware(_CountRequests, metrics=metrics)
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
+        # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop per request
         if settings.api_key is None:
             return
         header = request.headers.get("authorization", "")
