@@ -453,6 +453,7 @@ class CausalDecoder(nn.Module):
         class, without hooks). Runs every decode step, so modules are read from their dicts
         (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
         weights, modules, scales = [], [], []
+        quantized = False
         eps = self.config.rms_norm_eps
         silu = F.silu
         for layer in self.model.layers:
@@ -467,19 +468,39 @@ class CausalDecoder(nn.Module):
                     or getattr(norm2, "eps", None) != eps):
                 return None
             try:
-                if (o._parameters["bias"] is not None or gate._parameters["bias"] is not None
-                        or up._parameters["bias"] is not None or down._parameters["bias"] is not None):
+                qp, kp, vp, op = q._parameters, k._parameters, v._parameters, o._parameters
+                gp, up_, dp = gate._parameters, up._parameters, down._parameters
+                if op["bias"] is not None or gp["bias"] is not None or up_["bias"] is not None or dp["bias"] is not None:
                     return None
-                (qw, qs), (kw, ks), (vw, vs), (ow, os_), (gw, gs), (uw, us), (dw, ds) = (
-                    _weight_and_scales(p) for p in (q, k, v, o, gate, up, down))
-                weights.append((norm1._parameters["weight"], qw, kw, vw, q._parameters["bias"], k._parameters["bias"],
-                                v._parameters["bias"], ow, norm2._parameters["weight"], gw, uw, dw))
+                # the two uniform layers inline (this runs for every linear of every layer at every
+                # decode step): all nn.Linear, or all quantized (ops.quant); a mix goes linear by linear
+                if ("weight" in qp and "weight" in kp and "weight" in vp and "weight" in op and "weight" in gp
+                        and "weight" in up_ and "weight" in dp):
+                    linears = (qp["weight"], kp["weight"], vp["weight"], op["weight"], gp["weight"], up_["weight"],
+                               dp["weight"])
+                    layer_scales = _NO_SCALES
+                elif ("qweight" in qp and "qweight" in kp and "qweight" in vp and "qweight" in op and "qweight" in gp
+                        and "qweight" in up_ and "qweight" in dp):
+                    linears = (qp["qweight"], kp["qweight"], vp["qweight"], op["qweight"], gp["qweight"],
+                               up_["qweight"], dp["qweight"])
+                    layer_scales = (qp["scales"], kp["scales"], vp["scales"], op["scales"], gp["scales"],
+                                    up_["scales"], dp["scales"])
+                else:
+                    pairs = [_weight_and_scales(p) for p in (q, k, v, o, gate, up, down)]
+                    linears, layer_scales = tuple(w for w, _ in pairs), tuple(s for _, s in pairs)
+                qw, kw, vw, ow, gw, uw, dw = linears
+                qs, ks, vs, os_, gs, us, ds = layer_scales
+                weights.append((norm1._parameters["weight"], qw, kw, vw, qp["bias"], kp["bias"], vp["bias"], ow,
+                                norm2._parameters["weight"], gw, uw, dw))
                 scales.append((None, qs, ks, vs, None, None, None, os_, None, gs, us, ds))
+                quantized = quantized or layer_scales is not _NO_SCALES
             except (AttributeError, KeyError):  # a replaced part without these parameters: not a plain layer
                 return None
             modules += (layer, attn, mlp, norm1, norm2, q, k, v, o, gate, up, down)
-        quantized = any(s is not None for per_layer in scales for s in per_layer)
         return weights, modules, scales if quantized else None
+
+
+_NO_SCALES = (None,) * 7  # the scales of a layer of plain nn.Linear projections
 
 
 def _weight_and_scales(linear: nn.Module):

@@ -190,3 +190,33 @@ def test_decode_layers_takes_quantized_layers_bit_identically(bits):
             dec(input_ids=ids, cache=cache)
             outs.append(dec(input_ids=ids[:, :1], cache=cache, output_hidden_states=hidden).logits)
     assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("which", ["mlp", "attention"])
+def test_decode_layers_takes_partly_quantized_layers_bit_identically(which):
+    """Only some projections of each layer quantized (whole groups: q|k|v with o, or gate|up with
+    down): the fused step still takes the layers, linear by linear, and matches the Python layers."""
+    if not ops.matmul.covers(2, torch.bfloat16):
+        pytest.skip("bf16 decode_layers needs AVX-512 BF16")
+    torch.manual_seed(0)
+    dec = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).eval().decoder
+    parts = ("gate_proj", "up_proj", "down_proj") if which == "mlp" else ("q_proj", "k_proj", "v_proj", "o_proj")
+    names = [n for n, m in dec.named_modules() if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in parts]
+    quant.quantize_modules(dec, names, 8, None)
+    _, _, scales = dec._plain_llama_layers()
+    assert scales is not None and all((s is not None) == (i in (1, 2, 3, 7) if which == "attention" else i in (9, 10, 11))
+                                      for layer in scales for i, s in enumerate(layer))
+    fused = []
+    one_call = dec._one_call_step
+    dec._one_call_step = lambda *a: fused.append(one_call(*a)) or fused[-1]  # records what ran
+    ids = torch.randint(3, 100, (2, 5))
+    outs = []
+    for hidden in (False, True):  # output_hidden_states runs the Python layers
+        cache = dec.new_cache(2, 8)
+        with torch.inference_mode():
+            dec(input_ids=ids, cache=cache)
+            outs.append(dec(input_ids=ids[:, :1], cache=cache, output_hidden_states=hidden).logits)
+    # prefills run the Python layers, the first loop's step the fused op (output_hidden_states skips it)
+    assert [out is not None for out in fused] == [False, True, False]
+    assert torch.equal(outs[0], outs[1])
