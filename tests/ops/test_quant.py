@@ -182,14 +182,21 @@ def test_decode_layers_takes_quantized_layers_bit_identically(bits):
     dec = _tiny_quantized(bits).decoder
     found = dec._plain_llama_layers()
     assert found is not None and found[2] is not None  # the fused step takes the quantized layers
+    fused, python = _one_step_fused_and_python(dec)
+    assert torch.equal(fused, python)
+
+
+def _one_step_fused_and_python(dec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one decode step after a 5-token prefill, through the fused step and through the
+    Python layers (output_hidden_states runs them)."""
     ids = torch.randint(3, 100, (2, 5))
     outs = []
-    for hidden in (False, True):  # output_hidden_states runs the Python layers
+    for hidden in (False, True):
         cache = dec.new_cache(2, 8)
         with torch.inference_mode():
             dec(input_ids=ids, cache=cache)
             outs.append(dec(input_ids=ids[:, :1], cache=cache, output_hidden_states=hidden).logits)
-    assert torch.equal(outs[0], outs[1])
+    return outs[0], outs[1]
 
 
 @needs_kernel
@@ -210,13 +217,7 @@ def test_decode_layers_takes_partly_quantized_layers_bit_identically(which):
     fused = []
     one_call = dec._one_call_step
     dec._one_call_step = lambda *a: fused.append(one_call(*a)) or fused[-1]  # records what ran
-    ids = torch.randint(3, 100, (2, 5))
-    outs = []
-    for hidden in (False, True):  # output_hidden_states runs the Python layers
-        cache = dec.new_cache(2, 8)
-        with torch.inference_mode():
-            dec(input_ids=ids, cache=cache)
-            outs.append(dec(input_ids=ids[:, :1], cache=cache, output_hidden_states=hidden).logits)
-    # prefills run the Python layers, the first loop's step the fused op (output_hidden_states skips it)
+    step, python = _one_step_fused_and_python(dec)
+    # prefills run the Python layers, the first step the fused op (output_hidden_states skips it)
     assert [out is not None for out in fused] == [False, True, False]
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(step, python)
