@@ -25,8 +25,10 @@ from .feature_cache import DEFAULT_MAX_BYTES, VisionFeatureCache, weights_signat
 from .generation import generate as _generate
 from .hf import hub, parts, weights
 from .hf.parts import resolve_dtype
-from .ops import quant
+from .ops import fast_path, quant
 from .streaming import stream as _stream
+
+CPU_VISION_TOKENS_PER_THREAD = 1024  # the vision tower's patch tokens per call per CPU thread (encode_tiles)
 
 
 @dataclass
@@ -286,10 +288,36 @@ class VLM(nn.Module):
         return pixels, pixel_mask[:, :gh * p, :gw * p].reshape(n, gh, p, gw, p).sum(dim=(2, 4)) > 0  # [N, gh, gw]
 
     def encode_tiles(self, pixels: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
-        """Vision tower + connector over real tiles [N, 3, S, S] -> features [N, S_img, Dt]."""
+        """Vision tower + connector over real tiles [N, 3, S, S] -> features [N, S_img, Dt].
+
+        CPU inference runs the tiles in chunks of ~CPU_VISION_TOKENS_PER_THREAD patch tokens per
+        thread (``_tiles_per_call``): a whole image's activations spill the caches (13 tiles of
+        SigLIP at 512 px are 13k tokens, 80 MB of MLP activations in bf16). Chunks of two tiles ran
+        the SmolVLM-256M tower 1.16x faster on 13 tiles and 1.57x on 26 (bf16, 2 threads; fp32 1.14x
+        on 13). Every tile is computed on its own either way; the features differ from one call's by
+        float rounding only (a GEMM's blocking depends on its row count).
+        """
         if patch_mask is not None and not torch.compiler.is_compiling() and bool(patch_mask.all()):
             patch_mask = None  # every patch real: the same result through faster attention (eager only)
-        return self.connector(self.vision(pixels, patch_mask))
+        n, step = pixels.shape[0], self._tiles_per_call(pixels)
+        if step >= n:
+            return self.connector(self.vision(pixels, patch_mask))
+        return torch.cat([self.connector(self.vision(pixels[i:i + step], None if patch_mask is None else
+                                                     patch_mask[i:i + step])) for i in range(0, n, step)])
+
+    def _tiles_per_call(self, pixels: torch.Tensor) -> int:
+        """How many tiles go through the tower at once: all of them unless this is eager CPU
+        inference with no hooks on the tower or the connector (a hook, FSDP's included, or a
+        training step sees the one call it expects); else ~CPU_VISION_TOKENS_PER_THREAD patch tokens
+        per thread (at least two threads' worth)."""
+        n = pixels.shape[0]
+        if (pixels.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or fast_path.global_hooks()
+                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.vision, self.connector))):
+            return n
+        p = self.vision.patch_size
+        tokens = max(1, (pixels.shape[-2] // p) * (pixels.shape[-1] // p))  # patch tokens per tile
+        return max(1, CPU_VISION_TOKENS_PER_THREAD * max(2, torch.get_num_threads()) // tokens)
 
     # ---- the vision-feature cache ----------------------------------------------------------
     def enable_feature_cache(self, max_bytes: int = DEFAULT_MAX_BYTES) -> VisionFeatureCache:
