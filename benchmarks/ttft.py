@@ -128,11 +128,7 @@ def ours_stages(model, processor, text, images):
     def vision():
         b = state["batch"]
         pixels, patch_mask = model.real_tiles(b["pixel_values"], b["pixel_attention_mask"])
-        if patch_mask is not None and bool(patch_mask.all()):
-            patch_mask = None  # as encode_tiles does
-        step = model._tiles_per_call(pixels)  # the tiles per tower call encode_tiles makes (CPU: chunks)
-        state["tiles"] = torch.cat([model.vision(pixels[i:i + step], None if patch_mask is None else
-                                                 patch_mask[i:i + step]) for i in range(0, pixels.shape[0], step)])
+        state["tiles"] = model.run_vision_tower(pixels, patch_mask)  # what encode_tiles runs before the connector
 
     def connector():
         state["features"] = model.connector(state["tiles"])

@@ -28,7 +28,7 @@ from .hf.parts import resolve_dtype
 from .ops import fast_path, quant
 from .streaming import stream as _stream
 
-CPU_VISION_TOKENS_PER_THREAD = 1024  # the vision tower's patch tokens per call per CPU thread (encode_tiles)
+CPU_VISION_TOKENS_PER_THREAD = 1024  # the vision tower's patch tokens per call per CPU thread (run_vision_tower)
 
 
 @dataclass
@@ -288,7 +288,11 @@ class VLM(nn.Module):
         return pixels, pixel_mask[:, :gh * p, :gw * p].reshape(n, gh, p, gw, p).sum(dim=(2, 4)) > 0  # [N, gh, gw]
 
     def encode_tiles(self, pixels: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
-        """Vision tower + connector over real tiles [N, 3, S, S] -> features [N, S_img, Dt].
+        """Vision tower + connector over real tiles [N, 3, S, S] -> features [N, S_img, Dt]."""
+        return self.connector(self.run_vision_tower(pixels, patch_mask))
+
+    def run_vision_tower(self, pixels: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
+        """The vision tower over real tiles [N, 3, S, S] (+ patch mask [N, h, w]) -> [N, S, Dv].
 
         CPU inference runs the tiles in chunks of ~CPU_VISION_TOKENS_PER_THREAD patch tokens per
         thread (``_tiles_per_call``): a whole image's activations spill the caches (13 tiles of
@@ -301,19 +305,18 @@ class VLM(nn.Module):
             patch_mask = None  # every patch real: the same result through faster attention (eager only)
         n, step = pixels.shape[0], self._tiles_per_call(pixels)
         if step >= n:
-            return self.connector(self.vision(pixels, patch_mask))
-        return torch.cat([self.connector(self.vision(pixels[i:i + step], None if patch_mask is None else
-                                                     patch_mask[i:i + step])) for i in range(0, n, step)])
+            return self.vision(pixels, patch_mask)
+        return torch.cat([self.vision(pixels[i:i + step], None if patch_mask is None else patch_mask[i:i + step])
+                          for i in range(0, n, step)])
 
     def _tiles_per_call(self, pixels: torch.Tensor) -> int:
         """How many tiles go through the tower at once: all of them unless this is eager CPU
-        inference with no hooks on the tower or the connector (a hook, FSDP's included, or a
-        training step sees the one call it expects); else ~CPU_VISION_TOKENS_PER_THREAD patch tokens
-        per thread (at least two threads' worth)."""
+        inference with no hooks on the tower (a hook, FSDP's included, or a training step sees the
+        one call it expects); else ~CPU_VISION_TOKENS_PER_THREAD patch tokens per thread (at least
+        two threads' worth)."""
         n = pixels.shape[0]
         if (pixels.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or fast_path.global_hooks()
-                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.vision, self.connector))):
+                or fast_path.global_hooks() or self.vision._forward_hooks or self.vision._forward_pre_hooks):
             return n
         p = self.vision.patch_size
         tokens = max(1, (pixels.shape[-2] // p) * (pixels.shape[-1] // p))  # patch tokens per tile

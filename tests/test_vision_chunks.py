@@ -1,4 +1,4 @@
-"""The vision tower over chunks of tiles on the CPU (VLM.encode_tiles): the features of one call up
+"""The vision tower over chunks of tiles on the CPU (VLM.run_vision_tower, under encode_tiles): the features of one call up
 to float rounding (a GEMM's blocking depends on its row count), and one call wherever a hook,
 autograd or a compiler could tell the difference."""
 
