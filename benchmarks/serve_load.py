@@ -16,8 +16,12 @@ By default every request carries the same image, so after the first one the serv
 feature cache answers its tiles; --distinct-images gives each request its own image (a dot grid
 in a colour of its own), so every request runs the vision tower.
 
-    python benchmarks/serve_load.py [--model DIR] [--seconds 8] [--max-tokens 32] [--threads 1]
-                                    [--rounds 3] [--distinct-images]
+    python benchmarks/serve_load.py [--model DIR] [--dtype fp32] [--seconds 8] [--max-tokens 32]
+                                    [--threads 1] [--rounds 3] [--distinct-images]
+
+The demo model's decoder is tiny (2.6 M parameters: its steps are overhead, whatever the batch);
+benchmarks/make_serve_model.py writes one with SmolVLM-256M's decoder shapes to load-test a decoder
+that is bound by reading its weights, as real ones are (``--model DIR --dtype bf16``).
 
 Nothing leaves the machine: the clients talk to 127.0.0.1 only.
 """
@@ -49,11 +53,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, threads: int, queue: int):
+def start_server(model: str, max_batch: int, threads: int, queue: int, dtype: str = "fp32"):
     port = free_port()
     cmd = [sys.executable, "-m", "idefics3_kit.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "bench", "--max-batch-size", str(max_batch), "--max-queue", str(queue),
-           "--threads", str(threads), "--log-level", "warning"]
+           "--threads", str(threads), "--dtype", dtype, "--log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -208,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-at", type=int, default=8, help="streams for batched vs sequential (default: 8)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the comparison (default: 3)")
     ap.add_argument("--threads", type=int, default=1, help="the servers' torch threads (default: 1)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the servers' --dtype")
     ap.add_argument("--distinct-images", action="store_true",
                     help="a different image in every request (the feature cache never hits)")
     args = ap.parse_args(argv)
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
     procs, urls = [], {}
     try:
         for name, batch in (("one", 1), ("batched", args.max_batch_size)):
-            proc, urls[name] = start_server(args.model, batch, args.threads, queue)
+            proc, urls[name] = start_server(args.model, batch, args.threads, queue, args.dtype)
             procs.append(proc)
         levels_done = [asyncio.run(load(urls["batched"], c, args.seconds, args.max_requests, bodies)) for c in levels]
         rounds = compare_rounds(urls, args, bodies)
@@ -229,7 +234,7 @@ def main(argv=None) -> int:
             proc.wait(30)
     print(f"model {os.path.relpath(args.model, ROOT)}; {args.max_tokens} new tokens per answer (ignore_eos), "
           f"image + question ({'a different image in every request' if args.distinct_images else 'the same image'}), "
-          f"{args.seconds:g} s per row, server threads {args.threads}")
+          f"{args.seconds:g} s per row, server threads {args.threads}, {args.dtype}")
     print(HEADER)
     for r in levels_done:
         print(row(batched_name, r))

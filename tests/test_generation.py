@@ -139,7 +139,7 @@ def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype
     model = ik.VLM(ik.VLMConfig.preset("tiny")).eval().to(dtype)
     attn = model.decoder.model.layers[0].self_attn
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    ids = torch.randint(3, 200, (matmul.MAX_ROWS + 2, 12))  # more rows than the few-row kernel takes
+    ids = torch.randint(3, 200, (matmul.max_rows() + 2, 12))  # more rows than the few-row kernel takes
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
 
@@ -177,7 +177,7 @@ def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype
 
 
 def test_auto_prepack_skips_batch_sizes_the_few_row_kernel_covers(monkeypatch):
-    # ops.decode_linear reads the plain weights for <= MAX_ROWS rows: a packed copy (the decoder's
+    # ops.decode_linear reads the plain weights for <= max_rows() rows: a packed copy (the decoder's
     # weights once more) would be unused memory there; larger batches still get it.
     from idefics3_kit.ops import matmul
 
@@ -186,6 +186,6 @@ def test_auto_prepack_skips_batch_sizes_the_few_row_kernel_covers(monkeypatch):
     with torch.inference_mode():
         kernel = matmul.covers(1, torch.bfloat16)
         assert matmul.prepare_decode(decoder, 1) is (not kernel)
-        assert matmul.prepare_decode(decoder, matmul.MAX_ROWS + 1) is True
+        assert matmul.prepare_decode(decoder, matmul.max_rows() + 1) is True
         monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
         assert matmul.prepare_decode(decoder, 1) is True

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "common.h"
+#include "idefics3_kit/gemv_amx.h"
 #include "idefics3_kit/gemv_bf16.h"
 #include "kernels.h"
 
@@ -60,6 +61,13 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights, const 
     rows.push_back(w.size(0));
     offset += w.size(0);
   }
+#ifdef IK_HAVE_AMX_PATH
+  if (gemv::amx::usable(rows_x, k)) {  // 5-16 rows: the tile unit (gemv_amx.h)
+    for_worker_row_ranges(first_row, rows, n_total, n_total * k * 2, kMinBytesPerWorker,
+                          [&](size_t i, int64_t lo, int64_t hi) { gemv::amx::rows(jobs[i], lo, hi); });
+    return y;
+  }
+#endif
   for_worker_row_ranges(first_row, rows, n_total, n_total * k * 2, kMinBytesPerWorker,
                         [&](size_t i, int64_t lo, int64_t hi) { gemv::run_rows(jobs[i], lo, hi); });
   return y;

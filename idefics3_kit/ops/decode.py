@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from . import _library, fast_path, matmul
+from . import _library, fast_path, matmul, quant
 from .norm import check_eps
 
 LAYER_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "post_norm", "gate", "up", "down")
@@ -43,8 +43,10 @@ def _applies(x: torch.Tensor, flat: list, scales: list, k_cache, v_cache, rope_a
         return False
     dtype = x.dtype
     for p, s in zip(flat, scales):
-        if s is not None:  # a quantized weight (ops.quant's layout): the bf16 kernel only
+        if s is not None:  # a quantized weight (ops.quant's layout): the bf16 kernel only, on few rows
             if dtype != torch.bfloat16 or s.dtype != torch.bfloat16 or not (p.is_contiguous() and s.is_contiguous()):
+                return False
+            if x.shape[0] > quant.MAX_ROWS:  # past its rows quant_linear dequantizes: the layers then run it
                 return False
         elif p is not None and (p.dtype != dtype or not p.is_contiguous()):
             return False

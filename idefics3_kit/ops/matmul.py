@@ -4,11 +4,13 @@
 layers]``; where ``fast_path.usable`` allows it they run one of two faster paths, with
 bit-identical results:
 
-1. ``decode_linear`` (compiled, bf16 on CPUs with AVX-512 BF16, at most ``MAX_ROWS`` rows): a
+1. ``decode_linear`` (compiled, bf16 on CPUs with AVX-512 BF16, at most ``max_rows()`` rows): a
    one-token step reads every weight once for one row of activations; at the decoder's narrow
    shapes (K = 576) oneDNN's bf16 matmul streams the weights 1.2-1.7x slower than this loop
    (benchmarks/linear_cpu.py). It takes several weights at once (q|k|v, gate|up) and writes
-   their outputs side by side, so fused projections need no concatenated weight copy.
+   their outputs side by side, so fused projections need no concatenated weight copy. With AMX,
+   4 to 16 rows (a batched decode step) run on the tile unit, still reading each weight once
+   (gemv_amx.h): 0.8-0.9x oneDNN's packed-weight time at 5-16 rows, without the packed copy.
 2. oneDNN-packed bf16 weights (up to ``PACKED_MAX_ROWS`` rows, after ``prepare_decode``):
    torch's bf16 ``F.linear`` re-lays-out the weight on every call, which dominates a decode
    step; a copy packed once (per layer, or concatenated for a group such as q|k|v) avoids it.
@@ -40,6 +42,7 @@ from .dense_linear import dense
 # turns compute-bound while oneDNN's AMX path shares each weight load). Up to four rows it still
 # pays: it lets decode_layers run the whole step (bf16 batch 4 decode 1.56x -> 1.97x transformers).
 MAX_ROWS = 4
+AMX_MAX_ROWS = 16  # with AMX the kernel takes 4..16 rows on the tile unit (gemv_amx.h): K multiple of 32 there
 PACKED_MAX_ROWS = 32  # packed weights checked bit-identical for every decoder shape and 1..32 rows
 PREPACK_AUTO_MAX_BYTES = 2 * 1024 ** 3
 
@@ -55,10 +58,17 @@ def decode_linear_ref(x: torch.Tensor, weights, biases=None) -> torch.Tensor:
     return torch.cat(outs, dim=-1)
 
 
+def max_rows() -> int:
+    """The most rows the compiled kernel takes here: AMX_MAX_ROWS on a CPU with AMX-BF16 (a K that
+    is not a multiple of 32 then runs the AVX-512 loop, slower than oneDNN past four rows but
+    right), else MAX_ROWS."""
+    return AMX_MAX_ROWS if _library.cpu_has("amx_bf16") else MAX_ROWS
+
+
 def covers(rows: int, dtype: torch.dtype) -> bool:
     """Whether the compiled kernel's size and type rules take ``rows`` rows of ``dtype`` here
-    (bf16, at most MAX_ROWS rows, a CPU with AVX-512 BF16, the compiled backend)."""
-    return (dtype == torch.bfloat16 and rows <= MAX_ROWS and _library.cpu_has("avx512_bf16")
+    (bf16, at most ``max_rows()`` rows, a CPU with AVX-512 BF16, the compiled backend)."""
+    return (dtype == torch.bfloat16 and rows <= max_rows() and _library.cpu_has("avx512_bf16")
             and _library.has_kernel("decode_linear", "cpu"))
 
 

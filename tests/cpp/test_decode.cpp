@@ -1,6 +1,8 @@
 // Torch-free tests of the decode kernels: the few-row bf16 linear (csrc/include/idefics3_kit/
-// gemv_bf16.h: the AVX-512 BF16 path where the CPU has it, and the portable loop) and the RMSNorm
-// row (rms_norm.h), against naive double-precision loops.
+// gemv_bf16.h: the AVX-512 BF16 path where the CPU has it, and the portable loop; gemv_amx.h: the
+// tile path for 4-16 rows where the CPU has AMX) and the RMSNorm row (rms_norm.h), against naive
+// double-precision loops.
+#include <idefics3_kit/gemv_amx.h>
 #include <idefics3_kit/gemv_bf16.h>
 #include <idefics3_kit/rms_norm.h>
 
@@ -237,6 +239,63 @@ void test_gemv_propagates_nan_and_inf() {
   }
 }
 
+#ifdef IK_HAVE_AMX_PATH
+// The tile path (4-16 x rows, K a multiple of 32): against double sums, against the AVX-512 loop
+// (the same sums in another order), and split into pieces as the op's workers split the rows: a
+// piece need not hold whole 16-row tiles (its last rows make a shorter tile), and the bits are
+// the same however the rows are cut.
+void test_gemv_amx_against_double_and_the_loop() {
+  if (!gemv::amx::usable(gemv::amx::kMinRows, 32)) {
+    std::printf("gemv amx: not tested (the CPU lacks AMX-BF16, or the OS refused the tile state)\n");
+    return;
+  }
+  std::printf("gemv amx: tile path tested\n");
+  std::mt19937 rng(99);
+  for (int64_t k : {32, 64, 576, 1536})
+    for (int64_t rows_x : {4, 5, 8, 13, 16})
+      for (int64_t n : {16, 17, 31, 32, 48, 100})
+        for (bool with_bias : {false, true}) {
+          const int64_t x_pad = (k + rows_x + n) % 2 == 0 ? 0 : 8;
+          const Problem p = make_problem(rng, rows_x, k, n, with_bias, x_pad);
+          const std::vector<uint16_t> tiles = run(p, gemv::amx::rows, {0, n});
+          check_against_double(p, tiles);
+          check_paths_agree(p, tiles, run(p, gemv::avx512bf16::rows, {0, n}));
+          // pieces as the op cuts them (multiples of 4) and arbitrary ones, empty ones included
+          CHECK(run(p, gemv::amx::rows, {0, n / 2 / 4 * 4, n}) == tiles);
+          CHECK(run(p, gemv::amx::rows, {0, n / 3, n / 3, n / 3 + 1, n}) == tiles);
+        }
+}
+
+void test_gemv_amx_propagates_nan_and_inf() {
+  if (!gemv::amx::usable(gemv::amx::kMinRows, 32)) return;
+  std::mt19937 rng(8);
+  for (int64_t k : {32, 576}) {
+    Problem p = make_problem(rng, 6, k, 33, true, 0);
+    p.x[1 * p.x_stride + k / 2] = 0x7FC0u;  // NaN in row 1 of x
+    p.w[4 * k + (k - 1)] = 0x7F80u;         // +inf in weight row 4, last column
+    p.bias[2] = std::nanf("");
+    const std::vector<uint16_t> y = run(p, gemv::amx::rows, {0, p.n});
+    for (int64_t m = 0; m < p.rows_x; ++m)
+      for (int64_t r = 0; r < p.n; ++r) {
+        const uint16_t v = y[m * p.y_stride + p.y_offset + r];
+        const float xk = bf16_bits_to_float(p.x[m * p.x_stride + (k - 1)]);
+        const bool nan = m == 1 || r == 2 || (r == 4 && xk == 0.0f);
+        if (nan) {
+          CHECK(is_nan_bf16(v));
+        } else if (r == 4) {
+          CHECK((v & 0x7FFFu) == 0x7F80u);
+          CHECK(((v & 0x8000u) != 0) == (xk < 0.0f));
+        } else {
+          CHECK(std::isfinite(bf16_bits_to_float(v)));
+        }
+      }
+  }
+}
+#else
+void test_gemv_amx_against_double_and_the_loop() { std::printf("gemv amx: not compiled in\n"); }
+void test_gemv_amx_propagates_nan_and_inf() {}
+#endif
+
 // ---- rms_norm -------------------------------------------------------------------------------
 
 // float or bf16 bits <-> float, with the kernel's own conversions.
@@ -336,4 +395,5 @@ void test_rms_norm_special_rows() {
 
 TEST_MAIN(test_bf16_round_trip_every_value(); test_float_to_bf16_rounding_and_nan();
           test_gemv_against_double_and_between_paths(); test_gemv_propagates_nan_and_inf();
+          test_gemv_amx_against_double_and_the_loop(); test_gemv_amx_propagates_nan_and_inf();
           test_rms_norm_rows(); test_rms_norm_special_rows();)

@@ -85,7 +85,7 @@ outs = st.lists(st.tuples(st.integers(1, 70), st.sampled_from([None, torch.bfloa
 
 @needs_ext
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.integers(1, 6), lead=leads, k=ks, outs=outs, seed=st.integers(0, 1000))
+@given(rows=st.integers(1, 17), lead=leads, k=ks, outs=outs, seed=st.integers(0, 1000))
 def test_decode_linear_matches_reference(rows, lead, k, outs, seed):
     shape = {"rows": (rows,), "b1k": (rows, 1), "4d": (1, 1, rows)}[lead]  # [M, K], [B, 1, K], [1, 1, M, K]
     x, weights, biases = _linear_inputs(shape, k, outs, seed)
@@ -129,6 +129,27 @@ def test_decode_linear_split_over_workers(threads):
 
 
 @needs_ext
+@pytest.mark.parametrize("rows", [4, 5, 8, 13, 16])
+def test_decode_linear_batched_rows_split_over_workers(rows):
+    # 4-16 rows: the tile path where the CPU has AMX (gemv_amx.h, K a multiple of 32), else the
+    # AVX-512 loop; K = 100 takes the loop everywhere. Enough weight bytes for two workers, whose
+    # split falls inside a weight and leaves a tile shorter than 16 rows: the same bits either way.
+    for k in (576, 100):
+        x, weights, biases = _linear_inputs((rows, 1), k, [(330, torch.bfloat16), (33, None), (16, torch.float32)],
+                                            rows * 7 + k)
+        old = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            serial = ns.decode_linear(x, weights, biases)
+            torch.set_num_threads(2)
+            split = ns.decode_linear(x, weights, biases)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(serial, split)
+        _check_linear(x, weights, biases, serial)
+
+
+@needs_ext
 def test_decode_linear_dispatch():
     x, weights, biases = _linear_inputs((1, 1), 64, [(8, None), (4, torch.bfloat16)], 3)
     fast = _library.cpu_has("avx512_bf16")
@@ -137,9 +158,9 @@ def test_decode_linear_dispatch():
         assert (y is not None) == fast
         if fast:
             assert torch.equal(y, ns.decode_linear(x, weights, biases))
-            assert linear_ops.applies(x.expand(linear_ops.MAX_ROWS, 1, 64), weights[0])
-        # not applicable: more rows than MAX_ROWS, float32, the reference backend forced
-        many = x.expand(linear_ops.MAX_ROWS + 1, 1, 64).contiguous()
+            assert linear_ops.applies(x.expand(linear_ops.max_rows(), 1, 64), weights[0])
+        # not applicable: more rows than max_rows(), float32, the reference backend forced
+        many = x.expand(linear_ops.max_rows() + 1, 1, 64).contiguous()
         assert ops.decode_linear(many, weights, biases) is None
         assert ops.decode_linear(x.float(), [w.float() for w in weights], biases) is None
         with ops.use_reference():
@@ -253,7 +274,7 @@ DECODERS = {"tiny": _tiny_decoder, "qwen2": _qwen2_decoder}
 def _expect_fused(dtype, b) -> bool:
     if not _library.cpu_is_vectorized():
         return False
-    return dtype == torch.float32 or (_library.cpu_has("avx512_bf16") and b <= linear_ops.MAX_ROWS)
+    return dtype == torch.float32 or (_library.cpu_has("avx512_bf16") and b <= linear_ops.max_rows())
 
 
 def _run_decode(dec, b, padded, steps, prefill=7, shared_positions=False, seed=0):
@@ -311,7 +332,7 @@ def _compare_fused_and_python(dec, dtype, b, monkeypatch, steps=3, prefill=7, **
 @needs_ext
 @pytest.mark.parametrize("name", ["tiny", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("b", [1, 2, 8])  # 8: the tile path of decode_linear where the CPU has AMX
 @pytest.mark.parametrize("padded", [False, True])
 def test_decode_layers_bit_identical_to_python_layers(name, dtype, b, padded, monkeypatch):
     _compare_fused_and_python(DECODERS[name](dtype), dtype, b, monkeypatch, padded=padded)
@@ -330,7 +351,7 @@ def test_decode_layers_bit_identical_edge_steps(dtype, case, monkeypatch):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b", [1, 2, 3])
+@pytest.mark.parametrize("b", [1, 2, 3, 6])
 def test_decode_layers_bit_identical_with_odd_widths_and_tile_head_dims(dtype, b, monkeypatch):
     # intermediate_size 100: SiLU's vector/scalar split falls inside rows, so the gate's layout
     # matters (float32: a contiguous F.linear output, as the Python layers use). head_dim 64:
@@ -451,6 +472,8 @@ def test_opcheck_decode_linear():
     x, weights, biases = _linear_inputs((2, 1), 48, [(6, None), (5, torch.float32), (3, torch.bfloat16)], 4)
     torch.library.opcheck(ns.decode_linear.default, (x, weights, biases))
     torch.library.opcheck(ns.decode_linear.default, (x[0, 0], weights[:1], [None]))
+    many, weights, biases = _linear_inputs((8, 1), 64, [(20, None), (5, torch.float32)], 6)  # the tile path's rows
+    torch.library.opcheck(ns.decode_linear.default, (many, weights, biases))
 
 
 @needs_ext
@@ -608,9 +631,9 @@ def test_decode_layer_params_falls_back_to_python_layers():
         sub = _tiny_decoder(torch.float32)
         sub.model.layers[1].post_attention_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps)
         assert not _step_runs(sub, x, cache)
-        # bf16: only up to decode_linear's MAX_ROWS rows (and with AVX-512 BF16)
+        # bf16: only up to decode_linear's max_rows() rows (and with AVX-512 BF16)
         dec16 = _tiny_decoder(torch.bfloat16)
-        rows = linear_ops.MAX_ROWS
+        rows = linear_ops.max_rows()
         x16 = torch.randn(rows + 1, 1, cfg.hidden_size).bfloat16()
         assert not _step_runs(dec16, x16, dec16.new_cache(rows + 1, 8))
         few = _step_runs(dec16, x16[:rows], dec16.new_cache(rows, 8))
