@@ -208,34 +208,43 @@ void test_gemv_against_double_and_between_paths() {
         }
 }
 
+// A NaN in row 1 of x, +inf in weight row 4's last column (the tail on the AVX-512 path), a NaN bias
+// for output 2.
+void poison(Problem& p) {
+  p.x[1 * p.x_stride + p.k / 2] = 0x7FC0u;
+  p.w[4 * p.k + (p.k - 1)] = 0x7F80u;
+  p.bias[2] = std::nanf("");
+}
+
+// What poison() must give: NaN where a NaN or inf * 0 enters the sum, inf (with x's sign) where
+// inf * x dominates the finite rest, finite values elsewhere.
+void check_poisoned(const Problem& p, const std::vector<uint16_t>& y) {
+  for (int64_t m = 0; m < p.rows_x; ++m)
+    for (int64_t r = 0; r < p.n; ++r) {
+      const uint16_t v = y[m * p.y_stride + p.y_offset + r];
+      const float xk = bf16_bits_to_float(p.x[m * p.x_stride + (p.k - 1)]);
+      const bool nan = m == 1 || r == 2 || (r == 4 && xk == 0.0f);
+      if (nan) {
+        CHECK(is_nan_bf16(v));
+      } else if (r == 4) {
+        CHECK((v & 0x7FFFu) == 0x7F80u);
+        CHECK(((v & 0x8000u) != 0) == (xk < 0.0f));
+      } else {
+        CHECK(std::isfinite(bf16_bits_to_float(v)));
+      }
+    }
+}
+
 void test_gemv_propagates_nan_and_inf() {
   std::mt19937 rng(7);
   for (int64_t k : {1, 33, 576}) {
     Problem p = make_problem(rng, 3, k, 6, true, 0);
-    p.x[1 * p.x_stride + k / 2] = 0x7FC0u;  // NaN in row 1 of x
-    p.w[4 * k + (k - 1)] = 0x7F80u;         // +inf in weight row 4 (its last k: the tail on the fast path)
-    p.bias[2] = std::nanf("");
+    poison(p);
     std::vector<RowsFn> fns = {gemv::rows_portable};
 #ifdef IK_HAVE_GEMV_BF16_PATH
     if (gemv::fast_path()) fns.push_back(gemv::avx512bf16::rows);
 #endif
-    for (RowsFn fn : fns) {
-      const std::vector<uint16_t> y = run(p, fn, {0, p.n});
-      for (int64_t m = 0; m < p.rows_x; ++m)
-        for (int64_t r = 0; r < p.n; ++r) {
-          const uint16_t v = y[m * p.y_stride + p.y_offset + r];
-          const float xk = bf16_bits_to_float(p.x[m * p.x_stride + (k - 1)]);
-          const bool nan = m == 1 || r == 2 || (r == 4 && xk == 0.0f);
-          if (nan) {
-            CHECK(is_nan_bf16(v));
-          } else if (r == 4) {  // inf * x[k-1] dominates the finite rest
-            CHECK((v & 0x7FFFu) == 0x7F80u);
-            CHECK(((v & 0x8000u) != 0) == (xk < 0.0f));
-          } else {
-            CHECK(std::isfinite(bf16_bits_to_float(v)));
-          }
-        }
-    }
+    for (RowsFn fn : fns) check_poisoned(p, run(p, fn, {0, p.n}));
   }
 }
 
@@ -271,24 +280,8 @@ void test_gemv_amx_propagates_nan_and_inf() {
   std::mt19937 rng(8);
   for (int64_t k : {32, 576}) {
     Problem p = make_problem(rng, 6, k, 33, true, 0);
-    p.x[1 * p.x_stride + k / 2] = 0x7FC0u;  // NaN in row 1 of x
-    p.w[4 * k + (k - 1)] = 0x7F80u;         // +inf in weight row 4, last column
-    p.bias[2] = std::nanf("");
-    const std::vector<uint16_t> y = run(p, gemv::amx::rows, {0, p.n});
-    for (int64_t m = 0; m < p.rows_x; ++m)
-      for (int64_t r = 0; r < p.n; ++r) {
-        const uint16_t v = y[m * p.y_stride + p.y_offset + r];
-        const float xk = bf16_bits_to_float(p.x[m * p.x_stride + (k - 1)]);
-        const bool nan = m == 1 || r == 2 || (r == 4 && xk == 0.0f);
-        if (nan) {
-          CHECK(is_nan_bf16(v));
-        } else if (r == 4) {
-          CHECK((v & 0x7FFFu) == 0x7F80u);
-          CHECK(((v & 0x8000u) != 0) == (xk < 0.0f));
-        } else {
-          CHECK(std::isfinite(bf16_bits_to_float(v)));
-        }
-      }
+    poison(p);
+    check_poisoned(p, run(p, gemv::amx::rows, {0, p.n}));
   }
 }
 #else
