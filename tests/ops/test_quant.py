@@ -186,13 +186,13 @@ def test_decode_layers_takes_quantized_layers_bit_identically(bits):
     assert torch.equal(fused, python)
 
 
-def _one_step_fused_and_python(dec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits of one decode step after a 5-token prefill, through the fused step and through the
-    Python layers (output_hidden_states runs them)."""
-    ids = torch.randint(3, 100, (2, 5))
+def _one_step_fused_and_python(dec, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one decode step of ``rows`` sequences after a 5-token prefill, through the fused
+    step and through the Python layers (output_hidden_states runs them)."""
+    ids = torch.randint(3, 100, (rows, 5))
     outs = []
     for hidden in (False, True):
-        cache = dec.new_cache(2, 8)
+        cache = dec.new_cache(rows, 8)
         with torch.inference_mode():
             dec(input_ids=ids, cache=cache)
             outs.append(dec(input_ids=ids[:, :1], cache=cache, output_hidden_states=hidden).logits)
@@ -220,4 +220,21 @@ def test_decode_layers_takes_partly_quantized_layers_bit_identically(which):
     step, python = _one_step_fused_and_python(dec)
     # prefills run the Python layers, the first step the fused op (output_hidden_states skips it)
     assert [out is not None for out in fused] == [False, True, False]
+    assert torch.equal(step, python)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [6, 12])
+def test_decode_layers_quantized_batches_within_quant_rows(rows):
+    """With AMX, decode_layers takes bf16 batches up to 16 rows (decode_linear's tile path); with
+    quantized layers only up to quant.MAX_ROWS (past it quant_linear dequantizes, which the Python
+    layers run). Either way the step equals the Python layers'."""
+    if not ops.matmul.covers(rows, torch.bfloat16):
+        pytest.skip("this CPU's compiled decode kernels do not take this many rows")
+    dec = _tiny_quantized(8).decoder
+    fused = []
+    one_call = dec._one_call_step
+    dec._one_call_step = lambda *a: fused.append(one_call(*a)) or fused[-1]  # records what ran
+    step, python = _one_step_fused_and_python(dec, rows)
+    assert [out is not None for out in fused] == [False, rows <= quant.MAX_ROWS, False]
     assert torch.equal(step, python)
