@@ -62,9 +62,11 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights, const 
     offset += w.size(0);
   }
 #ifdef IK_HAVE_AMX_PATH
-  if (gemv::amx::usable(rows_x, k)) {  // 5-16 rows: the tile unit (gemv_amx.h)
+  if (gemv::amx::usable(rows_x, k)) {  // 4-16 rows: the tile unit (gemv_amx.h), x packed once for all workers
+    std::vector<uint16_t> xb;
+    gemv::amx::pack_x(xp, rows_x, k, k, xb);
     for_worker_row_ranges(first_row, rows, n_total, n_total * k * 2, kMinBytesPerWorker,
-                          [&](size_t i, int64_t lo, int64_t hi) { gemv::amx::rows(jobs[i], lo, hi); });
+                          [&](size_t i, int64_t lo, int64_t hi) { gemv::amx::rows_packed(jobs[i], xb.data(), lo, hi); });
     return y;
   }
 #endif

@@ -24,6 +24,7 @@
 #ifdef IK_HAVE_AMX_PATH
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "bf16.h"
@@ -56,18 +57,20 @@ IK_AMX_FN inline void configure(int64_t m, int64_t w) {
 }
 
 // x [m, k] (row stride x_stride) -> xb: per 32-column chunk c, per pair p < 16, per row i < m:
-// x[i, 32c + 2p], x[i, 32c + 2p + 1]. One chunk is one B tile of 16 rows of m * 4 bytes.
-inline void pack_x(const Job& j, std::vector<uint16_t>& xb) {
-  const int64_t m = j.rows_x, chunks = j.k / 32;
+// x[i, 32c + 2p], x[i, 32c + 2p + 1]. One chunk is one B tile of 16 rows of m * 4 bytes. The op
+// packs x once per call and its workers share it (pack_x, then rows_packed per weight and range).
+inline void pack_x(const uint16_t* x, int64_t m, int64_t k, int64_t x_stride, std::vector<uint16_t>& xb) {
+  const int64_t chunks = k / 32;
   xb.resize(chunks * 16 * m * 2);
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t p = 0; p < 16; ++p)
-      for (int64_t i = 0; i < m; ++i) {
-        const uint16_t* src = j.x + i * j.x_stride + 32 * c + 2 * p;
-        uint16_t* dst = xb.data() + ((c * 16 + p) * m + i) * 2;
-        dst[0] = src[0];
-        dst[1] = src[1];
-      }
+  auto* out = reinterpret_cast<uint32_t*>(xb.data());  // a column pair is one 32-bit word
+  for (int64_t i = 0; i < m; ++i) {
+    const uint16_t* row = x + i * x_stride;
+    for (int64_t pair = 0; pair < k / 2; ++pair) {  // pair = 16 c + p
+      uint32_t word;
+      std::memcpy(&word, row + 2 * pair, 4);
+      out[pair * m + i] = word;
+    }
+  }
 }
 
 // A stored C tile [w, m] (+ bias) -> y[i, r + n] for i < m, n < w, rounded to bf16.
@@ -79,13 +82,13 @@ inline void store_block(const Job& j, const float* c, int64_t r, int64_t w) {
   }
 }
 
-// 16 * passes weight rows from w (two tiles a pass, or one for the last 16), each tile `w_rows`
-// rows: C accumulates over K's 32-column chunks.
+// Weight rows [r, r_end) in tiles of w_rows rows, two tiles a pass (the last pass may hold one):
+// C accumulates over K's 32-column chunks.
 IK_AMX_FN inline void tiles(const Job& j, const uint16_t* xb, int64_t r, int64_t r_end, int64_t w_rows,
                             float (*c)[16 * kMaxRows]) {
   const int64_t m = j.rows_x, chunks = j.k / 32, a_stride = j.k * 2, b_stride = m * 4;
   while (r < r_end) {
-    const bool two = r + 2 * w_rows <= r_end;  // two tiles this pass, or the last one
+    const bool two = r + 2 * w_rows <= r_end;
     const uint16_t* w = j.w + r * j.k;
     // the next pass's rows, one line per row and chunk, as this pass reads the same columns: its
     // A loads are 32 row streams K * 2 bytes apart, which the hardware prefetchers lose track of
@@ -113,21 +116,27 @@ IK_AMX_FN inline void tiles(const Job& j, const uint16_t* xb, int64_t r, int64_t
   }
 }
 
-// Weight rows [r0, r1) for every row of x (rows_x in [kMinRows, kMaxRows], k % 32 == 0).
-IK_AMX_FN inline void rows(const Job& j, int64_t r0, int64_t r1) {
-  thread_local std::vector<uint16_t> xb;
-  pack_x(j, xb);
+// Weight rows [r0, r1) for every row of x, x already packed into xb (pack_x; rows_x in
+// [kMinRows, kMaxRows], k % 32 == 0).
+IK_AMX_FN inline void rows_packed(const Job& j, const uint16_t* xb, int64_t r0, int64_t r1) {
   float c[2][16 * kMaxRows];
   const int64_t full_end = r0 + (r1 - r0) / 16 * 16, rest = r1 - full_end;
   if (full_end > r0) {
     configure(j.rows_x, 16);
-    tiles(j, xb.data(), r0, full_end, 16, c);
+    tiles(j, xb, r0, full_end, 16, c);
   }
   if (rest > 0) {  // the last rows: one tile of that height
     configure(j.rows_x, rest);
-    tiles(j, xb.data(), full_end, r1, rest, c);
+    tiles(j, xb, full_end, r1, rest, c);
   }
   _tile_release();
+}
+
+// The same, packing x itself (one weight and range: the C++ tests).
+IK_AMX_FN inline void rows(const Job& j, int64_t r0, int64_t r1) {
+  std::vector<uint16_t> xb;
+  pack_x(j.x, j.rows_x, j.k, j.x_stride, xb);
+  rows_packed(j, xb.data(), r0, r1);
 }
 
 }  // namespace amx
