@@ -42,11 +42,11 @@ def _applies(x: torch.Tensor, flat: list, scales: list, k_cache, v_cache, rope_a
     if not fast_path.usable("decode_layers", (x, *flat, *scales, *k_cache, *v_cache, *rope_and_mask), modules):
         return False
     dtype = x.dtype
+    many_rows = x.shape[0] > quant.MAX_ROWS  # past them quant_linear dequantizes: the Python layers run it
     for p, s in zip(flat, scales):
         if s is not None:  # a quantized weight (ops.quant's layout): the bf16 kernel only, on few rows
-            if dtype != torch.bfloat16 or s.dtype != torch.bfloat16 or not (p.is_contiguous() and s.is_contiguous()):
-                return False
-            if x.shape[0] > quant.MAX_ROWS:  # past its rows quant_linear dequantizes: the layers then run it
+            if many_rows or dtype != torch.bfloat16 or s.dtype != torch.bfloat16 or not (
+                    p.is_contiguous() and s.is_contiguous()):
                 return False
         elif p is not None and (p.dtype != dtype or not p.is_contiguous()):
             return False

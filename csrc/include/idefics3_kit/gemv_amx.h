@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "bf16.h"
-#include "gemv_bf16.h"
+#include "gemv_bf16.h"  // Job
 
 namespace idefics3_kit {
 namespace gemv {
@@ -38,8 +38,7 @@ constexpr int64_t kMinRows = 4, kMaxRows = 16;  // x rows this path takes (fewer
 constexpr int64_t kPrefetchRows = 32;           // rows of the next pass prefetched during a pass
 
 inline bool usable(int64_t rows_x, int64_t k) {
-  return rows_x >= kMinRows && rows_x <= kMaxRows && k % 32 == 0 && idefics3_kit::amx::available() &&
-         avx512bf16::available();
+  return rows_x >= kMinRows && rows_x <= kMaxRows && k % 32 == 0 && idefics3_kit::amx::available();
 }
 
 // Tiles 0-1: C [w weight rows, m x rows] fp32; 2-3: A [w weight rows, 32 columns] bf16;
