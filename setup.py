@@ -5,7 +5,8 @@ installed in the environment (the CPU wheel here), and an isolated build would d
 unpinned torch with gigabytes of CUDA packages.
 
 The extension ``idefics3_kit._C`` is built with torch.utils.cpp_extension and ninja:
-- CPU (always): csrc/ops.cpp (schemas) + csrc/cpu/*.cpp (kernels), headers in csrc/include;
+- CPU (always): csrc/ops.cpp (schemas) + csrc/cpu/*.cpp (kernels) + csrc/python/*.cpp (the compiled
+  fast-path checks, functions of the _C module), headers in csrc/include;
 - CUDA, when torch has CUDA and CUDA_HOME is set, or FORCE_CUDA=1: also csrc/cuda/*.cu and
   csrc/cuda/*_binding.cpp (TORCH_CUDA_ARCH_LIST honoured; default sm_80 and sm_90 + PTX).
 Environment knobs: IDEFICS3_KIT_SKIP_EXT=1 (pure Python install, reference ops only),
@@ -68,7 +69,8 @@ def _extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-fno-math-errno"]
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+                   + glob.glob(os.path.join(ROOT, "csrc", "python", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     use_cuda = _want_cuda(torch, CUDA_HOME)
     kwargs = dict(name="idefics3_kit._C", include_dirs=include_dirs, extra_link_args=["-fopenmp"])

@@ -57,9 +57,14 @@ TORCH_LIBRARY(idefics3_kit, m) {
 }
 
 #ifndef IDEFICS3_KIT_NO_PYTHON
-// Importing idefics3_kit._C runs the static registrations above; the module itself is empty.
+namespace idefics3_kit {
+PyMethodDef* python_methods();  // csrc/python/fast_path.cpp
+}
+
+// Importing idefics3_kit._C runs the static registrations above; the module's own functions are
+// the compiled fast-path checks (csrc/python/fast_path.cpp).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, idefics3_kit::python_methods()};
   return PyModule_Create(&module_def);
 }
 #endif

@@ -85,6 +85,21 @@ def defines(op: str) -> bool:
     return _load() and hasattr(getattr(torch.ops, NAMESPACE), op)
 
 
+def compiled_function(name: str):
+    """A function of the ``_C`` module itself (csrc/python: the compiled fast-path checks), or None
+    when the extension is not loaded. Not affected by forcing the reference ops: these functions
+    answer exactly what their Python references answer."""
+    found = _COMPILED_FUNCTIONS.get(name, _MISSING)
+    if found is _MISSING:
+        found = _COMPILED_FUNCTIONS[name] = (getattr(importlib.import_module("idefics3_kit._C"), name, None)
+                                             if _load() else None)
+    return found
+
+
+_MISSING = object()
+_COMPILED_FUNCTIONS: dict[str, object] = {}
+
+
 _KERNELS: dict[tuple[str, str], bool] = {}
 
 

@@ -26,31 +26,35 @@ from .norm import check_eps
 LAYER_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "post_norm", "gate", "up", "down")
 
 
-def _applies(x: torch.Tensor, flat: list, scales: list, k_cache, v_cache, rope_and_mask, head_dim: int,
+def _applies(x: torch.Tensor, flat: list, scales: list | None, k_cache, v_cache, rope_and_mask, head_dim: int,
              modules) -> bool:
     if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu":
         return False
-    if x.dtype == torch.bfloat16:
-        if not matmul.covers(x.shape[0], x.dtype):
+    dtype = x.dtype
+    if dtype == torch.bfloat16:
+        if not matmul.covers(x.shape[0], dtype):
             return False
-    elif x.dtype != torch.float32:
+    elif dtype != torch.float32:
         return False
     if head_dim % 8 or not 8 <= head_dim <= 512 or not _library.cpu_is_vectorized():
         return False
-    if any(c is None or not c.is_contiguous() for c in (*k_cache, *v_cache)):
+    # every tensor plain, on the CPU, no grad (usable); then layouts: the caches contiguous, each
+    # weight contiguous and in x's dtype, or a quantized one (ops.quant's layout: its qweight and
+    # bf16 scales contiguous; bf16 x only, on few rows). Few passes over the ~400 tensors: this
+    # runs every decode step.
+    if not fast_path.usable("decode_layers", (x, *rope_and_mask), modules):
         return False
-    if not fast_path.usable("decode_layers", (x, *flat, *scales, *k_cache, *v_cache, *rope_and_mask), modules):
+    if fast_path.plain_tensors((*k_cache, *v_cache), contiguous=True) != "cpu":
         return False
-    dtype = x.dtype
-    many_rows = x.shape[0] > quant.MAX_ROWS  # past them quant_linear dequantizes: the Python layers run it
-    for p, s in zip(flat, scales):
-        if s is not None:  # a quantized weight (ops.quant's layout): the bf16 kernel only, on few rows
-            if many_rows or dtype != torch.bfloat16 or s.dtype != torch.bfloat16 or not (
-                    p.is_contiguous() and s.is_contiguous()):
-                return False
-        elif p is not None and (p.dtype != dtype or not p.is_contiguous()):
-            return False
-    return True
+    if scales is None:  # no quantized weight
+        return fast_path.plain_tensors(flat, dtype=dtype, contiguous=True) == "cpu"
+    if dtype != torch.bfloat16 or x.shape[0] > quant.MAX_ROWS:  # past them quant_linear dequantizes
+        return False
+    plain_weights = [p for p, s in zip(flat, scales) if s is None]
+    quantized = [p for p, s in zip(flat, scales) if s is not None]
+    return (fast_path.plain_tensors(plain_weights, dtype=dtype, contiguous=True) == "cpu"
+            and fast_path.plain_tensors(quantized, contiguous=True) == "cpu"
+            and fast_path.plain_tensors(scales, dtype=torch.bfloat16, contiguous=True) == "cpu")
 
 
 def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequence[torch.Tensor],
@@ -68,7 +72,7 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequ
     """
     check_eps(eps, "decode_layers")
     flat = [p for weights in layer_weights for p in weights]
-    scales = [s for per_layer in layer_scales for s in per_layer] if layer_scales else [None] * len(flat)
+    scales = [s for per_layer in layer_scales for s in per_layer] if layer_scales else None
     if not layer_weights or not _applies(x, flat, scales, k_cache, v_cache, (cos, sin_signed, key_padding_mask),
                                          k_cache[0].shape[-1], modules):
         return None
@@ -78,7 +82,7 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequ
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
     return _library.op("decode_layers")(x, flat, list(k_cache), list(v_cache), cos, sin_signed, mask,
                                         int(past), int(num_heads), int(num_kv_heads), float(eps),
-                                        scales if layer_scales else [])
+                                        scales or [])
 
 
 @_library.register_fake("decode_layers")

@@ -1,0 +1,139 @@
+// The two checks of idefics3_kit/ops/fast_path.py (plain_tensors, plain_modules) in C, for the
+// calls that run them over hundreds of objects: a decode step asks them about every weight,
+// scale, cache buffer and module of the decoder (~420 tensors and ~360 modules at SmolVLM-256M
+// shapes), which took ~0.3 ms of Python per step, a tenth of an int4 step on a fast host. The
+// Python functions stay the reference and the fallback; tests/test_fast_path_compiled.py checks
+// that both give the same answer for every kind of object.
+//
+// Only exact instances of the types the caller names (torch.Tensor, nn.Parameter) are unpacked:
+// those are THPVariable objects, so reading their at::Tensor is a field access. Everything else
+// (subclasses, None aside) makes the check fail before any unpacking.
+#include <Python.h>
+
+#include <string>
+
+#include <torch/csrc/autograd/python_variable.h>
+
+namespace idefics3_kit {
+namespace {
+
+bool exact_type_in(PyObject* obj, PyObject* types /* tuple */) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(types);
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types, i)) return true;
+  return false;
+}
+
+// plain_tensors(tensors, plain_types, grad_enabled, like, contiguous) -> str | None
+//   tensors: a sequence of tensors and Nones (Nones are skipped);
+//   plain_types: tuple of the exact types that count as plain;
+//   grad_enabled: when true, a tensor that requires grad fails the check;
+//   like: None, or a plain tensor whose dtype every tensor must have;
+//   contiguous: when true, every tensor must be contiguous.
+// Returns the device type shared by the tensors ("cpu" when there are none), None when one fails.
+PyObject* plain_tensors(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 5) {
+    PyErr_Format(PyExc_TypeError, "plain_tensors takes 5 arguments (tensors, plain_types, grad_enabled, like, "
+                 "contiguous), got %zd", nargs);
+    return nullptr;
+  }
+  PyObject* types = args[1];
+  if (!PyTuple_Check(types)) {
+    PyErr_SetString(PyExc_TypeError, "plain_tensors: plain_types must be a tuple of types");
+    return nullptr;
+  }
+  const int grad = PyObject_IsTrue(args[2]);
+  const int contiguous = PyObject_IsTrue(args[4]);
+  if (grad < 0 || contiguous < 0) return nullptr;
+  const at::Tensor* like = nullptr;
+  if (args[3] != Py_None) {
+    if (!exact_type_in(args[3], types)) {
+      PyErr_SetString(PyExc_TypeError, "plain_tensors: like must be None or a plain tensor");
+      return nullptr;
+    }
+    like = &THPVariable_Unpack(args[3]);
+  }
+  PyObject* seq = PySequence_Fast(args[0], "plain_tensors: tensors must be a sequence");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  const at::Tensor* first = nullptr;
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n && ok; ++i) {
+    PyObject* obj = items[i];
+    if (obj == Py_None) continue;
+    if (!exact_type_in(obj, types)) {
+      ok = false;
+      break;
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    ok = !(grad && t.requires_grad()) && !(like && t.scalar_type() != like->scalar_type()) &&
+         !(contiguous && !t.is_contiguous()) && (first == nullptr || t.device() == first->device());
+    if (first == nullptr) first = &t;
+  }
+  PyObject* result = nullptr;
+  if (!ok) {
+    result = Py_NewRef(Py_None);
+  } else {
+    const std::string kind = first ? c10::DeviceTypeName(first->device().type(), /*lower_case=*/true) : "cpu";
+    result = PyUnicode_FromStringAndSize(kind.data(), static_cast<Py_ssize_t>(kind.size()));
+  }
+  Py_DECREF(seq);
+  return result;
+}
+
+// A module's hook dict (an attribute in its instance __dict__) is non-empty, or missing (a module
+// whose nn.Module.__init__ never ran: not one to vouch for). -1 with an error set.
+int has_hooks(PyObject* instance_dict, PyObject* name) {
+  PyObject* hooks = PyDict_GetItemWithError(instance_dict, name);  // borrowed
+  if (hooks == nullptr) return PyErr_Occurred() ? -1 : 1;
+  return PyObject_IsTrue(hooks);
+}
+
+// plain_modules(modules, plain_classes) -> bool: every module's type is in the set
+// plain_classes (exactly, not a subclass) and its _forward_hooks and _forward_pre_hooks are
+// present and empty. (The global hooks are the caller's to check.)
+PyObject* plain_modules(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyAnySet_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "plain_modules takes (modules, plain_classes: set)");
+    return nullptr;
+  }
+  static PyObject* forward_hooks = PyUnicode_InternFromString("_forward_hooks");
+  static PyObject* forward_pre_hooks = PyUnicode_InternFromString("_forward_pre_hooks");
+  if (forward_hooks == nullptr || forward_pre_hooks == nullptr) return nullptr;
+  PyObject* seq = PySequence_Fast(args[0], "plain_modules: modules must be a sequence");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  int ok = 1;
+  for (Py_ssize_t i = 0; i < n && ok == 1; ++i) {
+    PyObject* m = items[i];
+    ok = PySet_Contains(args[1], reinterpret_cast<PyObject*>(Py_TYPE(m)));
+    if (ok != 1) break;
+    PyObject* dict = PyObject_GenericGetDict(m, nullptr);  // new reference
+    if (dict == nullptr) {
+      ok = -1;
+      break;
+    }
+    const int fwd = has_hooks(dict, forward_hooks);
+    const int pre = fwd == 0 ? has_hooks(dict, forward_pre_hooks) : 0;
+    Py_DECREF(dict);
+    ok = fwd < 0 || pre < 0 ? -1 : (fwd == 0 && pre == 0);
+  }
+  Py_DECREF(seq);
+  if (ok < 0) return nullptr;
+  return PyBool_FromLong(ok);
+}
+
+PyMethodDef methods[] = {
+    {"plain_tensors", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_tensors)), METH_FASTCALL,
+     "fast_path.plain_tensors in C (see csrc/python/fast_path.cpp)"},
+    {"plain_modules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_modules)), METH_FASTCALL,
+     "fast_path.plain_modules in C, without the global-hook check"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PyMethodDef* python_methods() { return methods; }
+
+}  // namespace idefics3_kit

@@ -1,0 +1,147 @@
+"""The compiled fast-path checks (csrc/python/fast_path.cpp) answer exactly what their Python
+references in ops/fast_path.py answer, for every kind of object a caller can hand them: plain
+tensors and parameters, subclasses, None, tensors that need grad, other dtypes, views that are not
+contiguous, meta tensors, modules of plain and other classes, with and without hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from idefics3_kit import ops
+from idefics3_kit.ops import _library, fast_path
+
+needs_ext = pytest.mark.skipif(not ops.has_extension(),
+                               reason=f"compiled extension not built ({ops.extension_error()})")
+
+
+class _SubTensor(torch.Tensor):
+    pass
+
+
+def _tensor(kind: str) -> torch.Tensor | None:
+    base = torch.zeros(4, 6)
+    return {
+        "none": None,
+        "plain": base,
+        "bf16": base.to(torch.bfloat16),
+        "int8": base.to(torch.int8),
+        "param": nn.Parameter(base.clone(), requires_grad=False),
+        "param_grad": nn.Parameter(base.clone()),
+        "needs_grad": base.clone().requires_grad_(),
+        "transposed": base.t(),
+        "sliced": base[:, ::2],
+        "meta": torch.empty(4, 6, device="meta"),
+        "subclass": base.as_subclass(_SubTensor),
+        "scalar": torch.tensor(1.0),
+        "empty": torch.empty(0),
+    }[kind]
+
+
+KINDS = ["none", "plain", "bf16", "int8", "param", "param_grad", "needs_grad", "transposed", "sliced", "meta",
+         "subclass", "scalar", "empty"]
+
+
+def _compiled(name):
+    f = _library.compiled_function(name)
+    assert f is not None, f"the extension has no {name}"
+    return f
+
+
+@needs_ext
+@settings(max_examples=150, deadline=None)
+@given(kinds=st.lists(st.sampled_from(KINDS), max_size=6), grad=st.booleans(),
+       dtype=st.sampled_from([None, torch.float32, torch.bfloat16]), contiguous=st.booleans())
+def test_plain_tensors_compiled_equals_reference(kinds, grad, dtype, contiguous):
+    tensors = [_tensor(k) for k in kinds]
+    with torch.set_grad_enabled(grad):
+        want = fast_path.plain_tensors_reference(tensors, dtype, contiguous)
+        like = None if dtype is None else torch.empty(0, dtype=dtype)
+        got = _compiled("plain_tensors")(tensors, fast_path.PLAIN_TENSOR_TYPES, grad, like, contiguous)
+        assert got == want, (kinds, grad, dtype, contiguous)
+        assert fast_path.plain_tensors(tensors, dtype, contiguous) == want  # the wrapper picks the compiled one
+
+
+@needs_ext
+def test_plain_tensors_compiled_takes_any_iterable_and_refuses_bad_arguments():
+    check = _compiled("plain_tensors")
+    assert check(iter([torch.zeros(1), None]), fast_path.PLAIN_TENSOR_TYPES, False, None, False) == "cpu"
+    assert check((), fast_path.PLAIN_TENSOR_TYPES, False, None, False) == "cpu"
+    assert check([object()], fast_path.PLAIN_TENSOR_TYPES, False, None, False) is None  # not a tensor: not plain
+    with pytest.raises(TypeError, match="plain_types must be a tuple"):
+        check([], [torch.Tensor], False, None, False)
+    with pytest.raises(TypeError, match="like must be None or a plain tensor"):
+        check([], fast_path.PLAIN_TENSOR_TYPES, False, "float32", False)
+    with pytest.raises(TypeError, match="must be a sequence"):
+        check(3, fast_path.PLAIN_TENSOR_TYPES, False, None, False)
+    with pytest.raises(TypeError, match="takes 5 arguments"):
+        check([])
+
+
+class _SubLinear(nn.Linear):
+    pass
+
+
+def _module(kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(2, 2)
+    if kind == "embedding":
+        return nn.Embedding(3, 2)
+    if kind == "subclass":
+        return _SubLinear(2, 2)
+    if kind == "relu":  # a plain torch module, but not one of the plain classes
+        return nn.ReLU()
+    m = nn.Linear(2, 2)
+    if kind == "forward_hook":
+        m.register_forward_hook(lambda *a: None)
+    elif kind == "pre_hook":
+        m.register_forward_pre_hook(lambda *a: None)
+    elif kind == "removed_hook":
+        m.register_forward_hook(lambda *a: None).remove()
+    return m
+
+
+MODULE_KINDS = ["linear", "embedding", "subclass", "relu", "forward_hook", "pre_hook", "removed_hook"]
+
+
+@needs_ext
+@settings(max_examples=80, deadline=None)
+@given(kinds=st.lists(st.sampled_from(MODULE_KINDS), max_size=5))
+def test_plain_modules_compiled_equals_reference(kinds):
+    modules = [_module(k) for k in kinds]
+    want = fast_path.plain_modules_reference(modules)
+    assert _compiled("plain_modules")(modules, fast_path._PLAIN_MODULES) is want, kinds
+    assert fast_path.plain_modules(modules) is want
+
+
+@needs_ext
+def test_plain_modules_compiled_edge_cases():
+    check = _compiled("plain_modules")
+    assert check([], fast_path._PLAIN_MODULES) is True
+    assert check([object()], fast_path._PLAIN_MODULES) is False
+    bare = nn.Linear.__new__(nn.Linear)  # __init__ never ran: no hook dicts, so not vouched for
+    assert check([bare], fast_path._PLAIN_MODULES) is False
+    with pytest.raises(TypeError, match="plain_classes: set"):
+        check([], list(fast_path._PLAIN_MODULES))
+
+
+def test_global_hooks_still_turn_the_checks_off():
+    m = nn.Linear(2, 2)
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert fast_path.plain_modules([m]) is False
+    finally:
+        handle.remove()
+    assert fast_path.plain_modules([m]) is True
+
+
+def test_python_references_run_without_the_extension(monkeypatch):
+    monkeypatch.setattr(_library, "compiled_function", lambda name: None)
+    assert fast_path.plain_tensors([torch.zeros(2), None]) == "cpu"
+    assert fast_path.plain_tensors([torch.zeros(2).t()], contiguous=True) == "cpu"
+    assert fast_path.plain_tensors([torch.zeros(2, 3).t()], contiguous=True) is None
+    assert fast_path.plain_tensors([torch.zeros(2)], dtype=torch.bfloat16) is None
+    assert fast_path.plain_modules([nn.Linear(2, 2)]) is True
