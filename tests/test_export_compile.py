@@ -71,6 +71,18 @@ def test_vision_encoder_compiles_as_one_graph():
         torch.testing.assert_close(compiled(pixels, None), model.vision(pixels, None), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_encoder_compiles_as_one_graph_in_each_dtype(dtype):
+    """bf16 takes the attention router past the CPU-feature check (the AMX kernel's), which must not
+    break the graph (it read /proc/cpuinfo under tracing once)."""
+    model = _model().to(dtype)
+    pixels, mask = _vision_inputs(model)
+    compiled = torch.compile(model.vision, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixels.to(dtype), None), model.vision(pixels.to(dtype), None),
+                                   atol=1e-6 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
 def test_vlm_forward_graph_breaks():
     model = _model()
     explanation = torch._dynamo.explain(model)(**_vlm_batch(model))

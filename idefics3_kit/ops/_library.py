@@ -233,8 +233,7 @@ def use_reference(enabled: bool = True):
 # ---- this CPU ----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
+def _read_cpu_flags() -> frozenset:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -244,6 +243,16 @@ def cpu_flags() -> frozenset:
     except OSError:
         pass
     return frozenset()
+
+
+# Read once, at import: code that torch.compile traces asks too (attention's router), and a
+# constant costs it nothing where reading the file would break the graph.
+_CPU_FLAGS = _read_cpu_flags()
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return _CPU_FLAGS
 
 
 @functools.lru_cache(maxsize=1)
