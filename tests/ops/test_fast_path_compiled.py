@@ -145,3 +145,29 @@ def test_python_references_run_without_the_extension(monkeypatch):
     assert fast_path.plain_tensors([torch.zeros(2, 3).t()], contiguous=True) is None
     assert fast_path.plain_tensors([torch.zeros(2)], dtype=torch.bfloat16) is None
     assert fast_path.plain_modules([nn.Linear(2, 2)]) is True
+
+
+@needs_ext
+def test_compiled_checks_keep_reference_counts():
+    """The C functions borrow their arguments: after many calls every object's reference count is
+    what it was (a missing or extra decref in csrc/python/fast_path.cpp would show here; None's
+    count moves with everything else the interpreter does, so it is not watched)."""
+    import sys
+
+    tensors = [torch.zeros(2), None, nn.Parameter(torch.zeros(2), requires_grad=False), torch.zeros(3).t()]
+    as_tuple = tuple(tensors)
+    modules = [nn.Linear(2, 2), _module("forward_hook"), _SubLinear(2, 2)]
+    probe = torch.empty(0)
+    watched = [*(t for t in tensors if t is not None), as_tuple, *modules, probe, fast_path.PLAIN_TENSOR_TYPES, fast_path._PLAIN_MODULES]
+    watched += [m.__dict__["_forward_hooks"] for m in modules]
+    before = [sys.getrefcount(o) for o in watched]
+    check_tensors, check_modules = _compiled("plain_tensors"), _compiled("plain_modules")
+    for _ in range(1000):
+        check_tensors(tensors, fast_path.PLAIN_TENSOR_TYPES, False, probe, True)
+        check_tensors(as_tuple, fast_path.PLAIN_TENSOR_TYPES, True, None, False)
+        check_tensors(iter(tensors), fast_path.PLAIN_TENSOR_TYPES, False, None, False)
+        check_modules(modules, fast_path._PLAIN_MODULES)
+        check_modules(modules[:1], fast_path._PLAIN_MODULES)
+        with pytest.raises(TypeError):
+            check_tensors(tensors, list(fast_path.PLAIN_TENSOR_TYPES), False, None, False)
+    assert [sys.getrefcount(o) for o in watched] == before
