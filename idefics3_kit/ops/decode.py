@@ -44,7 +44,8 @@ def _applies(x: torch.Tensor, flat: list, scales: list | None, k_cache, v_cache,
     # runs every decode step.
     if not fast_path.usable("decode_layers", (x, *rope_and_mask), modules):
         return False
-    if fast_path.plain_tensors((*k_cache, *v_cache), contiguous=True) != "cpu":
+    caches = (*k_cache, *v_cache)
+    if any(c is None for c in caches) or fast_path.plain_tensors(caches, contiguous=True) != "cpu":
         return False
     if scales is None:  # no quantized weight
         return fast_path.plain_tensors(flat, dtype=dtype, contiguous=True) == "cpu"

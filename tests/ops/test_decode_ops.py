@@ -590,6 +590,44 @@ def test_decode_layers_bad_arguments():
 
 # ---- when the fused path applies ---------------------------------------------------------------
 
+@needs_ext
+@pytest.mark.parametrize("change", ["none_cache", "strided_cache", "weight_dtype", "subclass_weight",
+                                    "needs_grad", "meta_cache"])
+def test_decode_layers_wrapper_steps_aside(change):
+    """``ops.decode_layers`` answers None (the caller runs its layers) for every input the op must
+    not take, checked in a few passes over all the tensors (the compiled fast-path checks)."""
+    dec = _tiny_decoder(torch.float32)
+    x, params, kc, vc, cos, sin, mask, past, h, hkv, eps, _ = _op_args(dec, b=2, past=3)
+    kc, vc = list(kc), list(vc)
+    layers = [tuple(params[i:i + 12]) for i in range(0, len(params), 12)]
+
+    def run():
+        with torch.no_grad():
+            return ops.decode_layers(x, layers, kc, vc, cos, sin, mask, past, h, hkv, eps)
+
+    assert run() is not None  # the unchanged arguments take the op
+    if change == "none_cache":
+        vc[1] = None
+    elif change == "strided_cache":
+        kc[0] = kc[0].transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif change == "weight_dtype":
+        layers[1] = (layers[1][0].double(), *layers[1][1:])
+    elif change == "subclass_weight":
+        layers[0] = (*layers[0][:7], layers[0][7].as_subclass(_SubTensor), *layers[0][8:])
+    elif change == "needs_grad":
+        layers[1] = (*layers[1][:9], layers[1][9].clone().requires_grad_(), *layers[1][10:])
+        with torch.enable_grad():
+            assert ops.decode_layers(x, layers, kc, vc, cos, sin, mask, past, h, hkv, eps) is None
+        return
+    elif change == "meta_cache":
+        kc[1] = torch.empty_like(kc[1], device="meta")
+    assert run() is None
+
+
+class _SubTensor(torch.Tensor):
+    pass
+
+
 class _OtherCache(KVCache):
     pass
 
