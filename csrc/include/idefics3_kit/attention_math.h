@@ -15,6 +15,8 @@
 #include "bf16.h"
 #include "pillow_resample.h"  // IK_MULTIVERSION, IK_ALWAYS_INLINE
 
+IK_INTRINSICS_BEGIN  // (pillow_resample.h says why)
+
 namespace idefics3_kit {
 namespace attn {
 
@@ -534,3 +536,5 @@ inline void decode_combine(int64_t d, int64_t splits, const float* o, int64_t o_
 
 }  // namespace attn
 }  // namespace idefics3_kit
+
+IK_INTRINSICS_END

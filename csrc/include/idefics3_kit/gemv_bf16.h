@@ -13,7 +13,9 @@
 #include <cstring>
 
 #include "bf16.h"
-#include "pillow_resample.h"  // IK_ALWAYS_INLINE
+#include "pillow_resample.h"  // IK_ALWAYS_INLINE, IK_INTRINSICS_BEGIN
+
+IK_INTRINSICS_BEGIN  // (pillow_resample.h says why)
 
 namespace idefics3_kit {
 namespace gemv {
@@ -158,3 +160,5 @@ inline void run_rows(const Job& j, int64_t r0, int64_t r1) {
 
 }  // namespace gemv
 }  // namespace idefics3_kit
+
+IK_INTRINSICS_END

@@ -21,7 +21,9 @@
 #include <cstring>
 
 #include "bf16.h"
-#include "pillow_resample.h"  // IK_ALWAYS_INLINE
+#include "pillow_resample.h"  // IK_ALWAYS_INLINE, IK_INTRINSICS_BEGIN
+
+IK_INTRINSICS_BEGIN  // (pillow_resample.h says why)
 
 namespace idefics3_kit {
 namespace qgemv {
@@ -501,3 +503,5 @@ inline void run_rows(const Act& a, const Job& j, int64_t r0, int64_t r1, bool al
 
 }  // namespace qgemv
 }  // namespace idefics3_kit
+
+IK_INTRINSICS_END

@@ -151,6 +151,24 @@ inline uint8_t clip8(int32_t ss) {
 #define IK_ALWAYS_INLINE inline
 #endif
 
+// GCC 12's AVX-512 intrinsics start many results from an undefined vector (_mm512_undefined_ps
+// and friends: _mm512_reduce_add_ps, masked loads, 512 -> 256-bit casts, shuffles) that no lane of
+// the result reads, and -W(maybe-)uninitialized reports every place they are inlined: hundreds of
+// false positives that hid real warnings in the build log. The kernel headers wrap their code in
+// IK_INTRINSICS_BEGIN / IK_INTRINSICS_END.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define IK_INTRINSICS_BEGIN                                   \
+  _Pragma("GCC diagnostic push")                              \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define IK_INTRINSICS_END _Pragma("GCC diagnostic pop")
+#else
+#define IK_INTRINSICS_BEGIN
+#define IK_INTRINSICS_END
+#endif
+
+IK_INTRINSICS_BEGIN
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && !defined(IDEFICS3_KIT_NO_AVX512)
 #define IK_RESAMPLE_AVX512 1
 }  // namespace pillow
@@ -410,3 +428,5 @@ void resize(const uint8_t* src, int in_h, int in_w, int channels, uint8_t* dst, 
 
 }  // namespace pillow
 }  // namespace idefics3_kit
+
+IK_INTRINSICS_END

@@ -42,10 +42,7 @@
 
 #include "bf16.h"
 
-// GCC 12's _mm512_mask_reduce_max_ps initializes a vector from itself (_mm256_undefined_pd), which
-// -Wmaybe-uninitialized reports in every function that inlines it.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+IK_INTRINSICS_BEGIN  // (pillow_resample.h says why)
 
 namespace idefics3_kit {
 namespace attn {
@@ -417,5 +414,5 @@ IK_AMX_FN inline void release() { _tile_release(); }
 }  // namespace attn
 }  // namespace idefics3_kit
 
-#pragma GCC diagnostic pop
+IK_INTRINSICS_END
 #endif
