@@ -2,7 +2,7 @@
 // calls that run them over hundreds of objects: a decode step asks them about every weight,
 // scale, cache buffer and module of the decoder (~420 tensors and ~360 modules at SmolVLM-256M
 // shapes), which took ~0.3 ms of Python per step, a tenth of an int4 step on a fast host. The
-// Python functions stay the reference and the fallback; tests/test_fast_path_compiled.py checks
+// Python functions stay the reference and the fallback; tests/ops/test_fast_path_compiled.py checks
 // that both give the same answer for every kind of object.
 //
 // Only exact instances of the types the caller names (torch.Tensor, nn.Parameter) are unpacked:

@@ -243,6 +243,19 @@ IK_AMX_FN inline void scores(const uint16_t* kp, int64_t kb, const uint16_t* q, 
   _tile_stored(0, sb, kK * 4);
 }
 
+// Half i % 2 of a double buffer of kQ x kK entries (sb's scores, pb's probabilities): block
+// kept[i] of the pipeline uses it.
+template <typename E>
+inline E* half(E* base, int64_t i) { return base + (i & 1) * kQ * kK; }
+
+// The 16 x 32 scores of block kept[i] into its half of s.sb.
+template <int C, int T>
+IK_AMX_FN inline void block_scores(Scratch& s, int64_t i, const uint16_t* q, int64_t q_stride) {
+  const int64_t kb = s.kept[i] * kK;
+  scores<C, T>(s.kp.data(), kb, q, q_stride, half(s.sb.data(), i));
+  scores<C, T>(s.kp.data(), kb + 16, q, q_stride, half(s.sb.data(), i) + 16);
+}
+
 // The accumulators held in tiles to / from their columns of ob (kDo floats per row).
 template <int C, int T>
 IK_AMX_FN inline void store_o(float* ob) {
@@ -323,22 +336,12 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
     // the pipeline (see the top of the file): block kept[i + 1]'s scores go into the other half
     // of sb before block kept[i]'s softmax; block kept[i]'s P (in half i & 1 of pb) meets V after
     // block kept[i + 1]'s softmax
-    if (nkept > 0) {
-      scores<C, T>(s.kp.data(), s.kept[0] * kK, qsrc, qstride, sb);
-      scores<C, T>(s.kp.data(), s.kept[0] * kK + 16, qsrc, qstride, sb + 16);
-    }
-    int64_t pend_kb = -1;
+    if (nkept > 0) block_scores<C, T>(s, 0, qsrc, qstride);
     for (int64_t i = 0; i < nkept; ++i) {
-      const int64_t b = s.kept[i];
-      const uint32_t bits = s.bits[b];
-      const int64_t kb = b * kK;
-      float* sb_cur = sb + (i & 1) * kQ * kK;
-      if (i + 1 < nkept) {
-        float* sb_next = sb + ((i + 1) & 1) * kQ * kK;
-        scores<C, T>(s.kp.data(), s.kept[i + 1] * kK, qsrc, qstride, sb_next);
-        scores<C, T>(s.kp.data(), s.kept[i + 1] * kK + 16, qsrc, qstride, sb_next + 16);
-      }
-      uint16_t* pb_cur = s.pb.data() + (i & 1) * kQ * kK;
+      const uint32_t bits = s.bits[s.kept[i]];
+      const float* sb_cur = half(sb, i);
+      if (i + 1 < nkept) block_scores<C, T>(s, i + 1, qsrc, qstride);
+      uint16_t* pb_cur = half(s.pb.data(), i);
       const __mmask16 lo = static_cast<__mmask16>(bits), hi = static_cast<__mmask16>(bits >> 16);
       const bool all_kept = bits == ~uint32_t{0};
       const __m512 cv = _mm512_set1_ps(c);
@@ -366,9 +369,8 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
         _mm512_storeu_ps(lv + r * 16, _mm512_add_ps(l, _mm512_add_ps(p0, p1)));
         _mm512_storeu_si512(pb_cur + r * kK, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0)));
       }
-      if (pend_kb >= 0) {  // the previous block's P.V, before any rescale (the order of the unpipelined loop)
-        accumulate<C, T>(s.pb.data() + ((i + 1) & 1) * kQ * kK, s.vp.data(), pend_kb, ob);
-      }
+      if (i > 0)  // the previous block's P.V, before any rescale (the order of the unpipelined loop)
+        accumulate<C, T>(half(s.pb.data(), i - 1), s.vp.data(), s.kept[i - 1] * kK, ob);
       if (rescale && started) {  // rows whose max moved: their partial outputs shrink by alpha
         store_o<C, T>(ob);
         for (int64_t r = 0; r < kQ; ++r)
@@ -378,9 +380,8 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
         load_o<C, T>(ob);
       }
       started = true;
-      pend_kb = kb;
     }
-    if (pend_kb >= 0) accumulate<C, T>(s.pb.data() + ((nkept + 1) & 1) * kQ * kK, s.vp.data(), pend_kb, ob);
+    if (nkept > 0) accumulate<C, T>(half(s.pb.data(), nkept - 1), s.vp.data(), s.kept[nkept - 1] * kK, ob);
     store_o<C, T>(ob);
     for (int64_t r = 0; r < nq; ++r) {
       const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + r * 16));
