@@ -191,6 +191,33 @@ void test_every_nibble() {
   }
 }
 
+// The int4 kernel sums its int32 lanes through int16 (packs + pair sums, exact while |lane| <=
+// 8 x 8 x 127): weights and activations at the ends of their ranges, where a block sums to
+// +-32512, must still give the exact value in both paths (every x = +-1, so xq = +-127, and every
+// nibble 0, weight -8, or 15, weight 7).
+void test_int4_range_ends() {
+  for (bool vector : {false, true}) {
+    if (vector && !q::vectorized()) continue;
+    for (int64_t k : {512, 1536}) {
+      for (int sign : {1, -1}) {
+        Problem p{1, k, 4, 4, 32, {}, {}, {}, {}};
+        p.x.assign(k, float_to_bf16_rne(static_cast<float>(sign)));
+        p.w.assign(4 * k / 2, 0x00);                                    // rows 0, 1: every weight -8
+        std::fill(p.w.begin() + k, p.w.end(), uint8_t{0xFF});           // rows 2, 3: every weight 7
+        p.scales.assign(4 * (k / 32), float_to_bf16_rne(1.0f / 64));  // exact in bf16
+        std::vector<uint16_t> y(4);
+        const Prepared a(p);
+        const q::Job job{p.w.data(), 4, 32, p.scales.data(), nullptr, y.data(), 4};
+        q::run_rows(a.act, job, 0, 4, vector);
+        for (int r = 0; r < 4; ++r) {
+          const double exact = (r < 2 ? -8.0 : 7.0) * sign * static_cast<double>(k) / 64;
+          CHECK(std::fabs(bf16_bits_to_float(y[r]) - exact) <= std::fabs(exact) * std::ldexp(1.0, -8));
+        }
+      }
+    }
+  }
+}
+
 // The vectorized dequantize equals the portable one (and q * s rounded once), every format.
 void test_dequantize_paths_agree() {
   std::mt19937 rng(3);
@@ -211,4 +238,5 @@ void test_dequantize_paths_agree() {
 
 }  // namespace
 
-TEST_MAIN(test_against_double_both_paths(); test_activation_quantization(); test_prepare_paths_agree(); test_every_nibble(); test_dequantize_paths_agree();)
+TEST_MAIN(test_against_double_both_paths(); test_activation_quantization(); test_prepare_paths_agree(); test_every_nibble(); test_int4_range_ends();
+          test_dequantize_paths_agree();)
