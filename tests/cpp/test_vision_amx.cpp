@@ -2,8 +2,10 @@
 // double-precision softmax(q k^T * scale) v: every head dim the kernel takes (8 to 128 in steps of 8:
 // each of its three tile layouts, and dims that are not a multiple of 16 or 32, whose zero padding
 // must not leak), query and key counts around the 16-query and 32-key blocks, strided rows (the [N, L, H, hd] layout of the projections), no
-// mask, a random key mask, a mask that hides every key (zeros out), and scores spread wide enough
-// to make the lazy running maximum rescale. Buffers are sized exactly, so ASan sees any read past
+// mask, a random key mask, a mask that hides every key (zeros out), scores spread wide enough
+// to make the lazy running maximum rescale, and the causal mode of the decoder's prefill (query i
+// at key position lk - lq + i: blocks across the diagonal masked per row, the ones past it
+// skipped, rows that see no key written as zeros). Buffers are sized exactly, so ASan sees any read past
 // a row, a tail block or a packed buffer.
 #include <idefics3_kit/vision_amx.h>
 
@@ -26,6 +28,7 @@ struct Case {
   int64_t lq, lk, d, stride;  // stride: elements between rows (>= d)
   int mask;                   // 0 none, 1 random, 2 every key hidden
   float spread;               // std of q (wider scores: more rescaling)
+  bool causal = false;        // query i sees keys up to lk - lq + i (needs lq <= lk)
 };
 
 void run(const Case& t, std::mt19937& rng, va::Scratch& scratch) {
@@ -44,7 +47,7 @@ void run(const Case& t, std::mt19937& rng, va::Scratch& scratch) {
   std::vector<uint16_t> out(t.lq * t.stride, 0xDEAD);
   const float scale = 1.0f / std::sqrt(static_cast<float>(t.d));
   const va::Head h{q.data(), k.data(), v.data(), out.data(), t.lq, t.lk, t.d, t.stride, t.stride, t.stride, t.stride,
-                   t.mask ? keep.data() : nullptr, scale};
+                   t.mask ? keep.data() : nullptr, scale, t.causal};
   va::configure();
   va::run_head(h, scratch);
   va::release();
@@ -54,8 +57,9 @@ void run(const Case& t, std::mt19937& rng, va::Scratch& scratch) {
   for (int64_t i = 0; i < t.lq; ++i) {
     std::vector<double> p(t.lk, 0.0);
     double top = -INFINITY, sum = 0.0;
+    auto hidden = [&](int64_t j) { return (!keep[j] && t.mask) || (t.causal && j > t.lk - t.lq + i); };
     for (int64_t j = 0; j < t.lk; ++j) {
-      if (!keep[j] && t.mask) continue;
+      if (hidden(j)) continue;
       double s = 0.0;
       for (int64_t e = 0; e < t.d; ++e)
         s += double(bf16_bits_to_float(q[i * t.stride + e])) * bf16_bits_to_float(k[j * t.stride + e]);
@@ -63,7 +67,7 @@ void run(const Case& t, std::mt19937& rng, va::Scratch& scratch) {
       top = std::max(top, p[j]);
     }
     for (int64_t j = 0; j < t.lk; ++j) {
-      p[j] = (!keep[j] && t.mask) ? 0.0 : std::exp(p[j] - top);
+      p[j] = hidden(j) ? 0.0 : std::exp(p[j] - top);
       sum += p[j];
     }
     for (int64_t e = 0; e < t.d; ++e) {
@@ -75,8 +79,9 @@ void run(const Case& t, std::mt19937& rng, va::Scratch& scratch) {
       // fp32 scores / sums
       const double bound = std::ldexp(vmax, -8) + std::ldexp(std::fabs(ref), -8) + 1e-6;
       if (!(std::fabs(got - ref) <= bound))
-        std::fprintf(stderr, "lq %lld lk %lld d %lld mask %d: out[%lld, %lld] = %g, reference %g\n", (long long)t.lq,
-                     (long long)t.lk, (long long)t.d, t.mask, (long long)i, (long long)e, got, ref);
+        std::fprintf(stderr, "lq %lld lk %lld d %lld mask %d causal %d: out[%lld, %lld] = %g, reference %g\n",
+                     (long long)t.lq, (long long)t.lk, (long long)t.d, t.mask, int(t.causal), (long long)i, (long long)e,
+                     got, ref);
       CHECK(std::fabs(got - ref) <= bound);
     }
     for (int64_t e = t.d; e < t.stride; ++e) CHECK(out[i * t.stride + e] == 0xDEAD);  // nothing past the row
@@ -100,6 +105,13 @@ void test_against_double() {
     for (int64_t lk : {64, 200}) run({20, lk, d, d, 0, 6.0f}, rng, scratch);
   run({16, 1024, 64, 64 * 12, 1, 3.0f}, rng, scratch);
   run({16, 729, 72, 72 * 16, 1, 3.0f}, rng, scratch);  // SigLIP-so400m: 16 heads of 72, 27 x 27 patches
+  // causal (the decoder's prefill): square and with a longer key prefix, query blocks that end
+  // inside a key block, masks (a left-padding mask leaves the first rows with no key: zeros)
+  for (int64_t d : {8, 64, 72, 128})
+    for (int64_t lq : {1, 15, 16, 17, 40, 100})
+      for (int64_t extra : {0, 1, 31, 33})
+        for (int mask : {0, 1, 2}) run({lq, lq + extra, d, d + 8 * (lq % 2), mask, 1.0f, true}, rng, scratch);
+  run({200, 200, 64, 64, 0, 6.0f, true}, rng, scratch);  // wide scores: the lazy rescale across diagonal blocks
   // the head dims it refuses
   for (int64_t d : {0, 4, 12, 136, 256}) CHECK(!va::usable(d));
 }

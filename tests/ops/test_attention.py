@@ -148,6 +148,21 @@ def test_vision_bf16_every_head_dim_of_the_tile_kernel(d, lq, lk, mask):
 
 
 @needs_ext
+@pytest.mark.parametrize("d", [8, 64, 72, 128])
+@pytest.mark.parametrize("lq,lk,mask", [(17, 70, "random"), (40, 40, None), (1, 1, None), (33, 100, "left_pad"),
+                                        (100, 100, "left_pad"), (48, 64, "random")])
+def test_prefill_bf16_causal_tile_kernel(d, lq, lk, mask):
+    # bf16 causal prefill through the AMX kernel's causal mode (on CPUs with AMX; the blocked
+    # kernel elsewhere): query blocks across the diagonal of 32-key blocks, a key prefix longer
+    # than the queries (a cached past), GQA, left padding that leaves the first rows with no key
+    # (zeros), and the [B, L, H, D] projection layout.
+    q, k, v, kpm = _inputs(2, 6, 2, lq, lk, d, mask, d + lq + lk)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # [B, L, H, D] memory
+    _check_close(q, k, v, kpm, True, torch.bfloat16,
+                 lambda ql, kl, vl: torch.ops.idefics3_kit.prefill_attention(ql, kl, vl, kpm, 1 / math.sqrt(d)))
+
+
+@needs_ext
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("groups", [1, 4, 7, 16])
 @pytest.mark.parametrize("lk", [1, 15, 16, 17, 33, 300])

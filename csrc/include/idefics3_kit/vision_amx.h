@@ -64,6 +64,7 @@ struct Head {
   int64_t q_stride, k_stride, v_stride, o_stride;
   const uint8_t* keep;  // [lk] 1 = attend (null: every key)
   float scale;
+  bool causal = false;  // the decoder's prefill: query i is key position lk - lq + i and sees keys up to it
 };
 
 // Per-thread buffers, sized for the largest head seen.
@@ -288,6 +289,16 @@ IK_AMX_FN inline void accumulate(const uint16_t* pb, const uint16_t* vp, int64_t
   }
 }
 
+// The first n of 32 keys (n clamped to 0 .. 32) as mask bits.
+inline uint32_t keys_up_to(int64_t last) {
+  return last >= kK - 1 ? ~uint32_t{0} : last < 0 ? 0u : (uint32_t{1} << (last + 1)) - 1;
+}
+
+// How many of the first nkept kept blocks hold a key at or before `last` (they are in order).
+inline int64_t visible_blocks(const Scratch& s, int64_t nkept, int64_t last) {
+  return std::upper_bound(s.kept.begin(), s.kept.begin() + nkept, last < 0 ? int64_t{-1} : last / kK) - s.kept.begin();
+}
+
 // One head. The caller has configured the tiles (configure()) on this thread.
 template <int C, int T>
 IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
@@ -314,6 +325,10 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
   float* lv = s.lv.data();
   for (int64_t q0 = 0; q0 < h.lq; q0 += kQ) {
     const int64_t nq = std::min(kQ, h.lq - q0);
+    // causal: row r sees keys up to first_limit + r; the blocks past the last row's limit are
+    // skipped, and the blocks past the first row's limit get a mask per row
+    const int64_t first_limit = h.causal ? h.lk - h.lq + q0 : h.lk;
+    const int64_t nkept_q = h.causal ? visible_blocks(s, nkept, first_limit + nq - 1) : nkept;
     const uint16_t* qsrc = h.q + q0 * h.q_stride;
     int64_t qstride = h.q_stride;
     if (nq < kQ || d < dq) {  // the last rows, or dims past d: zero padded (a tile load reads 16 rows of 64 bytes)
@@ -336,18 +351,21 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
     // the pipeline (see the top of the file): block kept[i + 1]'s scores go into the other half
     // of sb before block kept[i]'s softmax; block kept[i]'s P (in half i & 1 of pb) meets V after
     // block kept[i + 1]'s softmax
-    if (nkept > 0) block_scores<C, T>(s, 0, qsrc, qstride);
-    for (int64_t i = 0; i < nkept; ++i) {
-      const uint32_t bits = s.bits[s.kept[i]];
+    if (nkept_q > 0) block_scores<C, T>(s, 0, qsrc, qstride);
+    for (int64_t i = 0; i < nkept_q; ++i) {
+      const int64_t key0 = s.kept[i] * kK;
+      const uint32_t block_bits = s.bits[s.kept[i]];
+      const bool diagonal = key0 + kK - 1 > first_limit;  // some row of the block cannot see every key
       const float* sb_cur = half(sb, i);
-      if (i + 1 < nkept) block_scores<C, T>(s, i + 1, qsrc, qstride);
+      if (i + 1 < nkept_q) block_scores<C, T>(s, i + 1, qsrc, qstride);
       uint16_t* pb_cur = half(s.pb.data(), i);
-      const __mmask16 lo = static_cast<__mmask16>(bits), hi = static_cast<__mmask16>(bits >> 16);
-      const bool all_kept = bits == ~uint32_t{0};
       const __m512 cv = _mm512_set1_ps(c), lazy = _mm512_set1_ps(kLazy);
       float alpha[kQ];
       bool rescale = false;
       for (int64_t r = 0; r < kQ; ++r) {
+        const uint32_t bits = diagonal ? block_bits & keys_up_to(first_limit + r - key0) : block_bits;
+        const __mmask16 lo = static_cast<__mmask16>(bits), hi = static_cast<__mmask16>(bits >> 16);
+        const bool all_kept = bits == ~uint32_t{0};
         const __m512 s0 = _mm512_loadu_ps(sb_cur + r * kK), s1 = _mm512_loadu_ps(sb_cur + r * kK + 16);
         alpha[r] = 1.0f;
         // scores in log2 units past the row max; a kept one above the lazy margin moves the max
@@ -382,7 +400,7 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
       }
       started = true;
     }
-    if (nkept > 0) accumulate<C, T>(half(s.pb.data(), nkept - 1), s.vp.data(), s.kept[nkept - 1] * kK, ob);
+    if (nkept_q > 0) accumulate<C, T>(half(s.pb.data(), nkept_q - 1), s.vp.data(), s.kept[nkept_q - 1] * kK, ob);
     store_o<C, T>(ob);
     for (int64_t r = 0; r < nq; ++r) {
       const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + r * 16));
