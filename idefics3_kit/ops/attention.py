@@ -9,7 +9,8 @@ One entry point, ``attention``, covers the three cases the model needs:
 torch's fused kernel and is the ordinary path. The router picks at most one compiled kernel:
 
 - one query (decode, causal or not)  -> ``decode_attention`` (k/v may be strided cache views)
-- causal, several queries (prefill)   -> ``prefill_attention`` (queries are the last Lq of Lk keys)
+- causal, several queries (prefill)   -> ``prefill_attention`` (queries are the last Lq of Lk keys;
+  bf16 on a CPU with AMX runs the vision kernel's causal mode, else the blocked kernel)
 - non-causal, several queries         -> ``vision_attention`` on CUDA, and on a CPU with AMX for
   bf16 with head dim a multiple of 8 up to 128 (its tile-unit flash kernel,
   csrc/include/idefics3_kit/vision_amx.h:

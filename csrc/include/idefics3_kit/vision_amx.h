@@ -1,4 +1,4 @@
-// bf16 non-causal (vision) attention on Intel AMX: a flash-attention loop with both matrix
+// bf16 attention on Intel AMX, non-causal (vision) and causal (prefill): a flash-attention loop with both matrix
 // products on the tile unit, for head dims 8 to 128 in steps of 8 (SigLIP at SmolVLM-256M/500M
 // sizes: 64; SigLIP-so400m in SmolVLM-2.2B and Idefics3-8B: 72).
 //
@@ -25,6 +25,11 @@
 // 2^8 in exp2 units, so unnormalized probabilities stay <= 256; exact in real arithmetic, the
 // usual rounding otherwise). Scores stay fp32 (torch's flash kernel does the same; the bf16
 // reference rounds them, so this is within the reference's own bf16 error).
+//
+// Causal mode (Head::causal, the decoder's prefill through prefill_attention): query row i sits at
+// key position lk - lq + i. A block of 16 queries skips the key blocks past its last row's
+// position, and the key blocks across the diagonal get a key mask per row (keys_up_to); the loop
+// is otherwise the same. A row with no key to attend to (left padding) is written as zeros.
 //
 // Keys and values must be finite (the caller checks and otherwise runs the kernel that follows
 // attention_ref's NaN rules); a NaN or infinite query makes its own row NaN, as in the reference.
