@@ -266,8 +266,11 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = ops.linears(x, (self.gate_proj, self.up_proj))
-        return ops.linear(self.down_proj, self.act(gate) * up)
+        hidden = ops.gated(self.gate_proj, self.up_proj, x, self.act)  # a bf16 prefill: one fused pass
+        if hidden is None:
+            gate, up = ops.linears(x, (self.gate_proj, self.up_proj))
+            hidden = self.act(gate) * up
+        return ops.linear(self.down_proj, hidden)
 
 
 @plain_module

@@ -153,8 +153,80 @@ def test_a_bf16_prefill_gives_the_ordinary_logits_bit_for_bit(monkeypatch):
     torch.manual_seed(0)
     model = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).eval()
     ids = torch.randint(3, 200, (2, 80))
+    monkeypatch.setattr(ops, "gated", lambda *args: None)  # the fused SiLU gate rounds elsewhere (below)
     with torch.no_grad():
         fast = model(input_ids=ids).logits
         monkeypatch.setattr(matmul, "_many_rows", lambda layer, x: layer(x))  # only this path undone
         ordinary = model(input_ids=ids).logits
     assert torch.equal(fast, ordinary)
+
+
+# ---- ops.gated: the gated MLP's SiLU and product in the epilogues --------------------------------
+
+def gated_float64(gate: nn.Linear, up: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(float64_reference(gate, x, None)) * float64_reference(up, x, None)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,bias", [((2, 100, 64), False), ((300, 48), True), ((1, 892, 96), False)])
+def test_gated_is_as_close_to_float64_as_torch_s_own(shape, bias):
+    gate, up = layer(shape[-1], 80, torch.bfloat16, bias, seed=1), layer(shape[-1], 80, torch.bfloat16, bias, seed=2)
+    x = torch.randn(*shape).to(torch.bfloat16)
+    with torch.no_grad():
+        fused = ops.gated(gate, up, x, F.silu)
+        torch_own = F.silu(gate(x)) * up(x)
+    assert fused is not None and fused.dtype == torch.bfloat16 and fused.shape == torch_own.shape
+    exact = gated_float64(gate, up, x)
+    torch_err = (torch_own.double() - exact).abs().max().item()
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+    assert (fused.double() - exact).abs().max().item() <= 2 * torch_err + ulp
+
+
+@pytest.mark.parametrize("case", ["float32", "few rows", "other activation", "subclass", "hook", "grad",
+                                  "switched off", "reference forced", "different widths"])
+def test_gated_steps_aside(case, monkeypatch):
+    gate, up = layer(64, 32, torch.bfloat16, False, seed=1), layer(64, 32, torch.bfloat16, False, seed=2)
+    x, act = torch.randn(2, 100, 64).to(torch.bfloat16), F.silu
+    if case == "float32":
+        gate, up, x = gate.float(), up.float(), x.float()
+    elif case == "few rows":
+        x = x[:1, :3]
+    elif case == "other activation":
+        act = F.gelu
+    elif case == "subclass":
+        sub = MyLinear(64, 32, bias=False).to(torch.bfloat16)
+        sub.load_state_dict(up.state_dict())
+        up = sub
+    elif case == "hook":
+        gate.register_forward_pre_hook(lambda m, i: None)
+    elif case == "grad":
+        up.weight.requires_grad_(True)
+    elif case == "switched off":
+        monkeypatch.setenv("IDEFICS3_KIT_DENSE", "0")
+    elif case == "reference forced":
+        monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
+    elif case == "different widths":
+        up = layer(64, 48, torch.bfloat16, False, seed=2)
+    with torch.set_grad_enabled(case == "grad"):
+        assert ops.gated(gate, up, x, act) is None
+
+
+@needs_onednn
+def test_a_bf16_prefill_with_the_fused_gate_keeps_the_logits(monkeypatch):
+    """The decoder's MLPs take ops.gated in a bf16 prefill (one call each) and the logits stay
+    within bf16 rounding of the unfused ops'."""
+    import idefics3_kit as ik
+
+    torch.manual_seed(0)
+    model = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).eval()
+    ids = torch.randint(3, 200, (2, 80))
+    calls = []
+    original = ops.gated
+    monkeypatch.setattr(ops, "gated", lambda *a: calls.append(original(*a)) or calls[-1])
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+        assert len(calls) == model.config.decoder.num_hidden_layers and all(c is not None for c in calls)
+        monkeypatch.setattr(ops, "gated", lambda *args: None)
+        ordinary = model(input_ids=ids).logits
+    scale = ordinary.float().abs().max().item()
+    torch.testing.assert_close(fused.float(), ordinary.float(), rtol=0, atol=scale * 2 ** -5)
