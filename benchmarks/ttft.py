@@ -16,9 +16,10 @@ both alike; best-of and median of ``--repeats`` rounds are printed. The vision t
 GFLOP/s is printed next to this machine's measured matmul peak for the dtype, two ways: the
 burst peak (the best of a few single GEMMs through torch.matmul, measured once) and the
 sustained peak (the tower's own GEMMs back to back, timed in every round right before our
-vision stage; per-round ratios and their median are printed). ``--openvino`` adds optimum-intel's OpenVINO export of the
-same checkpoint (TTFT only), run by benchmarks/_openvino_worker.py under ``--openvino-python``, a
-separate venv (docs/performance.md has its install lines); its export is not counted.
+vision stage; per-round ratios and their median are printed). ``--openvino`` adds
+optimum-intel's OpenVINO export of the same checkpoint (TTFT only), run by
+benchmarks/_openvino_worker.py under ``--openvino-python``, a separate venv (docs/performance.md
+has its install lines); its export is not counted.
 
 Usage: python benchmarks/ttft.py [--threads 2] [--repeats 3] [--dtypes bf16 fp32] [--images 1 2]
                                  [--no-hf] [--openvino [--openvino-python PY]] [--feature-cache]

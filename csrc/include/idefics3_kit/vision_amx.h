@@ -1,6 +1,6 @@
-// bf16 attention on Intel AMX, non-causal (vision) and causal (prefill): a flash-attention loop with both matrix
-// products on the tile unit, for head dims 8 to 128 in steps of 8 (SigLIP at SmolVLM-256M/500M
-// sizes: 64; SigLIP-so400m in SmolVLM-2.2B and Idefics3-8B: 72).
+// bf16 attention on Intel AMX, non-causal (vision) and causal (prefill): a flash-attention loop
+// with both matrix products on the tile unit, for head dims 8 to 128 in steps of 8 (SigLIP at
+// SmolVLM-256M/500M sizes: 64; SigLIP-so400m in SmolVLM-2.2B and Idefics3-8B: 72).
 //
 // Why: torch's CPU flash attention reaches ~0.4 TFLOP/s on SigLIP's 13 x 12 heads x 1024 x 1024
 // scores at 2 threads, a third of the vision tower's time; the scores never need to leave the
@@ -332,7 +332,7 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
     const int64_t nq = std::min(kQ, h.lq - q0);
     // causal: row r sees keys up to first_limit + r; the blocks past the last row's limit are
     // skipped, and the blocks past the first row's limit get a mask per row
-    const int64_t first_limit = h.causal ? h.lk - h.lq + q0 : h.lk;
+    const int64_t first_limit = h.lk - h.lq + q0;
     const int64_t nkept_q = h.causal ? visible_blocks(s, nkept, first_limit + nq - 1) : nkept;
     const uint16_t* qsrc = h.q + q0 * h.q_stride;
     int64_t qstride = h.q_stride;
@@ -360,7 +360,7 @@ IK_AMX_FN void run_head_t(const Head& h, Scratch& s) {
     for (int64_t i = 0; i < nkept_q; ++i) {
       const int64_t key0 = s.kept[i] * kK;
       const uint32_t block_bits = s.bits[s.kept[i]];
-      const bool diagonal = key0 + kK - 1 > first_limit;  // some row of the block cannot see every key
+      const bool diagonal = h.causal && key0 + kK - 1 > first_limit;  // a row of the block misses some key
       const float* sb_cur = half(sb, i);
       if (i + 1 < nkept_q) block_scores<C, T>(s, i + 1, qsrc, qstride);
       uint16_t* pb_cur = half(s.pb.data(), i);
