@@ -21,7 +21,8 @@ from .norm import rms_norm, rms_norm_ref
 from .preprocess import preprocess_into, resize_u8, tile_count
 from .reduce import argmax_last
 
-__all__ = ["argmax_last", "attention", "attention_ref", "backend", "build_info", "decode_layers", "decode_linear",
-           "decode_linear_ref", "dense", "dense_activations", "empty_pooled", "extension_error", "fast_path", "gated", "has_extension", "linear", "linears",
-           "preprocess_into", "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref",
-           "tile_count", "unpack", "use_reference"]
+__all__ = ["argmax_last", "attention", "attention_ref", "backend", "build_info", "decode_layers",
+           "decode_linear", "decode_linear_ref", "dense", "dense_activations", "empty_pooled",
+           "extension_error", "fast_path", "gated", "has_extension", "linear", "linears", "preprocess_into",
+           "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref", "tile_count",
+           "unpack", "use_reference"]
