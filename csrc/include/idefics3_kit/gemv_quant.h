@@ -214,6 +214,20 @@ IK_QBF16_FN inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
 }
 
+// sums[m][q] = the sum of acc[m * R + q]'s lanes, for the M x R accumulators of a block.
+template <int M, int R>
+IK_QBF16_FN inline void reduce_rows(const __m512* acc, float* sums) {
+  IK_UNROLL
+  for (int m = 0; m < M; ++m) {
+    if constexpr (R == 4) {
+      _mm_storeu_ps(sums + m * R, reduce4(acc[m * R], acc[m * R + 1], acc[m * R + 2], acc[m * R + 3]));
+    } else {
+      IK_UNROLL
+      for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m * R + q]);
+    }
+  }
+}
+
 // int8: M rows of x against R weight rows, 64 columns per step. The weight bytes become unsigned
 // by flipping their top bit (w + 128), vpdpbusd sums four (w + 128) * xq products per int32 lane
 // on top of the lane's -128 * (sum of its xq) (init8), which leaves exactly sum w * xq. Lane l of
@@ -249,17 +263,11 @@ IK_QBF16_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float
         acc[m * R + q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init[m], wu, xq[m])), xs[m], acc[m * R + q]);
     }
   }
+  reduce_rows<M, R>(acc, sums);
   IK_UNROLL
-  for (int m = 0; m < M; ++m) {
-    if constexpr (R == 4) {
-      _mm_storeu_ps(sums + m * R, reduce4(acc[m * R], acc[m * R + 1], acc[m * R + 2], acc[m * R + 3]));
-      IK_UNROLL
-      for (int q = 0; q < R; ++q) sums[m * R + q] *= bf16_bits_to_float(j.scales[r + q]);
-    } else {
-      IK_UNROLL
-      for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m * R + q]) * bf16_bits_to_float(j.scales[r + q]);
-    }
-  }
+  for (int m = 0; m < M; ++m)
+    IK_UNROLL
+    for (int q = 0; q < R; ++q) sums[m * R + q] *= bf16_bits_to_float(j.scales[r + q]);
 }
 
 // int4: 128 columns (64 bytes) per step. The low nibbles are the even columns and the high ones
@@ -358,15 +366,7 @@ IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float
       }
     }
   }
-  IK_UNROLL
-  for (int m = 0; m < M; ++m) {
-    if constexpr (R == 4) {
-      _mm_storeu_ps(sums + m * R, reduce4(acc[m * R], acc[m * R + 1], acc[m * R + 2], acc[m * R + 3]));
-    } else {
-      IK_UNROLL
-      for (int q = 0; q < R; ++q) sums[m * R + q] = _mm512_reduce_add_ps(acc[m * R + q]);
-    }
-  }
+  reduce_rows<M, R>(acc, sums);
 }
 
 template <int M>
