@@ -181,6 +181,13 @@ def test_auto_prepack_skips_batch_sizes_the_few_row_kernel_covers(monkeypatch):
     # weights once more) would be unused memory there; larger batches still get it.
     from idefics3_kit.ops import matmul
 
+    from idefics3_kit.ops import _library
+
+    if not _library.onednn_bf16():  # no oneDNN bf16 matmul (an AVX2-only CPU): nothing is ever packed
+        decoder = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).decoder
+        monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
+        assert matmul.prepare_decode(decoder, 8) is False
+        return
     monkeypatch.delenv("IDEFICS3_KIT_PREPACK", raising=False)
     decoder = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).decoder
     with torch.inference_mode():

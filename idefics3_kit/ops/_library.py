@@ -268,3 +268,14 @@ def cpu_is_vectorized() -> bool:
 def cpu_has(flag: str) -> bool:
     """e.g. ``cpu_has("avx512_bf16")``, ``cpu_has("amx_bf16")``."""
     return flag in cpu_flags()
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls on this CPU (AVX-512 or newer). Without it (an AVX2-only CPU
+    such as AMD Zen 3) ``torch.ops.mkldnn._linear_pointwise`` refuses bf16 ("could not create a
+    primitive descriptor"), while ``F.linear`` still runs it through its own fallback."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # a torch without the query: assume not
+        return False

@@ -15,7 +15,8 @@ the kernel inductor uses) directly:
 
 The result differs from the unfused path only by rounding: at most one bf16 ulp of the output
 (the activation sees the unrounded sum), float32 within GEMM reassociation. Anything else — few
-rows (the decode paths in matmul.py own those), autograd, a wrapped, hooked or quantized layer, a
+rows (the decode paths in matmul.py own those), bf16 on a CPU where oneDNN has no bf16 matmul (no
+AVX-512: ``_library.onednn_bf16``), autograd, a wrapped, hooked or quantized layer, a
 tensor subclass, torch.compile, another device — runs the ordinary ``activation(layer(x))``, as
 does everything with ``IDEFICS3_KIT_DENSE=0`` (for comparisons: benchmarks/ttft.py --compare-plain).
 """
@@ -55,6 +56,8 @@ def applies(layer: nn.Module, x: torch.Tensor) -> bool:
     if x.dtype not in DTYPES or x.dim() < 2 or x.numel() < MIN_ROWS * max(x.shape[-1], 1):
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if x.dtype == torch.bfloat16 and not _library.onednn_bf16():
         return False
     weight, bias = layer.weight, layer.bias
     if weight.dtype != x.dtype or weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != x.shape[-1]:

@@ -123,7 +123,7 @@ def _weight_key(w: torch.Tensor) -> tuple:
 
 def _can_pack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and _library.onednn_bf16())
 
 
 def packed_for(layers: Sequence[nn.Linear]):

@@ -12,9 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from idefics3_kit import ops
+from idefics3_kit.ops import _library
 from idefics3_kit.ops import dense_linear as dense_mod
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+# bf16 matmuls in oneDNN need AVX-512 (or newer): on an AVX2-only CPU the bf16 path steps aside
+needs_onednn_bf16 = pytest.mark.skipif(not _library.onednn_bf16(), reason="oneDNN has no bf16 matmul on this CPU")
+BF16 = pytest.param(torch.bfloat16, marks=needs_onednn_bf16)
 
 ACTS = {None: lambda y: y, "gelu": F.gelu, "gelu_pytorch_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
@@ -37,7 +41,7 @@ def float64_reference(lin: nn.Linear, x: torch.Tensor, activation) -> torch.Tens
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("shape,bias", [((2, 100, 64), True), ((300, 48), False), ((1, 128, 96), True)])
 def test_fused_path_is_as_close_to_float64_as_torch_s_own(dtype, activation, shape, bias):
@@ -67,7 +71,7 @@ class MyLinear(nn.Linear):
 
 
 @pytest.mark.parametrize("case", ["grad", "few rows", "subclass", "hook", "float16", "reference forced",
-                                  "switched off", "dtype mismatch"])
+                                  "switched off", "dtype mismatch", "no oneDNN bf16"])
 def test_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
     lin = layer(64, 32, torch.bfloat16)
     x = torch.randn(2, 100, 64).to(torch.bfloat16)
@@ -85,6 +89,8 @@ def test_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
         monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
     elif case == "switched off":
         monkeypatch.setenv("IDEFICS3_KIT_DENSE", "0")
+    elif case == "no oneDNN bf16":  # an AVX2-only CPU (AMD Zen 3): oneDNN would refuse the bf16 primitive
+        monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
     elif case == "dtype mismatch":
         x = x.float()
         lin = lin.float().to(torch.bfloat16)
@@ -111,6 +117,7 @@ def test_unknown_activation_is_refused():
         ops.dense(layer(8, 8, torch.float32), torch.randn(100, 8), "swish")
 
 
+@needs_onednn_bf16
 def test_the_vision_tower_takes_the_fused_path_and_keeps_its_answer(monkeypatch):
     """A SigLIP tile through the fused path equals the ordinary path within bf16 rounding."""
     import idefics3_kit as ik
@@ -167,6 +174,7 @@ def gated_float64(gate: nn.Linear, up: nn.Linear, x: torch.Tensor) -> torch.Tens
     return F.silu(float64_reference(gate, x, None)) * float64_reference(up, x, None)
 
 
+@needs_onednn_bf16
 @needs_onednn
 @pytest.mark.parametrize("shape,bias", [((2, 100, 64), False), ((300, 48), True), ((1, 892, 96), False)])
 def test_gated_is_as_close_to_float64_as_torch_s_own(shape, bias):
@@ -183,7 +191,7 @@ def test_gated_is_as_close_to_float64_as_torch_s_own(shape, bias):
 
 
 @pytest.mark.parametrize("case", ["float32", "few rows", "other activation", "subclass", "hook", "grad",
-                                  "switched off", "reference forced", "different widths"])
+                                  "switched off", "reference forced", "different widths", "no oneDNN bf16"])
 def test_gated_steps_aside(case, monkeypatch):
     gate, up = layer(64, 32, torch.bfloat16, False, seed=1), layer(64, 32, torch.bfloat16, False, seed=2)
     x, act = torch.randn(2, 100, 64).to(torch.bfloat16), F.silu
@@ -207,10 +215,13 @@ def test_gated_steps_aside(case, monkeypatch):
         monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
     elif case == "different widths":
         up = layer(64, 48, torch.bfloat16, False, seed=2)
+    elif case == "no oneDNN bf16":
+        monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
     with torch.set_grad_enabled(case == "grad"):
         assert ops.gated(gate, up, x, act) is None
 
 
+@needs_onednn_bf16
 @needs_onednn
 def test_a_bf16_prefill_with_the_fused_gate_keeps_the_logits(monkeypatch):
     """The decoder's MLPs take ops.gated in a bf16 prefill (one call each) and the logits stay
