@@ -13,10 +13,14 @@ the kernel inductor uses) directly:
   the one oneDNN prepares, so even an unfused projection runs faster (13.6 vs 19.7 ms for
   2048 x 768 @ 768 x 3072, bf16, one thread; float32 94 vs 103 ms).
 
+On a CPU without a bf16 matmul in oneDNN (AVX2 only, e.g. AMD Zen 3: ``_library.onednn_bf16``)
+bf16 runs as float32 on the exact upcast values, rounded once at the end: torch's own bf16 matmul
+there reaches ~18 GFLOP/s on 2 threads against 90-150 GFLOP/s for float32 (892 x 576 @ 576 x 1536:
+93 vs 18 ms; 1024 x 768 @ 768 x 3072: 252 vs 36 ms, the upcasts included).
+
 The result differs from the unfused path only by rounding: at most one bf16 ulp of the output
 (the activation sees the unrounded sum), float32 within GEMM reassociation. Anything else — few
-rows (the decode paths in matmul.py own those), bf16 on a CPU where oneDNN has no bf16 matmul (no
-AVX-512: ``_library.onednn_bf16``), autograd, a wrapped, hooked or quantized layer, a
+rows (the decode paths in matmul.py own those), autograd, a wrapped, hooked or quantized layer, a
 tensor subclass, torch.compile, another device — runs the ordinary ``activation(layer(x))``, as
 does everything with ``IDEFICS3_KIT_DENSE=0`` (for comparisons: benchmarks/ttft.py --compare-plain).
 """
@@ -57,8 +61,6 @@ def applies(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
-    if x.dtype == torch.bfloat16 and not _library.onednn_bf16():
-        return False
     weight, bias = layer.weight, layer.bias
     if weight.dtype != x.dtype or weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != x.shape[-1]:
         return False
@@ -77,7 +79,28 @@ def dense(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> t
         return _ordinary(layer, x, activation)
     post_op, algorithm = FUSED_ACTIVATIONS[activation]
     lin = cast(nn.Linear, layer)  # applies() checked the class
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), lin.weight, lin.bias, post_op, [], algorithm)
+    if not _upcast(x):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), lin.weight, lin.bias, post_op, [], algorithm)
+    y = torch.ops.mkldnn._linear_pointwise(x.float(), lin.weight.float(), _float(lin.bias), post_op, [], algorithm)
+    return y.to(x.dtype)
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    """Whether bf16 runs as float32 here (no oneDNN bf16 matmul on this CPU: see the module docstring)."""
+    return x.dtype == torch.bfloat16 and not _library.onednn_bf16()
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for inference on many rows of plain tensors whose weight is
+    built per call (a dequantized weight: ops/quant.py), so there is nothing to keep prepared: bf16
+    as float32 where this CPU has no bf16 matmul (same rounding rule as ``dense``), else F.linear."""
+    if not _upcast(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    return F.linear(x.float(), weight.float(), _float(bias)).to(x.dtype)
 
 
 def gated(gate: nn.Module, up: nn.Module, x: torch.Tensor, act) -> torch.Tensor | None:
@@ -97,6 +120,11 @@ def gated(gate: nn.Module, up: nn.Module, x: torch.Tensor, act) -> torch.Tensor 
     g, u = cast(nn.Linear, gate), cast(nn.Linear, up)  # applies() checked the class
     if g.weight.shape[0] != u.weight.shape[0]:
         return None
+    if _upcast(x):  # float32 throughout, one rounding at the end
+        x32 = x.float()
+        silu_gate = torch.ops.mkldnn._linear_pointwise(x32, g.weight.float(), _float(g.bias), "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x32, silu_gate, u.weight.float(), _float(u.bias),
+                                                         "mul").to(x.dtype)
     x = x.contiguous()
     silu_gate = torch.ops.mkldnn._linear_pointwise(x, g.weight, g.bias, "swish", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, silu_gate, u.weight, u.bias, "mul")

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _library, fast_path
+from . import _library, dense_linear, fast_path
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -173,13 +173,14 @@ def quant_linear(x: torch.Tensor, qweights, scales, biases=None) -> torch.Tensor
     """x [..., K] @ each dequantized weight (+ bias) -> [..., sum N_i]. A decode step (at most
     MAX_ROWS rows) quantizes x per block of 32 columns: the compiled kernel where it applies, else
     the same math in torch (``quant_linear_ref``). More rows (a prefill) dequantize the weight to
-    x's dtype and run the ordinary matmul."""
+    x's dtype and run the ordinary matmul (``dense_linear.matmul``: in float32 where this CPU has no
+    bf16 matmul)."""
     biases = list(biases) if biases is not None else [None] * len(qweights)
     if applies(x, qweights, scales, biases):
         return _library.op("quant_linear")(x, list(qweights), list(scales), biases)
     if 0 < _rows(x) <= MAX_ROWS:
         return quant_linear_ref(x, qweights, scales, biases)
-    outs = [F.linear(x, _dequantize_for(x, q, s), None if b is None else b.to(x.dtype))
+    outs = [dense_linear.matmul(x, _dequantize_for(x, q, s), None if b is None else b.to(x.dtype))
             for q, s, b in zip(qweights, scales, biases)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 

@@ -18,7 +18,17 @@ from idefics3_kit.ops import dense_linear as dense_mod
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 # bf16 matmuls in oneDNN need AVX-512 (or newer): on an AVX2-only CPU the bf16 path steps aside
 needs_onednn_bf16 = pytest.mark.skipif(not _library.onednn_bf16(), reason="oneDNN has no bf16 matmul on this CPU")
-BF16 = pytest.param(torch.bfloat16, marks=needs_onednn_bf16)
+
+
+@pytest.fixture(params=["native", "float32"])
+def bf16_route(request, monkeypatch):
+    """bf16 through oneDNN's bf16 matmul (CPUs with AVX-512), or as float32 on the upcast values,
+    the route of AVX2-only CPUs (forced here on any CPU)."""
+    if request.param == "native" and not _library.onednn_bf16():
+        pytest.skip("oneDNN has no bf16 matmul on this CPU")
+    if request.param == "float32":
+        monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
+    return request.param
 
 ACTS = {None: lambda y: y, "gelu": F.gelu, "gelu_pytorch_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
@@ -41,10 +51,12 @@ def float64_reference(lin: nn.Linear, x: torch.Tensor, activation) -> torch.Tens
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("shape,bias", [((2, 100, 64), True), ((300, 48), False), ((1, 128, 96), True)])
-def test_fused_path_is_as_close_to_float64_as_torch_s_own(dtype, activation, shape, bias):
+def test_fused_path_is_as_close_to_float64_as_torch_s_own(dtype, activation, shape, bias, bf16_route):
+    if dtype == torch.float32 and bf16_route == "float32":
+        pytest.skip("the bf16 route does not change float32")
     lin = layer(shape[-1], 80, dtype, bias)
     x = torch.randn(*shape).to(dtype)
     with torch.no_grad():
@@ -71,7 +83,7 @@ class MyLinear(nn.Linear):
 
 
 @pytest.mark.parametrize("case", ["grad", "few rows", "subclass", "hook", "float16", "reference forced",
-                                  "switched off", "dtype mismatch", "no oneDNN bf16"])
+                                  "switched off", "dtype mismatch"])
 def test_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
     lin = layer(64, 32, torch.bfloat16)
     x = torch.randn(2, 100, 64).to(torch.bfloat16)
@@ -89,8 +101,6 @@ def test_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
         monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
     elif case == "switched off":
         monkeypatch.setenv("IDEFICS3_KIT_DENSE", "0")
-    elif case == "no oneDNN bf16":  # an AVX2-only CPU (AMD Zen 3): oneDNN would refuse the bf16 primitive
-        monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
     elif case == "dtype mismatch":
         x = x.float()
         lin = lin.float().to(torch.bfloat16)
@@ -117,8 +127,7 @@ def test_unknown_activation_is_refused():
         ops.dense(layer(8, 8, torch.float32), torch.randn(100, 8), "swish")
 
 
-@needs_onednn_bf16
-def test_the_vision_tower_takes_the_fused_path_and_keeps_its_answer(monkeypatch):
+def test_the_vision_tower_takes_the_fused_path_and_keeps_its_answer(monkeypatch, bf16_route):
     """A SigLIP tile through the fused path equals the ordinary path within bf16 rounding."""
     import idefics3_kit as ik
     from idefics3_kit.components.vision import SiglipVisionEncoder
@@ -140,6 +149,7 @@ def test_the_vision_tower_takes_the_fused_path_and_keeps_its_answer(monkeypatch)
     torch.testing.assert_close(fused.float(), ordinary.float(), rtol=0, atol=scale * 2 ** -6)
 
 
+@needs_onednn_bf16  # the float32 route (AVX2-only CPUs) rounds after a float32 sum: within the closeness tests
 @needs_onednn
 @pytest.mark.parametrize("rows", [64, 300, 892])
 @pytest.mark.parametrize("bias", [False, True])
@@ -152,6 +162,7 @@ def test_bf16_without_activation_is_bit_identical_to_f_linear(rows, bias):
         assert all(torch.equal(a, b) for a, b in zip(ops.linears(x, [lin, lin]), [lin(x), lin(x)]))
 
 
+@needs_onednn_bf16  # the float32 route (AVX2-only CPUs) rounds after a float32 sum: within the closeness tests
 @needs_onednn
 def test_a_bf16_prefill_gives_the_ordinary_logits_bit_for_bit(monkeypatch):
     import idefics3_kit as ik
@@ -174,10 +185,9 @@ def gated_float64(gate: nn.Linear, up: nn.Linear, x: torch.Tensor) -> torch.Tens
     return F.silu(float64_reference(gate, x, None)) * float64_reference(up, x, None)
 
 
-@needs_onednn_bf16
 @needs_onednn
 @pytest.mark.parametrize("shape,bias", [((2, 100, 64), False), ((300, 48), True), ((1, 892, 96), False)])
-def test_gated_is_as_close_to_float64_as_torch_s_own(shape, bias):
+def test_gated_is_as_close_to_float64_as_torch_s_own(shape, bias, bf16_route):
     gate, up = layer(shape[-1], 80, torch.bfloat16, bias, seed=1), layer(shape[-1], 80, torch.bfloat16, bias, seed=2)
     x = torch.randn(*shape).to(torch.bfloat16)
     with torch.no_grad():
@@ -191,7 +201,7 @@ def test_gated_is_as_close_to_float64_as_torch_s_own(shape, bias):
 
 
 @pytest.mark.parametrize("case", ["float32", "few rows", "other activation", "subclass", "hook", "grad",
-                                  "switched off", "reference forced", "different widths", "no oneDNN bf16"])
+                                  "switched off", "reference forced", "different widths"])
 def test_gated_steps_aside(case, monkeypatch):
     gate, up = layer(64, 32, torch.bfloat16, False, seed=1), layer(64, 32, torch.bfloat16, False, seed=2)
     x, act = torch.randn(2, 100, 64).to(torch.bfloat16), F.silu
@@ -215,15 +225,13 @@ def test_gated_steps_aside(case, monkeypatch):
         monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
     elif case == "different widths":
         up = layer(64, 48, torch.bfloat16, False, seed=2)
-    elif case == "no oneDNN bf16":
-        monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
+
     with torch.set_grad_enabled(case == "grad"):
         assert ops.gated(gate, up, x, act) is None
 
 
-@needs_onednn_bf16
 @needs_onednn
-def test_a_bf16_prefill_with_the_fused_gate_keeps_the_logits(monkeypatch):
+def test_a_bf16_prefill_with_the_fused_gate_keeps_the_logits(monkeypatch, bf16_route):
     """The decoder's MLPs take ops.gated in a bf16 prefill (one call each) and the logits stay
     within bf16 rounding of the unfused ops'."""
     import idefics3_kit as ik
