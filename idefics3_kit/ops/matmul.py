@@ -65,10 +65,16 @@ def max_rows() -> int:
     return AMX_MAX_ROWS if _library.cpu_has("amx_bf16") else MAX_ROWS
 
 
+def kernel_isa() -> bool:
+    """Whether this CPU has a vector path of the compiled kernel (gemv_bf16.h): AVX-512 BF16, or
+    AVX2 with FMA (AMD Zen 2/3, older Intel), where torch's own bf16 linear is slower still."""
+    return _library.cpu_has("avx512_bf16") or (_library.cpu_has("avx2") and _library.cpu_has("fma"))
+
+
 def covers(rows: int, dtype: torch.dtype) -> bool:
     """Whether the compiled kernel's size and type rules take ``rows`` rows of ``dtype`` here
-    (bf16, at most ``max_rows()`` rows, a CPU with AVX-512 BF16, the compiled backend)."""
-    return (dtype == torch.bfloat16 and rows <= max_rows() and _library.cpu_has("avx512_bf16")
+    (bf16, at most ``max_rows()`` rows, a CPU with one of its vector paths, the compiled backend)."""
+    return (dtype == torch.bfloat16 and rows <= max_rows() and kernel_isa()
             and _library.has_kernel("decode_linear", "cpu"))
 
 

@@ -1,5 +1,5 @@
 // Torch-free tests of the decode kernels: the few-row bf16 linear (csrc/include/idefics3_kit/
-// gemv_bf16.h: the AVX-512 BF16 path where the CPU has it, and the portable loop; gemv_amx.h: the
+// gemv_bf16.h: the AVX-512 BF16 and AVX2 paths where the CPU has them, and the portable loop; gemv_amx.h: the
 // tile path for 4-16 rows where the CPU has AMX) and the RMSNorm row (rms_norm.h), against naive
 // double-precision loops.
 #include <idefics3_kit/gemv_amx.h>
@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "check.h"
@@ -174,12 +175,27 @@ void check_paths_agree(const Problem& p, const std::vector<uint16_t>& a, const s
     }
 }
 
+// The vector paths this CPU runs, best last (the one run_rows dispatches to).
+std::vector<std::pair<const char*, RowsFn>> vector_paths() {
+  std::vector<std::pair<const char*, RowsFn>> out;
+#ifdef IK_HAVE_GEMV_BF16_AVX2
+  if (gemv::avx2_path()) out.push_back({"AVX2", gemv::avx2::rows});
+#endif
+#ifdef IK_HAVE_GEMV_BF16_PATH
+  if (gemv::avx512_path()) out.push_back({"AVX-512 BF16", gemv::avx512bf16::rows});
+#endif
+  return out;
+}
+
+void dispatched_rows(const gemv::Job& j, int64_t r0, int64_t r1) { gemv::run_rows(j, r0, r1); }
+
 void test_gemv_against_double_and_between_paths() {
   std::mt19937 rng(1234);
-  const bool avx = gemv::fast_path();
-  std::printf("gemv: AVX-512 BF16 path %s\n",
-              avx ? "tested" : "not tested (not compiled in, or the CPU lacks AVX-512 BF16): portable loop only");
-  for (int64_t k : {1, 2, 7, 31, 32, 33, 63, 64, 65, 576, 1000})
+  const auto paths = vector_paths();
+  std::printf("gemv: paths tested: portable");
+  for (const auto& path : paths) std::printf(", %s", path.first);
+  std::printf("\n");
+  for (int64_t k : {1, 2, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 576, 1000})
     for (int64_t rows_x = 1; rows_x <= 5; ++rows_x)
       for (int64_t n : {1, 3, 4, 5, 9, 17})
         for (bool with_bias : {false, true}) {
@@ -191,20 +207,15 @@ void test_gemv_against_double_and_between_paths() {
           // a split into pieces (not multiples of the 4-row blocks) writes the same bits
           const std::vector<int64_t> pieces = {0, n / 3, n / 3, n / 2 + 1 > n ? n : n / 2 + 1, n};
           CHECK(run(p, gemv::rows_portable, pieces) == portable);
-          const std::vector<uint16_t> dispatched = run(p, gemv::run_rows, whole);
-#ifdef IK_HAVE_GEMV_BF16_PATH
-          if (avx) {
-            const std::vector<uint16_t> fast = run(p, gemv::avx512bf16::rows, whole);
+          std::vector<uint16_t> best = portable;
+          for (const auto& path : paths) {
+            const std::vector<uint16_t> fast = run(p, path.second, whole);
             check_against_double(p, fast);
             check_paths_agree(p, fast, portable);
-            CHECK(run(p, gemv::avx512bf16::rows, pieces) == fast);  // each output's sum ignores the split
-            CHECK(dispatched == fast);
-          } else {
-            CHECK(dispatched == portable);
+            CHECK(run(p, path.second, pieces) == fast);  // each output's sum ignores the split
+            best = fast;
           }
-#else
-          CHECK(dispatched == portable);
-#endif
+          CHECK(run(p, dispatched_rows, whole) == best);
         }
 }
 
@@ -240,11 +251,8 @@ void test_gemv_propagates_nan_and_inf() {
   for (int64_t k : {1, 33, 576}) {
     Problem p = make_problem(rng, 3, k, 6, true, 0);
     poison(p);
-    std::vector<RowsFn> fns = {gemv::rows_portable};
-#ifdef IK_HAVE_GEMV_BF16_PATH
-    if (gemv::fast_path()) fns.push_back(gemv::avx512bf16::rows);
-#endif
-    for (RowsFn fn : fns) check_poisoned(p, run(p, fn, {0, p.n}));
+    check_poisoned(p, run(p, gemv::rows_portable, {0, p.n}));
+    for (const auto& path : vector_paths()) check_poisoned(p, run(p, path.second, {0, p.n}));
   }
 }
 

@@ -1,5 +1,5 @@
-// Torch-free tests of the quantized few-row kernel (csrc/include/idefics3_kit/gemv_quant.h): the
-// AVX-512 VNNI path where the CPU has it and the portable loop, int8 and int4 (groups 32/64/128,
+// Torch-free tests of the quantized few-row kernel (csrc/include/idefics3_kit/gemv_quant.h): each
+// path the CPU can run (the portable loop, AVX2 + FMA, AVX-512 VNNI), int8 and int4 (groups 32/64/128,
 // K ending inside a 128-column step), 1..8 rows, against a double-precision loop over the
 // quantized activations and the dequantized weights; the activation quantization against its
 // definition. Buffers are sized exactly, so ASan sees any read past a row or a table.
@@ -18,6 +18,27 @@ using idefics3_kit::bf16_bits_to_float;
 using idefics3_kit::float_to_bf16_rne;
 
 namespace {
+
+// A kernel path: the arguments run_rows / run_dequant take to pick it.
+struct Path {
+  const char* name;
+  bool vector, avx512;
+};
+
+// The paths this CPU runs: always the portable loop, then AVX2 and AVX-512 where present.
+std::vector<Path> paths() {
+  std::vector<Path> out{{"portable", false, false}};
+  if (q::avx2_path()) out.push_back({"avx2", true, false});
+  if (q::avx512_path()) out.push_back({"avx512", true, true});
+  static bool told = false;
+  if (!told) {
+    std::printf("gemv_quant paths on this CPU:");
+    for (const Path& p : out) std::printf(" %s", p.name);
+    std::printf("\n");
+    told = true;
+  }
+  return out;
+}
 
 struct Problem {
   int64_t rows, k, n, bits, group;
@@ -81,15 +102,15 @@ double x_seen(const Prepared& a, int64_t m, int64_t i) {
 
 // Runs the kernel over rows [0, n) in two pieces (as two workers would) and checks every output
 // against the exact sum: within one bf16 ulp plus the fp32 accumulation bound.
-void check(const Problem& p, bool vector) {
+void check(const Problem& p, const Path& path) {
   const int64_t y_stride = p.n + 3;
   std::vector<uint16_t> y(p.rows * y_stride, 0xDEAD);
-  const Prepared a(p, vector);
+  const Prepared a(p, path.avx512);
   const q::Job job{p.w.data(), static_cast<int>(p.bits), p.group, p.scales.data(),
                    p.bias.empty() ? nullptr : p.bias.data(), y.data() + 1, y_stride};
   const int64_t cut = p.n / 2 / 4 * 4 + 1;  // an odd cut: the single-row tail of the first piece
-  q::run_rows(a.act, job, 0, cut, vector);
-  q::run_rows(a.act, job, cut, p.n, vector);
+  q::run_rows(a.act, job, 0, cut, path.vector, path.avx512);
+  q::run_rows(a.act, job, cut, p.n, path.vector, path.avx512);
   for (int64_t m = 0; m < p.rows; ++m)
     for (int64_t c = 0; c < y_stride; ++c) {
       const uint16_t got = y[m * y_stride + c];
@@ -107,9 +128,9 @@ void check(const Problem& p, bool vector) {
       const double err = std::fabs(static_cast<double>(bf16_bits_to_float(got)) - exact);
       const double bound = std::fabs(exact) * std::ldexp(1.0, -8) + mag * p.k * std::ldexp(1.0, -24) * 2 + 1e-30;
       if (!(err <= bound)) {
-        std::fprintf(stderr, "bits %lld group %lld rows %lld k %lld vector %d: y[%lld, %lld] = %g, exact %g\n",
+        std::fprintf(stderr, "bits %lld group %lld rows %lld k %lld %s: y[%lld, %lld] = %g, exact %g\n",
                      static_cast<long long>(p.bits), static_cast<long long>(p.group), static_cast<long long>(p.rows),
-                     static_cast<long long>(p.k), vector, static_cast<long long>(m), static_cast<long long>(r),
+                     static_cast<long long>(p.k), path.name, static_cast<long long>(m), static_cast<long long>(r),
                      bf16_bits_to_float(got), exact);
       }
       CHECK(err <= bound);
@@ -143,16 +164,12 @@ void test_activation_quantization() {
 
 void test_against_double_both_paths() {
   std::mt19937 rng(7);
-  for (bool vector : {false, true}) {
-    if (vector && !q::vectorized()) {
-      std::printf("AVX-512 BF16 + VNNI not available: portable path only\n");
-      continue;
-    }
+  for (const Path& path : paths()) {
     for (int64_t rows : {1, 2, 3, 4, 5, 8})
       for (int64_t k : {32, 40, 96, 128, 160, 576, 1536}) {
-        check(make(rng, rows, k, 13, 8, 0, rows % 2 == 1), vector);
+        check(make(rng, rows, k, 13, 8, 0, rows % 2 == 1), path);
         for (int64_t group : {32, 64, 128})
-          if (k % group == 0) check(make(rng, rows, k, 11, 4, group, rows % 2 == 0), vector);
+          if (k % group == 0) check(make(rng, rows, k, 11, 4, group, rows % 2 == 0), path);
       }
   }
 }
@@ -174,8 +191,7 @@ void test_prepare_paths_agree() {
 
 // Every nibble value decodes to its weight in both paths (x = 1.0 on one column: xq 127, scale 1/127).
 void test_every_nibble() {
-  for (bool vector : {false, true}) {
-    if (vector && !q::vectorized()) continue;
+  for (const Path& path : paths()) {
     Problem p{1, 128, 16, 4, 64, {}, {}, {}, {}};
     p.x.assign(128, 0);
     p.x[5] = float_to_bf16_rne(1.0f);  // column 5: the high nibble of byte 2
@@ -185,7 +201,7 @@ void test_every_nibble() {
     std::vector<uint16_t> y(16);
     const Prepared a(p);
     const q::Job job{p.w.data(), 4, 64, p.scales.data(), nullptr, y.data(), 16};
-    q::run_rows(a.act, job, 0, 16, vector);
+    q::run_rows(a.act, job, 0, 16, path.vector, path.avx512);
     for (int r = 0; r < 16; ++r) CHECK(bf16_bits_to_float(y[r]) == float_to_bf16_rne((r - 8) * 127 * (1.0f / 127)) ||
                                        std::fabs(bf16_bits_to_float(y[r]) - (r - 8)) <= 1e-2);
   }
@@ -196,8 +212,7 @@ void test_every_nibble() {
 // +-32512, must still give the exact value in both paths (every x = +-1, so xq = +-127, and every
 // nibble 0, weight -8, or 15, weight 7).
 void test_int4_range_ends() {
-  for (bool vector : {false, true}) {
-    if (vector && !q::vectorized()) continue;
+  for (const Path& path : paths()) {
     for (int64_t k : {512, 1536}) {
       for (int sign : {1, -1}) {
         Problem p{1, k, 4, 4, 32, {}, {}, {}, {}};
@@ -208,7 +223,7 @@ void test_int4_range_ends() {
         std::vector<uint16_t> y(4);
         const Prepared a(p);
         const q::Job job{p.w.data(), 4, 32, p.scales.data(), nullptr, y.data(), 4};
-        q::run_rows(a.act, job, 0, 4, vector);
+        q::run_rows(a.act, job, 0, 4, path.vector, path.avx512);
         for (int r = 0; r < 4; ++r) {
           const double exact = (r < 2 ? -8.0 : 7.0) * sign * static_cast<double>(k) / 64;
           CHECK(std::fabs(bf16_bits_to_float(y[r]) - exact) <= std::fabs(exact) * std::ldexp(1.0, -8));
@@ -218,7 +233,7 @@ void test_int4_range_ends() {
   }
 }
 
-// The vectorized dequantize equals the portable one (and q * s rounded once), every format.
+// Every path's dequantize equals the portable one (and q * s rounded once), every format.
 void test_dequantize_paths_agree() {
   std::mt19937 rng(3);
   for (int64_t k : {32, 40, 96, 576}) {
@@ -228,8 +243,11 @@ void test_dequantize_paths_agree() {
       const q::Job job{p.w.data(), static_cast<int>(p.bits), p.group, p.scales.data(), nullptr, nullptr, 0};
       std::vector<uint16_t> a(p.n * k), b(p.n * k);
       q::run_dequant(job, k, a.data(), 0, p.n, false);
-      q::run_dequant(job, k, b.data(), 0, p.n, true);
-      CHECK(a == b);
+      for (const Path& path : paths()) {
+        std::fill(b.begin(), b.end(), 0);
+        q::run_dequant(job, k, b.data(), 0, p.n, path.vector, path.avx512);
+        CHECK(a == b);
+      }
       for (int64_t r = 0; r < p.n; ++r)
         for (int64_t i = 0; i < k; ++i) CHECK(a[r * k + i] == float_to_bf16_rne(static_cast<float>(weight(p, r, i))));
     }

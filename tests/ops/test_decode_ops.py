@@ -132,7 +132,7 @@ def test_decode_linear_split_over_workers(threads):
 @pytest.mark.parametrize("rows", [4, 5, 8, 13, 16])
 def test_decode_linear_batched_rows_split_over_workers(rows):
     # 4-16 rows: the tile path where the CPU has AMX (gemv_amx.h, K a multiple of 32), else the
-    # AVX-512 loop; K = 100 takes the loop everywhere. Enough weight bytes for two workers, whose
+    # vector loop; K = 100 takes the loop everywhere. Enough weight bytes for two workers, whose
     # split falls inside a weight and leaves a tile shorter than 16 rows: the same bits either way.
     for k in (576, 100):
         x, weights, biases = _linear_inputs((rows, 1), k, [(330, torch.bfloat16), (33, None), (16, torch.float32)],
@@ -152,7 +152,7 @@ def test_decode_linear_batched_rows_split_over_workers(rows):
 @needs_ext
 def test_decode_linear_dispatch():
     x, weights, biases = _linear_inputs((1, 1), 64, [(8, None), (4, torch.bfloat16)], 3)
-    fast = _library.cpu_has("avx512_bf16")
+    fast = linear_ops.kernel_isa()
     with torch.no_grad():
         y = ops.decode_linear(x, weights, biases)
         assert (y is not None) == fast
@@ -274,7 +274,7 @@ DECODERS = {"tiny": _tiny_decoder, "qwen2": _qwen2_decoder}
 def _expect_fused(dtype, b) -> bool:
     if not _library.cpu_is_vectorized():
         return False
-    return dtype == torch.float32 or (_library.cpu_has("avx512_bf16") and b <= linear_ops.max_rows())
+    return dtype == torch.float32 or (linear_ops.kernel_isa() and b <= linear_ops.max_rows())
 
 
 def _run_decode(dec, b, padded, steps, prefill=7, shared_positions=False, seed=0):
@@ -487,8 +487,8 @@ def test_opcheck_rms_norm(dtype):
 @pytest.mark.parametrize("name", ["tiny", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_decode_layers(name, dtype):
-    if dtype == torch.bfloat16 and not _library.cpu_has("avx512_bf16"):
-        pytest.skip("bf16 decode_layers applies with AVX-512 BF16 only")
+    if dtype == torch.bfloat16 and not linear_ops.kernel_isa():
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
     torch.library.opcheck(ns.decode_layers.default, tuple(_op_args(DECODERS[name](dtype))))
 
 
@@ -669,13 +669,13 @@ def test_decode_layer_params_falls_back_to_python_layers():
         sub = _tiny_decoder(torch.float32)
         sub.model.layers[1].post_attention_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps)
         assert not _step_runs(sub, x, cache)
-        # bf16: only up to decode_linear's max_rows() rows (and with AVX-512 BF16)
+        # bf16: only up to decode_linear's max_rows() rows (and with one of its vector paths)
         dec16 = _tiny_decoder(torch.bfloat16)
         rows = linear_ops.max_rows()
         x16 = torch.randn(rows + 1, 1, cfg.hidden_size).bfloat16()
         assert not _step_runs(dec16, x16, dec16.new_cache(rows + 1, 8))
         few = _step_runs(dec16, x16[:rows], dec16.new_cache(rows, 8))
-        assert few == _library.cpu_has("avx512_bf16")
+        assert few == linear_ops.kernel_isa()
 
 
 @needs_ext

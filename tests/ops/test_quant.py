@@ -178,7 +178,7 @@ def _tiny_quantized(bits, group=32):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_decode_layers_takes_quantized_layers_bit_identically(bits):
     if not ops.matmul.covers(2, torch.bfloat16):
-        pytest.skip("bf16 decode_layers needs AVX-512 BF16")
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
     dec = _tiny_quantized(bits).decoder
     found = dec._plain_llama_layers()
     assert found is not None and found[2] is not None  # the fused step takes the quantized layers
@@ -205,7 +205,7 @@ def test_decode_layers_takes_partly_quantized_layers_bit_identically(which):
     """Only some projections of each layer quantized (whole groups: q|k|v with o, or gate|up with
     down): the fused step still takes the layers, linear by linear, and matches the Python layers."""
     if not ops.matmul.covers(2, torch.bfloat16):
-        pytest.skip("bf16 decode_layers needs AVX-512 BF16")
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
     torch.manual_seed(0)
     dec = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).eval().decoder
     parts = ("gate_proj", "up_proj", "down_proj") if which == "mlp" else ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -30,7 +30,7 @@ struct Job {
   int64_t y_stride;
 };
 
-// Portable fallback: the same sums in a plain loop (CPUs without AVX-512 BF16).
+// Portable fallback: the same sums in a plain loop (CPUs without AVX2 or AVX-512 BF16).
 inline void rows_portable(const Job& j, int64_t r0, int64_t r1) {
   for (int64_t m = 0; m < j.rows_x; ++m) {
     const uint16_t* xm = j.x + m * j.x_stride;
@@ -139,11 +139,110 @@ inline void rows(const Job& j, int64_t r0, int64_t r1) {
 }  // namespace idefics3_kit
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define IK_HAVE_GEMV_BF16_AVX2 1
+#include <immintrin.h>
+
+#define IK_BF16_AVX2_FN __attribute__((target("avx2,fma")))
+
+namespace idefics3_kit {
+namespace gemv {
+// AVX2 + FMA (AMD Zen 2 / Zen 3, Intel before Cooper Lake): no bf16 dot-product instruction, so
+// each 16 bf16 values become fp32 in two registers, the even ones (shifted into the high halves)
+// and the odd ones (low halves masked off); x and w are split alike, so the products pair up.
+// Without this path such CPUs ran torch's bf16 F.linear, ~15 GB/s where this reads at the
+// memory's speed, and the one-call decode step (decode_layers), which needs it, did not apply.
+namespace avx2 {
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+IK_BF16_AVX2_FN IK_ALWAYS_INLINE __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+IK_BF16_AVX2_FN IK_ALWAYS_INLINE __m256 odd_f32(__m256i v) {
+  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+IK_BF16_AVX2_FN inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// M rows of x against R consecutive weight rows starting at w, 16 k-values per step; the tail
+// (k not a multiple of 16) in scalar fp32 on top of the vector sums.
+template <int M, int R>
+IK_BF16_AVX2_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* sums /* [M][R] */) {
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const uint16_t* x = j.x + m0 * j.x_stride;
+  int64_t i = 0;
+  for (; i + 16 <= j.k; i += 16) {
+    __m256 xe[M], xo[M];
+    for (int m = 0; m < M; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * j.x_stride + i));
+      xe[m] = even_f32(xv);
+      xo[m] = odd_f32(xv);
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * j.k + i), _MM_HINT_T0);  // as the AVX-512 path
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * j.k + i));
+      const __m256 we = even_f32(wv), wo = odd_f32(wv);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(xo[m], wo, _mm256_fmadd_ps(xe[m], we, acc[m][r]));
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t t = i; t < j.k; ++t) s += bf16_bits_to_float(x[m * j.x_stride + t]) * bf16_bits_to_float(w[r * j.k + t]);
+      sums[m * R + r] = s;
+    }
+}
+
+template <int M>
+IK_BF16_AVX2_FN void rows_m(const Job& j, int64_t m0, int64_t r0, int64_t r1) {
+  constexpr int R = M <= 2 ? 4 : 2;  // M x R accumulators + 2M x registers within the 16 ymm
+  float sums[M * R];
+  int64_t r = r0;
+  auto store = [&](int rows) {
+    for (int m = 0; m < M; ++m)
+      for (int q = 0; q < rows; ++q) {
+        const float s = sums[m * rows + q] + (j.bias ? j.bias[r + q] : 0.0f);
+        j.y[(m0 + m) * j.y_stride + r + q] = float_to_bf16_rne(s);
+      }
+  };
+  for (; r + R <= r1; r += R) {
+    block<M, R>(j, m0, j.w + r * j.k, sums);
+    store(R);
+  }
+  for (; r < r1; ++r) {
+    block<M, 1>(j, m0, j.w + r * j.k, sums);
+    store(1);
+  }
+}
+
+inline void rows(const Job& j, int64_t r0, int64_t r1) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= j.rows_x; m0 += 4) rows_m<4>(j, m0, r0, r1);
+  switch (j.rows_x - m0) {
+    case 3: rows_m<3>(j, m0, r0, r1); break;
+    case 2: rows_m<2>(j, m0, r0, r1); break;
+    case 1: rows_m<1>(j, m0, r0, r1); break;
+    default: break;
+  }
+}
+
+}  // namespace avx2
+}  // namespace gemv
+}  // namespace idefics3_kit
+#endif
+
 namespace idefics3_kit {
 namespace gemv {
 
-// True when the vectorized path runs (the portable loop is much slower than oneDNN).
-inline bool fast_path() {
+inline bool avx512_path() {
 #ifdef IK_HAVE_GEMV_BF16_PATH
   return avx512bf16::available();
 #else
@@ -151,9 +250,25 @@ inline bool fast_path() {
 #endif
 }
 
-inline void run_rows(const Job& j, int64_t r0, int64_t r1) {
+inline bool avx2_path() {
+#ifdef IK_HAVE_GEMV_BF16_AVX2
+  return avx2::available();
+#else
+  return false;
+#endif
+}
+
+// True when a vectorized path runs (the portable loop is much slower than oneDNN).
+inline bool fast_path() { return avx512_path() || avx2_path(); }
+
+// AVX-512 BF16 where the CPU has it, else AVX2 + FMA, else the portable loop; allow_avx512 =
+// false (tests) picks the AVX2 path on a CPU that has both.
+inline void run_rows(const Job& j, int64_t r0, int64_t r1, bool allow_avx512 = true) {
 #ifdef IK_HAVE_GEMV_BF16_PATH
-  if (avx512bf16::available()) return avx512bf16::rows(j, r0, r1);
+  if (allow_avx512 && avx512bf16::available()) return avx512bf16::rows(j, r0, r1);
+#endif
+#ifdef IK_HAVE_GEMV_BF16_AVX2
+  if (avx2::available()) return avx2::rows(j, r0, r1);
 #endif
   rows_portable(j, r0, r1);
 }

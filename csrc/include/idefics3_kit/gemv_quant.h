@@ -494,22 +494,44 @@ inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
 }  // namespace idefics3_kit
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define IK_HAVE_GEMV_QUANT_AVX2 1
+#include "gemv_quant_avx2.h"
+#endif
+
 namespace idefics3_kit {
 namespace qgemv {
 
-// Runtime ISA dispatch: AVX-512 BF16 + VNNI where the CPU has it, else the portable loop.
-// allow_vector = false (tests) forces the portable loop.
-inline bool vectorized() {
+// Runtime ISA dispatch: AVX-512 BF16 + VNNI where the CPU has it, else AVX2 + FMA, else the
+// portable loop. allow_vector = false (tests) forces the portable loop, allow_avx512 = false the
+// AVX2 path on a CPU that has both (tests/cpp/test_quant.cpp checks every path it can run).
+inline bool avx512_path();
+inline bool avx2_path();
+inline bool vectorized() { return avx512_path() || avx2_path(); }
+
+// Which vector paths this build and CPU can run (tests run each).
+inline bool avx512_path() {
 #ifdef IK_HAVE_GEMV_QUANT_PATH
   return avx512::available();
 #else
   return false;
 #endif
 }
+inline bool avx2_path() {
+#ifdef IK_HAVE_GEMV_QUANT_AVX2
+  return avx2::available();
+#else
+  return false;
+#endif
+}
 
-inline void run_dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int64_t r1, bool allow_vector = true) {
+inline void run_dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int64_t r1, bool allow_vector = true,
+                        bool allow_avx512 = true) {
 #ifdef IK_HAVE_GEMV_QUANT_PATH
-  if (allow_vector && avx512::available()) return avx512::dequant(j, k, out, r0, r1);
+  if (allow_vector && allow_avx512 && avx512::available()) return avx512::dequant(j, k, out, r0, r1);
+#endif
+#ifdef IK_HAVE_GEMV_QUANT_AVX2
+  if (allow_vector && avx2::available()) return avx2::dequant(j, k, out, r0, r1);
 #endif
   dequant_portable(j, k, out, r0, r1);
 }
@@ -524,9 +546,13 @@ inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride
   prepare_portable(x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
 }
 
-inline void run_rows(const Act& a, const Job& j, int64_t r0, int64_t r1, bool allow_vector = true) {
+inline void run_rows(const Act& a, const Job& j, int64_t r0, int64_t r1, bool allow_vector = true,
+                     bool allow_avx512 = true) {
 #ifdef IK_HAVE_GEMV_QUANT_PATH
-  if (allow_vector && avx512::available()) return avx512::rows(a, j, r0, r1);
+  if (allow_vector && allow_avx512 && avx512::available()) return avx512::rows(a, j, r0, r1);
+#endif
+#ifdef IK_HAVE_GEMV_QUANT_AVX2
+  if (allow_vector && avx2::available()) return avx2::rows(a, j, r0, r1);
 #endif
   rows_portable(a, j, r0, r1);
 }
