@@ -249,3 +249,56 @@ def test_a_bf16_prefill_with_the_fused_gate_keeps_the_logits(monkeypatch, bf16_r
         ordinary = model(input_ids=ids).logits
     scale = ordinary.float().abs().max().item()
     torch.testing.assert_close(fused.float(), ordinary.float(), rtol=0, atol=scale * 2 ** -5)
+
+
+# ---- ops.conv2d: the patch embedding where bf16 runs as float32 ---------------------------------
+
+def conv_layer(dtype, bias: bool = True) -> nn.Conv2d:
+    torch.manual_seed(3)
+    return nn.Conv2d(3, 48, 8, 8, bias=bias).to(dtype).eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_on_the_float32_route_is_as_close_to_float64_as_torch_s_own(bias, monkeypatch):
+    monkeypatch.setattr(_library, "onednn_bf16", lambda: False)  # the AVX2-only CPU's route, on any CPU
+    conv = conv_layer(torch.bfloat16, bias)
+    x = torch.randn(2, 3, 64, 48).to(torch.bfloat16)
+    calls = []
+    original = dense_mod.F.conv2d
+    monkeypatch.setattr(dense_mod.F, "conv2d", lambda *a: calls.append(a[0].dtype) or original(*a))
+    with torch.no_grad():
+        got = ops.conv2d(conv, x)
+        torch_own = conv(x)
+    assert calls[0] == torch.float32 and got.dtype == torch.bfloat16 and got.shape == torch_own.shape
+    exact = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), 8)
+    torch_err = (torch_own.double() - exact).abs().max().item()
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= 2 * torch_err + ulp
+
+
+@pytest.mark.parametrize("case", ["native bf16", "float32", "grad", "subclass", "hook", "reflect padding",
+                                  "reference forced"])
+def test_conv2d_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
+    if case != "native bf16":
+        monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
+    elif not _library.onednn_bf16():
+        pytest.skip("this CPU has no oneDNN bf16: the float32 route is the one it takes")
+    conv, x = conv_layer(torch.bfloat16), torch.randn(1, 3, 32, 32).to(torch.bfloat16)
+    if case == "float32":
+        conv, x = conv.float(), x.float()
+    elif case == "subclass":
+        class MyConv(nn.Conv2d):
+            pass
+        sub = MyConv(3, 48, 8, 8).to(torch.bfloat16)
+        sub.load_state_dict(conv.state_dict())
+        conv = sub
+    elif case == "hook":
+        conv.register_forward_hook(lambda m, i, o: o * 2)
+    elif case == "reflect padding":
+        conv.padding_mode, conv.padding = "reflect", (1, 1)
+    elif case == "reference forced":
+        monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
+    elif case == "grad":
+        conv.weight.requires_grad_(True)
+    with torch.set_grad_enabled(case == "grad"):
+        assert torch.equal(ops.conv2d(conv, x), conv(x))
