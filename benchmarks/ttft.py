@@ -79,9 +79,20 @@ def prompt_for(processor, n_images: int) -> str:
 
 # ---- the machine's matmul peak -------------------------------------------------------------------
 
+def gemm_dtype(dtype):
+    """The dtype the tower's GEMMs run in: bf16 runs as float32 on a CPU where oneDNN has no bf16
+    matmul (AVX2 only: ops/dense_linear.py), so that is the peak to compare with there; torch's
+    own bf16 matmul on such a CPU is a slow fallback (minutes for the 4096^3 GEMM)."""
+    from idefics3_kit.ops import _library
+
+    return torch.float32 if dtype == torch.bfloat16 and not _library.onednn_bf16() else dtype
+
+
 def matmul_peak(dtype, threads: int) -> dict:
     """GFLOP/s of torch.matmul, best of a few runs: {"tower shapes": the vision linears' own shapes
     (K = 768 / 3072), "square": a large 4096^3 GEMM (closer to the matrix unit's peak)}."""
+    dtype = gemm_dtype(dtype)
+
     def best(m, k, n):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         torch.matmul(a, b)
@@ -105,6 +116,7 @@ def tower_gemms(cfg: ik.VLMConfig, tiles: int, tiles_per_call: int, dtype) -> tu
     (best of three single GEMMs, measured once) swings with this host's phases by more than the gap
     being measured (docs/performance.md, "The yardstick")."""
     v = cfg.vision
+    dtype = gemm_dtype(dtype)
     per_tile = (v.image_size // v.patch_size) ** 2
     rows, chunk = tiles * per_tile, tiles_per_call * per_tile
     d, f = v.hidden_size, v.intermediate_size
@@ -340,6 +352,9 @@ def main(argv=None) -> int:
         for dname in args.dtypes:
             dtype = DTYPES[dname]
             peak = matmul_peak(dtype, args.threads)
+            if gemm_dtype(dtype) != dtype:
+                print(f"({dname}: this CPU has no oneDNN bf16 matmul, so bf16 GEMMs run as float32 on the upcasts "
+                      f"and the peaks below are float32's)")
             ours = ik.VLM.from_pretrained(path, dtype=dtype).eval()
             hf = hf_processor = None
             if not args.no_hf:

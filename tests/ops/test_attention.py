@@ -163,6 +163,24 @@ def test_prefill_bf16_causal_tile_kernel(d, lq, lk, mask):
 
 
 @needs_ext
+@pytest.mark.parametrize("lq,lk,mask", [(40, 40, None), (33, 100, "left_pad")])
+def test_prefill_bf16_on_a_cpu_without_onednn_bf16_runs_float32(lq, lk, mask, monkeypatch):
+    # AVX2-only CPUs (AMD Zen 3): the blocked kernel's bf16 GEMMs would be torch's slow bf16 mm, so
+    # ops.attention runs the kernel on float32 upcasts and rounds once; forced here on any CPU.
+    monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
+    calls = []
+    original = attention_ops.run_kernel
+    monkeypatch.setattr(attention_ops, "run_kernel", lambda name, q, *a: calls.append(q.dtype) or original(name, q, *a))
+    q, k, v, kpm = _inputs(2, 6, 2, lq, lk, 64, mask, lq + lk)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # [B, L, H, D] memory
+    _check_close(q, k, v, kpm, True, torch.bfloat16,
+                 lambda ql, kl, vl: ops.attention(ql, kl, vl, causal=True, key_padding_mask=kpm))
+    assert calls == [torch.float32]
+    out = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, key_padding_mask=kpm)
+    assert out.transpose(1, 2).is_contiguous()  # the [B, L, H, D] memory the callers reshape for free
+
+
+@needs_ext
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("groups", [1, 4, 7, 16])
 @pytest.mark.parametrize("lk", [1, 15, 16, 17, 33, 300])
