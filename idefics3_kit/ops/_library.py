@@ -270,12 +270,20 @@ def cpu_has(flag: str) -> bool:
     return flag in cpu_flags()
 
 
-@functools.lru_cache(maxsize=1)
-def onednn_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls on this CPU (AVX-512 or newer). Without it (an AVX2-only CPU
-    such as AMD Zen 3) ``torch.ops.mkldnn._linear_pointwise`` refuses bf16 ("could not create a
-    primitive descriptor"), while ``F.linear`` still runs it through its own fallback."""
+def _query_onednn_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # a torch without the query: assume not
         return False
+
+
+# Asked once, at import, like the CPU flags: code that torch.compile traces asks too, and the
+# query is a torch op returning a bool, which dynamo cannot trace.
+_ONEDNN_BF16 = _query_onednn_bf16()
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls on this CPU (AVX-512 or newer). Without it (an AVX2-only CPU
+    such as AMD Zen 3) ``torch.ops.mkldnn._linear_pointwise`` refuses bf16 ("could not create a
+    primitive descriptor"), while ``F.linear`` still runs it through a slow fallback."""
+    return _ONEDNN_BF16

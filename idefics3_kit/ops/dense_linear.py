@@ -137,7 +137,7 @@ def conv2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     threads, against 0.028 s as float32 on the exact upcasts, rounded once (the same tolerance as
     ``dense``). Anything else (another CPU, autograd, a wrapped or hooked layer, a tensor
     subclass, torch.compile) runs ``layer(x)``."""
-    if (type(layer) is not nn.Conv2d or not _upcast(x) or torch.is_grad_enabled() or torch.compiler.is_compiling()
+    if (type(layer) is not nn.Conv2d or torch.compiler.is_compiling() or not _upcast(x) or torch.is_grad_enabled()
             or not _library.fast_paths_on()):
         return layer(x)
     conv = cast(nn.Conv2d, layer)
