@@ -55,6 +55,15 @@ struct Job {
 
 inline int64_t padded_k(int64_t k) { return (k + 127) / 128 * 128; }
 
+// How many weight rows ahead a vector path's step prefetches: at least two blocks of R (the
+// hardware prefetchers lose track of R interleaved short row streams) and at least
+// kPrefetchBytes, since quantized rows are short (288 bytes for int4 at K = 576). Distances from
+// 2 to 16 KiB measured alike on an AVX-512 machine (weights in a large L3); 32 KiB was slower.
+constexpr int64_t kPrefetchBytes = 4096;
+inline int64_t prefetch_rows(int64_t row_bytes, int64_t r) {
+  return std::max<int64_t>(2 * r, (kPrefetchBytes + row_bytes - 1) / row_bytes);
+}
+
 // Sizes of the buffers prepare() fills, in elements (the caller owns them).
 struct ActSizes {
   int64_t xq, xs, xeo, init8, init4, xs8, xs4;
@@ -194,13 +203,6 @@ inline bool available() {
                          __builtin_cpu_supports("avx512vnni");
   return ok;
 }
-
-// How many weight rows ahead a step prefetches: at least two blocks of R (the hardware prefetchers
-// lose track of R interleaved short row streams) and at least kPrefetchBytes, since quantized rows
-// are short (288 bytes for int4 at K = 576). Distances from 2 to 16 KiB measured alike here
-// (weights in a large L3); 32 KiB was slower.
-constexpr int64_t kPrefetchBytes = 4096;
-inline int64_t prefetch_rows(int64_t row_bytes, int64_t r) { return std::max<int64_t>(2 * r, (kPrefetchBytes + row_bytes - 1) / row_bytes); }
 
 // Lanes 0..3: the sums of the 16 lanes of a0, a1, a2 and a3 (one transposing pass, 13
 // instructions, instead of four separate reductions).
