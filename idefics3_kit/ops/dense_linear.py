@@ -86,8 +86,9 @@ def dense(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> t
 
 
 def _upcast(x: torch.Tensor) -> bool:
-    """Whether bf16 runs as float32 here (no oneDNN bf16 matmul on this CPU: see the module docstring)."""
-    return x.dtype == torch.bfloat16 and not _library.onednn_bf16()
+    """Whether bf16 runs as float32 here (a CPU tensor, and no oneDNN bf16 matmul on this CPU: see
+    the module docstring)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _library.onednn_bf16()
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
