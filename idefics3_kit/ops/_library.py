@@ -287,3 +287,11 @@ def onednn_bf16() -> bool:
     such as AMD Zen 3) ``torch.ops.mkldnn._linear_pointwise`` refuses bf16 ("could not create a
     primitive descriptor"), while ``F.linear`` still runs it through a slow fallback."""
     return _ONEDNN_BF16
+
+
+def bf16_as_float32(x: torch.Tensor) -> bool:
+    """Whether the many-row bf16 work on x (linears, the patch conv, the blocked prefill attention)
+    runs as float32 on the exact upcasts, rounded once: a bf16 CPU tensor on a CPU without oneDNN
+    bf16, where torch's bf16 kernels fall back to slow loops (docs/performance.md, "CPUs without
+    AVX-512"). The one rule every such path asks."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not onednn_bf16()

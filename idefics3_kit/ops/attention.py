@@ -203,18 +203,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     name = compiled_kernel(q, k, v, causal, key_padding_mask)
     if name is None:
         return attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    if name == "prefill_attention" and _bf16_as_float32(q):
+    if name == "prefill_attention" and _library.bf16_as_float32(q):
+        # the blocked kernel's bf16 GEMMs are oneDNN's; without them torch's bf16 mm is a slow loop
+        # (an 892-token SmolVLM-256M prefill spent 7.5 of its 8.7 s in it on a Zen 3)
         out = run_kernel(name, q.float(), k.float(), v.float(), causal, key_padding_mask, scale)
         return out.to(q.dtype)  # (keeps the [B, L, H, D] memory layout)
     return run_kernel(name, q, k, v, causal, key_padding_mask, scale)
-
-
-def _bf16_as_float32(q: torch.Tensor) -> bool:
-    """Whether a bf16 prefill runs the blocked kernel in float32 here: its bf16 GEMMs are oneDNN's,
-    and on a CPU without oneDNN bf16 (AVX2 only, e.g. AMD Zen 3) torch's bf16 mm is a slow loop
-    (an 892-token SmolVLM-256M prefill spent 7.5 of its 8.7 s in it). The float32 result, rounded
-    once, is closer to exact than the bf16 reference's (which rounds S and P to bf16)."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _library.onednn_bf16()
 
 
 # The self-check's case per kernel: (query heads, kv heads, query length, key length, causal).

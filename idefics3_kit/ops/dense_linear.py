@@ -79,16 +79,10 @@ def dense(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> t
         return _ordinary(layer, x, activation)
     post_op, algorithm = FUSED_ACTIVATIONS[activation]
     lin = cast(nn.Linear, layer)  # applies() checked the class
-    if not _upcast(x):
+    if not _library.bf16_as_float32(x):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), lin.weight, lin.bias, post_op, [], algorithm)
     y = torch.ops.mkldnn._linear_pointwise(x.float(), lin.weight.float(), _float(lin.bias), post_op, [], algorithm)
     return y.to(x.dtype)
-
-
-def _upcast(x: torch.Tensor) -> bool:
-    """Whether bf16 runs as float32 here (a CPU tensor, and no oneDNN bf16 matmul on this CPU: see
-    the module docstring)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _library.onednn_bf16()
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -99,7 +93,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` for inference on many rows of plain tensors whose weight is
     built per call (a dequantized weight: ops/quant.py), so there is nothing to keep prepared: bf16
     as float32 where this CPU has no bf16 matmul (same rounding rule as ``dense``), else F.linear."""
-    if not _upcast(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not _library.bf16_as_float32(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     return F.linear(x.float(), weight.float(), _float(bias)).to(x.dtype)
 
@@ -121,7 +115,7 @@ def gated(gate: nn.Module, up: nn.Module, x: torch.Tensor, act) -> torch.Tensor 
     g, u = cast(nn.Linear, gate), cast(nn.Linear, up)  # applies() checked the class
     if g.weight.shape[0] != u.weight.shape[0]:
         return None
-    if _upcast(x):  # float32 throughout, one rounding at the end
+    if _library.bf16_as_float32(x):  # float32 throughout, one rounding at the end
         x32 = x.float()
         silu_gate = torch.ops.mkldnn._linear_pointwise(x32, g.weight.float(), _float(g.bias), "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x32, silu_gate, u.weight.float(), _float(u.bias),
@@ -133,13 +127,13 @@ def gated(gate: nn.Module, up: nn.Module, x: torch.Tensor, act) -> torch.Tensor 
 
 def conv2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for an ``nn.Conv2d`` (the vision towers' patch embedding). Where bf16 runs as
-    float32 here (``_upcast``: no oneDNN bf16 on this CPU), torch's bf16 convolution falls back to
-    its reference loop: 1.17 s for the 16 x 16 patch embedding of two 512 x 512 tiles on 2 Zen 3
-    threads, against 0.028 s as float32 on the exact upcasts, rounded once (the same tolerance as
-    ``dense``). Anything else (another CPU, autograd, a wrapped or hooked layer, a tensor
+    float32 here (``_library.bf16_as_float32``: no oneDNN bf16 on this CPU), torch's bf16
+    convolution falls back to its reference loop: 1.17 s for the 16 x 16 patch embedding of two
+    512 x 512 tiles on 2 Zen 3 threads, against 0.028 s as float32 on the exact upcasts, rounded
+    once (the same tolerance as ``dense``). Anything else (another CPU, autograd, a wrapped or hooked layer, a tensor
     subclass, torch.compile) runs ``layer(x)``."""
-    if (type(layer) is not nn.Conv2d or torch.compiler.is_compiling() or not _upcast(x) or torch.is_grad_enabled()
-            or not _library.fast_paths_on()):
+    if (type(layer) is not nn.Conv2d or torch.compiler.is_compiling() or not _library.bf16_as_float32(x)
+            or torch.is_grad_enabled() or not _library.fast_paths_on()):
         return layer(x)
     conv = cast(nn.Conv2d, layer)
     if conv.padding_mode != "zeros" or conv.weight.dtype != x.dtype or not fast_path.plain_modules((conv,)):
