@@ -7,6 +7,10 @@
   leg cycles through 30 distinct weights per shape, as a decode step does through its 30 layers,
   so the weights come from L3/memory and not from L2.
 - rms_norm (compiled, bf16) vs the reference formula (F.rms_norm + casts) on one row.
+- the activation epilogues of the many-row linears (ops/dense_linear.py), float32: the SigLIP fc1
+  (1024 x 768 @ 768 x 3072, tanh GELU) and the decoder's gate (892 x 576 @ 576 x 1536, SiLU), fused
+  into oneDNN's matmul vs the matmul then torch's activation; the library fuses only where
+  ``dense_linear.epilogue_activations()`` says so.
 - decode_layers (one call for all 30 layers) vs the Python layers, one decode step at 128
   cached tokens; in bf16 also the Python layers as they ran before these ops (oneDNN packed
   weights, F.rms_norm): the whole per-step saving.
@@ -28,6 +32,7 @@ from _timing import compare, set_threads_from_argv  # noqa: E402
 import idefics3_kit as ik  # noqa: E402
 from idefics3_kit import ops  # noqa: E402
 from idefics3_kit.components import decoder as D  # noqa: E402
+from idefics3_kit.ops import dense_linear  # noqa: E402
 
 SHAPES = {"q|k|v": [(576, 576), (192, 576), (192, 576)], "o_proj": [(576, 576)],
           "gate|up": [(1536, 576), (1536, 576)], "down_proj": [(576, 1536)], "lm_head": [(49280, 576)]}
@@ -68,6 +73,16 @@ def rms_norm_case(dtype):
                  "reference": lambda: ops.rms_norm_ref(x, w, 1e-5)}, repeats=2000, warmup=50)
     print(f"rms_norm {str(dtype):15s} 1 x 576: ours {t['ours'] * 1e6:5.1f} us  reference {t['reference'] * 1e6:5.1f} us  "
           f"x{t['reference'] / t['ours']:.2f}")
+
+
+def epilogue_case(name, rows, k, n, post_op, algorithm, activation):
+    x, w, b = torch.randn(rows, k), torch.randn(n, k) * 0.02, torch.randn(n) * 0.02
+    lin = torch.ops.mkldnn._linear_pointwise
+    t = compare({"fused": lambda: lin(x, w, b, post_op, [], algorithm),
+                 "separate": lambda: activation(lin(x, w, b, "none", [], ""))}, repeats=15, warmup=2)
+    used = "fused" if dense_linear.epilogue_activations() else "separate"
+    print(f"epilogue {name:16s} {rows}x{k} @ {k}x{n}: fused {t['fused'] * 1e3:6.1f} ms  separate {t['separate'] * 1e3:6.1f} ms  "
+          f"fused/separate x{t['fused'] / t['separate']:.2f}   the library runs: {used}")
 
 
 def decode_step_case(dtype):
@@ -125,6 +140,8 @@ def main() -> None:
         for name, shapes in SHAPES.items():
             linear_case(name, shapes)
         rms_norm_case(torch.bfloat16)  # the library runs the compiled norm for bf16 only
+        epilogue_case("fc1 + tanh GELU", 1024, 768, 3072, "gelu", "tanh", lambda y: F.gelu(y, approximate="tanh"))
+        epilogue_case("gate + SiLU", 892, 576, 1536, "swish", "", lambda y: F.silu(y, inplace=True))
     for dtype in (torch.float32, torch.bfloat16):
         decode_step_case(dtype)
 

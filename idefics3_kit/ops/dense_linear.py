@@ -18,6 +18,11 @@ bf16 runs as float32 on the exact upcast values, rounded once at the end: torch'
 there reaches ~18 GFLOP/s on 2 threads against 90-150 GFLOP/s for float32 (892 x 576 @ 576 x 1536:
 93 vs 18 ms; 1024 x 768 @ 768 x 3072: 252 vs 36 ms, the upcasts included).
 
+Where oneDNN's activation epilogues are slow (CPUs without AVX-512: ``epilogue_activations``), the
+GELU and the gated MLP's SiLU run as torch's own ops on the float32 or bf16 accumulator output
+instead: on a Zen 3 the fused tanh GELU cost ~20 ms for a 1024 x 3072 fc1 output (the matmul alone
+41 ms, torch's GELU 6 ms), the fused SiLU ~6 ms of a 42 ms gated pair.
+
 The result differs from the unfused path only by rounding: at most one bf16 ulp of the output
 (the activation sees the unrounded sum), float32 within GEMM reassociation. Anything else — few
 rows (the decode paths in matmul.py own those), autograd, a wrapped, hooked or quantized layer, a
@@ -42,13 +47,24 @@ DTYPES = (torch.float32, torch.bfloat16)
 MIN_ROWS = 64  # fewer rows are decode-shaped: matmul.py's kernels and packed weights are faster there
 
 
-def _ordinary(layer: nn.Module, x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    y = layer(x)
+def epilogue_activations() -> bool:
+    """Whether GELU and SiLU go into oneDNN's matmul epilogue: where its eltwise post-ops are vectorized
+    well (AVX-512 CPUs). On AVX2-only CPUs they cost 3-4x torch's own activation after the matmul
+    (benchmarks/linear_cpu.py prints both), so the activation runs separately there."""
+    return _library.cpu_has("avx512f")
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation`` (a FUSED_ACTIVATIONS name) applied by torch's own ops."""
     if activation == "gelu_pytorch_tanh":
         return F.gelu(y, approximate="tanh")
     if activation == "gelu":
         return F.gelu(y)
     return y
+
+
+def _ordinary(layer: nn.Module, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return _activate(layer(x), activation)
 
 
 def applies(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -77,11 +93,15 @@ def dense(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> t
                          f"got {activation!r}")
     if not applies(layer, x):
         return _ordinary(layer, x, activation)
-    post_op, algorithm = FUSED_ACTIVATIONS[activation]
+    fused = activation if epilogue_activations() else None
+    post_op, algorithm = FUSED_ACTIVATIONS[fused]
     lin = cast(nn.Linear, layer)  # applies() checked the class
     if not _library.bf16_as_float32(x):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), lin.weight, lin.bias, post_op, [], algorithm)
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), lin.weight, lin.bias, post_op, [], algorithm)
+        return y if fused == activation else _activate(y, activation)
     y = torch.ops.mkldnn._linear_pointwise(x.float(), lin.weight.float(), _float(lin.bias), post_op, [], algorithm)
+    if fused != activation:  # the activation sees the float32 sum, as in the epilogue
+        y = _activate(y, activation)
     return y.to(x.dtype)
 
 
@@ -117,12 +137,19 @@ def gated(gate: nn.Module, up: nn.Module, x: torch.Tensor, act) -> torch.Tensor 
         return None
     if _library.bf16_as_float32(x):  # float32 throughout, one rounding at the end
         x32 = x.float()
-        silu_gate = torch.ops.mkldnn._linear_pointwise(x32, g.weight.float(), _float(g.bias), "swish", [], "")
+        silu_gate = _gate(x32, g.weight.float(), _float(g.bias))
         return torch.ops.mkldnn._linear_pointwise.binary(x32, silu_gate, u.weight.float(), _float(u.bias),
                                                          "mul").to(x.dtype)
     x = x.contiguous()
-    silu_gate = torch.ops.mkldnn._linear_pointwise(x, g.weight, g.bias, "swish", [], "")
+    silu_gate = _gate(x, g.weight, g.bias)
     return torch.ops.mkldnn._linear_pointwise.binary(x, silu_gate, u.weight, u.bias, "mul")
+
+
+def _gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(x @ weight.T + bias): in the matmul's epilogue where that is fast (``epilogue_activations``)."""
+    if epilogue_activations():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "swish", [], "")
+    return F.silu(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), inplace=True)
 
 
 def conv2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
