@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "bf16.h"
+#include "gemv_tiles.h"
 #include "pillow_resample.h"  // IK_ALWAYS_INLINE, IK_INTRINSICS_BEGIN
 
 IK_INTRINSICS_BEGIN  // (pillow_resample.h says why)
@@ -100,38 +101,17 @@ IK_BF16_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* sums /
     for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-template <int M>
-IK_BF16_FN void rows_m(const Job& j, int64_t m0, int64_t r0, int64_t r1) {
-  constexpr int R = 4;
-  float sums[M * R];
-  int64_t r = r0;
-  auto store = [&](int rows) {
-    for (int m = 0; m < M; ++m)
-      for (int q = 0; q < rows; ++q) {
-        const float s = sums[m * rows + q] + (j.bias ? j.bias[r + q] : 0.0f);
-        j.y[(m0 + m) * j.y_stride + r + q] = float_to_bf16_rne(s);
-      }
-  };
-  for (; r + R <= r1; r += R) {
-    block<M, R>(j, m0, j.w + r * j.k, sums);
-    store(R);
-  }
-  for (; r < r1; ++r) {
-    block<M, 1>(j, m0, j.w + r * j.k, sums);
-    store(1);
-  }
-}
+struct Blocks {
+  const Job& j;
+  template <int M>
+  static constexpr int rows_per_block() { return 4; }
+  template <int M, int R>
+  IK_BF16_FN void run(int64_t m0, int64_t r, float* sums) const { block<M, R>(j, m0, j.w + r * j.k, sums); }
+};
 
-// Weight rows [r0, r1) for every row of x, four x rows at a time (weights re-read per four).
+// Weight rows [r0, r1) for every row of x (gemv_tiles.h).
 inline void rows(const Job& j, int64_t r0, int64_t r1) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= j.rows_x; m0 += 4) rows_m<4>(j, m0, r0, r1);
-  switch (j.rows_x - m0) {
-    case 3: rows_m<3>(j, m0, r0, r1); break;
-    case 2: rows_m<2>(j, m0, r0, r1); break;
-    case 1: rows_m<1>(j, m0, r0, r1); break;
-    default: break;
-  }
+  tiles::rows(Blocks{j}, tiles::Out{j.bias, j.y, j.y_stride}, j.rows_x, r0, r1);
 }
 
 }  // namespace avx512bf16
@@ -143,7 +123,8 @@ inline void rows(const Job& j, int64_t r0, int64_t r1) {
 #define IK_HAVE_GEMV_BF16_AVX2 1
 #include <immintrin.h>
 
-#define IK_BF16_AVX2_FN __attribute__((target("avx2,fma")))
+#include "avx2_math.h"
+
 
 namespace idefics3_kit {
 namespace gemv {
@@ -159,21 +140,17 @@ inline bool available() {
   return ok;
 }
 
-IK_BF16_AVX2_FN IK_ALWAYS_INLINE __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-IK_BF16_AVX2_FN IK_ALWAYS_INLINE __m256 odd_f32(__m256i v) {
+IK_AVX2_FN IK_ALWAYS_INLINE __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+IK_AVX2_FN IK_ALWAYS_INLINE __m256 odd_f32(__m256i v) {
   return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-IK_BF16_AVX2_FN inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
+using avx2_math::hsum;
 
 // M rows of x against R consecutive weight rows starting at w, 16 k-values per step; the tail
 // (k not a multiple of 16) in scalar fp32 on top of the vector sums.
 template <int M, int R>
-IK_BF16_AVX2_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* sums /* [M][R] */) {
+IK_AVX2_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* sums /* [M][R] */) {
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -201,37 +178,16 @@ IK_BF16_AVX2_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* s
     }
 }
 
-template <int M>
-IK_BF16_AVX2_FN void rows_m(const Job& j, int64_t m0, int64_t r0, int64_t r1) {
-  constexpr int R = M <= 2 ? 4 : 2;  // M x R accumulators + 2M x registers within the 16 ymm
-  float sums[M * R];
-  int64_t r = r0;
-  auto store = [&](int rows) {
-    for (int m = 0; m < M; ++m)
-      for (int q = 0; q < rows; ++q) {
-        const float s = sums[m * rows + q] + (j.bias ? j.bias[r + q] : 0.0f);
-        j.y[(m0 + m) * j.y_stride + r + q] = float_to_bf16_rne(s);
-      }
-  };
-  for (; r + R <= r1; r += R) {
-    block<M, R>(j, m0, j.w + r * j.k, sums);
-    store(R);
-  }
-  for (; r < r1; ++r) {
-    block<M, 1>(j, m0, j.w + r * j.k, sums);
-    store(1);
-  }
-}
+struct Blocks {
+  const Job& j;
+  template <int M>
+  static constexpr int rows_per_block() { return M <= 2 ? 4 : 2; }  // M x R accumulators + 2M x registers in 16 ymm
+  template <int M, int R>
+  IK_AVX2_FN void run(int64_t m0, int64_t r, float* sums) const { block<M, R>(j, m0, j.w + r * j.k, sums); }
+};
 
 inline void rows(const Job& j, int64_t r0, int64_t r1) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= j.rows_x; m0 += 4) rows_m<4>(j, m0, r0, r1);
-  switch (j.rows_x - m0) {
-    case 3: rows_m<3>(j, m0, r0, r1); break;
-    case 2: rows_m<2>(j, m0, r0, r1); break;
-    case 1: rows_m<1>(j, m0, r0, r1); break;
-    default: break;
-  }
+  tiles::rows(Blocks{j}, tiles::Out{j.bias, j.y, j.y_stride}, j.rows_x, r0, r1);
 }
 
 }  // namespace avx2

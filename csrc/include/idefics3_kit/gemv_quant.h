@@ -21,6 +21,7 @@
 #include <cstring>
 
 #include "bf16.h"
+#include "gemv_tiles.h"
 #include "pillow_resample.h"  // IK_ALWAYS_INLINE, IK_INTRINSICS_BEGIN
 
 IK_INTRINSICS_BEGIN  // (pillow_resample.h says why)
@@ -371,27 +372,16 @@ IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float
   reduce_rows<M, R>(acc, sums);
 }
 
-template <int M>
-IK_QBF16_FN void rows_m(const Act& a, const Job& j, int64_t m0, int64_t r0, int64_t r1) {
-  constexpr int R = M <= 2 ? 4 : 2;  // accumulators + x registers stay within the 32 zmm
-  float sums[M * R];
-  auto store = [&](int64_t r, int rows) {
-    for (int m = 0; m < M; ++m)
-      for (int q = 0; q < rows; ++q) {
-        const float v = sums[m * rows + q] + (j.bias ? j.bias[r + q] : 0.0f);
-        j.y[(m0 + m) * j.y_stride + r + q] = float_to_bf16_rne(v);
-      }
-  };
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) {
+struct Blocks {
+  const Act& a;
+  const Job& j;
+  template <int M>
+  static constexpr int rows_per_block() { return M <= 2 ? 4 : 2; }  // accumulators + x registers within the 32 zmm
+  template <int M, int R>
+  IK_QBF16_FN void run(int64_t m0, int64_t r, float* sums) const {
     if (j.bits == 8) block8<M, R>(a, j, m0, r, sums); else block4<M, R>(a, j, m0, r, sums);
-    store(r, R);
   }
-  for (; r < r1; ++r) {
-    if (j.bits == 8) block8<M, 1>(a, j, m0, r, sums); else block4<M, 1>(a, j, m0, r, sums);
-    store(r, 1);
-  }
-}
+};
 
 // prepare_portable's buffers, equal byte for byte: 32 columns per block in two registers
 // (vcvtps2dq rounds half to even in the default MXCSR mode, like round_half_even), the lane sums
@@ -480,15 +470,9 @@ IK_QBF16_FN inline void dequant(const Job& j, int64_t k, uint16_t* out, int64_t 
   }
 }
 
+// Weight rows [r0, r1) for every row of x (gemv_tiles.h).
 inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= a.rows; m0 += 4) rows_m<4>(a, j, m0, r0, r1);
-  switch (a.rows - m0) {
-    case 3: rows_m<3>(a, j, m0, r0, r1); break;
-    case 2: rows_m<2>(a, j, m0, r0, r1); break;
-    case 1: rows_m<1>(a, j, m0, r0, r1); break;
-    default: break;
-  }
+  tiles::rows(Blocks{a, j}, tiles::Out{j.bias, j.y, j.y_stride}, a.rows, r0, r1);
 }
 
 }  // namespace avx512

@@ -20,7 +20,8 @@
 #include <cstdint>
 #include <cstring>
 
-#define IK_QAVX2_FN __attribute__((target("avx2,fma")))
+#include "avx2_math.h"
+
 #ifndef IK_UNROLL
 #define IK_UNROLL _Pragma("GCC unroll 16")
 #endif
@@ -34,18 +35,14 @@ inline bool available() {
   return ok;
 }
 
-IK_QAVX2_FN inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
+using avx2_math::hsum;
 
 // bf16 bits (uint16) -> fp32
 inline float bf16f(uint16_t b) { return bf16_bits_to_float(b); }
 
 // 32 bytes of a weight row from p, of which only `bytes` (< 32 at a row's end) are real: the rest
 // read as zeros, so no load passes the row (the last row ends the allocation).
-IK_QAVX2_FN inline __m256i load_w(const uint8_t* p, int64_t bytes) {
+IK_AVX2_FN inline __m256i load_w(const uint8_t* p, int64_t bytes) {
   if (bytes >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   alignas(32) uint8_t tmp[32] = {};
   std::memcpy(tmp, p, static_cast<size_t>(bytes));
@@ -54,7 +51,7 @@ IK_QAVX2_FN inline __m256i load_w(const uint8_t* p, int64_t bytes) {
 
 // int8: M rows of x against R weight rows, 32 columns (one activation block) per step.
 template <int M, int R>
-IK_QAVX2_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
+IK_AVX2_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[M * R];
   for (int i = 0; i < M * R; ++i) acc[i] = _mm256_setzero_ps();
@@ -92,7 +89,7 @@ IK_QAVX2_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float
 // the int32 result covers columns c + 8i .. c + 8i + 7: lanes 0-3 one activation block, 4-7 the
 // next; xs4 holds those blocks' scales per lane, the weight groups' scales are put beside them.
 template <int M, int R>
-IK_QAVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
+IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i halves = _mm256_setr_epi32(16, 16, 16, 16, 0, 0, 0, 0);  // lanes 0-3: first scale, 4-7: second
   const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -135,54 +132,36 @@ IK_QAVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float
     for (int q = 0; q < R; ++q) sums[m * R + q] = hsum(acc[m * R + q]);
 }
 
-template <int M>
-IK_QAVX2_FN void rows_m(const Act& a, const Job& j, int64_t m0, int64_t r0, int64_t r1) {
-  constexpr int R = M == 1 ? 4 : M == 2 ? 2 : 1;  // accumulators + x registers within the 16 ymm
-  float sums[M * R];
-  auto store = [&](int64_t r, int rows) {
-    for (int m = 0; m < M; ++m)
-      for (int q = 0; q < rows; ++q) {
-        const float v = sums[m * rows + q] + (j.bias ? j.bias[r + q] : 0.0f);
-        j.y[(m0 + m) * j.y_stride + r + q] = float_to_bf16_rne(v);
-      }
-  };
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) {
+struct Blocks {
+  const Act& a;
+  const Job& j;
+  template <int M>
+  static constexpr int rows_per_block() { return M == 1 ? 4 : M == 2 ? 2 : 1; }  // accumulators + x in the 16 ymm
+  template <int M, int R>
+  IK_AVX2_FN void run(int64_t m0, int64_t r, float* sums) const {
     if (j.bits == 8) block8<M, R>(a, j, m0, r, sums); else block4<M, R>(a, j, m0, r, sums);
-    store(r, R);
   }
-  for (; r < r1; ++r) {
-    if (j.bits == 8) block8<M, 1>(a, j, m0, r, sums); else block4<M, 1>(a, j, m0, r, sums);
-    store(r, 1);
-  }
-}
+};
 
 inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= a.rows; m0 += 4) rows_m<4>(a, j, m0, r0, r1);
-  switch (a.rows - m0) {
-    case 3: rows_m<3>(a, j, m0, r0, r1); break;
-    case 2: rows_m<2>(a, j, m0, r0, r1); break;
-    case 1: rows_m<1>(a, j, m0, r0, r1); break;
-    default: break;
-  }
+  tiles::rows(Blocks{a, j}, tiles::Out{j.bias, j.y, j.y_stride}, a.rows, r0, r1);
 }
 
 // 8 fp32 -> 8 bf16 bits rounded to nearest even (finite values: the products q * s are).
-IK_QAVX2_FN inline __m256i round_bf16(__m256 v) {
+IK_AVX2_FN inline __m256i round_bf16(__m256 v) {
   const __m256i b = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
   return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
 }
 
 // 16 fp32 (a, b) -> 16 bf16 stored at o
-IK_QAVX2_FN inline void store_bf16x16(uint16_t* o, __m256 a, __m256 b) {
+IK_AVX2_FN inline void store_bf16x16(uint16_t* o, __m256 a, __m256 b) {
   const __m256i packed = _mm256_packus_epi32(round_bf16(a), round_bf16(b));  // a0-3 b0-3 | a4-7 b4-7
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
 // dequant_portable, 16 (int8) or 32 (int4) columns per step; the tail of an int8 row scalar.
-IK_QAVX2_FN inline void dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int64_t r1) {
+IK_AVX2_FN inline void dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t* o = out + r * k;
     if (j.bits == 8) {
