@@ -28,6 +28,14 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 bool is_nan_bf16(uint16_t v) { return (v & 0x7F80u) == 0x7F80u && (v & 0x7Fu) != 0; }
 
+bool avx2() {
+#ifdef IK_HAVE_AVX2_DECODE
+  return attn::avx2::available();
+#else
+  return false;
+#endif
+}
+
 bool avx512() {
 #ifdef IK_HAVE_AVX512_PATH
   return attn::avx512::available();
@@ -237,7 +245,7 @@ std::vector<double> decode_ref(const Case& c) {
   return out;
 }
 
-enum class Path { kPortable, kAvx512, kAmx };
+enum class Path { kPortable, kAvx2, kAvx512, kAmx };
 
 // The kernel's output for all G heads over two key ranges (as two split items), combined.
 template <typename in_t>
@@ -261,6 +269,11 @@ std::vector<float> decode_run(const Case& c, Path path, int64_t cut) {
     switch (path) {
       case Path::kPortable:
         attn::decode_partial_portable<in_t>(a, ranges[s], ranges[s + 1], os, ms, ls, qf.data(), row.data(), x.data());
+        break;
+      case Path::kAvx2:
+#ifdef IK_HAVE_AVX2_DECODE
+        attn::avx2::decode_partial<in_t>(a, ranges[s], ranges[s + 1], os, ms, ls, qf.data(), x.data());
+#endif
         break;
       case Path::kAvx512:
 #ifdef IK_HAVE_AVX512_PATH
@@ -300,7 +313,8 @@ void check_decode(const Case& c, Path path, const char* what, const Case* clean 
       bad += !ok;
     }
     if (bad) std::fprintf(stderr, "decode %s (%s, %zu-byte inputs, cut %lld): %d of %zu wrong\n", what,
-                          path == Path::kPortable ? "portable" : path == Path::kAvx512 ? "avx512" : "amx",
+                          path == Path::kPortable ? "portable" : path == Path::kAvx2 ? "avx2"
+                                                      : path == Path::kAvx512 ? "avx512" : "amx",
                           sizeof(in_t), static_cast<long long>(cut), bad, want.size());
     CHECK(bad == 0);
     if (clean) {  // the other heads are bit for bit what they were without the NaN
@@ -347,6 +361,12 @@ void test_decode_partials() {
   for (int64_t d : {40, 64}) {  // 40: not an AMX shape
     decode_cases<float>(Path::kPortable, d, 4);
     decode_cases<uint16_t>(Path::kPortable, d, 4);
+    if (avx2()) {  // sweeps of 4, 3, 4 + 1 and 4 + 2 heads: every width the AVX2 path has
+      for (int64_t groups : {4, 3, 5, 6}) {
+        decode_cases<float>(Path::kAvx2, d, groups);
+        decode_cases<uint16_t>(Path::kAvx2, d, groups);
+      }
+    }
     if (avx512()) {
       decode_cases<float>(Path::kAvx512, d, 4);
       decode_cases<uint16_t>(Path::kAvx512, d, 4);
@@ -361,6 +381,7 @@ void test_decode_partials() {
     std::printf("decode: AMX path not tested (the CPU or the kernel does not allow it)\n");
   }
 #endif
+  std::printf("decode: AVX2 path %s\n", avx2() ? "tested" : "not tested (CPU)");
   std::printf("decode: AVX-512 path %s\n", avx512() ? "tested" : "not tested (CPU)");
 }
 
