@@ -35,23 +35,22 @@ IK_ALWAYS_INLINE void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to
 // 2^(x log2 e) = 2^n * 2^f with n = round(.), |f| <= 1/2, 2^f by a degree-7 Taylor series.
 // A NaN comes back as NaN: a NaN score (or inf - inf) must poison its softmax row as in torch.
 // It is clamped to 0 on the way so that the int conversion below never sees a NaN (undefined).
+// The constants every exp_neg (this one, avx512::, avx2::) shares: the series' coefficients
+// highest degree first (Horner: p = p * f + c), 1/7! .. 1/1!, 1.
+constexpr float kExpFloor = -87.0f, kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+constexpr float kExpSeries[8] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f,
+                                 1.0f / 6.0f,    0.5f,           1.0f,           1.0f};
 IK_ALWAYS_INLINE float exp_neg(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x <= 0.0f ? x : 0.0f);
-  const float t = xc * 1.44269504088896341f;
+  const float xc = x < kExpFloor ? kExpFloor : (x <= 0.0f ? x : 0.0f);
+  const float t = xc * kLog2e;
   const float n = std::nearbyint(t);
-  const float f = (t - n) * 0.693147180559945309f;  // e^f = 2^(t - n)
-  float p = 1.0f / 5040.0f;
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  const float f = (t - n) * kLn2;  // e^f = 2^(t - n)
+  float p = kExpSeries[0];
+  for (int i = 1; i < 8; ++i) p = p * f + kExpSeries[i];
   const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, 4);
-  return x < -87.0f ? 0.0f : (x <= 0.0f ? p * scale : x);  // NaN passes through
+  return x < kExpFloor ? 0.0f : (x <= 0.0f ? p * scale : x);  // NaN passes through
 }
 
 // Key masks as bits: bit j % 16 of keep[j / 16] is set when key j may be attended to (16 keys
@@ -254,19 +253,13 @@ IK_AVX512_FN inline __m512 load(const uint16_t* p, __mmask16 m) {
 // Same polynomial as exp_neg above, 16 lanes at a time; NaN lanes stay NaN (vmaxps returns its
 // second operand when either is NaN, so x goes second).
 IK_AVX512_FN inline __m512 exp_neg(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-  const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFloor), _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(kExpFloor), x);
+  const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(kLog2e));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(kLn2));
+  __m512 p = _mm512_set1_ps(kExpSeries[0]);
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpSeries[i]));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mul_ps(static_cast<__mmask16>(~tiny), p, _mm512_castsi512_ps(e));
 }
@@ -503,19 +496,13 @@ IK_AVX2_FN inline __m256 load8(const uint16_t* p) {
 
 // exp_neg (above) on 8 lanes; NaN lanes stay NaN (vmaxps returns its second operand, x, for a NaN).
 IK_AVX2_FN inline __m256 exp_neg(__m256 x) {
-  const __m256 floor = _mm256_set1_ps(-87.0f);
+  const __m256 floor = _mm256_set1_ps(kExpFloor);
   const __m256 tiny = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
-  const __m256 t = _mm256_mul_ps(_mm256_max_ps(floor, x), _mm256_set1_ps(1.44269504088896341f));
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(floor, x), _mm256_set1_ps(kLog2e));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147180559945309f));
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(kLn2));
+  __m256 p = _mm256_set1_ps(kExpSeries[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpSeries[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
