@@ -96,13 +96,22 @@ def dense(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> t
     fused = activation if epilogue_activations() else None
     post_op, algorithm = FUSED_ACTIVATIONS[fused]
     lin = cast(nn.Linear, layer)  # applies() checked the class
-    if not _library.bf16_as_float32(x):
-        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), lin.weight, lin.bias, post_op, [], algorithm)
-        return y if fused == activation else _activate(y, activation)
-    y = torch.ops.mkldnn._linear_pointwise(x.float(), lin.weight.float(), _float(lin.bias), post_op, [], algorithm)
-    if fused != activation:  # the activation sees the float32 sum, as in the epilogue
+    upcast = _library.bf16_as_float32(x)
+    y = torch.ops.mkldnn._linear_pointwise(_input(x, upcast), *_params(lin, upcast), post_op, [], algorithm)
+    if fused != activation:  # on the unrounded sum (float32 on the bf16-as-float32 route), as in the epilogue
         y = _activate(y, activation)
     return y.to(x.dtype)
+
+
+def _input(x: torch.Tensor, upcast: bool) -> torch.Tensor:
+    """x as oneDNN takes it: its float32 upcast where bf16 runs as float32
+    (``_library.bf16_as_float32``), else contiguous."""
+    return x.float() if upcast else x.contiguous()
+
+
+def _params(lin: nn.Linear, upcast: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias), upcast to float32 alike."""
+    return (lin.weight.float(), _float(lin.bias)) if upcast else (lin.weight, lin.bias)
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -135,14 +144,10 @@ def gated(gate: nn.Module, up: nn.Module, x: torch.Tensor, act) -> torch.Tensor 
     g, u = cast(nn.Linear, gate), cast(nn.Linear, up)  # applies() checked the class
     if g.weight.shape[0] != u.weight.shape[0]:
         return None
-    if _library.bf16_as_float32(x):  # float32 throughout, one rounding at the end
-        x32 = x.float()
-        silu_gate = _gate(x32, g.weight.float(), _float(g.bias))
-        return torch.ops.mkldnn._linear_pointwise.binary(x32, silu_gate, u.weight.float(), _float(u.bias),
-                                                         "mul").to(x.dtype)
-    x = x.contiguous()
-    silu_gate = _gate(x, g.weight, g.bias)
-    return torch.ops.mkldnn._linear_pointwise.binary(x, silu_gate, u.weight, u.bias, "mul")
+    upcast = _library.bf16_as_float32(x)  # float32 throughout on that route, one rounding at the end
+    xin = _input(x, upcast)
+    silu_gate = _gate(xin, *_params(g, upcast))
+    return torch.ops.mkldnn._linear_pointwise.binary(xin, silu_gate, *_params(u, upcast), "mul").to(x.dtype)
 
 
 def _gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

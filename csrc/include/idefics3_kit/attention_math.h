@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "bf16.h"
 #include "pillow_resample.h"  // IK_MULTIVERSION, IK_ALWAYS_INLINE
@@ -214,6 +215,25 @@ IK_ALWAYS_INLINE void decode_partial_impl(const DecodeArgs& a, int64_t j0, int64
   }
 }
 
+// The driver both vector decode paths (avx512::, avx2::) share: the G query rows scaled into qf
+// [G * d] once, then sweeps over the keys of up to 4 query heads each (their accumulators stay in
+// registers). sweep(g0, std::integral_constant<int, GC>{}) runs heads g0 .. g0 + GC - 1.
+template <typename in_t, class Sweep>
+inline void decode_by_head_groups(const DecodeArgs& a, float* qf, Sweep&& sweep) {
+  const int64_t d = a.d, G = a.groups;
+  const in_t* q = static_cast<const in_t*>(a.q);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = load_f(q + g * a.q_stride, i) * a.scale;
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: sweep(g0, std::integral_constant<int, 4>{}); break;
+      case 3: sweep(g0, std::integral_constant<int, 3>{}); break;
+      case 2: sweep(g0, std::integral_constant<int, 2>{}); break;
+      default: sweep(g0, std::integral_constant<int, 1>{}); break;
+    }
+  }
+}
+
 // The loops above compiled per ISA (IK_MULTIVERSION): the AVX2 clone is what CPUs without
 // AVX-512 run (AMD Zen 2 / Zen 3), where the baseline SSE2 build took ~10% of an int4 decode step
 // at 128 tokens of context. The clones may contract a * b + c into an FMA, so their last bits can
@@ -395,19 +415,9 @@ IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int6
 template <typename in_t>
 IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l, float* qf,
                                  float* x) {
-  const int64_t d = a.d, G = a.groups;
-  const in_t* q = static_cast<const in_t*>(a.q);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = load_f(q + g * a.q_stride, i) * a.scale;
-  // Up to 4 query heads per sweep over the keys (accumulators stay in registers).
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    switch (std::min<int64_t>(4, G - g0)) {
-      case 4: decode_heads<in_t, 4>(a, g0, j0, j1, o, m, l, qf, x); break;
-      case 3: decode_heads<in_t, 3>(a, g0, j0, j1, o, m, l, qf, x); break;
-      case 2: decode_heads<in_t, 2>(a, g0, j0, j1, o, m, l, qf, x); break;
-      default: decode_heads<in_t, 1>(a, g0, j0, j1, o, m, l, qf, x); break;
-    }
-  }
+  decode_by_head_groups<in_t>(a, qf, [&](int64_t g0, auto gc) {
+    decode_heads<in_t, decltype(gc)::value>(a, g0, j0, j1, o, m, l, qf, x);
+  });
 }
 
 
@@ -627,18 +637,9 @@ IK_AVX2_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int64_
 template <typename in_t>
 IK_AVX2_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l, float* qf,
                                float* x) {
-  const int64_t d = a.d, G = a.groups;
-  const in_t* q = static_cast<const in_t*>(a.q);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = load_f(q + g * a.q_stride, i) * a.scale;
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to 4 query heads per sweep over the keys
-    switch (std::min<int64_t>(4, G - g0)) {
-      case 4: decode_heads<in_t, 4>(a, g0, j0, j1, o, m, l, qf, x); break;
-      case 3: decode_heads<in_t, 3>(a, g0, j0, j1, o, m, l, qf, x); break;
-      case 2: decode_heads<in_t, 2>(a, g0, j0, j1, o, m, l, qf, x); break;
-      default: decode_heads<in_t, 1>(a, g0, j0, j1, o, m, l, qf, x); break;
-    }
-  }
+  decode_by_head_groups<in_t>(a, qf, [&](int64_t g0, auto gc) {
+    decode_heads<in_t, decltype(gc)::value>(a, g0, j0, j1, o, m, l, qf, x);
+  });
 }
 
 }  // namespace avx2
