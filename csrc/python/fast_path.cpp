@@ -1,9 +1,10 @@
-// The two checks of idefics3_kit/ops/fast_path.py (plain_tensors, plain_modules) in C, for the
-// calls that run them over hundreds of objects: a decode step asks them about every weight,
-// scale, cache buffer and module of the decoder (~420 tensors and ~360 modules at SmolVLM-256M
-// shapes), which took ~0.3 ms of Python per step, a tenth of an int4 step on a fast host. The
-// Python functions stay the reference and the fallback; tests/ops/test_fast_path_compiled.py checks
-// that both give the same answer for every kind of object.
+// The two checks of idefics3_kit/ops/fast_path.py (plain_tensors, plain_modules) and the state
+// snapshot its cached plans compare (module_state) in C, for the calls that run them over hundreds
+// of objects: a decode step asks them about every weight, scale, cache buffer and module of the
+// decoder (~420 tensors and ~360 modules at SmolVLM-256M shapes), which took ~0.3 ms of Python per
+// step, a tenth of an int4 step on a fast host. The Python functions stay the reference and the
+// fallback; tests/ops/test_fast_path_compiled.py checks that both give the same answer for every
+// kind of object.
 //
 // Only exact instances of the types the caller names (torch.Tensor, nn.Parameter) are unpacked:
 // those are THPVariable objects, so reading their at::Tensor is a field access. Everything else
@@ -11,6 +12,7 @@
 #include <Python.h>
 
 #include <string>
+#include <vector>
 
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -125,11 +127,94 @@ PyObject* plain_modules(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyBool_FromLong(ok);
 }
 
+// One module's part of module_state: the module, its class, each of its _parameters and _modules
+// dicts as key, value, key, value, ... followed by a separator (None in place of a dict that is
+// missing or not a dict), then the instance attributes named in attrs (None when absent).
+// Appends borrowed references (the module's dicts own them, and no Python code runs meanwhile).
+bool module_state_of(PyObject* m, PyObject* attrs /* tuple of str */, PyObject* separator, std::vector<PyObject*>& out) {
+  static PyObject* dict_names[2] = {PyUnicode_InternFromString("_parameters"), PyUnicode_InternFromString("_modules")};
+  for (PyObject* name : dict_names)
+    if (name == nullptr) return false;
+  out.push_back(m);
+  out.push_back(reinterpret_cast<PyObject*>(Py_TYPE(m)));
+  PyObject* dict = PyObject_GenericGetDict(m, nullptr);  // new reference
+  if (dict == nullptr) return false;
+  bool ok = true;
+  for (PyObject* name : dict_names) {
+    PyObject* sub = PyDict_GetItemWithError(dict, name);  // borrowed
+    if (sub == nullptr && PyErr_Occurred()) {
+      ok = false;
+      break;
+    }
+    if (sub == nullptr || !PyDict_Check(sub)) {
+      out.push_back(Py_None);
+      continue;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(sub, &pos, &key, &value)) {
+      out.push_back(key);
+      out.push_back(value);
+    }
+    out.push_back(separator);
+  }
+  const Py_ssize_t n = ok ? PyTuple_GET_SIZE(attrs) : 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* value = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(attrs, i));  // borrowed
+    if (value == nullptr && PyErr_Occurred()) {
+      ok = false;
+      break;
+    }
+    out.push_back(value ? value : Py_None);
+  }
+  Py_DECREF(dict);
+  return ok;
+}
+
+// module_state(modules, attrs, separator, previous) -> tuple: what a plan cached over these modules
+// depends on (module_state_of, module after module); `previous` itself when it holds exactly the
+// same objects (identity), so the caller tells "unchanged" by `result is previous`.
+PyObject* module_state(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 4 || !PyTuple_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "module_state takes (modules, attrs: tuple of str, separator, previous)");
+    return nullptr;
+  }
+  const Py_ssize_t n_attrs = PyTuple_GET_SIZE(args[1]);
+  for (Py_ssize_t i = 0; i < n_attrs; ++i)
+    if (!PyUnicode_Check(PyTuple_GET_ITEM(args[1], i))) {
+      PyErr_SetString(PyExc_TypeError, "module_state: attrs must be a tuple of str");
+      return nullptr;
+    }
+  PyObject* seq = PySequence_Fast(args[0], "module_state: modules must be a sequence");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  std::vector<PyObject*> found;
+  found.reserve(static_cast<size_t>(n) * 12);
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n && ok; ++i) ok = module_state_of(items[i], args[1], args[2], found);
+  PyObject* result = nullptr;
+  if (ok) {
+    PyObject* previous = args[3];
+    bool same = PyTuple_Check(previous) && PyTuple_GET_SIZE(previous) == static_cast<Py_ssize_t>(found.size());
+    for (size_t i = 0; same && i < found.size(); ++i) same = PyTuple_GET_ITEM(previous, i) == found[i];
+    if (same) {
+      result = Py_NewRef(previous);
+    } else if ((result = PyTuple_New(static_cast<Py_ssize_t>(found.size()))) != nullptr) {
+      for (size_t i = 0; i < found.size(); ++i) PyTuple_SET_ITEM(result, i, Py_NewRef(found[i]));
+    }
+  }
+  Py_DECREF(seq);
+  return result;
+}
+
 PyMethodDef methods[] = {
     {"plain_tensors", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_tensors)), METH_FASTCALL,
      "fast_path.plain_tensors in C (see csrc/python/fast_path.cpp)"},
     {"plain_modules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_modules)), METH_FASTCALL,
      "fast_path.plain_modules in C, without the global-hook check"},
+    {"module_state", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(module_state)), METH_FASTCALL,
+     "fast_path.module_state in C"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import DecoderConfig, require
+from ..ops import fast_path
+from ..ops.decode import LayerWeights
 from ..ops.fast_path import plain_module
 from ..ops.quant import QuantizedLinear
 from ..registry import register
@@ -92,6 +94,9 @@ class KVCache:
         self.max_length = max_length
         self.dtype = dtype  # None: the keys' dtype
         self.length = 0
+        # CausalDecoder's one-call decode step: the weights it gathered, kept as long as this cache
+        # (one generation) and checked at every step (CausalDecoder._step_plan)
+        self.step_plan: StepPlan | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B, Hkv, L, hd] after the cached tokens; return views of all tokens so far."""
@@ -437,29 +442,54 @@ class CausalDecoder(nn.Module):
         the loop over the layers), or None where it does not apply."""
         if type(cache) is not KVCache or x.shape[1] != 1:  # a cache subclass may write differently
             return None
-        found = self._plain_llama_layers()
-        if found is None:
+        plan = self._step_plan(cache)
+        if plan is None:
             return None
-        weights, modules, scales = found
         cache.check_room(1)
         cache.allocate(x.shape[0], self.config.num_key_value_heads, self.config.head_dim, x.dtype, x.device)
         # allocate() filled every layer's keys and values
         keys, values = cast("list[torch.Tensor]", cache.keys), cast("list[torch.Tensor]", cache.values)
-        return ops.decode_layers(x, weights, keys, values, rope[0], rope[1], key_padding_mask,
+        return ops.decode_layers(x, plan.weights, keys, values, rope[0], rope[1], key_padding_mask,
                                  cache.length, self.config.num_attention_heads, self.config.num_key_value_heads,
-                                 self.config.rms_norm_eps, modules, scales)
+                                 self.config.rms_norm_eps, plan.modules)
+
+    def _step_plan(self, cache: KVCache) -> StepPlan | None:
+        """The layers' weights for ``ops.decode_layers``, gathered by ``_plain_llama_layers`` at the
+        first step of a generation and kept on its cache while nothing they came from changes: a
+        snapshot of every module involved (``fast_path.module_state``: each module, its class, its
+        parameters and children, its eps, act and layer_idx) must hold the very same objects, and the
+        config's eps the same value; anything rebound (a replaced layer or projection, new weights,
+        ``quantize``, a LoRA wrapper) gathers them again. What a snapshot does not see (dtype or
+        layout changed in place, hooks added) ``ops.decode_layers`` checks at every call."""
+        layers = self.model.layers
+        plan = cache.step_plan
+        eps = self.config.rms_norm_eps
+        if plan is not None and plan.eps == eps:
+            state = fast_path.module_state((layers, *plan.modules), _PLAN_ATTRS, plan.state)
+            if state is plan.state:
+                return plan
+        found = self._plain_llama_layers()
+        if found is None:
+            cache.step_plan = None
+            return None
+        weights, modules, scales = found
+        state = fast_path.module_state((layers, *modules), _PLAN_ATTRS)
+        cache.step_plan = StepPlan(LayerWeights(weights, scales), tuple(modules), state, eps)
+        return cache.step_plan
 
     def _plain_llama_layers(self):
         """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from,
         the scales of quantized weights in the same order or None when none is quantized), or None
-        unless every layer is this file's Llama layer with SiLU, no o_proj or MLP biases and the config's eps (``ops.decode_layers`` then checks that every module is exactly its plain
-        class, without hooks). Runs every decode step, so modules are read from their dicts
-        (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
+        unless every layer is this file's Llama layer with SiLU, no o_proj or MLP biases, the
+        config's eps and its own place in the list as layer_idx (``ops.decode_layers`` then checks
+        that every module is exactly its plain class, without hooks). Runs at a generation's first
+        decode step and again whenever the modules change (``_step_plan``), so modules are read
+        from their dicts (nn.Module.__getattr__ costs ~1 ms over 30 layers)."""
         weights, modules, scales = [], [], []
         quantized = False
         eps = self.config.rms_norm_eps
         silu = F.silu
-        for layer in self.model.layers:
+        for index, layer in enumerate(self.model.layers):
             if type(layer) is not DecoderLayer:
                 return None
             sub = layer._modules
@@ -467,8 +497,9 @@ class CausalDecoder(nn.Module):
             a, m = attn._modules, mlp._modules
             q, k, v, o = a.get("q_proj"), a.get("k_proj"), a.get("v_proj"), a.get("o_proj")
             gate, up, down = m.get("gate_proj"), m.get("up_proj"), m.get("down_proj")
+            # (layer_idx: the cache slot the Python layer writes; the op writes slot `index`)
             if (getattr(mlp, "act", None) is not silu or getattr(norm1, "eps", None) != eps
-                    or getattr(norm2, "eps", None) != eps):
+                    or getattr(norm2, "eps", None) != eps or getattr(attn, "layer_idx", None) != index):
                 return None
             try:
                 qp, kp, vp, op = q._parameters, k._parameters, v._parameters, o._parameters
@@ -504,6 +535,17 @@ class CausalDecoder(nn.Module):
 
 
 _NO_SCALES = (None,) * 7  # the scales of a layer of plain nn.Linear projections
+_PLAN_ATTRS = ("eps", "act", "layer_idx")  # the instance attributes _plain_llama_layers reads
+
+
+@dataclass
+class StepPlan:
+    """What ``CausalDecoder._step_plan`` gathered for a generation's one-call decode steps."""
+
+    weights: LayerWeights
+    modules: tuple  # every module whose forward the step replaces (12 per layer)
+    state: tuple  # fast_path.module_state of (the layer list, *modules) when gathered
+    eps: float  # the config's rms_norm_eps when gathered
 
 
 def _weight_and_scales(linear: nn.Module):

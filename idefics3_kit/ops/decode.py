@@ -26,7 +26,30 @@ from .norm import check_eps
 LAYER_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "post_norm", "gate", "up", "down")
 
 
-def _applies(x: torch.Tensor, flat: list, scales: list | None, k_cache, v_cache, rope_and_mask, head_dim: int,
+class LayerWeights:
+    """Every layer's weights (and the scales of quantized ones) in the op's flat order, with the
+    split ``_applies`` checks. Built once per decode plan (components/decoder.py caches one for a
+    generation), since flattening and splitting ~400 tensors at every step cost tens of µs.
+
+    ``layer_weights``: one ``LAYER_WEIGHTS``-ordered tuple per layer; ``layer_scales``: per layer,
+    a ``LAYER_WEIGHTS``-ordered tuple holding the scales of each quantized weight
+    (``ops.quant.QuantizedLinear``: the weight slot then holds its qweight) and None elsewhere, or
+    None when no weight is quantized.
+    """
+
+    def __init__(self, layer_weights: Sequence[tuple], layer_scales: Sequence[tuple] | None = None):
+        self.layers = len(layer_weights)
+        self.flat = [p for weights in layer_weights for p in weights]
+        self.scales = [s for per_layer in layer_scales for s in per_layer] if layer_scales else None
+        if self.scales is not None:
+            if len(self.scales) != len(self.flat):
+                raise ValueError(f"decode_layers: layer_scales must match layer_weights: {len(self.scales)} "
+                                 f"scales for {len(self.flat)} weights")
+            self.plain = [p for p, sc in zip(self.flat, self.scales) if sc is None]
+            self.quantized = [p for p, sc in zip(self.flat, self.scales) if sc is not None]
+
+
+def _applies(x: torch.Tensor, weights: LayerWeights, k_cache, v_cache, rope_and_mask, head_dim: int,
              modules) -> bool:
     if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu":
         return False
@@ -47,18 +70,16 @@ def _applies(x: torch.Tensor, flat: list, scales: list | None, k_cache, v_cache,
     caches = (*k_cache, *v_cache)
     if any(c is None for c in caches) or fast_path.plain_tensors(caches, contiguous=True) != "cpu":
         return False
-    if scales is None:  # no quantized weight
-        return fast_path.plain_tensors(flat, dtype=dtype, contiguous=True) == "cpu"
+    if weights.scales is None:  # no quantized weight
+        return fast_path.plain_tensors(weights.flat, dtype=dtype, contiguous=True) == "cpu"
     if dtype != torch.bfloat16 or x.shape[0] > quant.MAX_ROWS:  # past them quant_linear dequantizes
         return False
-    plain_weights = [p for p, s in zip(flat, scales) if s is None]
-    quantized = [p for p, s in zip(flat, scales) if s is not None]
-    return (fast_path.plain_tensors(plain_weights, dtype=dtype, contiguous=True) == "cpu"
-            and fast_path.plain_tensors(quantized, contiguous=True) == "cpu"
-            and fast_path.plain_tensors(scales, dtype=torch.bfloat16, contiguous=True) == "cpu")
+    return (fast_path.plain_tensors(weights.plain, dtype=dtype, contiguous=True) == "cpu"
+            and fast_path.plain_tensors(weights.quantized, contiguous=True) == "cpu"
+            and fast_path.plain_tensors(weights.scales, dtype=torch.bfloat16, contiguous=True) == "cpu")
 
 
-def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequence[torch.Tensor],
+def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights, k_cache: Sequence[torch.Tensor],
                   v_cache: Sequence[torch.Tensor], cos: torch.Tensor, sin_signed: torch.Tensor,
                   key_padding_mask: torch.Tensor | None, past: int, num_heads: int, num_kv_heads: int,
                   eps: float, modules: Sequence[nn.Module] = (),
@@ -67,23 +88,27 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple], k_cache: Sequ
 
     cos/sin_signed: [B or 1, 1, 1, hd] rotary tables of the new position, the sine with its first
     half negated (x * cos + roll(x, hd/2) * sin_signed is the rotation); ``modules``: every module
-    whose forward the op replaces (they must be plain, see ``fast_path``); ``layer_scales``: per
-    layer, a ``LAYER_WEIGHTS``-ordered tuple holding the scales of each quantized weight
-    (``ops.quant.QuantizedLinear``: the weight slot then holds its qweight) and None elsewhere.
+    whose forward the op replaces (they must be plain, see ``fast_path``); ``layer_weights`` and
+    ``layer_scales`` as ``LayerWeights`` takes them, or a ``LayerWeights`` built once (then no
+    ``layer_scales``).
     """
     check_eps(eps, "decode_layers")
-    flat = [p for weights in layer_weights for p in weights]
-    scales = [s for per_layer in layer_scales for s in per_layer] if layer_scales else None
-    if not layer_weights or not _applies(x, flat, scales, k_cache, v_cache, (cos, sin_signed, key_padding_mask),
-                                         k_cache[0].shape[-1], modules):
+    if isinstance(layer_weights, LayerWeights):
+        if layer_scales is not None:
+            raise ValueError("decode_layers: a LayerWeights carries its scales; pass layer_scales=None")
+        weights = layer_weights
+    else:
+        weights = LayerWeights(layer_weights, layer_scales)
+    if not weights.layers or not _applies(x, weights, k_cache, v_cache, (cos, sin_signed, key_padding_mask),
+                                          k_cache[0].shape[-1], modules):
         return None
     b = x.shape[0]
     if cos.shape[0] != b:  # positions shared by the batch: the layers broadcast them
         cos, sin_signed = cos.expand(b, -1, -1, -1), sin_signed.expand(b, -1, -1, -1)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return _library.op("decode_layers")(x, flat, list(k_cache), list(v_cache), cos, sin_signed, mask,
+    return _library.op("decode_layers")(x, weights.flat, list(k_cache), list(v_cache), cos, sin_signed, mask,
                                         int(past), int(num_heads), int(num_kv_heads), float(eps),
-                                        scales or [])
+                                        weights.scales or [])
 
 
 @_library.register_fake("decode_layers")

@@ -121,3 +121,51 @@ def usable(op: str, tensors: Sequence[torch.Tensor | None] = (), modules: Sequen
     if device is None or not plain_modules(modules):
         return False
     return _library.has_kernel(op, device)
+
+
+# ---- state snapshots for cached plans --------------------------------------------------------
+
+_SEPARATOR = object()  # ends each module dict's entries in a snapshot (see module_state)
+
+
+def module_state(modules: Sequence[nn.Module], attrs: tuple[str, ...] = (), previous: tuple | None = None) -> tuple:
+    """A snapshot of what a plan built from these modules depends on: each module, its class, the
+    keys and values of its ``_parameters`` and ``_modules`` (in order), and its instance attributes
+    ``attrs`` (None when absent): not its buffers, which the plain classes' forwards do not read. ``previous`` itself when the snapshot holds
+    exactly the same objects (identity, never ``==``), so ``module_state(ms, a, old) is old`` says
+    nothing was replaced, added or removed since ``old`` was taken.
+
+    Why: a decode step needs every layer's weights in one list; walking the modules for them took
+    ~0.1-0.2 ms of Python per step. A cached list is safe as long as no module, parameter, buffer
+    or attribute it came from was rebound, which this tells in C (csrc/python/fast_path.cpp) in a
+    fraction of that. What a snapshot does not see (a tensor's dtype or layout changed in place,
+    hooks, a module's class) the plain checks above still ask at every call.
+    """
+    if torch.compiler.is_compiling():
+        return module_state_reference(modules, attrs, previous)
+    compiled = _library.compiled_function("module_state")
+    if compiled is None:
+        return module_state_reference(modules, attrs, previous)
+    return compiled(modules, attrs, _SEPARATOR, previous)
+
+
+def module_state_reference(modules: Iterable[nn.Module], attrs: tuple[str, ...] = (),
+                           previous: tuple | None = None) -> tuple:
+    """``module_state`` in Python: the compiled one's reference, and what runs without it."""
+    found: list = []
+    for m in modules:
+        found += (m, type(m))
+        instance = object.__getattribute__(m, "__dict__")
+        for name in ("_parameters", "_modules"):
+            entries = instance.get(name)
+            if not isinstance(entries, dict):
+                found.append(None)
+                continue
+            for key, value in entries.items():
+                found += (key, value)
+            found.append(_SEPARATOR)
+        found += [instance.get(a) for a in attrs]
+    if (isinstance(previous, tuple) and len(previous) == len(found)
+            and all(a is b for a, b in zip(previous, found))):
+        return previous
+    return tuple(found)

@@ -3,8 +3,11 @@ tolerances), and decode_layers bit-identical to the Python decoder layers it rep
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,7 +17,7 @@ from idefics3_kit import ops
 from idefics3_kit.components import decoder as decoder_mod
 from idefics3_kit.components.decoder import (CausalDecoder, KVCache, Llama3Decoder, Qwen2Decoder, rope_cos_sin,
                                              signed_sin)
-from idefics3_kit.ops import _library
+from idefics3_kit.ops import _library, quant
 from idefics3_kit.ops import matmul as linear_ops
 from idefics3_kit.ops.matmul import decode_linear_ref
 from idefics3_kit.ops.norm import rms_norm_ref
@@ -695,3 +698,86 @@ def test_decode_layers_cache_overflow(monkeypatch):
         monkeypatch.setattr(CausalDecoder, "_one_call_step", lambda *a, **k: None)
         with pytest.raises(ValueError, match="KV cache overflow"):
             dec(input_ids=ids[:, 5:], cache=cache)
+
+
+# ---- the step plan: gathered once per generation, gathered again whenever its modules change ----
+
+def _random_like(p: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)).to(p.dtype), requires_grad=False)
+
+
+def _change(dec, change: str) -> None:
+    layer = dec.model.layers[0]
+    if change == "values_in_place":  # the same tensors, new values: nothing to gather again
+        with torch.no_grad():
+            layer.self_attn.q_proj.weight.mul_(2)
+    elif change == "new_parameter":
+        layer.self_attn.q_proj.weight = _random_like(layer.self_attn.q_proj.weight)
+    elif change == "parameter_dict_write":  # past nn.Module.__setattr__ and its registration hooks
+        layer.mlp.down_proj._parameters["weight"] = _random_like(layer.mlp.down_proj.weight)
+    elif change == "new_linear":
+        old = layer.mlp.up_proj
+        new = nn.Linear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+        new.weight = _random_like(old.weight)
+        layer.mlp.up_proj = new
+    elif change == "new_layer":
+        dec.model.layers[1] = copy.deepcopy(layer)
+        dec.model.layers[1].self_attn.layer_idx = 1
+    elif change == "moved_layer":  # layer 0 also in place 1: the Python layers write its keys to slot 0
+        dec.model.layers[1] = layer
+    elif change == "norm_eps":  # not the config's eps: the Python layers run
+        dec.model.layers[1].post_attention_layernorm.eps = 0.25
+    elif change == "activation":
+        layer.mlp.act = torch.tanh
+    elif change == "quantized":
+        names = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        quant.quantize_modules(dec, names, 8, None)
+
+
+@needs_ext
+@pytest.mark.parametrize("change", ["values_in_place", "new_parameter", "parameter_dict_write", "new_linear",
+                                    "new_layer", "moved_layer", "norm_eps", "activation", "quantized"])
+def test_step_plan_follows_changes_between_steps(change):
+    """A change to the modules between two steps of one generation reaches the next step exactly as
+    it reaches the Python layers: the cached weights are gathered again (or the step steps aside),
+    never used stale."""
+    dtype = torch.bfloat16 if change == "quantized" else torch.float32
+    if change == "quantized" and not ops.matmul.covers(1, dtype):
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
+    fused, python = _tiny_decoder(dtype), _tiny_decoder(dtype)
+    ids = torch.randint(3, fused.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    logits = []
+    with torch.inference_mode():
+        for dec, layers_in_python in ((fused, False), (python, True)):
+            cache = dec.new_cache(1, 10)
+            dec(input_ids=ids[:, :6], cache=cache)
+            dec(input_ids=ids[:, 6:7], cache=cache, output_hidden_states=layers_in_python)
+            gathered = cache.step_plan
+            assert (gathered is not None) != layers_in_python  # output_hidden_states runs the Python layers
+            _change(dec, change)
+            logits.append(dec(input_ids=ids[:, 7:8], cache=cache, output_hidden_states=layers_in_python).logits)
+            if not layers_in_python:
+                kept = cache.step_plan is gathered
+                assert kept == (change == "values_in_place"), change
+                assert (cache.step_plan is None) == (change in ("moved_layer", "norm_eps", "activation"))
+    assert torch.equal(logits[0], logits[1]), change
+
+
+@needs_ext
+def test_step_plan_is_checked_again_at_every_step():
+    """Kept plans are still asked the per-call checks: a hook added or a dtype changed in place
+    after the plan was gathered makes the step run the Python layers."""
+    dec = _tiny_decoder(torch.float32)
+    x = torch.randn(1, 1, dec.hidden_size)
+    cache = dec.new_cache(1, 8)
+    with torch.no_grad():
+        assert _step_runs(dec, x, cache)
+        plan = cache.step_plan
+        assert _step_runs(dec, x, cache) and cache.step_plan is plan
+        handle = dec.model.layers[1].self_attn.register_forward_hook(lambda *a: None)
+        assert not _step_runs(dec, x, cache)
+        handle.remove()
+        assert _step_runs(dec, x, cache)
+        weight = dec.model.layers[0].mlp.gate_proj.weight
+        weight.data = weight.data.double()  # the same Parameter object, another dtype
+        assert not _step_runs(dec, x, cache)

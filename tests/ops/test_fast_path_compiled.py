@@ -171,3 +171,114 @@ def test_compiled_checks_keep_reference_counts():
         with pytest.raises(TypeError):
             check_tensors(tensors, list(fast_path.PLAIN_TENSOR_TYPES), False, None, False)
     assert [sys.getrefcount(o) for o in watched] == before
+
+
+# ---- module_state: the snapshot cached plans compare ------------------------------------------
+
+def _state_module(kind: str) -> nn.Module:
+    if kind == "sequential":
+        return nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    if kind == "norm":
+        return nn.LayerNorm(3)  # an eps attribute
+    if kind == "buffer":
+        m = nn.BatchNorm1d(2)  # buffers: not part of the snapshot
+        return m
+    if kind == "no_bias":
+        return nn.Linear(2, 2, bias=False)
+    if kind == "attribute":
+        m = nn.Linear(2, 2)
+        m.act = torch.tanh
+        return m
+    return _module(kind)
+
+
+STATE_KINDS = MODULE_KINDS + ["sequential", "norm", "buffer", "no_bias", "attribute"]
+ATTRS = ("eps", "act")
+
+
+def _mutate(m: nn.Module, how: str) -> None:
+    if how == "new_parameter" and "weight" in m._parameters:
+        m.weight = nn.Parameter(torch.zeros_like(m.weight))
+    elif how == "dict_write" and "weight" in m._parameters:
+        m._parameters["weight"] = nn.Parameter(torch.zeros_like(m.weight))
+    elif how == "new_child":
+        m.extra = nn.Linear(1, 1)
+    elif how == "attribute":
+        m.eps = 0.5
+    elif how == "class":
+        m.__class__ = type("Dynamic", (type(m),), {})
+    elif how == "parameter_to_buffer" and "weight" in m._parameters:
+        w = m._parameters.pop("weight")
+        m.register_buffer("weight", w.detach())
+
+
+def _identities(m: nn.Module):
+    """(what the snapshot of ``m`` holds, by identity; the objects themselves, kept alive so that
+    no id is reused)"""
+    objects = [type(m), *m._parameters.items(), *m._modules.items(), m.__dict__.get("eps"), m.__dict__.get("act")]
+    flat = [o for pair in objects for o in (pair if isinstance(pair, tuple) else (pair,))]
+    return [id(o) for o in flat], flat
+
+
+MUTATIONS = ["new_parameter", "dict_write", "new_child", "attribute", "class", "parameter_to_buffer"]
+
+
+@needs_ext
+@settings(max_examples=80, deadline=None)
+@given(kinds=st.lists(st.sampled_from(STATE_KINDS), max_size=5), mutate=st.sampled_from(MUTATIONS),
+       which=st.integers(0, 4))
+def test_module_state_compiled_equals_reference(kinds, mutate, which):
+    modules = [_state_module(k) for k in kinds]
+    compiled = _compiled("module_state")
+    want = fast_path.module_state_reference(modules, ATTRS)
+    got = compiled(modules, ATTRS, fast_path._SEPARATOR, None)
+    assert len(got) == len(want) and all(a is b for a, b in zip(got, want)), kinds
+    # unchanged: the previous snapshot itself, from both
+    assert compiled(modules, ATTRS, fast_path._SEPARATOR, got) is got
+    assert fast_path.module_state_reference(modules, ATTRS, want) is want
+    assert fast_path.module_state(modules, ATTRS, got) is got
+    if not modules:
+        return
+    target = modules[which % len(modules)]
+    before = _identities(target)
+    _mutate(target, mutate)
+    changed = _identities(target)[0] != before[0]
+    again = compiled(modules, ATTRS, fast_path._SEPARATOR, got)
+    assert (again is not got) == changed, (kinds, mutate)
+    reference = fast_path.module_state_reference(modules, ATTRS, want)
+    assert (reference is not want) == changed
+    assert len(again) == len(reference) and all(a is b for a, b in zip(again, reference))
+
+
+@needs_ext
+def test_module_state_compiled_bad_arguments_and_reference_counts():
+    import sys
+
+    compiled = _compiled("module_state")
+    with pytest.raises(TypeError, match="attrs: tuple of str"):
+        compiled([], ["eps"], fast_path._SEPARATOR, None)
+    with pytest.raises(TypeError, match="attrs must be a tuple of str"):
+        compiled([], (1,), fast_path._SEPARATOR, None)
+    with pytest.raises(TypeError, match="must be a sequence"):
+        compiled(3, (), fast_path._SEPARATOR, None)
+    for check in (lambda ms: compiled(ms, (), fast_path._SEPARATOR, None), fast_path.module_state_reference):
+        with pytest.raises(AttributeError):  # not a module: no instance dict
+            check([3])
+    modules = [nn.Linear(2, 2), _state_module("sequential"), _state_module("attribute")]
+    state = compiled(modules, ATTRS, fast_path._SEPARATOR, None)
+    watched = [*modules, state, modules[0].weight, modules[2].act, fast_path._SEPARATOR]
+    before = [sys.getrefcount(o) for o in watched]
+    for _ in range(1000):
+        assert compiled(modules, ATTRS, fast_path._SEPARATOR, state) is state
+        fresh = compiled(modules, ATTRS, fast_path._SEPARATOR, None)
+        del fresh
+    assert [sys.getrefcount(o) for o in watched] == before
+
+
+def test_module_state_runs_without_the_extension(monkeypatch):
+    monkeypatch.setattr(_library, "compiled_function", lambda name: None)
+    m = nn.Linear(2, 2)
+    state = fast_path.module_state([m], ATTRS)
+    assert fast_path.module_state([m], ATTRS, state) is state
+    m.weight = nn.Parameter(torch.zeros(2, 2))
+    assert fast_path.module_state([m], ATTRS, state) is not state
