@@ -123,6 +123,23 @@ def test_nan_logits_stop_generation_with_the_step_named():
         broken.generate(input_ids=torch.tensor([[1, 2], [3, 4]]), max_new_tokens=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_logits_names_exactly_the_rows_with_nan_or_inf(dtype, bad):
+    from idefics3_kit.generation import check_logits
+
+    logits = torch.randn(4, 300).to(dtype)
+    logits[0, 0] = 1e30 if dtype == torch.float32 else 1e38  # large but finite: fine
+    check_logits(logits, 5)
+    check_logits(torch.empty(0, 300, dtype=dtype), 0)
+    for rows in ([0], [1, 3], [0, 1, 2, 3]):
+        broken = logits.clone()
+        for r in rows:
+            broken[r, (7 * r) % 300] = bad
+        with pytest.raises(FloatingPointError, match=rf"at generation step 5 for rows \{rows}"):
+            check_logits(broken, 5)
+
+
 # ---- processor -----------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -84,12 +85,12 @@ struct Prepared {
   std::vector<int32_t> init8, init4;
   std::vector<float> xs, xs8, xs4;
   q::Act act;
-  explicit Prepared(const Problem& p, bool vector = true) {
+  explicit Prepared(const Problem& p, bool vector = true, bool avx512 = true) {
     const q::ActSizes n = q::act_sizes(p.rows, p.k);
     xq.resize(n.xq), xeo.resize(n.xeo), init8.resize(n.init8), init4.resize(n.init4), xs.resize(n.xs);
     xs8.resize(n.xs8), xs4.resize(n.xs4);
     q::prepare(p.x.data(), p.rows, p.k, p.k, xq.data(), xs.data(), xeo.data(), init8.data(), init4.data(), xs8.data(),
-               xs4.data(), vector);
+               xs4.data(), vector, avx512);
     act = q::Act{p.rows, p.k, q::padded_k(p.k), xq.data(), xs.data(), xeo.data(), init8.data(), init4.data(),
                  xs8.data(), xs4.data()};
   }
@@ -174,19 +175,37 @@ void test_against_double_both_paths() {
   }
 }
 
-// The vectorized prepare writes the portable one's bytes (so a kernel path never changes the
-// quantized activations), including k inside a block and an all-zero block.
+// Every vectorized prepare writes the portable one's bytes (so a kernel path never changes the
+// quantized activations), including k inside a block, an all-zero block and an inf; the AVX2 one
+// also with NaNs (skipped like std::max skips them; the AVX-512 one is not held to that).
+bool same_bytes(const Prepared& a, const Prepared& b) {
+  auto eq = [](const std::vector<float>& x, const std::vector<float>& y) {  // NaN scales compare by bits
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+  };
+  return a.xq == b.xq && eq(a.xs, b.xs) && a.xeo == b.xeo && a.init8 == b.init8 && a.init4 == b.init4 &&
+         eq(a.xs8, b.xs8) && eq(a.xs4, b.xs4);
+}
+
 void test_prepare_paths_agree() {
-  if (!q::vectorized()) return;
   std::mt19937 rng(5);
-  for (int64_t k : {32, 40, 96, 160, 576, 1536})
-    for (int64_t rows : {1, 3}) {
-      Problem p = make(rng, rows, k, 1, 8, 0, false);
-      for (int64_t i = 0; i < std::min<int64_t>(32, k); ++i) p.x[i] = 0;
-      const Prepared a(p, false), b(p, true);
-      CHECK(a.xq == b.xq && a.xs == b.xs && a.xeo == b.xeo && a.init8 == b.init8 && a.init4 == b.init4);
-      CHECK(a.xs8 == b.xs8 && a.xs4 == b.xs4);
-    }
+  const uint16_t inf = 0x7F80, nan = 0x7FC0;
+  for (const Path& path : paths()) {
+    if (!path.vector) continue;
+    for (int64_t k : {32, 40, 96, 160, 576, 1536})
+      for (int64_t rows : {1, 3})
+        for (int special = 0; special < 3; ++special) {  // none, inf, NaN
+          if (special == 2 && path.avx512) continue;
+          Problem p = make(rng, rows, k, 1, 8, 0, false);
+          for (int64_t i = 0; i < std::min<int64_t>(32, k); ++i) p.x[i] = 0;
+          if (special > 0) {
+            const uint16_t bad = special == 1 ? inf : nan;
+            p.x[k - 1] = bad;                                // the last block
+            p.x[(rows - 1) * k + k / 2] = bad | 0x8000;     // the last row, negative
+          }
+          const Prepared a(p, false), b(p, true, path.avx512);
+          CHECK(same_bytes(a, b));
+        }
+  }
 }
 
 // Every nibble value decodes to its weight in both paths (x = 1.0 on one column: xq 127, scale 1/127).

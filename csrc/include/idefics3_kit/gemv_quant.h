@@ -103,6 +103,31 @@ inline void quantize_row(const uint16_t* x, int64_t k, int8_t* xq, float* xs) {
   }
 }
 
+// The int8 forms (init8, xs8) and the int4 forms (xeo, init4, xs4) of row m from its quantized
+// values q [kp] and block scales s [kp / 32], each only when given (null: no weight of that kind
+// in the call). Shared by every prepare path after its own quantize_row (a few % of its time).
+inline void derive_forms(const int8_t* q, const float* s, int64_t kp, int64_t m, int8_t* xeo, int32_t* init8,
+                         int32_t* init4, float* xs8, float* xs4) {
+  if (init8 != nullptr) {
+    for (int64_t i = 0; i < kp / 4; ++i) init8[m * (kp / 4) + i] = -128 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+    for (int64_t c = 0; c < kp; c += 64)
+      for (int64_t l = 0; l < 16; ++l) xs8[m * (kp / 4) + c / 4 + l] = s[(c + 4 * l) / kBlock];
+  }
+  if (xeo == nullptr) return;
+  for (int64_t i = 0; i < kp / 8; ++i) {
+    int32_t sum = 0;
+    for (int64_t c = 8 * i; c < 8 * i + 8; ++c) sum += q[c];
+    init4[m * (kp / 8) + i] = -8 * sum;
+  }
+  for (int64_t c = 0; c < kp; c += 128)
+    for (int64_t j = 0; j < 64; ++j) {
+      xeo[m * kp + c + j] = q[c + 2 * j];
+      xeo[m * kp + c + 64 + j] = q[c + 2 * j + 1];
+    }
+  for (int64_t c = 0; c < kp; c += 128)
+    for (int64_t l = 0; l < 16; ++l) xs4[m * (kp / 8) + c / 8 + l] = s[(c + 8 * l) / kBlock];
+}
+
 // x [rows, k] bf16 (row stride x_stride) -> act's buffers (sizes: act_sizes(rows, k)). xq and xs
 // are always filled; the int8 forms (init8, xs8) and the int4 forms (xeo, init4, xs4) only when
 // given (null: no weight of that kind in the call).
@@ -110,27 +135,8 @@ inline void prepare_portable(const uint16_t* x, int64_t rows, int64_t k, int64_t
                              int8_t* xeo, int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
   const int64_t kp = padded_k(k);
   for (int64_t m = 0; m < rows; ++m) {
-    int8_t* q = xq + m * kp;
-    const float* s = xs + m * (kp / kBlock);
-    quantize_row(x + m * x_stride, k, q, xs + m * (kp / kBlock));
-    if (init8 != nullptr) {
-      for (int64_t i = 0; i < kp / 4; ++i) init8[m * (kp / 4) + i] = -128 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
-      for (int64_t c = 0; c < kp; c += 64)
-        for (int64_t l = 0; l < 16; ++l) xs8[m * (kp / 4) + c / 4 + l] = s[(c + 4 * l) / kBlock];
-    }
-    if (xeo == nullptr) continue;
-    for (int64_t i = 0; i < kp / 8; ++i) {
-      int32_t sum = 0;
-      for (int64_t c = 8 * i; c < 8 * i + 8; ++c) sum += q[c];
-      init4[m * (kp / 8) + i] = -8 * sum;
-    }
-    for (int64_t c = 0; c < kp; c += 128)
-      for (int64_t j = 0; j < 64; ++j) {
-        xeo[m * kp + c + j] = q[c + 2 * j];
-        xeo[m * kp + c + 64 + j] = q[c + 2 * j + 1];
-      }
-    for (int64_t c = 0; c < kp; c += 128)
-      for (int64_t l = 0; l < 16; ++l) xs4[m * (kp / 8) + c / 8 + l] = s[(c + 8 * l) / kBlock];
+    quantize_row(x + m * x_stride, k, xq + m * kp, xs + m * (kp / kBlock));
+    derive_forms(xq + m * kp, xs + m * (kp / kBlock), kp, m, xeo, init8, init4, xs8, xs4);
   }
 }
 
@@ -522,12 +528,18 @@ inline void run_dequant(const Job& j, int64_t k, uint16_t* out, int64_t r0, int6
   dequant_portable(j, k, out, r0, r1);
 }
 
-// x [rows, k] bf16 -> act's buffers (prepare_portable's contract); the AVX-512 path where the CPU
-// has it (the same bytes: tests/cpp/test_quant.cpp), allow_vector = false forces the portable one.
+// x [rows, k] bf16 -> act's buffers (prepare_portable's contract); the AVX-512 or AVX2 path where
+// the CPU has it (the same bytes: tests/cpp/test_quant.cpp), allow_vector = false forces the
+// portable one, allow_avx512 = false the AVX2 one on a CPU that has both.
 inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs, int8_t* xeo,
-                    int32_t* init8, int32_t* init4, float* xs8, float* xs4, bool allow_vector = true) {
+                    int32_t* init8, int32_t* init4, float* xs8, float* xs4, bool allow_vector = true,
+                    bool allow_avx512 = true) {
 #ifdef IK_HAVE_GEMV_QUANT_PATH
-  if (allow_vector && avx512::available()) return avx512::prepare(x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
+  if (allow_vector && allow_avx512 && avx512::available())
+    return avx512::prepare(x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
+#endif
+#ifdef IK_HAVE_GEMV_QUANT_AVX2
+  if (allow_vector && avx2::available()) return avx2::prepare(x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
 #endif
   prepare_portable(x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
 }

@@ -88,7 +88,9 @@ IK_AVX2_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float*
 // 128, from (c mod 128) / 2) and the odd ones in their high nibbles (xeo's second 64). Lane i of
 // the int32 result covers columns c + 8i .. c + 8i + 7: lanes 0-3 one activation block, 4-7 the
 // next; xs4 holds those blocks' scales per lane, the weight groups' scales are put beside them.
-template <int M, int R>
+// kWideGroups (groups of 64 or 128): a step lies in one group, so its scale is one broadcast
+// instead of two lanes' worth (3% of the kernel's time on a Zen 3, /work/exp/q5/gb4.cpp).
+template <int M, int R, bool kWideGroups>
 IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i halves = _mm256_setr_epi32(16, 16, 16, 16, 0, 0, 0, 0);  // lanes 0-3: first scale, 4-7: second
@@ -112,14 +114,20 @@ IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float*
       init[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.init4 + (m0 + m) * (a.kpad / 8) + c / 8));
       xs[m] = _mm256_loadu_ps(a.xs4 + (m0 + m) * (a.kpad / 8) + c / 8);
     }
-    const int64_t g0 = c >> gshift, g1 = std::min(groups - 1, (c + 32) >> gshift);  // past k: an unused scale
+    const int64_t g0 = c >> gshift;
     IK_UNROLL
     for (int q = 0; q < R; ++q) {
       _mm_prefetch(reinterpret_cast<const char*>(w + q * row_bytes + c / 2 + ahead), _MM_HINT_T0);
       const __m256i v = load_w(w + q * row_bytes + c / 2, row_bytes - c / 2);
       const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      const uint32_t pair = s[q * groups + g0] | static_cast<uint32_t>(s[q * groups + g1]) << 16;
-      const __m256 ws = _mm256_castsi256_ps(_mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(pair)), halves), top));
+      __m256 ws;
+      if constexpr (kWideGroups) {
+        ws = _mm256_set1_ps(bf16f(s[q * groups + g0]));
+      } else {
+        const int64_t g1 = std::min(groups - 1, (c + 32) >> gshift);  // past k: an unused scale
+        const uint32_t pair = s[q * groups + g0] | static_cast<uint32_t>(s[q * groups + g1]) << 16;
+        ws = _mm256_castsi256_ps(_mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(pair)), halves), top));
+      }
       IK_UNROLL
       for (int m = 0; m < M; ++m) {
         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]), _mm256_maddubs_epi16(hi, xo[m]));
@@ -139,12 +147,65 @@ struct Blocks {
   static constexpr int rows_per_block() { return M == 1 ? 4 : M == 2 ? 2 : 1; }  // accumulators + x in the 16 ymm
   template <int M, int R>
   IK_AVX2_FN void run(int64_t m0, int64_t r, float* sums) const {
-    if (j.bits == 8) block8<M, R>(a, j, m0, r, sums); else block4<M, R>(a, j, m0, r, sums);
+    if (j.bits == 8)
+      block8<M, R>(a, j, m0, r, sums);
+    else if (j.group >= 64)
+      block4<M, R, true>(a, j, m0, r, sums);
+    else
+      block4<M, R, false>(a, j, m0, r, sums);
   }
 };
 
 inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
   tiles::rows(Blocks{a, j}, tiles::Out{j.bias, j.y, j.y_stride}, a.rows, r0, r1);
+}
+
+// quantize_row, 32 columns per step: the same bytes (tests/cpp/test_quant.cpp), NaN and inf
+// included. The block maximum takes each |x| as max(|x|, running max), which skips a NaN as
+// std::max(amax, |x|) does; vcvtps2dq rounds half to even in the default MXCSR mode, like
+// round_half_even, and turns NaN into INT_MIN, which the clamp makes -127, as the portable loop.
+IK_AVX2_FN inline void quantize_row(const uint16_t* x, int64_t k, int8_t* xq, float* xs) {
+  const int64_t kp = padded_k(k);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i lim = _mm256_set1_epi32(127), neg_lim = _mm256_set1_epi32(-127);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs interleave 4-byte groups by lane
+  for (int64_t c0 = 0; c0 < kp; c0 += kBlock) {
+    const int64_t n = std::clamp<int64_t>(k - c0, 0, kBlock);
+    alignas(32) uint16_t tail[kBlock] = {};
+    const uint16_t* src = x + c0;
+    if (n < kBlock) {  // the row's end: the rest reads as zeros (columns past k quantize to 0)
+      std::memcpy(tail, src, static_cast<size_t>(n) * 2);
+      src = tail;
+    }
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8 * i));
+      v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      amax = _mm256_max_ps(_mm256_and_ps(v[i], abs_mask), amax);  // (a NaN |x| loses: the second operand wins)
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float block_max = _mm_cvtss_f32(m4);
+    const __m256 inv = _mm256_set1_ps(block_max > 0.0f ? 127.0f / block_max : 0.0f);
+    xs[c0 / kBlock] = block_max / 127.0f;
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)), lim), neg_lim);
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + c0), _mm256_permutevar8x32_epi32(packed, order));
+  }
+}
+
+// prepare_portable with the vector quantize_row (the forms after it are the shared derive_forms).
+inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs, int8_t* xeo,
+                    int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
+  const int64_t kp = padded_k(k);
+  for (int64_t m = 0; m < rows; ++m) {
+    quantize_row(x + m * x_stride, k, xq + m * kp, xs + m * (kp / kBlock));
+    derive_forms(xq + m * kp, xs + m * (kp / kBlock), kp, m, xeo, init8, init4, xs8, xs4);
+  }
 }
 
 // 8 fp32 -> 8 bf16 bits rounded to nearest even (finite values: the products q * s are).
