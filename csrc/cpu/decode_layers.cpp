@@ -15,6 +15,7 @@
 
 #include <idefics3_kit/bf16.h>
 #include <idefics3_kit/rms_norm.h>
+#include <idefics3_kit/rope.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -109,16 +110,14 @@ at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor
   return at::silu(at::linear(x, gate_w)) * at::linear(x, up_w);
 }
 
-// bf16: the rotation of q and k, and the cache writes of k and v, in one pass over the q|k|v row
-// of each sequence; the same roundings as the ATen ops the Python layers run (each product of
-// two bf16 numbers is exact in fp32 and rounded to bf16, as bf16 mul does; the sum of the two
-// rounded products is rounded once, as bf16 add does), so the result is bit-identical to
-// qk * cos + roll(qk, hd/2) * sin_signed followed by the two copies, with ten fewer ATen calls a
-// layer. Returns q [B, H, 1, hd].
+// bf16: the rotation of q and k (rope.h: the same roundings as the ATen ops the Python layers run,
+// so bit-identical to qk * cos + roll(qk, hd/2) * sin_signed) and the cache writes of k and v, in
+// one pass over the q|k|v row of each sequence, with ten fewer ATen calls a layer. Returns q
+// [B, H, 1, hd].
 at::Tensor rotate_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin_signed,
                             const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t past, int64_t heads,
                             int64_t kv_heads, int64_t hd) {
-  const int64_t b = qkv.size(0), width = qkv.size(-1), half = hd / 2;
+  const int64_t b = qkv.size(0), width = qkv.size(-1);
   at::Tensor q = at::empty({b, heads, 1, hd}, qkv.options());
   const at::Tensor x = qkv.contiguous(), cs = cos.contiguous(), sg = sin_signed.contiguous();  // [B, 1, 1, hd]
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -133,14 +132,8 @@ at::Tensor rotate_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const 
     const uint16_t* c = cp + i * hd;
     const uint16_t* sn = sp + i * hd;
     for (int64_t h = 0; h < heads + kv_heads; ++h) {
-      const uint16_t* in = row + h * hd;
       uint16_t* out = h < heads ? qp + (i * heads + h) * hd : kc + ((i * kv_heads + h - heads) * lmax + past) * hd;
-      for (int64_t e = 0; e < hd; ++e) {
-        const float a = bf16_bits_to_float(float_to_bf16_rne(bf16_bits_to_float(in[e]) * bf16_bits_to_float(c[e])));
-        const float r = bf16_bits_to_float(in[(e + half) % hd]);  // roll(x, hd/2)[e] = x[(e - hd/2) mod hd]
-        const float t = bf16_bits_to_float(float_to_bf16_rne(r * bf16_bits_to_float(sn[e])));
-        out[e] = float_to_bf16_rne(a + t);
-      }
+      rope::rotate_row(row + h * hd, c, sn, hd, out);
     }
     for (int64_t h = 0; h < kv_heads; ++h)
       std::memcpy(vc + ((i * kv_heads + h) * lmax + past) * hd, row + (heads + kv_heads + h) * hd, hd * 2);

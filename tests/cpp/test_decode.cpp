@@ -1,10 +1,11 @@
 // Torch-free tests of the decode kernels: the few-row bf16 linear (csrc/include/idefics3_kit/
 // gemv_bf16.h: the AVX-512 BF16 and AVX2 paths where the CPU has them, and the portable loop; gemv_amx.h: the
-// tile path for 4-16 rows where the CPU has AMX) and the RMSNorm row (rms_norm.h), against naive
-// double-precision loops.
+// tile path for 4-16 rows where the CPU has AMX), the RMSNorm row (rms_norm.h) against naive
+// double-precision loops, and the rotary row (rope.h) against the scalar formula it vectorizes.
 #include <idefics3_kit/gemv_amx.h>
 #include <idefics3_kit/gemv_bf16.h>
 #include <idefics3_kit/rms_norm.h>
+#include <idefics3_kit/rope.h>
 
 #include <cmath>
 #include <cstdint>
@@ -392,9 +393,37 @@ void test_rms_norm_special_rows() {
   for (float v : o20) CHECK(std::isnan(v));
 }
 
+// rope::rotate_row equals the scalar formula bit for bit (float_to_bf16_rne after each product
+// and after the sum; roll by a modulo index) for every head dim the op takes, on realistic
+// values and on any bits at all (NaN, inf, subnormals, both signs).
+void test_rope_rows() {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (int64_t hd : {8, 16, 24, 64, 72, 128, 256})
+    for (int kind = 0; kind < 2; ++kind) {
+      std::vector<uint16_t> x(hd), c(hd), s(hd), got(hd);
+      for (int64_t e = 0; e < hd; ++e) {
+        if (kind == 0) {
+          x[e] = float_to_bf16_rne(normal(rng));
+          c[e] = float_to_bf16_rne(std::cos(normal(rng)));
+          s[e] = float_to_bf16_rne(std::sin(normal(rng)));
+        } else {
+          x[e] = static_cast<uint16_t>(rng()), c[e] = static_cast<uint16_t>(rng()), s[e] = static_cast<uint16_t>(rng());
+        }
+      }
+      idefics3_kit::rope::rotate_row(x.data(), c.data(), s.data(), hd, got.data());
+      for (int64_t e = 0; e < hd; ++e) {
+        const float a = bf16_bits_to_float(float_to_bf16_rne(bf16_bits_to_float(x[e]) * bf16_bits_to_float(c[e])));
+        const float r = bf16_bits_to_float(x[(e + hd / 2) % hd]);
+        const float t = bf16_bits_to_float(float_to_bf16_rne(r * bf16_bits_to_float(s[e])));
+        CHECK(got[e] == float_to_bf16_rne(a + t));
+      }
+    }
+}
+
 }  // namespace
 
 TEST_MAIN(test_bf16_round_trip_every_value(); test_float_to_bf16_rounding_and_nan();
           test_gemv_against_double_and_between_paths(); test_gemv_propagates_nan_and_inf();
           test_gemv_amx_against_double_and_the_loop(); test_gemv_amx_propagates_nan_and_inf();
-          test_rms_norm_rows(); test_rms_norm_special_rows();)
+          test_rms_norm_rows(); test_rms_norm_special_rows(); test_rope_rows();)
