@@ -140,14 +140,22 @@ IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float*
     for (int q = 0; q < R; ++q) sums[m * R + q] = hsum(acc[m * R + q]);
 }
 
+// Register blocks of one weight format. One x row against one int8 weight row at a time: with four
+// rows interleaved the int8 GEMV read 18 GB/s on a Zen 3 (2 threads, the decoder's weights), with
+// one 24 GB/s (the prefetchers follow one stream per thread better, and a row's step has little to
+// share). int4 keeps four: unpacking its nibbles is its bottleneck there, and one row read 14 GB/s
+// against 19 (/work/exp/q5/kall.cpp).
+template <int Bits>
 struct Blocks {
   const Act& a;
   const Job& j;
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 4 : M == 2 ? 2 : 1; }  // accumulators + x in the 16 ymm
+  static constexpr int rows_per_block() {  // accumulators + x in the 16 ymm
+    return M == 1 ? (Bits == 8 ? 1 : 4) : M == 2 ? 2 : 1;
+  }
   template <int M, int R>
   IK_AVX2_FN void run(int64_t m0, int64_t r, float* sums) const {
-    if (j.bits == 8)
+    if constexpr (Bits == 8)
       block8<M, R>(a, j, m0, r, sums);
     else if (j.group >= 64)
       block4<M, R, true>(a, j, m0, r, sums);
@@ -157,7 +165,11 @@ struct Blocks {
 };
 
 inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
-  tiles::rows(Blocks{a, j}, tiles::Out{j.bias, j.y, j.y_stride}, a.rows, r0, r1);
+  const tiles::Out out{j.bias, j.y, j.y_stride};
+  if (j.bits == 8)
+    tiles::rows(Blocks<8>{a, j}, out, a.rows, r0, r1);
+  else
+    tiles::rows(Blocks<4>{a, j}, out, a.rows, r0, r1);
 }
 
 // quantize_row, 32 columns per step: the same bytes (tests/cpp/test_quant.cpp), NaN and inf
