@@ -49,36 +49,51 @@ IK_AVX2_FN inline __m256i load_w(const uint8_t* p, int64_t bytes) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
 }
 
+// 32 bytes of weights at p: kPartial (a row's last step) reads only `bytes` of them (load_w);
+// every other step loads them as they are (checking each load cost 5% of the int4 kernel).
+template <bool kPartial>
+IK_AVX2_FN IK_ALWAYS_INLINE __m256i load_step(const uint8_t* p, int64_t bytes) {
+  if constexpr (kPartial) return load_w(p, bytes);
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// One 32-column step (one activation block) of block8 at column c.
+template <int M, int R, bool kPartial>
+IK_AVX2_FN IK_ALWAYS_INLINE void step8(const Act& a, int64_t m0, const uint8_t* w, int64_t c, int64_t ahead,
+                                       __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i xq[M], xabs[M];
+  __m256 xs[M];
+  IK_UNROLL
+  for (int m = 0; m < M; ++m) {
+    xq[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + m) * a.kpad + c));
+    xabs[m] = _mm256_sign_epi8(xq[m], xq[m]);
+    xs[m] = _mm256_broadcast_ss(a.xs + (m0 + m) * (a.kpad / kBlock) + c / kBlock);
+  }
+  IK_UNROLL
+  for (int q = 0; q < R; ++q) {
+    // without it the loads of rows 2-4 of a block waited on memory (perf: ~65% of the kernel's
+    // samples on their first use)
+    _mm_prefetch(reinterpret_cast<const char*>(w + q * a.k + c + ahead), _MM_HINT_T0);
+    const __m256i wv = load_step<kPartial>(w + q * a.k + c, a.k - c);  // past k: zero bytes against zero xq
+    IK_UNROLL
+    for (int m = 0; m < M; ++m) {
+      const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(xabs[m], _mm256_sign_epi8(wv, xq[m])), ones);
+      acc[m * R + q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xs[m], acc[m * R + q]);
+    }
+  }
+}
+
 // int8: M rows of x against R weight rows, 32 columns (one activation block) per step.
 template <int M, int R>
 IK_AVX2_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[M * R];
   for (int i = 0; i < M * R; ++i) acc[i] = _mm256_setzero_ps();
   const uint8_t* w = j.w + r * a.k;
   const int64_t ahead = prefetch_rows(a.k, R) * a.k;
-  for (int64_t c = 0; c < a.k; c += kBlock) {
-    __m256i xq[M], xabs[M];
-    __m256 xs[M];
-    IK_UNROLL
-    for (int m = 0; m < M; ++m) {
-      xq[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + m) * a.kpad + c));
-      xabs[m] = _mm256_sign_epi8(xq[m], xq[m]);
-      xs[m] = _mm256_broadcast_ss(a.xs + (m0 + m) * (a.kpad / kBlock) + c / kBlock);
-    }
-    IK_UNROLL
-    for (int q = 0; q < R; ++q) {
-      // without it the loads of rows 2-4 of a block waited on memory (perf: ~65% of the kernel's
-      // samples on their first use)
-      _mm_prefetch(reinterpret_cast<const char*>(w + q * a.k + c + ahead), _MM_HINT_T0);
-      const __m256i wv = load_w(w + q * a.k + c, a.k - c);  // past k: zero bytes against zero xq
-      IK_UNROLL
-      for (int m = 0; m < M; ++m) {
-        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(xabs[m], _mm256_sign_epi8(wv, xq[m])), ones);
-        acc[m * R + q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xs[m], acc[m * R + q]);
-      }
-    }
-  }
+  int64_t c = 0;
+  for (; c + kBlock <= a.k; c += kBlock) step8<M, R, false>(a, m0, w, c, ahead, acc);
+  if (c < a.k) step8<M, R, true>(a, m0, w, c, ahead, acc);
   for (int m = 0; m < M; ++m)
     for (int q = 0; q < R; ++q) sums[m * R + q] = hsum(acc[m * R + q]) * bf16f(j.scales[r + q]);
 }
@@ -90,52 +105,59 @@ IK_AVX2_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float*
 // next; xs4 holds those blocks' scales per lane, the weight groups' scales are put beside them.
 // kWideGroups (groups of 64 or 128): a step lies in one group, so its scale is one broadcast
 // instead of two lanes' worth (3% of the kernel's time on a Zen 3, /work/exp/q5/gb4.cpp).
-template <int M, int R, bool kWideGroups>
-IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
+template <int M, int R, bool kWideGroups, bool kPartial>
+IK_AVX2_FN IK_ALWAYS_INLINE void step4(const Act& a, const Job& j, int64_t m0, const uint8_t* w, const uint16_t* s,
+                                       int64_t c, int64_t ahead, __m256* acc) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i halves = _mm256_setr_epi32(16, 16, 16, 16, 0, 0, 0, 0);  // lanes 0-3: first scale, 4-7: second
-  const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t row_bytes = a.k / 2, groups = a.k / j.group;
   const int gshift = j.group == 32 ? 5 : j.group == 64 ? 6 : 7;
+  const int64_t base = c / 128 * 128, half = (c % 128) / 2;  // this step's evens: xeo[base + half ..]
+  __m256i xe[M], xo[M], init[M];
+  __m256 xs[M];
+  IK_UNROLL
+  for (int m = 0; m < M; ++m) {
+    const int8_t* e = a.xeo + (m0 + m) * a.kpad + base + half;
+    xe[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));
+    xo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 64));
+    init[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.init4 + (m0 + m) * (a.kpad / 8) + c / 8));
+    xs[m] = _mm256_loadu_ps(a.xs4 + (m0 + m) * (a.kpad / 8) + c / 8);
+  }
+  const int64_t g0 = c >> gshift;
+  IK_UNROLL
+  for (int q = 0; q < R; ++q) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + q * row_bytes + c / 2 + ahead), _MM_HINT_T0);
+    const __m256i v = load_step<kPartial>(w + q * row_bytes + c / 2, row_bytes - c / 2);
+    const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    __m256 ws;
+    if constexpr (kWideGroups) {
+      ws = _mm256_set1_ps(bf16f(s[q * groups + g0]));
+    } else {
+      const __m256i halves = _mm256_setr_epi32(16, 16, 16, 16, 0, 0, 0, 0);  // lanes 0-3: first scale, 4-7: second
+      const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+      const int64_t g1 = std::min(groups - 1, (c + 32) >> gshift);  // past k: an unused scale
+      const uint32_t pair = s[q * groups + g0] | static_cast<uint32_t>(s[q * groups + g1]) << 16;
+      ws = _mm256_castsi256_ps(_mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(pair)), halves), top));
+    }
+    IK_UNROLL
+    for (int m = 0; m < M; ++m) {
+      const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]), _mm256_maddubs_epi16(hi, xo[m]));
+      const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(p, ones), init[m]);
+      acc[m * R + q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(xs[m], ws), acc[m * R + q]);
+    }
+  }
+}
+
+template <int M, int R, bool kWideGroups>
+IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float* sums /* [M][R] */) {
+  const int64_t row_bytes = a.k / 2;
   __m256 acc[M * R];
   for (int i = 0; i < M * R; ++i) acc[i] = _mm256_setzero_ps();
   const uint8_t* w = j.w + r * row_bytes;
-  const uint16_t* s = j.scales + r * groups;
+  const uint16_t* s = j.scales + r * (a.k / j.group);
   const int64_t ahead = prefetch_rows(row_bytes, R) * row_bytes;
-  for (int64_t c = 0; c < a.k; c += 64) {
-    const int64_t base = c / 128 * 128, half = (c % 128) / 2;  // this step's evens: xeo[base + half ..]
-    __m256i xe[M], xo[M], init[M];
-    __m256 xs[M];
-    IK_UNROLL
-    for (int m = 0; m < M; ++m) {
-      const int8_t* e = a.xeo + (m0 + m) * a.kpad + base + half;
-      xe[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));
-      xo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 64));
-      init[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.init4 + (m0 + m) * (a.kpad / 8) + c / 8));
-      xs[m] = _mm256_loadu_ps(a.xs4 + (m0 + m) * (a.kpad / 8) + c / 8);
-    }
-    const int64_t g0 = c >> gshift;
-    IK_UNROLL
-    for (int q = 0; q < R; ++q) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + q * row_bytes + c / 2 + ahead), _MM_HINT_T0);
-      const __m256i v = load_w(w + q * row_bytes + c / 2, row_bytes - c / 2);
-      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      __m256 ws;
-      if constexpr (kWideGroups) {
-        ws = _mm256_set1_ps(bf16f(s[q * groups + g0]));
-      } else {
-        const int64_t g1 = std::min(groups - 1, (c + 32) >> gshift);  // past k: an unused scale
-        const uint32_t pair = s[q * groups + g0] | static_cast<uint32_t>(s[q * groups + g1]) << 16;
-        ws = _mm256_castsi256_ps(_mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(pair)), halves), top));
-      }
-      IK_UNROLL
-      for (int m = 0; m < M; ++m) {
-        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]), _mm256_maddubs_epi16(hi, xo[m]));
-        const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(p, ones), init[m]);
-        acc[m * R + q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(xs[m], ws), acc[m * R + q]);
-      }
-    }
-  }
+  int64_t c = 0;
+  for (; c + 64 <= a.k; c += 64) step4<M, R, kWideGroups, false>(a, j, m0, w, s, c, ahead, acc);
+  if (c < a.k) step4<M, R, kWideGroups, true>(a, j, m0, w, s, c, ahead, acc);  // the last 32 columns
   for (int m = 0; m < M; ++m)
     for (int q = 0; q < R; ++q) sums[m * R + q] = hsum(acc[m * R + q]);
 }
