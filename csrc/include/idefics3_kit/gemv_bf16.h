@@ -180,7 +180,7 @@ IK_AVX2_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* sums /
 
 // One x row against one weight row at a time: 23.5 vs 21.6 GB/s for four interleaved rows on a
 // Zen 3 (2 threads, the decoder's weights; the prefetchers follow one stream per thread better;
-// /work/exp/q5/kb.cpp); two x rows gained nothing from it.
+// benchmarks/gemv_kernels.cpp times the kernels as shipped); two x rows gained nothing from it.
 struct Blocks {
   const Job& j;
   template <int M>

@@ -104,7 +104,7 @@ IK_AVX2_FN void block8(const Act& a, const Job& j, int64_t m0, int64_t r, float*
 // the int32 result covers columns c + 8i .. c + 8i + 7: lanes 0-3 one activation block, 4-7 the
 // next; xs4 holds those blocks' scales per lane, the weight groups' scales are put beside them.
 // kWideGroups (groups of 64 or 128): a step lies in one group, so its scale is one broadcast
-// instead of two lanes' worth (3% of the kernel's time on a Zen 3, /work/exp/q5/gb4.cpp).
+// instead of two lanes' worth (3% of the kernel's time on a Zen 3).
 template <int M, int R, bool kWideGroups, bool kPartial>
 IK_AVX2_FN IK_ALWAYS_INLINE void step4(const Act& a, const Job& j, int64_t m0, const uint8_t* w, const uint16_t* s,
                                        int64_t c, int64_t ahead, __m256* acc) {
@@ -166,7 +166,7 @@ IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float*
 // rows interleaved the int8 GEMV read 18 GB/s on a Zen 3 (2 threads, the decoder's weights), with
 // one 24 GB/s (the prefetchers follow one stream per thread better, and a row's step has little to
 // share). int4 keeps four: unpacking its nibbles is its bottleneck there, and one row read 14 GB/s
-// against 19 (/work/exp/q5/kall.cpp).
+// against 19 (benchmarks/gemv_kernels.cpp times the kernels as shipped).
 template <int Bits>
 struct Blocks {
   const Act& a;
