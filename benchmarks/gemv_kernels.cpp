@@ -4,6 +4,7 @@
 // contiguous range of rows, as csrc/cpu/common.h's for_worker_row_ranges splits them).
 //
 //   g++ -O3 -std=c++17 -fopenmp -Icsrc/include benchmarks/gemv_kernels.cpp -o /tmp/gemv_kernels
+//   (or the gemv_kernels target of CMakeLists.txt, whose ctest runs one pass)
 //   /tmp/gemv_kernels [passes=8]
 //
 // Each kernel takes the path this CPU runs (AVX-512, AVX2 or portable; printed first); every
