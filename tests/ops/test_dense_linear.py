@@ -312,3 +312,28 @@ def test_conv2d_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
         conv.weight.requires_grad_(True)
     with torch.set_grad_enabled(case == "grad"):
         assert torch.equal(ops.conv2d(conv, x), conv(x))
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_matmul_of_built_weights(upcast, onednn, monkeypatch):
+    """``dense_linear.matmul`` (a prefill's product with a freshly dequantized weight): where bf16
+    runs as float32 it is the float32 product rounded once, through oneDNN when torch has it (within
+    a bf16 ulp of F.linear's, the two sum in different orders) or F.linear; elsewhere F.linear."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 96, generator=g).bfloat16()
+    w, b = torch.randn(72, 96, generator=g).bfloat16(), torch.randn(72, generator=g).bfloat16()
+    monkeypatch.setattr(_library, "bf16_as_float32", lambda t: upcast)
+    if not onednn:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with torch.inference_mode():
+        got = dense_mod.matmul(x, w, b)
+        assert got.dtype == torch.bfloat16 and got.shape == (3, 40, 72)
+        if not upcast:
+            assert torch.equal(got, F.linear(x, w, b))
+            return
+        want = F.linear(x.float(), w.float(), b.float())
+        if not onednn or not torch.backends.mkldnn.is_available():
+            assert torch.equal(got, want.bfloat16())
+        else:
+            torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2 ** -7)
