@@ -128,16 +128,24 @@ inline void derive_forms(const int8_t* q, const float* s, int64_t kp, int64_t m,
     for (int64_t l = 0; l < 16; ++l) xs4[m * (kp / 8) + c / 8 + l] = s[(c + 8 * l) / kBlock];
 }
 
-// x [rows, k] bf16 (row stride x_stride) -> act's buffers (sizes: act_sizes(rows, k)). xq and xs
-// are always filled; the int8 forms (init8, xs8) and the int4 forms (xeo, init4, xs4) only when
-// given (null: no weight of that kind in the call).
-inline void prepare_portable(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs,
-                             int8_t* xeo, int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
+// x [rows, k] bf16 (row stride x_stride) -> act's buffers (sizes: act_sizes(rows, k)), each row
+// quantized by `quantize` (a path's quantize_row) and then given its forms. xq and xs are always
+// filled; the int8 forms (init8, xs8) and the int4 forms (xeo, init4, xs4) only when given (null:
+// no weight of that kind in the call).
+using QuantizeRow = void (*)(const uint16_t* x, int64_t k, int8_t* xq, float* xs);
+inline void prepare_rows(QuantizeRow quantize, const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride,
+                         int8_t* xq, float* xs, int8_t* xeo, int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
   const int64_t kp = padded_k(k);
   for (int64_t m = 0; m < rows; ++m) {
-    quantize_row(x + m * x_stride, k, xq + m * kp, xs + m * (kp / kBlock));
+    quantize(x + m * x_stride, k, xq + m * kp, xs + m * (kp / kBlock));
     derive_forms(xq + m * kp, xs + m * (kp / kBlock), kp, m, xeo, init8, init4, xs8, xs4);
   }
+}
+
+// prepare_rows with the portable quantize_row (the reference bytes every vector path matches).
+inline void prepare_portable(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs,
+                             int8_t* xeo, int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
+  prepare_rows(quantize_row, x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
 }
 
 inline int weight_int4(const uint8_t* row, int64_t i) {

@@ -232,14 +232,10 @@ IK_AVX2_FN inline void quantize_row(const uint16_t* x, int64_t k, int8_t* xq, fl
   }
 }
 
-// prepare_portable with the vector quantize_row (the forms after it are the shared derive_forms).
+// prepare_rows with the vector quantize_row.
 inline void prepare(const uint16_t* x, int64_t rows, int64_t k, int64_t x_stride, int8_t* xq, float* xs, int8_t* xeo,
                     int32_t* init8, int32_t* init4, float* xs8, float* xs4) {
-  const int64_t kp = padded_k(k);
-  for (int64_t m = 0; m < rows; ++m) {
-    quantize_row(x + m * x_stride, k, xq + m * kp, xs + m * (kp / kBlock));
-    derive_forms(xq + m * kp, xs + m * (kp / kBlock), kp, m, xeo, init8, init4, xs8, xs4);
-  }
+  prepare_rows(quantize_row, x, rows, k, x_stride, xq, xs, xeo, init8, init4, xs8, xs4);
 }
 
 // 8 fp32 -> 8 bf16 bits rounded to nearest even (finite values: the products q * s are).
