@@ -101,10 +101,12 @@ IK_BF16_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* sums /
     for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
+// One x row against one weight row at a time, as the AVX2 path: on a Zen 4 (the decoder's
+// weights) 31 GB/s on 2 threads and 20 on one, against 23 and 12 for four interleaved rows.
 struct Blocks {
   const Job& j;
   template <int M>
-  static constexpr int rows_per_block() { return 4; }
+  static constexpr int rows_per_block() { return M == 1 ? 1 : 4; }
   template <int M, int R>
   IK_BF16_FN void run(int64_t m0, int64_t r, float* sums) const { block<M, R>(j, m0, j.w + r * j.k, sums); }
 };
