@@ -16,7 +16,8 @@ torch's fused kernel and is the ordinary path. The router picks at most one comp
   csrc/include/idefics3_kit/vision_amx.h:
   1.1-1.5x torch's SDPA on SigLIP's shapes, benchmarks/attention_cpu.py); other CPU calls go
   straight to SDPA (``PREFER_TORCH_NONCAUSAL``: torch's fused kernel measured faster than our
-  blocked one, x0.6-0.9) without entering the compiled path.
+  blocked one, x0.6-0.9) without entering the compiled path, except bf16 on a CPU with AVX-512
+  BF16 and no AMX, where the blocked kernel ran 1.8x SDPA (``_blocked_vision``).
 
 A kernel runs only where ``fast_path.usable`` allows it and it covers the shapes (below);
 everything else, autograd included, runs ``attention_sdpa``.
@@ -140,7 +141,7 @@ def _kernel_name(q: torch.Tensor, causal: bool) -> str | None:
         return "decode_attention"
     if causal:
         return "prefill_attention"
-    if q.device.type == "cpu" and PREFER_TORCH_NONCAUSAL and not _amx_vision(q):
+    if q.device.type == "cpu" and PREFER_TORCH_NONCAUSAL and not (_amx_vision(q) or _blocked_vision(q)):
         return None
     return "vision_attention"
 
@@ -156,6 +157,15 @@ def amx_vision_head_dim(d: int) -> bool:
 def _amx_vision(q: torch.Tensor) -> bool:
     """Whether the CPU vision_attention op takes its AMX flash path for q (bf16, a head dim it takes)."""
     return q.dtype == torch.bfloat16 and amx_vision_head_dim(q.shape[-1]) and _library.cpu_has("amx_bf16")
+
+
+def _blocked_vision(q: torch.Tensor) -> bool:
+    """Whether non-causal CPU attention on q goes to the blocked kernel rather than SDPA: bf16 on a
+    CPU with AVX-512 BF16 but no AMX (AMD Zen 4). There oneDNN's bf16 GEMMs inside the blocked
+    kernel ran SigLIP's tiles (12 heads x 64, L 1024) at 268 GFLOP/s against SDPA's 151 on 2
+    threads, and the SmolVLM-256M tower over 13 tiles in 7.5 s instead of 9.1; in float32 it was
+    0.9x SDPA, so float32 stays with torch. Its scores are bf16 products, as in attention_ref."""
+    return q.dtype == torch.bfloat16 and _library.cpu_has("avx512_bf16") and not _library.cpu_has("amx_bf16")
 
 
 def _cpu_covers(q, k, v, causal) -> bool:

@@ -264,12 +264,26 @@ def test_dispatch_policy_sends_vision_to_torch():
 
 
 @needs_ext
+@pytest.mark.parametrize("flags,dtype,expect", [
+    ({"avx512_bf16"}, torch.bfloat16, "vision_attention"),       # AMD Zen 4: the blocked kernel
+    ({"avx512_bf16"}, torch.float32, None),                      # float32 stays with SDPA
+    (set(), torch.bfloat16, None),                                # no native bf16 dot product
+    ({"avx512_bf16", "amx_bf16"}, torch.bfloat16, "vision_attention"),  # the AMX kernel
+])
+def test_dispatch_sends_bf16_vision_to_the_blocked_kernel_on_avx512_bf16_without_amx(flags, dtype, expect, monkeypatch):
+    monkeypatch.setattr(_library, "cpu_has", lambda flag: flag in flags)
+    q = torch.randn(1, 2, 40, 64).to(dtype)
+    assert compiled_kernel(q, q, q, False, None) == (expect if attention_ops.PREFER_TORCH_NONCAUSAL else "vision_attention")
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.bfloat16, 32), (torch.bfloat16, 72),
                                      (torch.bfloat16, 128), (torch.bfloat16, 136), (torch.float32, 64)])
 def test_dispatch_sends_bf16_vision_to_the_amx_kernel_where_there_is_one(dtype, d):
     q = torch.randn(1, 2, 40, d).to(dtype)
     amx = _library.cpu_has("amx_bf16") and dtype == torch.bfloat16 and d <= 128
-    assert (compiled_kernel(q, q, q, False, None) == "vision_attention") == (amx or not attention_ops.PREFER_TORCH_NONCAUSAL)
+    blocked = attention_ops._blocked_vision(q) and attention_ops._cpu_covers(q, q, q, False)
+    assert (compiled_kernel(q, q, q, False, None) == "vision_attention") == (amx or blocked or not attention_ops.PREFER_TORCH_NONCAUSAL)
     if amx:  # through the router: the AMX kernel, within the reference's own bf16 error
         q32, k32, v32 = (torch.randn(2, 3, 70, d, generator=torch.Generator().manual_seed(i)) for i in range(3))
         kpm = torch.ones(2, 70, dtype=torch.bool)
