@@ -4,7 +4,8 @@
 
 2 threads; legs interleaved; medians. Decode reads k/v as views of a preallocated cache (as
 the model does); vision uses SigLIP tile shapes; the dispatch line shows what ops.attention
-runs for that case (vision goes to torch's kernel by policy, see ops/attention.py).
+runs for that case (vision goes to torch's kernel by policy except where the AMX kernel or, for bf16
+on an AVX-512 BF16 CPU without AMX, the blocked kernel takes it: see ops/attention.py).
 """
 
 from __future__ import annotations
