@@ -9,9 +9,9 @@ import torch
 
 from idefics3_kit.ops import _library
 from idefics3_kit.ops.attention import compiled_kernel
+from idefics3_kit.ops.preprocess import alloc_batch, fills_on
 
 attention_module = importlib.import_module("idefics3_kit.ops.attention")  # (ops.attention is the function)
-from idefics3_kit.ops.preprocess import alloc_batch, fills_on
 
 
 def test_has_cuda_kernel_is_false_without_cuda():
