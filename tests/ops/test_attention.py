@@ -115,6 +115,17 @@ def test_vision_and_prefill_match_reference(b, hkv, groups, lq, extra, d, dtype,
 
 
 @needs_ext
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", [None, "left_pad"])
+def test_vision_and_prefill_bf16_over_several_query_blocks(causal, mask):
+    # 600 queries: two bf16 blocks of the blocked kernel when non-causal (512 rows), three when
+    # causal (256), the last one partial (on an AMX CPU the tile kernels take these calls instead)
+    q, k, v, kpm = _inputs(1, 2, 1, 600, 600, 64, mask, 3)
+    op = torch.ops.idefics3_kit.prefill_attention if causal else torch.ops.idefics3_kit.vision_attention
+    _check_close(q, k, v, kpm, causal, torch.bfloat16, lambda ql, kl, vl: op(ql, kl, vl, kpm, 0.125))
+
+
+@needs_ext
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(1, 3), hkv=st.integers(1, 3), groups=st.integers(1, 6), lk=st.integers(1, 700),
        d=head_dims, dtype=dtypes, mask=masks, seed=st.integers(0, 1000))
