@@ -71,8 +71,8 @@ def check_logits(logits: torch.Tensor, step: int) -> None:
     """
     if logits.numel() == 0 or not logits.is_floating_point():
         return
-    low, high = torch.aminmax(logits)
-    if math.isfinite(low.item()) and math.isfinite(high.item()):
+    bounds = torch.stack(torch.aminmax(logits)).tolist()  # one host sync for both
+    if math.isfinite(bounds[0]) and math.isfinite(bounds[1]):
         return
     finite = torch.isfinite(logits).all(dim=-1)
     if not bool(finite.all()):

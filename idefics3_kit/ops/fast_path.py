@@ -131,15 +131,16 @@ _SEPARATOR = object()  # ends each module dict's entries in a snapshot (see modu
 def module_state(modules: Sequence[nn.Module], attrs: tuple[str, ...] = (), previous: tuple | None = None) -> tuple:
     """A snapshot of what a plan built from these modules depends on: each module, its class, the
     keys and values of its ``_parameters`` and ``_modules`` (in order), and its instance attributes
-    ``attrs`` (None when absent): not its buffers, which the plain classes' forwards do not read. ``previous`` itself when the snapshot holds
-    exactly the same objects (identity, never ``==``), so ``module_state(ms, a, old) is old`` says
-    nothing was replaced, added or removed since ``old`` was taken.
+    ``attrs`` (None when absent); not its buffers, which the plain classes' forwards do not read.
+    ``previous`` itself when the snapshot holds exactly the same objects (identity, never ``==``),
+    so ``module_state(ms, a, old) is old`` says nothing was replaced, added or removed since
+    ``old`` was taken.
 
     Why: a decode step needs every layer's weights in one list; walking the modules for them took
-    ~0.1-0.2 ms of Python per step. A cached list is safe as long as no module, parameter, buffer
-    or attribute it came from was rebound, which this tells in C (csrc/python/fast_path.cpp) in a
+    ~0.1-0.2 ms of Python per step. A cached list is safe as long as no module, parameter, child or
+    attribute it came from was rebound, which this tells in C (csrc/python/fast_path.cpp) in a
     fraction of that. What a snapshot does not see (a tensor's dtype or layout changed in place,
-    hooks, a module's class) the plain checks above still ask at every call.
+    hooks) the plain checks above still ask at every call.
     """
     if torch.compiler.is_compiling():
         return module_state_reference(modules, attrs, previous)
