@@ -70,18 +70,34 @@ struct AtParallel {
   }
 };
 
-// Bias i of a few-row linear with N outputs: None, or [N] bfloat16 / float32; returned as a
+// Bias i of a few-row linear with N outputs: null, or [N] bfloat16 / float32; returned as a
 // contiguous float32 tensor (undefined when absent), the form the GEMV kernels add.
-inline at::Tensor bias_as_float(const c10::List<std::optional<at::Tensor>>& biases, size_t i, int64_t n,
-                                const char* op) {
-  const std::optional<at::Tensor> b = biases.get(i);
-  if (!b.has_value() || !b->defined()) return at::Tensor();
+inline at::Tensor bias_as_float(const at::Tensor* b, size_t i, int64_t n, const char* op) {
+  if (b == nullptr || !b->defined()) return at::Tensor();
   const std::string name = "biases[" + std::to_string(i) + "]";
   check_cpu(*b, op, name.c_str());
   TORCH_CHECK(b->dim() == 1 && b->size(0) == n, op, ": ", name, " must be [N] = [", n, "], got ", shape_str(*b));
   TORCH_CHECK(b->scalar_type() == at::kBFloat16 || b->scalar_type() == at::kFloat, op, ": ", name,
               " must be bfloat16 or float32, got ", b->scalar_type());
   return b->to(at::kFloat).contiguous();
+}
+
+// The entries of an op's bias list as pointers (null for None), the form the *_into cores take.
+inline std::vector<const at::Tensor*> bias_pointers(const c10::List<std::optional<at::Tensor>>& biases,
+                                                    std::vector<std::optional<at::Tensor>>& owned) {
+  owned = biases.vec();
+  std::vector<const at::Tensor*> out;
+  for (const auto& b : owned) out.push_back(b.has_value() && b->defined() ? &*b : nullptr);
+  return out;
+}
+
+// A few-row linear's output buffer y [..., N]: contiguous, bf16, on the CPU (the *_into cores
+// write it through a raw pointer).
+inline void check_output(const at::Tensor& y, int64_t rows, int64_t n, const char* op) {
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.dim() >= 1 &&
+                  y.size(-1) == n && y.numel() == rows * n,
+              op, ": out must be a contiguous CPU bfloat16 tensor [..., ", n, "] with ", rows, " rows, got ",
+              y.scalar_type(), " ", shape_str(y));
 }
 
 // The work split of the few-row GEMVs: the weights' output rows, concatenated into [0, n_total)

@@ -6,7 +6,9 @@
 // output with its running max and sum, and a log-sum-exp combine merges the ranges. Splitting
 // the context is what keeps both threads busy when B * Hkv is small.
 #include <atomic>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "attention_common.h"
 #include "kernels.h"
@@ -72,12 +74,14 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 
   const int64_t split = split_length(b, hkv, l), nsplit = (l + split - 1) / split;
   // Partial results [B, Hkv, nsplit, G, D] and their max / sum [B, Hkv, nsplit, G].
-  at::Tensor o_part = at::empty({b, hkv, nsplit, groups, d}, at::kFloat);
-  at::Tensor m_part = at::empty({b, hkv, nsplit, groups}, at::kFloat);
-  at::Tensor l_part = at::empty({b, hkv, nsplit, groups}, at::kFloat);
-  float* op_ = o_part.data_ptr<float>();
-  float* mp = m_part.data_ptr<float>();
-  float* lp = l_part.data_ptr<float>();
+  // (kept per thread and grown as needed: a decode step calls this once per layer, and fresh
+  // buffers each time were a measurable part of its non-GEMV time)
+  thread_local std::vector<float> partials;
+  const int64_t parts = b * hkv * nsplit * groups;
+  if (static_cast<int64_t>(partials.size()) < parts * (d + 2)) partials.resize(static_cast<size_t>(parts * (d + 2)));
+  float* op_ = partials.data();            // [B, Hkv, nsplit, G, D]
+  float* mp = op_ + parts * d;             // [B, Hkv, nsplit, G]
+  float* lp = mp + parts;                  // [B, Hkv, nsplit, G]
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t esize = q.element_size();
   const char* qb = static_cast<const char*>(q.data_ptr());
@@ -122,7 +126,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t workers = std::clamp<int64_t>(kv_bytes / kMinBytesPerWorker, 1, max_workers);
   const bool scratch = !attn::decode_uses_amx(bf16, d, groups);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> qf(scratch ? groups * d : 0), row(scratch ? d : 0), x(scratch ? groups * split : 0);
+    thread_local std::vector<float> qf, row, x;  // each worker's scratch, written before it is read
+    if (scratch) {
+      qf.resize(std::max(qf.size(), static_cast<size_t>(groups * d)));
+      row.resize(std::max(row.size(), static_cast<size_t>(d)));
+      x.resize(std::max(x.size(), static_cast<size_t>(groups * split)));
+    }
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
       const int64_t bi = it / (hkv * nsplit), hk = (it / nsplit) % hkv, s = it % nsplit;
       if (empty[bi]) {

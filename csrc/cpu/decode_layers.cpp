@@ -7,10 +7,12 @@
 // layer, which at SmolVLM-256M shapes is a third of a bf16 decode step. The rotation is written as
 // x * cos + roll(x, hd/2) * signed_sin, elementwise the same products as rotate_half(x) * sin
 // ((-a) * b and a * (-b) round alike), for q and k together.
+//
+// bf16 steps write every intermediate into buffers allocated once per step and reused by each
+// layer (layers_bf16): with GEMVs taken out, an int4 step at SmolVLM-256M shapes spent ~0.83 ms
+// outside them with a fresh tensor (and fresh activation buffers) per op, ~0.68 ms with these.
 #include <cmath>
 #include <cstring>
-#include <tuple>
-#include <utility>
 #include <vector>
 
 #include <idefics3_kit/bf16.h>
@@ -55,74 +57,67 @@ const at::Tensor& need(const Table& params, int64_t layer, Param slot) {
   return *t;
 }
 
-std::optional<at::Tensor> maybe(const at::Tensor* t) { return t ? std::optional<at::Tensor>(*t) : std::nullopt; }
-
-// x [B, 1, K] through the given weights, outputs side by side on the last dim (q|k|v, or one
-// projection). bf16: one decode_linear call, as the Python layers make it, or one quant_linear
-// call when the weights are quantized (``scales`` given: ops.quant.QuantizedLinear's layout);
-// float32: at::linear per weight (what nn.Linear runs), joined by an exact copy.
-at::Tensor project(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-                   const std::vector<at::Tensor>& scales = {}) {
-  if (!scales.empty()) return quant_linear_cpu(x, weights, scales, biases);
-  if (x.scalar_type() == at::kBFloat16) return decode_linear_cpu(x, weights, biases);
+// float32: x [B, 1, K] through the given weights, outputs side by side on the last dim (q|k|v, or
+// one projection): at::linear per weight (what nn.Linear runs), joined by an exact copy.
+at::Tensor project_f32(const at::Tensor& x, at::TensorList weights, c10::ArrayRef<const at::Tensor*> biases) {
   std::vector<at::Tensor> outs;
-  for (size_t i = 0; i < weights.size(); ++i) outs.push_back(at::linear(x, weights[i], biases.get(i)));
+  for (size_t i = 0; i < weights.size(); ++i)
+    outs.push_back(at::linear(x, weights[i], biases[i] ? std::optional<at::Tensor>(*biases[i]) : std::nullopt));
   return outs.size() == 1 ? outs[0] : at::cat(outs, -1);
 }
 
-// RMSNorm as ops.rms_norm runs it: the compiled row kernel for bf16, torch's own for float32
-// (which keeps float32 logits equal to transformers').
-at::Tensor apply_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  if (x.scalar_type() == at::kBFloat16) return rms_norm_cpu(x, weight, eps);
+// bf16: x [B, 1, K] through the given weights into y [B, 1, sum of N], the outputs side by side:
+// one decode_linear, as the Python layers make it, or one quant_linear when the weights are
+// quantized (``scales`` given: ops.quant.QuantizedLinear's layout).
+void project_into(const at::Tensor& x, at::TensorList weights, c10::ArrayRef<const at::Tensor*> biases,
+                  const std::vector<at::Tensor>& scales, at::Tensor& y) {
+  if (!scales.empty())
+    quant_linear_into(x, weights, scales, biases, y);
+  else
+    decode_linear_into(x, weights, biases, y);
+}
+
+// float32 RMSNorm as ops.rms_norm runs it: torch's own (which keeps float32 logits equal to
+// transformers').
+at::Tensor norm_f32(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight * at::rms_norm(x, {x.size(-1)}, std::nullopt, eps);
 }
 
 // bf16: x + delta rounded to bf16 (what ATen's bf16 add computes: the fp32 sum of the two values,
-// rounded once) and that sum's RMSNorm (rms_norm_cpu's row kernel), in one pass per row, without
-// the ATen add's dispatch and allocation. Bit-identical to `x + delta` followed by apply_norm(). Returns
-// {sum, normed}, both [B, 1, D].
-std::pair<at::Tensor, at::Tensor> add_norm_bf16(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
-                                                double eps) {
-  const at::Tensor xc = x.contiguous(), dc = delta.contiguous(), wc = weight.contiguous();
-  at::Tensor sum = at::empty(xc.sizes(), xc.options()), normed = at::empty(xc.sizes(), xc.options());
-  const int64_t d = xc.size(-1), rows = d == 0 ? 0 : xc.numel() / d;
+// rounded once) into sum, and that sum's RMSNorm (rms_norm_cpu's row kernel) into normed (null:
+// none), in one pass per row, without the ATen add's dispatch and allocation. Bit-identical to
+// `x + delta` followed by rms_norm_cpu. All [B, 1, D] and contiguous; sum may be x itself.
+void add_norm_bf16(const at::Tensor& x, const at::Tensor& delta, const at::Tensor* weight, double eps, at::Tensor& sum,
+                   at::Tensor* normed) {
+  const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
   auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-  const uint16_t *xp = bits(xc), *dp = bits(dc), *wp = bits(wc);
-  uint16_t *sp = bits(sum), *np = bits(normed);
+  const uint16_t *xp = bits(x), *dp = bits(delta);
+  uint16_t* sp = bits(sum);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < d; ++c)
       sp[r * d + c] = float_to_bf16_rne(bf16_bits_to_float(xp[r * d + c]) + bf16_bits_to_float(dp[r * d + c]));
-    norm::row(sp + r * d, wp, d, static_cast<float>(eps), np + r * d);
+    if (normed) norm::row(sp + r * d, bits(*weight), d, static_cast<float>(eps), bits(*normed) + r * d);
   }
-  return {sum, normed};
 }
 
-// silu(gate) * up. The Python layers apply SiLU to split views of one decode_linear output in
-// bf16 and to a separate, contiguous F.linear output in float32; SiLU's vectorized and scalar
-// exp differ in the last bit, so the layout must be the same here, not only the values.
-at::Tensor gated(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor& up_w,
-                 const c10::List<std::optional<at::Tensor>>& no_biases, const std::vector<at::Tensor>& scales = {}) {
-  if (x.scalar_type() == at::kBFloat16) {
-    const at::Tensor gu = project(x, {gate_w, up_w}, no_biases, scales);
-    const int64_t inter = gate_w.size(0);
-    return at::silu(gu.narrow(-1, 0, inter)) * gu.narrow(-1, inter, up_w.size(0));
-  }
+// float32: silu(gate(x)) * up(x), each projection a separate, contiguous F.linear output as the
+// Python layers make it (the bf16 path runs SiLU on split views of one gate|up output instead:
+// SiLU's vectorized and scalar exp differ in the last bit, so the layout must match the layers').
+at::Tensor gated_f32(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor& up_w) {
   return at::silu(at::linear(x, gate_w)) * at::linear(x, up_w);
 }
 
 // bf16: the rotation of q and k (rope.h: the same roundings as the ATen ops the Python layers run,
 // so bit-identical to qk * cos + roll(qk, hd/2) * sin_signed) and the cache writes of k and v, in
-// one pass over the q|k|v row of each sequence, with ten fewer ATen calls a layer. Returns q
-// [B, H, 1, hd].
-at::Tensor rotate_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin_signed,
-                            const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t past, int64_t heads,
-                            int64_t kv_heads, int64_t hd) {
+// one pass over the q|k|v row of each sequence, with ten fewer ATen calls a layer. q [B, H, 1, hd]
+// is written; qkv, cos and sin_signed ([B, 1, 1, hd]) are contiguous.
+void rotate_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin_signed,
+                      const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t past, int64_t heads,
+                      int64_t kv_heads, int64_t hd, at::Tensor& q) {
   const int64_t b = qkv.size(0), width = qkv.size(-1);
-  at::Tensor q = at::empty({b, heads, 1, hd}, qkv.options());
-  const at::Tensor x = qkv.contiguous(), cs = cos.contiguous(), sg = sin_signed.contiguous();  // [B, 1, 1, hd]
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* cp = reinterpret_cast<const uint16_t*>(cs.data_ptr<at::BFloat16>());
-  const auto* sp = reinterpret_cast<const uint16_t*>(sg.data_ptr<at::BFloat16>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
+  const auto* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
+  const auto* sp = reinterpret_cast<const uint16_t*>(sin_signed.data_ptr<at::BFloat16>());
   auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr<at::BFloat16>());
   auto* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>());
   auto* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>());
@@ -138,7 +133,6 @@ at::Tensor rotate_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const 
     for (int64_t h = 0; h < kv_heads; ++h)
       std::memcpy(vc + ((i * kv_heads + h) * lmax + past) * hd, row + (heads + kv_heads + h) * hd, hd * 2);
   }
-  return q;
 }
 
 // Every parameter of every layer against the layer's dimensions: the ATen ops of the float32 path
@@ -237,6 +231,106 @@ void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cach
   }
 }
 
+// The scales of a group of quantized weights of layer l (all or none of the group: else an error).
+std::vector<at::Tensor> group_scales(const Table& scales, int64_t l, std::initializer_list<Param> slots) {
+  std::vector<at::Tensor> out;
+  for (Param slot : slots)
+    if (const at::Tensor* s = scales.get(l * kParamsPerLayer + slot)) out.push_back(*s);
+  TORCH_CHECK(out.empty() || out.size() == slots.size(), "decode_layers: layer ", l, ": the weights of one "
+              "projection group (q|k|v, gate|up) must be all quantized or none");
+  return out;
+}
+
+// What every layer of a step shares: the arguments after their checks.
+struct Step {
+  const Table& params;
+  const Table& scales;
+  at::TensorList k_cache, v_cache;
+  std::optional<at::Tensor> mask;
+  int64_t layers, past, heads, kv_heads, hd;
+  double eps, scale;
+};
+
+// Decode attention of layer l over the cache's first past + 1 positions: [B, H, 1, hd].
+at::Tensor attend(const at::Tensor& q, const Step& s, int64_t l) {
+  return decode_attention_cpu(q, s.k_cache[l].narrow(2, 0, s.past + 1), s.v_cache[l].narrow(2, 0, s.past + 1), s.mask,
+                              std::nullopt, s.scale);
+}
+
+// bf16: every layer through buffers allocated once per step and reused by each layer (the
+// projections, norms and SiLU write into them), so a layer allocates only inside attention.
+at::Tensor layers_bf16(const at::Tensor& x_in, const Step& s, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  const int64_t b = x_in.size(0), hidden = x_in.size(2);
+  const int64_t inter = need(s.params, 0, kGate).size(0);  // layer 0's; a layer with another size gets its own buffers
+  const auto opts = x_in.options();
+  const at::Tensor cos = cos_in.contiguous(), sin_signed = sin_in.contiguous();  // [B, 1, 1, hd]
+  at::Tensor x = at::empty({b, 1, hidden}, opts);  // the residual stream, updated in place
+  at::Tensor h = at::empty({b, 1, hidden}, opts), o = at::empty({b, 1, hidden}, opts), down = at::empty({b, 1, hidden}, opts);
+  at::Tensor qkv = at::empty({b, 1, (s.heads + 2 * s.kv_heads) * s.hd}, opts);
+  at::Tensor q = at::empty({b, s.heads, 1, s.hd}, opts);
+  at::Tensor gu = at::empty({b, 1, 2 * inter}, opts), act = at::empty({b, 1, inter}, opts);
+  const at::Tensor gate_part = gu.narrow(-1, 0, inter), up_part = gu.narrow(-1, inter, inter);
+  const at::Tensor* no_bias[1] = {nullptr};
+  const at::Tensor* no_biases[2] = {nullptr, nullptr};
+  const at::Tensor x_c = x_in.contiguous();
+  auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  for (int64_t r = 0; r < b; ++r)  // layer 0's input norm (later ones come with the previous layer's residual add)
+    norm::row(bits(x_c) + r * hidden, bits(need(s.params, 0, kInNorm)), hidden, static_cast<float>(s.eps),
+              bits(h) + r * hidden);
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const int64_t base = l * kParamsPerLayer;
+    // attention block
+    const at::Tensor* qkv_biases[3] = {s.params.get(base + kQBias), s.params.get(base + kKBias), s.params.get(base + kVBias)};
+    const std::vector<at::Tensor> qkv_scales = group_scales(s.scales, l, {kQ, kK, kV});
+    project_into(h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases, qkv_scales, qkv);
+    rotate_and_cache(qkv, cos, sin_signed, s.k_cache[l], s.v_cache[l], s.past, s.heads, s.kv_heads, s.hd, q);
+    const at::Tensor attn = attend(q, s, l);  // [B, H, 1, hd] over [B, 1, H, hd] memory
+    project_into(attn.transpose(1, 2).reshape({b, 1, s.heads * s.hd}), {need(s.params, l, kO)}, no_bias,
+                 group_scales(s.scales, l, {kO}), o);
+    add_norm_bf16(l == 0 ? x_c : x, o, &need(s.params, l, kPostNorm), s.eps, x, &h);
+    // MLP block: silu(gate) * up on split views of one gate|up output, as the Python layers run it
+    const bool own = need(s.params, l, kGate).size(0) == inter;
+    at::Tensor gu_l = own ? gu : at::empty({b, 1, 2 * need(s.params, l, kGate).size(0)}, opts);
+    project_into(h, {need(s.params, l, kGate), need(s.params, l, kUp)}, no_biases, group_scales(s.scales, l, {kGate, kUp}),
+                 gu_l);
+    const int64_t inter_l = gu_l.size(-1) / 2;
+    at::Tensor act_l = own ? act : at::empty({b, 1, inter_l}, opts);
+    at::silu_out(act_l, own ? gate_part : gu_l.narrow(-1, 0, inter_l));
+    at::mul_out(act_l, act_l, own ? up_part : gu_l.narrow(-1, inter_l, inter_l));
+    project_into(act_l, {need(s.params, l, kDown)}, no_bias, group_scales(s.scales, l, {kDown}), down);
+    const bool last = l + 1 == s.layers;  // else with the next layer's input norm
+    add_norm_bf16(x, down, last ? nullptr : &need(s.params, l + 1, kInNorm), s.eps, x, last ? nullptr : &h);
+  }
+  return x;
+}
+
+// float32: the ATen ops themselves, as the Python layers run them (their fp32 rounding, no
+// contraction questions).
+at::Tensor layers_f32(const at::Tensor& x_in, const Step& s, const at::Tensor& cos, const at::Tensor& sin_signed) {
+  const int64_t b = x_in.size(0), inter_rows = s.heads + s.kv_heads;
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const int64_t base = l * kParamsPerLayer;
+    const at::Tensor* qkv_biases[3] = {s.params.get(base + kQBias), s.params.get(base + kKBias), s.params.get(base + kVBias)};
+    const at::Tensor h = norm_f32(x, need(s.params, l, kInNorm), s.eps);
+    const at::Tensor qkv = project_f32(h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases);
+    const at::Tensor qk_in = qkv.narrow(-1, 0, inter_rows * s.hd).view({b, 1, inter_rows, s.hd});
+    const at::Tensor qk = qk_in * cos + at::roll(qk_in, {s.hd / 2}, {-1}) * sin_signed;  // [B, 1, H + Hkv, hd]
+    const at::Tensor q = qk.narrow(2, 0, s.heads).transpose(1, 2);                       // [B, H, 1, hd]
+    const at::Tensor k = qk.narrow(2, s.heads, s.kv_heads).transpose(1, 2);              // [B, Hkv, 1, hd]
+    const at::Tensor v = qkv.narrow(-1, inter_rows * s.hd, s.kv_heads * s.hd).view({b, 1, s.kv_heads, s.hd}).transpose(1, 2);
+    s.k_cache[l].narrow(2, s.past, 1).copy_(k);
+    s.v_cache[l].narrow(2, s.past, 1).copy_(v);
+    const at::Tensor attn = attend(q, s, l);
+    const at::Tensor* no_bias[1] = {nullptr};
+    x = x + project_f32(attn.transpose(1, 2).reshape({b, 1, s.heads * s.hd}), {need(s.params, l, kO)}, no_bias);
+    const at::Tensor h2 = norm_f32(x, need(s.params, l, kPostNorm), s.eps);
+    const at::Tensor act = gated_f32(h2, need(s.params, l, kGate), need(s.params, l, kUp));
+    x = x + project_f32(act, {need(s.params, l, kDown)}, no_bias);
+  }
+  return x;
+}
+
 }  // namespace
 
 at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params_list,
@@ -248,70 +342,16 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
               kParamsPerLayer, " entries per layer, got ", params_list.size());
   const int64_t layers = static_cast<int64_t>(params_list.size()) / kParamsPerLayer;
   check_args(x_in, layers, k_cache, v_cache, cos, sin_signed, key_mask, past, heads, kv_heads, eps);
-  const int64_t b = x_in.size(0), hd = k_cache[0].size(3), inter_rows = heads + kv_heads;
+  const int64_t hd = k_cache[0].size(3);
   TORCH_CHECK(scales_list.size() == 0 || scales_list.size() == params_list.size(), "decode_layers: scales must be empty "
               "or hold one entry per params entry (", params_list.size(), "), got ", scales_list.size());
   const Table params(params_list), scales(scales_list);
   check_params(params, scales, layers, x_in, heads, kv_heads, hd);
-  // the bias lists of the projections without biases (o_proj, gate|up, down), built once
-  const c10::List<std::optional<at::Tensor>> no_bias({std::nullopt}), no_biases({std::nullopt, std::nullopt});
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  const std::optional<at::Tensor> mask = key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt;
-  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
-  at::Tensor x = x_in;
-  at::Tensor h;  // the input norm of layer l (bf16: computed with the previous layer's residual add)
-  for (int64_t l = 0; l < layers; ++l) {
-    auto bias = [&](Param slot) { return maybe(params.get(l * kParamsPerLayer + slot)); };
-    // the scales of a group of quantized weights (all or none of the group: else an error)
-    auto group_scales = [&](std::initializer_list<Param> slots) {
-      std::vector<at::Tensor> out;
-      for (Param slot : slots)
-        if (const at::Tensor* s = scales.get(l * kParamsPerLayer + slot)) out.push_back(*s);
-      TORCH_CHECK(out.empty() || out.size() == slots.size(), "decode_layers: layer ", l, ": the weights of one "
-                  "projection group (q|k|v, gate|up) must be all quantized or none");
-      return out;
-    };
-    // attention block
-    if (!bf16 || l == 0) h = apply_norm(x, need(params, l, kInNorm), eps);
-    const at::Tensor qkv = project(h, {need(params, l, kQ), need(params, l, kK), need(params, l, kV)},
-                                   c10::List<std::optional<at::Tensor>>({bias(kQBias), bias(kKBias), bias(kVBias)}),
-                                   group_scales({kQ, kK, kV}));
-    TORCH_CHECK(qkv.size(-1) == (heads + 2 * kv_heads) * hd, "decode_layers: layer ", l, ": q|k|v projections give ",
-                qkv.size(-1), " features, expected (num_heads + 2 num_kv_heads) * head_dim = ",
-                (heads + 2 * kv_heads) * hd);
-    at::Tensor q;  // [B, H, 1, hd]
-    if (x.scalar_type() == at::kBFloat16) {
-      q = rotate_and_cache(qkv, cos, sin_signed, k_cache[l], v_cache[l], past, heads, kv_heads, hd);
-    } else {  // float32: the ATen ops themselves (their fp32 rounding, no contraction questions)
-      const at::Tensor qk_in = qkv.narrow(-1, 0, inter_rows * hd).view({b, 1, inter_rows, hd});
-      const at::Tensor qk = qk_in * cos + at::roll(qk_in, {hd / 2}, {-1}) * sin_signed;  // [B, 1, H + Hkv, hd]
-      q = qk.narrow(2, 0, heads).transpose(1, 2);                                         // [B, H, 1, hd]
-      const at::Tensor k = qk.narrow(2, heads, kv_heads).transpose(1, 2);                 // [B, Hkv, 1, hd]
-      const at::Tensor v = qkv.narrow(-1, inter_rows * hd, kv_heads * hd).view({b, 1, kv_heads, hd}).transpose(1, 2);
-      k_cache[l].narrow(2, past, 1).copy_(k);
-      v_cache[l].narrow(2, past, 1).copy_(v);
-    }
-    const at::Tensor attn = decode_attention_cpu(q, k_cache[l].narrow(2, 0, past + 1), v_cache[l].narrow(2, 0, past + 1),
-                                                 mask, std::nullopt, scale);  // [B, H, 1, hd] over [B, 1, H, hd] memory
-    const at::Tensor o = project(attn.transpose(1, 2).reshape({b, 1, heads * hd}), {need(params, l, kO)}, no_bias,
-                                 group_scales({kO}));
-    at::Tensor h2;
-    if (bf16) {
-      std::tie(x, h2) = add_norm_bf16(x, o, need(params, l, kPostNorm), eps);
-    } else {
-      x = x + o;
-      h2 = apply_norm(x, need(params, l, kPostNorm), eps);
-    }
-    // MLP block
-    const at::Tensor act = gated(h2, need(params, l, kGate), need(params, l, kUp), no_biases,
-                                 group_scales({kGate, kUp}));
-    const at::Tensor down = project(act, {need(params, l, kDown)}, no_bias, group_scales({kDown}));
-    if (bf16 && l + 1 < layers)
-      std::tie(x, h) = add_norm_bf16(x, down, need(params, l + 1, kInNorm), eps);  // and the next layer's input norm
-    else
-      x = x + down;
-  }
-  return x;
+  const Step step{params, scales, k_cache, v_cache,
+                  key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt,
+                  layers, past, heads, kv_heads, hd, eps, 1.0 / std::sqrt(static_cast<double>(hd))};
+  return x_in.scalar_type() == at::kBFloat16 ? layers_bf16(x_in, step, cos, sin_signed)
+                                             : layers_f32(x_in, step, cos, sin_signed);
 }
 
 TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) { m.impl("decode_layers", &decode_layers_cpu); }

@@ -15,7 +15,8 @@ constexpr int64_t kMinBytesPerWorker = 192 * 1024;  // below this a second threa
 
 }  // namespace
 
-at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases) {
+void decode_linear_into(const at::Tensor& x, at::TensorList weights, c10::ArrayRef<const at::Tensor*> biases,
+                        at::Tensor& y) {
   const char* op = "decode_linear";
   check_cpu(x, op, "x");
   check_dtype(x, at::kBFloat16, op, "x");
@@ -32,20 +33,20 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights, const 
   std::vector<at::Tensor> bias_f(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
-    const std::string name = "weights[" + std::to_string(i) + "]";
-    check_cpu(w, op, name.c_str());
-    check_dtype(w, at::kBFloat16, op, name.c_str());
-    check_dim(w, 2, op, name.c_str());
-    check_contiguous(w, op, name.c_str());
-    TORCH_CHECK(w.size(1) == k, op, ": ", name, " must be [N, K] with K = ", k, " (x's last dim), got ", shape_str(w));
-    bias_f[i] = bias_as_float(biases, i, w.size(0), op);
+    if (!(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous())) {
+      const std::string name = "weights[" + std::to_string(i) + "]";  // built only to report a problem
+      check_cpu(w, op, name.c_str());
+      check_dtype(w, at::kBFloat16, op, name.c_str());
+      check_dim(w, 2, op, name.c_str());
+      check_contiguous(w, op, name.c_str());
+    }
+    TORCH_CHECK(w.size(1) == k, op, ": weights[", i, "] must be [N, K] with K = ", k, " (x's last dim), got ",
+                shape_str(w));
+    bias_f[i] = bias_as_float(biases[i], i, w.size(0), op);
     n_total += w.size(0);
   }
-
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n_total;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (rows_x == 0 || n_total == 0) return y;
+  check_output(y, rows_x, n_total, op);
+  if (rows_x == 0 || n_total == 0) return;
 
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
@@ -67,11 +68,22 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights, const 
     gemv::amx::pack_x(xp, rows_x, k, k, xb);
     for_worker_row_ranges(first_row, rows, n_total, n_total * k * 2, kMinBytesPerWorker,
                           [&](size_t i, int64_t lo, int64_t hi) { gemv::amx::rows_packed(jobs[i], xb.data(), lo, hi); });
-    return y;
+    return;
   }
 #endif
   for_worker_row_ranges(first_row, rows, n_total, n_total * k * 2, kMinBytesPerWorker,
                         [&](size_t i, int64_t lo, int64_t hi) { gemv::run_rows(jobs[i], lo, hi); });
+}
+
+at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases) {
+  TORCH_CHECK(x.dim() >= 1, "decode_linear: x must have at least one dimension, got a scalar");
+  int64_t n_total = 0;
+  for (const at::Tensor& w : weights) n_total += w.dim() >= 1 ? w.size(0) : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n_total;
+  at::Tensor y = at::empty(out_shape, x.options());
+  std::vector<std::optional<at::Tensor>> owned;
+  decode_linear_into(x, weights, bias_pointers(biases, owned), y);
   return y;
 }
 

@@ -18,6 +18,15 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights,
 at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
                             const c10::List<std::optional<at::Tensor>>& biases);
 
+// decode_linear / quant_linear writing into y [..., sum of the weights' N] (contiguous bf16, x's
+// rows), biases as pointers (null: none): what decode_layers calls with buffers it reuses for
+// every layer, without a tensor allocation or a bias list per call.
+void decode_linear_into(const at::Tensor& x, at::TensorList weights, c10::ArrayRef<const at::Tensor*> biases,
+                        at::Tensor& y);
+
+void quant_linear_into(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                       c10::ArrayRef<const at::Tensor*> biases, at::Tensor& y);
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 }  // namespace idefics3_kit

@@ -366,6 +366,22 @@ def test_decode_layers_bit_identical_with_odd_widths_and_tile_head_dims(dtype, b
     _compare_fused_and_python(dec, dtype, b, monkeypatch, padded=b > 1)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 3])
+def test_decode_layers_bit_identical_with_layers_of_different_mlp_widths(dtype, b, monkeypatch):
+    # a pruned model: layer 1's MLP narrower than layer 0's (the bf16 step sizes its reused
+    # gate|up buffers from layer 0 and gives such a layer its own)
+    dec = _tiny_decoder(dtype)
+    mlp = dec.model.layers[1].mlp
+    hidden, narrow = dec.hidden_size, mlp.gate_proj.out_features - 24
+    torch.manual_seed(5)
+    mlp.gate_proj = torch.nn.Linear(hidden, narrow, bias=False, dtype=dtype)
+    mlp.up_proj = torch.nn.Linear(hidden, narrow, bias=False, dtype=dtype)
+    mlp.down_proj = torch.nn.Linear(narrow, hidden, bias=False, dtype=dtype)
+    _compare_fused_and_python(dec.eval(), dtype, b, monkeypatch, padded=b > 1)
+
+
 def _one_call_applies(dec, dtype) -> bool:
     """Whether a one-token step of ``dec`` would run every layer in the compiled call."""
     x = torch.zeros(1, 1, dec.hidden_size, dtype=dtype)
