@@ -17,12 +17,14 @@ namespace idefics3_kit {
 namespace {
 
 constexpr int64_t kMinSplit = 256;  // keys per item at least (amortizes the per-item setup)
-// KV bytes per worker at least. 256 KiB: a SmolVLM-256M step past ~340 tokens of context (one
-// image is ~900) uses both threads. With 1 MiB, attention ran on one thread up to ~1400 tokens and
-// took 26% of the main thread of an int4 step at 900 tokens while the second thread idled 74%
-// (perf); with 256 KiB the two threads share it (17% each), and that step ran 9-16% faster (best of
-// 6 alternated runs, three times; also with a busy background process). bf16 steps are unchanged.
-constexpr int64_t kMinBytesPerWorker = int64_t{1} << 18;
+// KV bytes per worker at least. History: with 1 MiB, attention ran on one thread up to ~1400
+// tokens and took 26% of the main thread of an int4 step at 900 tokens while the second thread
+// idled 74% (perf); 256 KiB ran that step 9-16% faster (both threads past ~680 tokens: two
+// workers need twice the bytes, 768 B a token here; ~340 was said). 32 KiB (both threads past ~85
+// tokens): on a Zen 4, a layer's call with its cache out of the caches (as in a decode step, which streams the weights between layers) took 28.5-28.8
+// instead of 40.0-40.6 us at 400 tokens, 24.7-25.2 instead of 29.5-30.8 at 250, 20.5 instead of
+// 23.7 at 100 (medians of 6, interleaved), ~0.35 ms of a step at 400 tokens; 900 tokens unchanged.
+constexpr int64_t kMinBytesPerWorker = int64_t{1} << 15;
 
 int64_t split_length(int64_t b, int64_t hkv, int64_t l) {
   const int64_t want_items = 4 * static_cast<int64_t>(at::get_num_threads());
