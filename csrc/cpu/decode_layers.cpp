@@ -83,6 +83,8 @@ at::Tensor norm_f32(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight * at::rms_norm(x, {x.size(-1)}, std::nullopt, eps);
 }
 
+uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
 // bf16: x + delta rounded to bf16 (what ATen's bf16 add computes: the fp32 sum of the two values,
 // rounded once) into sum, and that sum's RMSNorm (rms_norm_cpu's row kernel) into normed (null:
 // none), in one pass per row, without the ATen add's dispatch and allocation. Bit-identical to
@@ -90,13 +92,12 @@ at::Tensor norm_f32(const at::Tensor& x, const at::Tensor& weight, double eps) {
 void add_norm_bf16(const at::Tensor& x, const at::Tensor& delta, const at::Tensor* weight, double eps, at::Tensor& sum,
                    at::Tensor* normed) {
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
-  auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-  const uint16_t *xp = bits(x), *dp = bits(delta);
-  uint16_t* sp = bits(sum);
+  const uint16_t *xp = bf16_bits(x), *dp = bf16_bits(delta);
+  uint16_t* sp = bf16_bits(sum);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < d; ++c)
       sp[r * d + c] = float_to_bf16_rne(bf16_bits_to_float(xp[r * d + c]) + bf16_bits_to_float(dp[r * d + c]));
-    if (normed) norm::row(sp + r * d, bits(*weight), d, static_cast<float>(eps), bits(*normed) + r * d);
+    if (normed) norm::row(sp + r * d, bf16_bits(*weight), d, static_cast<float>(eps), bf16_bits(*normed) + r * d);
   }
 }
 
@@ -257,51 +258,87 @@ at::Tensor attend(const at::Tensor& q, const Step& s, int64_t l) {
                               std::nullopt, s.scale);
 }
 
-// bf16: every layer through buffers allocated once per step and reused by each layer (the
-// projections, norms and SiLU write into them), so a layer allocates only inside attention.
-at::Tensor layers_bf16(const at::Tensor& x_in, const Step& s, const at::Tensor& cos_in, const at::Tensor& sin_in) {
-  const int64_t b = x_in.size(0), hidden = x_in.size(2);
-  const int64_t inter = need(s.params, 0, kGate).size(0);  // layer 0's; a layer with another size gets its own buffers
+// bf16: a step's activations, allocated once and reused by every layer (the projections, norms,
+// rotation and SiLU write into them), so a layer allocates only inside attention. The gate|up
+// buffers are sized for layer 0; a layer of another MLP width gets its own (mlp_bf16).
+struct Buffers {
+  at::Tensor x;     // [B, 1, D] the residual stream, updated in place
+  at::Tensor h;     // [B, 1, D] the current RMSNorm output (input of q|k|v or gate|up)
+  at::Tensor o, down;                // [B, 1, D] o_proj and down_proj outputs
+  at::Tensor qkv;                    // [B, 1, (H + 2 Hkv) hd]
+  at::Tensor q;                      // [B, H, 1, hd] rotated queries
+  at::Tensor gu, act;                // [B, 1, 2 I] gate|up, [B, 1, I] silu(gate) * up
+  at::Tensor gate_part, up_part;     // views of gu
+  int64_t inter;                     // I
+};
+
+Buffers step_buffers(const at::Tensor& x_in, const Step& s) {
+  const int64_t b = x_in.size(0), hidden = x_in.size(2), inter = need(s.params, 0, kGate).size(0);
   const auto opts = x_in.options();
-  const at::Tensor cos = cos_in.contiguous(), sin_signed = sin_in.contiguous();  // [B, 1, 1, hd]
-  at::Tensor x = at::empty({b, 1, hidden}, opts);  // the residual stream, updated in place
-  at::Tensor h = at::empty({b, 1, hidden}, opts), o = at::empty({b, 1, hidden}, opts), down = at::empty({b, 1, hidden}, opts);
-  at::Tensor qkv = at::empty({b, 1, (s.heads + 2 * s.kv_heads) * s.hd}, opts);
-  at::Tensor q = at::empty({b, s.heads, 1, s.hd}, opts);
-  at::Tensor gu = at::empty({b, 1, 2 * inter}, opts), act = at::empty({b, 1, inter}, opts);
-  const at::Tensor gate_part = gu.narrow(-1, 0, inter), up_part = gu.narrow(-1, inter, inter);
+  Buffers buf;
+  buf.x = at::empty({b, 1, hidden}, opts);
+  buf.h = at::empty({b, 1, hidden}, opts);
+  buf.o = at::empty({b, 1, hidden}, opts);
+  buf.down = at::empty({b, 1, hidden}, opts);
+  buf.qkv = at::empty({b, 1, (s.heads + 2 * s.kv_heads) * s.hd}, opts);
+  buf.q = at::empty({b, s.heads, 1, s.hd}, opts);
+  buf.gu = at::empty({b, 1, 2 * inter}, opts);
+  buf.act = at::empty({b, 1, inter}, opts);
+  buf.gate_part = buf.gu.narrow(-1, 0, inter);
+  buf.up_part = buf.gu.narrow(-1, inter, inter);
+  buf.inter = inter;
+  return buf;
+}
+
+// Layer l's attention block on buf.h (its input norm): q|k|v, rotation and cache writes, decode
+// attention, o_proj; then x_prev + o into buf.x and its post-attention norm into buf.h.
+void attention_bf16(Buffers& buf, const Step& s, int64_t l, const at::Tensor& x_prev, const at::Tensor& cos,
+                    const at::Tensor& sin_signed) {
+  const int64_t base = l * kParamsPerLayer, b = buf.x.size(0);
+  const at::Tensor* qkv_biases[3] = {s.params.get(base + kQBias), s.params.get(base + kKBias), s.params.get(base + kVBias)};
+  const at::Tensor* no_bias[1] = {nullptr};
+  project_into(buf.h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases,
+               group_scales(s.scales, l, {kQ, kK, kV}), buf.qkv);
+  rotate_and_cache(buf.qkv, cos, sin_signed, s.k_cache[l], s.v_cache[l], s.past, s.heads, s.kv_heads, s.hd, buf.q);
+  const at::Tensor attn = attend(buf.q, s, l);  // [B, H, 1, hd] over [B, 1, H, hd] memory
+  project_into(attn.transpose(1, 2).reshape({b, 1, s.heads * s.hd}), {need(s.params, l, kO)}, no_bias,
+               group_scales(s.scales, l, {kO}), buf.o);
+  add_norm_bf16(x_prev, buf.o, &need(s.params, l, kPostNorm), s.eps, buf.x, &buf.h);
+}
+
+// Layer l's MLP block on buf.h: silu(gate) * up on split views of one gate|up output, as the
+// Python layers run it, then down_proj; buf.x + down into buf.x and, unless l is the last layer,
+// the next layer's input norm into buf.h.
+void mlp_bf16(Buffers& buf, const Step& s, int64_t l) {
   const at::Tensor* no_bias[1] = {nullptr};
   const at::Tensor* no_biases[2] = {nullptr, nullptr};
+  const int64_t inter = need(s.params, l, kGate).size(0);
+  const bool shared = inter == buf.inter;
+  at::Tensor gu = shared ? buf.gu : at::empty({buf.x.size(0), 1, 2 * inter}, buf.x.options());
+  project_into(buf.h, {need(s.params, l, kGate), need(s.params, l, kUp)}, no_biases,
+               group_scales(s.scales, l, {kGate, kUp}), gu);
+  at::Tensor act = shared ? buf.act : at::empty({buf.x.size(0), 1, inter}, buf.x.options());
+  at::silu_out(act, shared ? buf.gate_part : gu.narrow(-1, 0, inter));
+  at::mul_out(act, act, shared ? buf.up_part : gu.narrow(-1, inter, inter));
+  project_into(act, {need(s.params, l, kDown)}, no_bias, group_scales(s.scales, l, {kDown}), buf.down);
+  const bool last = l + 1 == s.layers;
+  add_norm_bf16(buf.x, buf.down, last ? nullptr : &need(s.params, l + 1, kInNorm), s.eps, buf.x,
+                last ? nullptr : &buf.h);
+}
+
+at::Tensor layers_bf16(const at::Tensor& x_in, const Step& s, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  Buffers buf = step_buffers(x_in, s);
+  const at::Tensor cos = cos_in.contiguous(), sin_signed = sin_in.contiguous();  // [B, 1, 1, hd]
   const at::Tensor x_c = x_in.contiguous();
-  auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-  for (int64_t r = 0; r < b; ++r)  // layer 0's input norm (later ones come with the previous layer's residual add)
-    norm::row(bits(x_c) + r * hidden, bits(need(s.params, 0, kInNorm)), hidden, static_cast<float>(s.eps),
-              bits(h) + r * hidden);
+  const int64_t hidden = x_c.size(2);
+  for (int64_t r = 0; r < x_c.size(0); ++r)  // layer 0's input norm (later ones come with the previous layer's MLP)
+    norm::row(bf16_bits(x_c) + r * hidden, bf16_bits(need(s.params, 0, kInNorm)), hidden, static_cast<float>(s.eps),
+              bf16_bits(buf.h) + r * hidden);
   for (int64_t l = 0; l < s.layers; ++l) {
-    const int64_t base = l * kParamsPerLayer;
-    // attention block
-    const at::Tensor* qkv_biases[3] = {s.params.get(base + kQBias), s.params.get(base + kKBias), s.params.get(base + kVBias)};
-    const std::vector<at::Tensor> qkv_scales = group_scales(s.scales, l, {kQ, kK, kV});
-    project_into(h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases, qkv_scales, qkv);
-    rotate_and_cache(qkv, cos, sin_signed, s.k_cache[l], s.v_cache[l], s.past, s.heads, s.kv_heads, s.hd, q);
-    const at::Tensor attn = attend(q, s, l);  // [B, H, 1, hd] over [B, 1, H, hd] memory
-    project_into(attn.transpose(1, 2).reshape({b, 1, s.heads * s.hd}), {need(s.params, l, kO)}, no_bias,
-                 group_scales(s.scales, l, {kO}), o);
-    add_norm_bf16(l == 0 ? x_c : x, o, &need(s.params, l, kPostNorm), s.eps, x, &h);
-    // MLP block: silu(gate) * up on split views of one gate|up output, as the Python layers run it
-    const bool own = need(s.params, l, kGate).size(0) == inter;
-    at::Tensor gu_l = own ? gu : at::empty({b, 1, 2 * need(s.params, l, kGate).size(0)}, opts);
-    project_into(h, {need(s.params, l, kGate), need(s.params, l, kUp)}, no_biases, group_scales(s.scales, l, {kGate, kUp}),
-                 gu_l);
-    const int64_t inter_l = gu_l.size(-1) / 2;
-    at::Tensor act_l = own ? act : at::empty({b, 1, inter_l}, opts);
-    at::silu_out(act_l, own ? gate_part : gu_l.narrow(-1, 0, inter_l));
-    at::mul_out(act_l, act_l, own ? up_part : gu_l.narrow(-1, inter_l, inter_l));
-    project_into(act_l, {need(s.params, l, kDown)}, no_bias, group_scales(s.scales, l, {kDown}), down);
-    const bool last = l + 1 == s.layers;  // else with the next layer's input norm
-    add_norm_bf16(x, down, last ? nullptr : &need(s.params, l + 1, kInNorm), s.eps, x, last ? nullptr : &h);
+    attention_bf16(buf, s, l, l == 0 ? x_c : buf.x, cos, sin_signed);
+    mlp_bf16(buf, s, l);
   }
-  return x;
+  return buf.x;
 }
 
 // float32: the ATen ops themselves, as the Python layers run them (their fp32 rounding, no
