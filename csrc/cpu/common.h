@@ -91,6 +91,16 @@ inline std::vector<const at::Tensor*> bias_pointers(const c10::List<std::optiona
   return out;
 }
 
+// The output a few-row linear allocates for x [..., K]: [..., sum of the weights' rows], x's dtype.
+inline at::Tensor linear_output(const at::Tensor& x, at::TensorList weights, const char* op) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  int64_t n_total = 0;
+  for (const at::Tensor& w : weights) n_total += w.dim() >= 1 ? w.size(0) : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n_total;
+  return at::empty(out_shape, x.options());
+}
+
 // A few-row linear's output buffer y [..., N]: contiguous, bf16, on the CPU (the *_into cores
 // write it through a raw pointer).
 inline void check_output(const at::Tensor& y, int64_t rows, int64_t n, const char* op) {

@@ -76,12 +76,7 @@ void decode_linear_into(const at::Tensor& x, at::TensorList weights, c10::ArrayR
 }
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases) {
-  TORCH_CHECK(x.dim() >= 1, "decode_linear: x must have at least one dimension, got a scalar");
-  int64_t n_total = 0;
-  for (const at::Tensor& w : weights) n_total += w.dim() >= 1 ? w.size(0) : 0;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n_total;
-  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor y = linear_output(x, weights, "decode_linear");
   std::vector<std::optional<at::Tensor>> owned;
   decode_linear_into(x, weights, bias_pointers(biases, owned), y);
   return y;

@@ -123,12 +123,7 @@ void quant_linear_into(const at::Tensor& x, at::TensorList qweights, at::TensorL
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
                             const c10::List<std::optional<at::Tensor>>& biases) {
-  TORCH_CHECK(x.dim() >= 1, "quant_linear: x must have at least one dimension, got a scalar");
-  int64_t n_total = 0;
-  for (const at::Tensor& w : qweights) n_total += w.dim() >= 1 ? w.size(0) : 0;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n_total;
-  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor y = linear_output(x, qweights, "quant_linear");
   std::vector<std::optional<at::Tensor>> owned;
   quant_linear_into(x, qweights, scales, bias_pointers(biases, owned), y);
   return y;
