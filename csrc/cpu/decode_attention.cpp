@@ -21,9 +21,10 @@ constexpr int64_t kMinSplit = 256;  // keys per item at least (amortizes the per
 // tokens and took 26% of the main thread of an int4 step at 900 tokens while the second thread
 // idled 74% (perf); 256 KiB ran that step 9-16% faster (both threads past ~680 tokens: two
 // workers need twice the bytes, 768 B a token here; ~340 was said). 32 KiB (both threads past ~85
-// tokens): on a Zen 4, a layer's call with its cache out of the caches (as in a decode step, which streams the weights between layers) took 28.5-28.8
-// instead of 40.0-40.6 us at 400 tokens, 24.7-25.2 instead of 29.5-30.8 at 250, 20.5 instead of
-// 23.7 at 100 (medians of 6, interleaved), ~0.35 ms of a step at 400 tokens; 900 tokens unchanged.
+// tokens): on a Zen 4, a layer's call with its cache out of the caches (as in a decode step, which
+// streams the weights between layers) took 28.5-28.8 instead of 40.0-40.6 us at 400 tokens,
+// 24.7-25.2 instead of 29.5-30.8 at 250, 20.5 instead of 23.7 at 100 (medians of 6, interleaved),
+// ~0.35 ms of a step at 400 tokens; 900 tokens unchanged.
 constexpr int64_t kMinBytesPerWorker = int64_t{1} << 15;
 
 int64_t split_length(int64_t b, int64_t hkv, int64_t l) {

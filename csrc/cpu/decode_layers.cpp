@@ -11,6 +11,7 @@
 // bf16 steps write every intermediate into buffers allocated once per step and reused by each
 // layer (layers_bf16): with GEMVs taken out, an int4 step at SmolVLM-256M shapes spent ~0.83 ms
 // outside them with a fresh tensor (and fresh activation buffers) per op, ~0.68 ms with these.
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -258,6 +259,12 @@ at::Tensor attend(const at::Tensor& q, const Step& s, int64_t l) {
                               std::nullopt, s.scale);
 }
 
+// Layer l's q|k|v biases (null where a projection has none), in projection order.
+std::array<const at::Tensor*, 3> qkv_biases(const Step& s, int64_t l) {
+  const int64_t base = l * kParamsPerLayer;
+  return {s.params.get(base + kQBias), s.params.get(base + kKBias), s.params.get(base + kVBias)};
+}
+
 // bf16: a step's activations, allocated once and reused by every layer (the projections, norms,
 // rotation and SiLU write into them), so a layer allocates only inside attention. The gate|up
 // buffers are sized for layer 0; a layer of another MLP width gets its own (mlp_bf16).
@@ -294,10 +301,9 @@ Buffers step_buffers(const at::Tensor& x_in, const Step& s) {
 // attention, o_proj; then x_prev + o into buf.x and its post-attention norm into buf.h.
 void attention_bf16(Buffers& buf, const Step& s, int64_t l, const at::Tensor& x_prev, const at::Tensor& cos,
                     const at::Tensor& sin_signed) {
-  const int64_t base = l * kParamsPerLayer, b = buf.x.size(0);
-  const at::Tensor* qkv_biases[3] = {s.params.get(base + kQBias), s.params.get(base + kKBias), s.params.get(base + kVBias)};
+  const int64_t b = buf.x.size(0);
   const at::Tensor* no_bias[1] = {nullptr};
-  project_into(buf.h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases,
+  project_into(buf.h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases(s, l),
                group_scales(s.scales, l, {kQ, kK, kV}), buf.qkv);
   rotate_and_cache(buf.qkv, cos, sin_signed, s.k_cache[l], s.v_cache[l], s.past, s.heads, s.kv_heads, s.hd, buf.q);
   const at::Tensor attn = attend(buf.q, s, l);  // [B, H, 1, hd] over [B, 1, H, hd] memory
@@ -347,15 +353,15 @@ at::Tensor layers_f32(const at::Tensor& x_in, const Step& s, const at::Tensor& c
   const int64_t b = x_in.size(0), inter_rows = s.heads + s.kv_heads;
   at::Tensor x = x_in;
   for (int64_t l = 0; l < s.layers; ++l) {
-    const int64_t base = l * kParamsPerLayer;
-    const at::Tensor* qkv_biases[3] = {s.params.get(base + kQBias), s.params.get(base + kKBias), s.params.get(base + kVBias)};
     const at::Tensor h = norm_f32(x, need(s.params, l, kInNorm), s.eps);
-    const at::Tensor qkv = project_f32(h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases);
+    const at::Tensor qkv =
+        project_f32(h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases(s, l));
     const at::Tensor qk_in = qkv.narrow(-1, 0, inter_rows * s.hd).view({b, 1, inter_rows, s.hd});
     const at::Tensor qk = qk_in * cos + at::roll(qk_in, {s.hd / 2}, {-1}) * sin_signed;  // [B, 1, H + Hkv, hd]
     const at::Tensor q = qk.narrow(2, 0, s.heads).transpose(1, 2);                       // [B, H, 1, hd]
     const at::Tensor k = qk.narrow(2, s.heads, s.kv_heads).transpose(1, 2);              // [B, Hkv, 1, hd]
-    const at::Tensor v = qkv.narrow(-1, inter_rows * s.hd, s.kv_heads * s.hd).view({b, 1, s.kv_heads, s.hd}).transpose(1, 2);
+    const at::Tensor v =  // [B, Hkv, 1, hd]
+        qkv.narrow(-1, inter_rows * s.hd, s.kv_heads * s.hd).view({b, 1, s.kv_heads, s.hd}).transpose(1, 2);
     s.k_cache[l].narrow(2, s.past, 1).copy_(k);
     s.v_cache[l].narrow(2, s.past, 1).copy_(v);
     const at::Tensor attn = attend(q, s, l);
