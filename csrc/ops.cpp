@@ -41,6 +41,9 @@ TORCH_LIBRARY(idefics3_kit, m) {
   m.def("quant_dequantize(Tensor qweight, Tensor scales) -> Tensor");
   // Llama RMSNorm: weight * cast(x * rsqrt(mean(x^2) + eps)), statistics in float32.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // Index of the first maximum of each row of x [..., V] (float32 / bfloat16) -> int64 [...]: torch.argmax's
+  // rule (ties: the first; NaN counts as the largest, the first NaN wins).
+  m.def("argmax_last(Tensor x) -> Tensor");
   // Uninitialized CPU tensor whose memory goes back to a bounded pool when freed (large
   // preprocessing outputs reuse already-faulted pages); release_pooled frees the idle buffers.
   m.def("empty_pooled(int[] size, ScalarType dtype) -> Tensor");

@@ -13,6 +13,8 @@ from idefics3_kit import ops
 from idefics3_kit.components.sampler import Greedy
 from idefics3_kit.ops import reduce
 
+needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="the compiled extension is not built")
+
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -28,7 +30,9 @@ def test_same_index_as_torch(rows, length, dtype, levels, seed, specials):
     x = torch.randint(0, levels, (rows, length), generator=g).to(dtype)
     for row, where, value in specials:
         x[row % rows, int(where * (length - 1))] = value
-    assert torch.equal(ops.argmax_last(x), x.argmax(dim=-1))
+    expected = x.argmax(dim=-1)
+    assert torch.equal(ops.argmax_last(x), expected)
+    assert torch.equal(reduce.argmax_blocked(x), expected)  # the path without the extension
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -43,6 +47,52 @@ def test_edges(dtype):
     x[4, 90] = math.nan  # NaN beats +inf
     x[5] = torch.linspace(-1, 1, n).to(dtype)
     assert torch.equal(ops.argmax_last(x), x.argmax(dim=-1))
+    assert torch.equal(reduce.argmax_blocked(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_signed_zeros_tie(dtype):
+    """torch compares -0 and +0 equal: the first of them is the maximum of a row below zero."""
+    x = torch.full((3, 1000), -1.0, dtype=dtype)
+    x[0, 300], x[0, 700] = -0.0, 0.0
+    x[1, 300], x[1, 700] = 0.0, -0.0
+    x[2, 900] = -0.0
+    expected = x.argmax(dim=-1)
+    assert expected.tolist() == [300, 300, 900]
+    assert torch.equal(ops.argmax_last(x), expected)
+    assert torch.equal(reduce.argmax_blocked(x), expected)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", reduce.COMPILED_DTYPES)
+def test_compiled_op_runs_for_its_dtypes(dtype, monkeypatch):
+    def no_blocked(x):
+        raise AssertionError("the blocked ATen path ran where the compiled op applies")
+    monkeypatch.setattr(reduce, "argmax_blocked", no_blocked)
+    x = torch.randn(2, 3, 5000).to(dtype)
+    assert torch.equal(ops.argmax_last(x), x.argmax(dim=-1))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", reduce.COMPILED_DTYPES)
+def test_opcheck_argmax_last(dtype):
+    x = torch.randn(3, 700).to(dtype)
+    x[1, 5] = math.nan
+    torch.library.opcheck(torch.ops.idefics3_kit.argmax_last.default, (x,))
+    torch.library.opcheck(torch.ops.idefics3_kit.argmax_last.default, (torch.randn(2, 2, 9).to(dtype),))
+
+
+@needs_ext
+def test_argmax_last_op_refuses_bad_input_clearly():
+    op = torch.ops.idefics3_kit.argmax_last
+    with pytest.raises(RuntimeError, match="float32 or bfloat16, got Half"):
+        op(torch.randn(2, 600).half())
+    with pytest.raises(RuntimeError, match="at least one dimension"):
+        op(torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="last dimension must not be empty"):
+        op(torch.randn(3, 0))
+    view = torch.randn(900, 3).t()  # not contiguous: copied, same answer
+    assert torch.equal(op(view), view.argmax(dim=-1))
 
 
 def test_shapes_and_views():
