@@ -320,6 +320,20 @@ IK_AVX512_FN inline __m512 hsum16(const __m512* v) {
   return _mm512_permutexvar_ps(order, hsum_tree(v));
 }
 
+// Software prefetch for the cache rows of a decode step: its weight stream has evicted them, and
+// one item's keys (or values) are one short stream (~19 KB at 150 tokens, hd 64) that the hardware
+// prefetchers barely ramp up on. The key loop fetches the keys kKeyPrefetchRows ahead and the value
+// rows of its own keys, which the value loop reads after the softmax. Measured in an int4 step of
+// SmolVLM-256M at 150 tokens of context (Zen 4, in-process A/B): the attention's parallel regions
+// 334 -> 294 and 443 -> 405 us a step.
+constexpr int64_t kKeyPrefetchRows = 16;
+template <typename in_t>
+IK_AVX512_FN inline void prefetch_rows(const in_t* row, int64_t stride, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < d * static_cast<int64_t>(sizeof(in_t)); c += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(row + r * stride) + c, _MM_HINT_T0);
+}
+
 // GC (<= 4) query heads (g0 .. g0 + GC - 1 of the group) over keys [j0, j1); qf holds all G
 // scaled query rows; x is [GC][n] scratch; o/m/l as decode_partial. Keys go 4 at a time:
 // 4 x GC dot products accumulate in registers and are reduced together (hsum16).
@@ -334,6 +348,9 @@ IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int6
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     const in_t* kr = k + (j0 + j) * a.k_stride;
+    const int64_t ahead = std::min<int64_t>(4, n - j - kKeyPrefetchRows);  // keys left that far ahead
+    if (ahead > 0) prefetch_rows(k + (j0 + j + kKeyPrefetchRows) * a.k_stride, a.k_stride, ahead, d);
+    prefetch_rows(v + (j0 + j) * a.v_stride, a.v_stride, 4, d);
     __m512 acc[16];
     for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
