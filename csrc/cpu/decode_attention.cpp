@@ -48,18 +48,14 @@ void check_seqlens(const std::optional<at::Tensor>& seqlens, int64_t b, int64_t 
 
 }  // namespace
 
-at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const std::optional<at::Tensor>& key_mask,
-                                const std::optional<at::Tensor>& cache_seqlens, double scale) {
-  const char* op = "decode_attention";
-  check_qkv(op, q, k, v);
-  const int64_t b = q.size(0), hq = q.size(1), d = q.size(3), hkv = k.size(1), l = k.size(2);
-  TORCH_CHECK(q.size(2) == 1, op, ": q must hold one query per sequence ([B, H, 1, D]), got shape ", shape_str(q));
-  check_key_mask(op, key_mask, b, l);
-  check_seqlens(cache_seqlens, b, l);
-  const int64_t groups = hq / hkv;
-  at::Tensor out = attention_output(q);
-  if (b == 0) return out;
+void decode_attention_run(const DecodeAttention& a) {
+  const int64_t b = a.b, d = a.d, hkv = a.hkv, l = a.l, groups = a.hq / a.hkv;
+  if (b == 0) return;
+  const int64_t esize = a.bf16 ? 2 : 4;
+  const char* qb = static_cast<const char*>(a.q);
+  const char* kb = static_cast<const char*>(a.k);
+  const char* vb = static_cast<const char*>(a.v);
+  char* ob = static_cast<char*>(a.out);
 
   // Valid keys of each row: j < len[b] and key_mask; a row with none outputs 0 (the reference's
   // rule for a query with nothing to attend to) and reads no keys.
@@ -67,8 +63,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   std::vector<const uint8_t*> mask(b, nullptr);
   std::vector<char> empty(b, 0);
   for (int64_t i = 0; i < b; ++i) {
-    if (cache_seqlens) len[i] = cache_seqlens->data_ptr<int32_t>()[i];
-    const uint8_t* m = key_mask ? reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>()) + i * l : nullptr;
+    if (a.seqlens) len[i] = a.seqlens[i];
+    const uint8_t* m = a.key_mask ? a.key_mask + i * a.mask_s0 : nullptr;
     bool any = false;
     for (int64_t j = 0; j < len[i] && !any; ++j) any = !m || m[j];
     mask[i] = m;
@@ -85,33 +81,23 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   float* op_ = partials.data();            // [B, Hkv, nsplit, G, D]
   float* mp = op_ + parts * d;             // [B, Hkv, nsplit, G]
   float* lp = mp + parts;                  // [B, Hkv, nsplit, G]
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  const int64_t esize = q.element_size();
-  const char* qb = static_cast<const char*>(q.data_ptr());
-  const char* kb = static_cast<const char*>(k.data_ptr());
-  const char* vb = static_cast<const char*>(v.data_ptr());
 
-  const int64_t os0 = out.stride(0), os1 = out.stride(1);
   // Combine the splits of one (batch, key/value head) group into its G query heads' outputs.
   auto combine = [&](int64_t group) {
     const int64_t bi = group / hkv, hk = group % hkv, base = group * nsplit;
-    if (empty[bi]) {  // raw stores: ATen calls from worker threads would lack the caller's inference mode
-      char* base = static_cast<char*>(out.data_ptr());
-      for (int64_t g = 0; g < groups; ++g)
-        std::memset(base + (bi * os0 + (hk * groups + g) * os1) * esize, 0, static_cast<size_t>(d * esize));
-      return;
-    }
     for (int64_t g = 0; g < groups; ++g) {
+      char* dst = ob + (bi * a.o_s0 + (hk * groups + g) * a.o_s1) * esize;
+      if (empty[bi]) {
+        std::memset(dst, 0, static_cast<size_t>(d * esize));
+        continue;
+      }
       const float* o = op_ + base * groups * d + g * d;
       const float* m = mp + base * groups + g;
       const float* lsum = lp + base * groups + g;
-      const int64_t h = hk * groups + g;
-      if (bf16) {
-        auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>() + bi * os0 + h * os1);
-        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, dst);
-      } else {
-        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, out.data_ptr<float>() + bi * os0 + h * os1);
-      }
+      if (a.bf16)
+        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, reinterpret_cast<uint16_t*>(dst));
+      else
+        attn::decode_combine(d, nsplit, o, groups * d, m, lsum, groups, reinterpret_cast<float*>(dst));
     }
   };
   // Items are handed out dynamically (an atomic counter) rather than as fixed ranges: on a busy
@@ -127,7 +113,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t kv_bytes = 2 * b * hkv * l * d * esize;
   const int64_t max_workers = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t workers = std::clamp<int64_t>(kv_bytes / kMinBytesPerWorker, 1, max_workers);
-  const bool scratch = !attn::decode_uses_amx(bf16, d, groups);
+  const bool scratch = !attn::decode_uses_amx(a.bf16, d, groups);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     thread_local std::vector<float> qf, row, x;  // each worker's scratch, written before it is read
     if (scratch) {
@@ -142,22 +128,60 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
         continue;
       }
       const int64_t j0 = std::min(s * split, len[bi]), j1 = std::min((s + 1) * split, len[bi]);
-      attn::DecodeArgs a;
-      a.d = d;
-      a.groups = groups;
-      a.scale = static_cast<float>(scale);
-      a.q = qb + (bi * q.stride(0) + hk * groups * q.stride(1)) * esize;
-      a.q_stride = q.stride(1);
-      a.k = kb + (bi * k.stride(0) + hk * k.stride(1)) * esize;
-      a.v = vb + (bi * v.stride(0) + hk * v.stride(1)) * esize;
-      a.k_stride = k.stride(2);
-      a.v_stride = v.stride(2);
-      a.key_mask = mask[bi];
-      attn::decode_partial(a, bf16, j0, j1, op_ + it * groups * d, mp + it * groups, lp + it * groups, qf.data(),
+      attn::DecodeArgs da;
+      da.d = d;
+      da.groups = groups;
+      da.scale = static_cast<float>(a.scale);
+      da.q = qb + (bi * a.q_s0 + hk * groups * a.q_s1) * esize;
+      da.q_stride = a.q_s1;
+      da.k = kb + (bi * a.k_s0 + hk * a.k_s1) * esize;
+      da.v = vb + (bi * a.v_s0 + hk * a.v_s1) * esize;
+      da.k_stride = a.k_s2;
+      da.v_stride = a.v_s2;
+      da.key_mask = mask[bi];
+      attn::decode_partial(da, a.bf16, j0, j1, op_ + it * groups * d, mp + it * groups, lp + it * groups, qf.data(),
                            row.data(), x.data());
       if (done[bi * hkv + hk].fetch_add(1, std::memory_order_acq_rel) + 1 == nsplit) combine(bi * hkv + hk);
     }
   });
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& key_mask,
+                                const std::optional<at::Tensor>& cache_seqlens, double scale) {
+  const char* op = "decode_attention";
+  check_qkv(op, q, k, v);
+  const int64_t b = q.size(0), l = k.size(2);
+  TORCH_CHECK(q.size(2) == 1, op, ": q must hold one query per sequence ([B, H, 1, D]), got shape ", shape_str(q));
+  check_key_mask(op, key_mask, b, l);
+  check_seqlens(cache_seqlens, b, l);
+  at::Tensor out = attention_output(q);
+  DecodeAttention a;
+  a.b = b;
+  a.hq = q.size(1);
+  a.hkv = k.size(1);
+  a.l = l;
+  a.d = q.size(3);
+  a.bf16 = q.scalar_type() == at::kBFloat16;
+  a.q = q.data_ptr();
+  a.q_s0 = q.stride(0);
+  a.q_s1 = q.stride(1);
+  a.k = k.data_ptr();
+  a.k_s0 = k.stride(0);
+  a.k_s1 = k.stride(1);
+  a.k_s2 = k.stride(2);
+  a.v = v.data_ptr();
+  a.v_s0 = v.stride(0);
+  a.v_s1 = v.stride(1);
+  a.v_s2 = v.stride(2);
+  a.key_mask = key_mask ? reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>()) : nullptr;
+  a.mask_s0 = l;
+  a.seqlens = cache_seqlens ? cache_seqlens->data_ptr<int32_t>() : nullptr;
+  a.out = out.data_ptr();
+  a.o_s0 = out.stride(0);
+  a.o_s1 = out.stride(1);
+  a.scale = scale;
+  decode_attention_run(a);
   return out;
 }
 

@@ -259,6 +259,40 @@ at::Tensor attend(const at::Tensor& q, const Step& s, int64_t l) {
                               std::nullopt, s.scale);
 }
 
+// attend's arithmetic on raw pointers (check_args checked the caches, the mask and the heads):
+// the contiguous queries q [B, H, 1, hd] against layer l's cache -> out [B, 1, H, hd] (contiguous),
+// without the views, the output tensor and the argument checks of the op per layer.
+void attend_into(const at::Tensor& q, const Step& s, int64_t l, at::Tensor& out) {
+  const at::Tensor& k = s.k_cache[l];
+  const at::Tensor& v = s.v_cache[l];
+  DecodeAttention a;
+  a.b = q.size(0);
+  a.hq = s.heads;
+  a.hkv = s.kv_heads;
+  a.l = s.past + 1;
+  a.d = s.hd;
+  a.bf16 = q.scalar_type() == at::kBFloat16;
+  a.q = q.data_ptr();
+  a.q_s0 = s.heads * s.hd;
+  a.q_s1 = s.hd;
+  a.k = k.data_ptr();
+  a.k_s0 = k.stride(0);
+  a.k_s1 = k.stride(1);
+  a.k_s2 = k.stride(2);
+  a.v = v.data_ptr();
+  a.v_s0 = v.stride(0);
+  a.v_s1 = v.stride(1);
+  a.v_s2 = v.stride(2);
+  a.key_mask = s.mask ? reinterpret_cast<const uint8_t*>(s.mask->data_ptr<bool>()) : nullptr;
+  a.mask_s0 = s.past + 1;
+  a.seqlens = nullptr;
+  a.out = out.data_ptr();
+  a.o_s0 = s.heads * s.hd;
+  a.o_s1 = s.hd;
+  a.scale = s.scale;
+  decode_attention_run(a);
+}
+
 // Layer l's q|k|v biases (null where a projection has none), in projection order.
 std::array<const at::Tensor*, 3> qkv_biases(const Step& s, int64_t l) {
   const int64_t base = l * kParamsPerLayer;
@@ -274,6 +308,7 @@ struct Buffers {
   at::Tensor o, down;                // [B, 1, D] o_proj and down_proj outputs
   at::Tensor qkv;                    // [B, 1, (H + 2 Hkv) hd]
   at::Tensor q;                      // [B, H, 1, hd] rotated queries
+  at::Tensor attn;                   // [B, 1, H * hd] attention output, the o_proj's input
   at::Tensor gu, act;                // [B, 1, 2 I] gate|up, [B, 1, I] silu(gate) * up
   at::Tensor gate_part, up_part;     // views of gu
   int64_t inter;                     // I
@@ -289,6 +324,7 @@ Buffers step_buffers(const at::Tensor& x_in, const Step& s) {
   buf.down = at::empty({b, 1, hidden}, opts);
   buf.qkv = at::empty({b, 1, (s.heads + 2 * s.kv_heads) * s.hd}, opts);
   buf.q = at::empty({b, s.heads, 1, s.hd}, opts);
+  buf.attn = at::empty({b, 1, s.heads * s.hd}, opts);
   buf.gu = at::empty({b, 1, 2 * inter}, opts);
   buf.act = at::empty({b, 1, inter}, opts);
   buf.gate_part = buf.gu.narrow(-1, 0, inter);
@@ -301,14 +337,12 @@ Buffers step_buffers(const at::Tensor& x_in, const Step& s) {
 // attention, o_proj; then x_prev + o into buf.x and its post-attention norm into buf.h.
 void attention_bf16(Buffers& buf, const Step& s, int64_t l, const at::Tensor& x_prev, const at::Tensor& cos,
                     const at::Tensor& sin_signed) {
-  const int64_t b = buf.x.size(0);
   const at::Tensor* no_bias[1] = {nullptr};
   project_into(buf.h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases(s, l),
                group_scales(s.scales, l, {kQ, kK, kV}), buf.qkv);
   rotate_and_cache(buf.qkv, cos, sin_signed, s.k_cache[l], s.v_cache[l], s.past, s.heads, s.kv_heads, s.hd, buf.q);
-  const at::Tensor attn = attend(buf.q, s, l);  // [B, H, 1, hd] over [B, 1, H, hd] memory
-  project_into(attn.transpose(1, 2).reshape({b, 1, s.heads * s.hd}), {need(s.params, l, kO)}, no_bias,
-               group_scales(s.scales, l, {kO}), buf.o);
+  attend_into(buf.q, s, l, buf.attn);
+  project_into(buf.attn, {need(s.params, l, kO)}, no_bias, group_scales(s.scales, l, {kO}), buf.o);
   add_norm_bf16(x_prev, buf.o, &need(s.params, l, kPostNorm), s.eps, buf.x, &buf.h);
 }
 

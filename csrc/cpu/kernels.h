@@ -8,6 +8,29 @@
 
 namespace idefics3_kit {
 
+// decode_attention after its checks, on raw pointers (what decode_layers calls with its own
+// buffers: no view, output or argument tensors per layer). Strides are in elements. q [B, H, 1, D]
+// at (q_s0, q_s1) with stride 1 on D; k, v [B, Hkv, L, D] at (s0, s1, s2); key_mask: rows of L
+// bools mask_s0 apart, or null; seqlens: int32 [B] (each in [0, L]) or null; out [B, H, D] at
+// (o_s0, o_s1), written whole (0 for a row with no key to attend to).
+struct DecodeAttention {
+  int64_t b, hq, hkv, l, d;
+  bool bf16;  // else float32 (q, k, v and out alike)
+  const void* q;
+  int64_t q_s0, q_s1;
+  const void* k;
+  int64_t k_s0, k_s1, k_s2;
+  const void* v;
+  int64_t v_s0, v_s1, v_s2;
+  const uint8_t* key_mask;
+  int64_t mask_s0;
+  const int32_t* seqlens;
+  void* out;
+  int64_t o_s0, o_s1;
+  double scale;
+};
+void decode_attention_run(const DecodeAttention& a);
+
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& key_mask,
                                 const std::optional<at::Tensor>& cache_seqlens, double scale);
