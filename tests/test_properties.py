@@ -139,3 +139,22 @@ def test_rolled_rope_is_bit_identical_to_rotate_half(half, heads, length, dtype,
     expected = apply_rope(x, cos, sin)
     got = apply_rope_rolled(x, cos[:, None], signed_sin(sin)[:, None])
     assert torch.equal(got, expected)
+
+
+@given(half=st.integers(4, 64), position=st.integers(0, 20000), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_step_rope_table_equals_computing_the_position(half, position, dtype):
+    """A decode step's rotation read from the decoder's table (CausalDecoder._step_rope) is what
+    rope_cos_sin + signed_sin give for that one position, bit for bit (the forward only asks the
+    table below STEP_ROPE_POSITIONS)."""
+    from idefics3_kit.components import decoder as dec_mod
+    from idefics3_kit.config import DecoderConfig
+
+    position %= dec_mod.STEP_ROPE_POSITIONS
+    cfg = DecoderConfig(vocab_size=16, hidden_size=4 * half, intermediate_size=8, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=2 * half)
+    decoder = dec_mod.CausalDecoder(cfg)
+    cos, sin_signed = decoder._step_rope(position, dtype, torch.device("cpu"))
+    ref_cos, ref_sin = dec_mod.rope_cos_sin(decoder.inv_freq("cpu"), torch.tensor([[position]]), dtype)
+    assert cos.shape == sin_signed.shape == (1, 1, 1, 2 * half)
+    assert torch.equal(cos.flatten(), ref_cos.flatten())
+    assert torch.equal(sin_signed.flatten(), dec_mod.signed_sin(ref_sin).flatten())

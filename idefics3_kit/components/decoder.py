@@ -173,6 +173,9 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+STEP_ROPE_POSITIONS = 1 << 14  # decode steps past this compute their rotation (a table would keep megabytes)
+
+
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos, sin [B, L, head_dim] for positions [B, L], computed in float32 then cast."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # [B, L, hd/2]
@@ -323,6 +326,7 @@ class CausalDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq_cache: dict = {}
+        self._step_rope_tables: dict = {}  # (device, dtype) -> (inv_freq, cos, signed sin) [N, 1, hd] (_step_rope)
         self.gradient_checkpointing = False  # recompute each layer in the backward pass (VLM.gradient_checkpointing_enable)
 
     # ---- weights shared with the embeddings (the one owner of tying) ----------------------
@@ -391,6 +395,23 @@ class CausalDecoder(nn.Module):
             self._inv_freq_cache[key] = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, device)
         return self._inv_freq_cache[key]
 
+    def _step_rope(self, position: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [1, 1, 1, hd] of one default position, read from a table of positions
+        0..N-1 built by ``rope_cos_sin`` and ``signed_sin`` themselves (N doubles as positions
+        grow, up to STEP_ROPE_POSITIONS). Why: a decode step computing them took ~75 µs of ~12 ATen
+        ops, most of it on metadata the step's weight stream had evicted; indexing the table is
+        two views. The entries are those elementwise ops' results for each position, bit for bit
+        (tests/test_properties.py: head dims 8-128, both dtypes)."""
+        inv_freq = self.inv_freq(device)
+        key = (str(device), dtype)
+        table = self._step_rope_tables.get(key)
+        if table is None or table[0] is not inv_freq or table[1].shape[0] <= position:
+            size = min(STEP_ROPE_POSITIONS, max(256, 1 << position.bit_length()))  # > position
+            positions = torch.arange(size, device=device)[:, None]  # [N, 1]
+            cos, sin = rope_cos_sin(inv_freq, positions, dtype)  # [N, 1, hd]
+            table = self._step_rope_tables[key] = (inv_freq, cos, signed_sin(sin))
+        return table[1][position][None, None], table[2][position][None, None]
+
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
                 cache=None, logits_to_keep: int = 0, output_hidden_states: bool = False) -> DecoderOutput:
         """Run the decoder over ``L`` new tokens.
@@ -404,10 +425,13 @@ class CausalDecoder(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, length, _ = x.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=x.device)[None].expand(b, length)
-        cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
-        rope = (cos[:, None], signed_sin(sin)[:, None])  # [B, 1, L, hd]: broadcast over heads, once for all layers
+        if position_ids is None and cache is not None and length == 1 and past < STEP_ROPE_POSITIONS:
+            rope = self._step_rope(past, x.dtype, x.device)  # [1, 1, 1, hd] each: broadcast over the batch
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + length, device=x.device)[None].expand(b, length)
+            cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
+            rope = (cos[:, None], signed_sin(sin)[:, None])  # [B, 1, L, hd]: broadcast over heads, once for all layers
         key_padding_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (b, past + length):
