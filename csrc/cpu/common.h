@@ -117,7 +117,7 @@ inline void check_output(const at::Tensor& y, int64_t rows, int64_t n, const cha
 // dynamically shared pieces). Workers: one per ``min_bytes_per_worker`` of weights read, at most
 // the thread count. ``run(i, lo, hi)`` computes rows [lo, hi) of weight i.
 template <typename Run>
-inline void for_worker_row_ranges(const std::vector<int64_t>& first_row, const std::vector<int64_t>& rows,
+inline void for_worker_row_ranges(c10::ArrayRef<int64_t> first_row, c10::ArrayRef<int64_t> rows,
                                   int64_t n_total, int64_t bytes, int64_t min_bytes_per_worker, Run&& run) {
   const int64_t workers = std::clamp<int64_t>(bytes / min_bytes_per_worker, 1, at::get_num_threads());
   const int64_t per_worker = ((n_total + workers - 1) / workers + 3) / 4 * 4;

@@ -67,16 +67,6 @@ at::Tensor project_f32(const at::Tensor& x, at::TensorList weights, c10::ArrayRe
   return outs.size() == 1 ? outs[0] : at::cat(outs, -1);
 }
 
-// bf16: x [B, 1, K] through the given weights into y [B, 1, sum of N], the outputs side by side:
-// one decode_linear, as the Python layers make it, or one quant_linear when the weights are
-// quantized (``scales`` given: ops.quant.QuantizedLinear's layout).
-void project_into(const at::Tensor& x, at::TensorList weights, c10::ArrayRef<const at::Tensor*> biases,
-                  const std::vector<at::Tensor>& scales, at::Tensor& y) {
-  if (!scales.empty())
-    quant_linear_into(x, weights, scales, biases, y);
-  else
-    decode_linear_into(x, weights, biases, y);
-}
 
 // float32 RMSNorm as ops.rms_norm runs it: torch's own (which keeps float32 logits equal to
 // transformers').
@@ -233,20 +223,62 @@ void check_args(const at::Tensor& x, int64_t layers, const at::TensorList k_cach
   }
 }
 
-// The scales of a group of quantized weights of layer l (all or none of the group: else an error).
-std::vector<at::Tensor> group_scales(const Table& scales, int64_t l, std::initializer_list<Param> slots) {
-  std::vector<at::Tensor> out;
-  for (Param slot : slots)
-    if (const at::Tensor* s = scales.get(l * kParamsPerLayer + slot)) out.push_back(*s);
-  TORCH_CHECK(out.empty() || out.size() == slots.size(), "decode_layers: layer ", l, ": the weights of one "
-              "projection group (q|k|v, gate|up) must be all quantized or none");
-  return out;
+// The projection groups of a layer, as the bf16 step runs them (one linear call each).
+enum Group : int64_t { kQkv, kOut, kGateUp, kDownGroup, kGroups };
+constexpr Param kGroupSlots[kGroups][3] = {{kQ, kK, kV}, {kO, kO, kO}, {kGate, kUp, kUp}, {kDown, kDown, kDown}};
+constexpr int64_t kGroupSize[kGroups] = {3, 1, 2, 1};
+constexpr int64_t kQuantPerLayer = 7;                                  // q k v o gate up down
+constexpr int64_t kGroupFirst[kGroups] = {0, 3, 4, 6};                 // a group's first in those 7
+
+// A step's quantized weights as raw pointers (quant_weight checks each), gathered once before its
+// first layer: the Python checks that precede the op have just brought every weight's metadata
+// into cache, while a layer finds it evicted by the weights streamed before it. Per layer, each
+// group is all quantized or not at all (else an error).
+struct QuantPlan {
+  std::vector<QuantWeight> weights;  // [layers * kQuantPerLayer] (unset where a group is not quantized)
+  std::vector<char> quantized;       // [layers * kGroups]
+  std::vector<at::Tensor> biases;    // float32 copies of the q/k/v biases the weights point to
+  bool any = false;
+};
+
+QuantPlan quant_plan(const Table& params, const Table& scales, int64_t layers, int64_t hidden, int64_t q_rows) {
+  QuantPlan plan;
+  if (scales.size() == 0) return plan;
+  plan.weights.resize(static_cast<size_t>(layers * kQuantPerLayer));
+  plan.quantized.assign(static_cast<size_t>(layers * kGroups), 0);
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t base = l * kParamsPerLayer;
+    const int64_t inter = need(params, l, kGate).size(0);
+    const int64_t k_of[kGroups] = {hidden, q_rows, hidden, inter};  // each group's input width
+    for (int64_t g = 0; g < kGroups; ++g) {
+      int64_t found = 0;
+      for (int64_t i = 0; i < kGroupSize[g]; ++i) found += scales.get(base + kGroupSlots[g][i]) != nullptr;
+      TORCH_CHECK(found == 0 || found == kGroupSize[g], "decode_layers: layer ", l, ": the weights of one "
+                  "projection group (q|k|v, gate|up) must be all quantized or none");
+      if (found == 0) continue;
+      plan.quantized[l * kGroups + g] = 1;
+      plan.any = true;
+      for (int64_t i = 0; i < kGroupSize[g]; ++i) {
+        const Param slot = kGroupSlots[g][i];
+        const at::Tensor* bias = g == kQkv ? params.get(base + kQBias + i) : nullptr;
+        QuantWeight w = quant_weight(need(params, l, slot), *scales.get(base + slot), k_of[g], static_cast<size_t>(i),
+                                     nullptr);
+        if (bias != nullptr) {
+          plan.biases.push_back(bias_as_float(bias, static_cast<size_t>(i), w.rows, "decode_layers"));
+          w.bias = plan.biases.back().data_ptr<float>();
+        }
+        plan.weights[l * kQuantPerLayer + kGroupFirst[g] + i] = w;
+      }
+    }
+  }
+  return plan;
 }
 
 // What every layer of a step shares: the arguments after their checks.
 struct Step {
   const Table& params;
   const Table& scales;
+  const QuantPlan* quant;  // the bf16 step's quantized weights (null for float32)
   at::TensorList k_cache, v_cache;
   std::optional<at::Tensor> mask;
   int64_t layers, past, heads, kv_heads, hd;
@@ -291,6 +323,22 @@ void attend_into(const at::Tensor& q, const Step& s, int64_t l, at::Tensor& out)
   a.o_s1 = s.hd;
   a.scale = s.scale;
   decode_attention_run(a);
+}
+
+// bf16: x [B, 1, K] (contiguous) through layer l's projection group g into y [B, 1, sum of N], the
+// outputs side by side: one decode_linear, as the Python layers make it, or, where the step's plan
+// holds the group quantized (ops.quant.QuantizedLinear's layout), one quant_linear_run.
+void project(const Step& s, int64_t l, Group g, const at::Tensor& x, c10::ArrayRef<const at::Tensor*> biases,
+             at::Tensor& y) {
+  const int64_t k = x.size(-1);
+  if (s.quant != nullptr && s.quant->any && s.quant->quantized[l * kGroups + g]) {
+    const QuantWeight* first = s.quant->weights.data() + l * kQuantPerLayer + kGroupFirst[g];
+    quant_linear_run(bf16_bits(x), x.numel() / k, k, c10::ArrayRef<QuantWeight>(first, kGroupSize[g]), bf16_bits(y));
+    return;
+  }
+  c10::SmallVector<at::Tensor, 3> weights;
+  for (int64_t i = 0; i < kGroupSize[g]; ++i) weights.push_back(need(s.params, l, kGroupSlots[g][i]));
+  decode_linear_into(x, weights, biases, y);
 }
 
 // Layer l's q|k|v biases (null where a projection has none), in projection order.
@@ -338,11 +386,10 @@ Buffers step_buffers(const at::Tensor& x_in, const Step& s) {
 void attention_bf16(Buffers& buf, const Step& s, int64_t l, const at::Tensor& x_prev, const at::Tensor& cos,
                     const at::Tensor& sin_signed) {
   const at::Tensor* no_bias[1] = {nullptr};
-  project_into(buf.h, {need(s.params, l, kQ), need(s.params, l, kK), need(s.params, l, kV)}, qkv_biases(s, l),
-               group_scales(s.scales, l, {kQ, kK, kV}), buf.qkv);
+  project(s, l, kQkv, buf.h, qkv_biases(s, l), buf.qkv);
   rotate_and_cache(buf.qkv, cos, sin_signed, s.k_cache[l], s.v_cache[l], s.past, s.heads, s.kv_heads, s.hd, buf.q);
   attend_into(buf.q, s, l, buf.attn);
-  project_into(buf.attn, {need(s.params, l, kO)}, no_bias, group_scales(s.scales, l, {kO}), buf.o);
+  project(s, l, kOut, buf.attn, no_bias, buf.o);
   add_norm_bf16(x_prev, buf.o, &need(s.params, l, kPostNorm), s.eps, buf.x, &buf.h);
 }
 
@@ -355,12 +402,11 @@ void mlp_bf16(Buffers& buf, const Step& s, int64_t l) {
   const int64_t inter = need(s.params, l, kGate).size(0);
   const bool shared = inter == buf.inter;
   at::Tensor gu = shared ? buf.gu : at::empty({buf.x.size(0), 1, 2 * inter}, buf.x.options());
-  project_into(buf.h, {need(s.params, l, kGate), need(s.params, l, kUp)}, no_biases,
-               group_scales(s.scales, l, {kGate, kUp}), gu);
+  project(s, l, kGateUp, buf.h, no_biases, gu);
   at::Tensor act = shared ? buf.act : at::empty({buf.x.size(0), 1, inter}, buf.x.options());
   at::silu_out(act, shared ? buf.gate_part : gu.narrow(-1, 0, inter));
   at::mul_out(act, act, shared ? buf.up_part : gu.narrow(-1, inter, inter));
-  project_into(act, {need(s.params, l, kDown)}, no_bias, group_scales(s.scales, l, {kDown}), buf.down);
+  project(s, l, kDownGroup, act, no_bias, buf.down);
   const bool last = l + 1 == s.layers;
   add_norm_bf16(buf.x, buf.down, last ? nullptr : &need(s.params, l + 1, kInNorm), s.eps, buf.x,
                 last ? nullptr : &buf.h);
@@ -424,11 +470,12 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
               "or hold one entry per params entry (", params_list.size(), "), got ", scales_list.size());
   const Table params(params_list), scales(scales_list);
   check_params(params, scales, layers, x_in, heads, kv_heads, hd);
-  const Step step{params, scales, k_cache, v_cache,
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const QuantPlan quant = bf16 ? quant_plan(params, scales, layers, x_in.size(2), heads * hd) : QuantPlan{};
+  const Step step{params, scales, &quant, k_cache, v_cache,
                   key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt,
                   layers, past, heads, kv_heads, hd, eps, 1.0 / std::sqrt(static_cast<double>(hd))};
-  return x_in.scalar_type() == at::kBFloat16 ? layers_bf16(x_in, step, cos, sin_signed)
-                                             : layers_f32(x_in, step, cos, sin_signed);
+  return bf16 ? layers_bf16(x_in, step, cos, sin_signed) : layers_f32(x_in, step, cos, sin_signed);
 }
 
 TORCH_LIBRARY_IMPL(idefics3_kit, CPU, m) { m.impl("decode_layers", &decode_layers_cpu); }

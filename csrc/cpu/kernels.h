@@ -50,6 +50,25 @@ void decode_linear_into(const at::Tensor& x, at::TensorList weights, c10::ArrayR
 void quant_linear_into(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
                        c10::ArrayRef<const at::Tensor*> biases, at::Tensor& y);
 
+// One quantized weight of quant_linear_run as raw pointers, made by quant_weight from checked
+// tensors (ops.quant's layout; k: x's K; bias: float32 [rows] or null). decode_layers makes one
+// per projection at the start of a step, while the Python checks have just brought the tensors'
+// metadata into cache; the layers then touch no tensor metadata at all.
+struct QuantWeight {
+  const uint8_t* w;        // int8 [rows, k] or packed int4 [rows, k / 2]
+  int bits;                // 8 or 4
+  int64_t group;           // int4 group size (0 for int8)
+  const uint16_t* scales;  // bf16 [rows] or [rows, k / group]
+  const float* bias;
+  int64_t rows;
+};
+QuantWeight quant_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, size_t index,
+                         const float* bias);
+
+// quant_linear_into after its checks: x bf16 [rows_x, k] (contiguous) through the weights into y
+// bf16 [rows_x, sum of their rows] (contiguous), the outputs side by side.
+void quant_linear_run(const uint16_t* x, int64_t rows_x, int64_t k, c10::ArrayRef<QuantWeight> weights, uint16_t* y);
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 }  // namespace idefics3_kit

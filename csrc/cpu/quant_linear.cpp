@@ -3,6 +3,8 @@
 // Kernel: csrc/include/idefics3_kit/gemv_quant.h; format and reference: idefics3_kit/ops/quant.py.
 #include <vector>
 
+#include <c10/util/SmallVector.h>
+
 #include "common.h"
 #include "idefics3_kit/gemv_quant.h"
 #include "kernels.h"
@@ -63,42 +65,27 @@ T* sized(std::vector<T>& v, int64_t n) {
 
 }  // namespace
 
-void quant_linear_into(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
-                       c10::ArrayRef<const at::Tensor*> biases, at::Tensor& y) {
-  const char* op = "quant_linear";
-  check_cpu(x, op, "x");
-  check_dtype(x, at::kBFloat16, op, "x");
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
-  TORCH_CHECK(!qweights.empty(), op, ": qweights must hold at least one weight");
-  TORCH_CHECK(scales.size() == qweights.size() && biases.size() == qweights.size(), op,
-              ": scales and biases must have one entry per weight: ", qweights.size(), " weights, ", scales.size(),
-              " scales, ", biases.size(), " biases");
-  const int64_t k = x.size(-1);
-  TORCH_CHECK(k > 0, op, ": x's last dimension (K) must be positive, got shape ", shape_str(x));
-  const at::Tensor xc = x.contiguous();
-  const int64_t rows_x = xc.numel() / k;
+QuantWeight quant_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, size_t index,
+                         const float* bias) {
+  const int bits = check_weight(qweight, scales, k, index);
+  return {static_cast<const uint8_t*>(qweight.data_ptr()), bits, bits == 4 ? k / scales.size(1) : 0,
+          reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()), bias, qweight.size(0)};
+}
 
-  std::vector<qgemv::Job> jobs;
-  std::vector<at::Tensor> bias_f(qweights.size());
-  std::vector<int64_t> first_row, rows;
+void quant_linear_run(const uint16_t* x, int64_t rows_x, int64_t k, c10::ArrayRef<QuantWeight> weights, uint16_t* y) {
+  c10::SmallVector<qgemv::Job, 4> jobs;
+  c10::SmallVector<int64_t, 4> first_row, rows;
   int64_t n_total = 0, bytes = 0;
-  for (size_t i = 0; i < qweights.size(); ++i) {
-    const int bits = check_weight(qweights[i], scales[i], k, i);
-    bias_f[i] = bias_as_float(biases[i], i, qweights[i].size(0), op);
-    jobs.push_back({static_cast<const uint8_t*>(qweights[i].data_ptr()), bits, bits == 4 ? k / scales[i].size(1) : 0,
-                    reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
-                    bias_f[i].defined() ? bias_f[i].data_ptr<float>() : nullptr, nullptr, 0});
+  for (const QuantWeight& w : weights) {
+    jobs.push_back({w.w, w.bits, w.group, w.scales, w.bias, nullptr, 0});
     first_row.push_back(n_total);
-    rows.push_back(qweights[i].size(0));
-    bytes += qweights[i].size(0) * (bits == 8 ? k : k / 2);
-    n_total += qweights[i].size(0);
+    rows.push_back(w.rows);
+    bytes += w.rows * (w.bits == 8 ? k : k / 2);
+    n_total += w.rows;
   }
-  check_output(y, rows_x, n_total, op);
   if (rows_x == 0 || n_total == 0) return;
-
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   for (size_t i = 0; i < jobs.size(); ++i) {
-    jobs[i].y = yp + first_row[i];
+    jobs[i].y = y + first_row[i];
     jobs[i].y_stride = n_total;
   }
   // x quantized once per call (a fixed cost per call, shared by every weight of it), in the forms
@@ -114,12 +101,40 @@ void quant_linear_into(const at::Tensor& x, at::TensorList qweights, at::TensorL
   int32_t* init4 = any4 ? sized(buf.init4, n.init4) : nullptr;
   float* xs8 = any8 ? sized(buf.xs8, n.xs8) : nullptr;
   float* xs4 = any4 ? sized(buf.xs4, n.xs4) : nullptr;
-  qgemv::prepare(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, k, xq, xs, xeo, init8,
-                 init4, xs8, xs4);
+  qgemv::prepare(x, rows_x, k, k, xq, xs, xeo, init8, init4, xs8, xs4);
   const qgemv::Act act{rows_x, k, qgemv::padded_k(k), xq, xs, xeo, init8, init4, xs8, xs4};
   // the work split decode_linear uses (common.h)
   for_worker_row_ranges(first_row, rows, n_total, bytes, kMinBytesPerWorker,
                         [&](size_t i, int64_t lo, int64_t hi) { qgemv::run_rows(act, jobs[i], lo, hi); });
+}
+
+void quant_linear_into(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                       c10::ArrayRef<const at::Tensor*> biases, at::Tensor& y) {
+  const char* op = "quant_linear";
+  check_cpu(x, op, "x");
+  check_dtype(x, at::kBFloat16, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK(!qweights.empty(), op, ": qweights must hold at least one weight");
+  TORCH_CHECK(scales.size() == qweights.size() && biases.size() == qweights.size(), op,
+              ": scales and biases must have one entry per weight: ", qweights.size(), " weights, ", scales.size(),
+              " scales, ", biases.size(), " biases");
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(k > 0, op, ": x's last dimension (K) must be positive, got shape ", shape_str(x));
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows_x = xc.numel() / k;
+  std::vector<at::Tensor> bias_f(qweights.size());
+  std::vector<QuantWeight> weights;
+  int64_t n_total = 0;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    QuantWeight w = quant_weight(qweights[i], scales[i], k, i, nullptr);
+    bias_f[i] = bias_as_float(biases[i], i, w.rows, op);
+    w.bias = bias_f[i].defined() ? bias_f[i].data_ptr<float>() : nullptr;
+    weights.push_back(w);
+    n_total += w.rows;
+  }
+  check_output(y, rows_x, n_total, op);
+  quant_linear_run(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), rows_x, k, weights,
+                   reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
 }
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import idefics3_kit as ik
 from idefics3_kit import ops
+from idefics3_kit.components.decoder import Qwen2Decoder
 from idefics3_kit.ops import _library, quant
 
 ns = torch.ops.idefics3_kit
@@ -197,6 +198,29 @@ def _one_step_fused_and_python(dec, rows: int = 2) -> tuple[torch.Tensor, torch.
             dec(input_ids=ids, cache=cache)
             outs.append(dec(input_ids=ids[:, :1], cache=cache, output_hidden_states=hidden).logits)
     return outs[0], outs[1]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_layers_takes_quantized_layers_with_qkv_biases_bit_identically(bits):
+    """Qwen2's q/k/v projections carry biases: quantized, the fused step adds them as the Python
+    layers' quant_linear does."""
+    if not ops.matmul.covers(2, torch.bfloat16):
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
+    torch.manual_seed(0)
+    cfg = ik.Qwen2DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2)
+    dec = Qwen2Decoder(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():  # nn.Linear's default biases are small; make them matter
+        for layer in dec.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.normal_()
+    names = [n for n, m in dec.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+    quant.quantize_modules(dec, names, bits, 32 if bits == 4 else None)
+    found = dec._plain_llama_layers()
+    assert found is not None and found[2] is not None
+    fused, python = _one_step_fused_and_python(dec)
+    assert torch.equal(fused, python)
 
 
 @needs_kernel
