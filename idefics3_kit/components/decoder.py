@@ -483,22 +483,30 @@ class CausalDecoder(nn.Module):
         snapshot of every module involved (``fast_path.module_state``: each module, its class, its
         parameters and children, its eps, act and layer_idx) must hold the very same objects, and the
         config's eps the same value; anything rebound (a replaced layer or projection, new weights,
-        ``quantize``, a LoRA wrapper) gathers them again. What a snapshot does not see (dtype or
-        layout changed in place, hooks added) ``ops.decode_layers`` checks at every call."""
+        ``quantize``, a LoRA wrapper) gathers them again. A watch of the same modules
+        (``fast_path.module_watch``: their classes and dicts' version tags) answers first, in a few
+        cache lines per module; the snapshot is compared only when the watch saw a dict change.
+        What a snapshot does not see (dtype or layout changed in place, hooks added)
+        ``ops.decode_layers`` checks at every call."""
         layers = self.model.layers
         plan = cache.step_plan
         eps = self.config.rms_norm_eps
         if plan is not None and plan.eps == eps:
+            if plan.watch is not None and plan.watch[0] is layers and fast_path.unchanged_since(plan.watch[1]):
+                return plan  # the usual step: a few cache lines per module
             state = fast_path.module_state((layers, *plan.modules), _PLAN_ATTRS, plan.state)
             if state is plan.state:
+                plan.watch = (layers, fast_path.module_watch((layers, *plan.modules)))
                 return plan
         found = self._plain_llama_layers()
         if found is None:
             cache.step_plan = None
             return None
         weights, modules, scales = found
-        state = fast_path.module_state((layers, *modules), _PLAN_ATTRS)
-        cache.step_plan = StepPlan(LayerWeights(weights, scales), tuple(modules), state, eps)
+        watched = (layers, *modules)
+        state = fast_path.module_state(watched, _PLAN_ATTRS)
+        cache.step_plan = StepPlan(LayerWeights(weights, scales), tuple(modules), state, eps,
+                                   (layers, fast_path.module_watch(watched)))
         return cache.step_plan
 
     def _plain_llama_layers(self):
@@ -570,6 +578,7 @@ class StepPlan:
     modules: tuple  # every module whose forward the step replaces (12 per layer)
     state: tuple  # fast_path.module_state of (the layer list, *modules) when gathered
     eps: float  # the config's rms_norm_eps when gathered
+    watch: tuple | None = None  # (the layer list, fast_path.module_watch of it and the modules, or None)
 
 
 def _weight_and_scales(linear: nn.Module):

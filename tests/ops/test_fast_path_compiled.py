@@ -282,3 +282,81 @@ def test_module_state_runs_without_the_extension(monkeypatch):
     assert fast_path.module_state([m], ATTRS, state) is state
     m.weight = nn.Parameter(torch.zeros(2, 2))
     assert fast_path.module_state([m], ATTRS, state) is not state
+
+
+# ---- module_watch / unchanged_since: module_state's answer from the dicts' version tags -------------
+
+def _watch_or_skip(modules):
+    watch = fast_path.module_watch(modules)
+    if watch is None:
+        pytest.skip("this Python has no dict version tags (module_watch returns None)")
+    return watch
+
+
+@needs_ext
+@settings(max_examples=80, deadline=None)
+@given(kinds=st.lists(st.sampled_from(STATE_KINDS), min_size=1, max_size=5), mutate=st.sampled_from(MUTATIONS),
+       which=st.integers(0, 4))
+def test_unchanged_since_never_misses_what_module_state_sees(kinds, mutate, which):
+    """Untouched modules: unchanged. After a mutation: whenever module_state's snapshot changes, the
+    watch says so too (it may also say so when the snapshot did not change: the caller then asks
+    module_state)."""
+    modules = [_state_module(k) for k in kinds]
+    state = fast_path.module_state(modules, ATTRS)
+    watch = _watch_or_skip(modules)
+    assert fast_path.unchanged_since(watch)
+    _mutate(modules[which % len(modules)], mutate)
+    if fast_path.module_state(modules, ATTRS, state) is not state:
+        assert not fast_path.unchanged_since(watch), (kinds, mutate)
+
+
+@needs_ext
+def test_unchanged_since_sees_each_kind_of_change():
+    def fresh():
+        lin, norm = nn.Linear(2, 2), nn.LayerNorm(3)
+        return lin, norm, _watch_or_skip([lin, norm])
+
+    changes = {
+        "new weight": lambda lin, norm: setattr(lin, "weight", nn.Parameter(torch.zeros(2, 2))),
+        "deleted bias": lambda lin, norm: delattr(lin, "bias"),
+        "new child": lambda lin, norm: setattr(norm, "extra", nn.Linear(1, 1)),
+        "attribute": lambda lin, norm: setattr(norm, "eps", 0.5),
+        "class": lambda lin, norm: setattr(lin, "__class__", type("Dynamic", (nn.Linear,), {})),
+        "parameters dict": lambda lin, norm: lin._parameters.__setitem__("weight", nn.Parameter(torch.ones(2, 2))),
+        "instance dict": lambda lin, norm: setattr(norm, "__dict__", dict(norm.__dict__)),
+    }
+    for name, change in changes.items():
+        lin, norm, watch = fresh()
+        change(lin, norm)
+        assert not fast_path.unchanged_since(watch), name
+    lin, norm, watch = fresh()
+    with torch.no_grad():
+        lin.weight.add_(1.0)  # values in place: nothing module_state sees
+    lin.register_forward_hook(lambda *a: None)  # hooks: plain_modules' question, not this one
+    assert fast_path.unchanged_since(watch)
+
+
+@needs_ext
+def test_module_watch_edges_and_reference_counts():
+    import sys
+
+    assert fast_path.unchanged_since(None) is False
+    compiled = _compiled("unchanged_since")
+    with pytest.raises((TypeError, ValueError)):
+        compiled(object())  # not a watch
+    with pytest.raises(TypeError, match="must be a sequence"):
+        _compiled("module_watch")(3)
+    assert fast_path.module_watch([3]) is None  # not a module: nothing to watch
+    modules = [nn.Linear(2, 2), _state_module("sequential")]
+    before = [sys.getrefcount(m) for m in modules]
+    for _ in range(200):
+        watch = _watch_or_skip(modules)
+        assert fast_path.unchanged_since(watch)
+        del watch
+    assert [sys.getrefcount(m) for m in modules] == before
+
+
+def test_module_watch_without_the_extension(monkeypatch):
+    monkeypatch.setattr(_library, "compiled_function", lambda name: None)
+    assert fast_path.module_watch([nn.Linear(2, 2)]) is None
+    assert fast_path.unchanged_since(None) is False
