@@ -287,24 +287,26 @@ PyObject* module_state(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 // ---- module_watch / unchanged_since: module_state's question in a few cache lines per module ----
 // module_state walks every entry of every module's dicts at each decode step (~130 us with the
-// caches cold, for the ~360 modules of SmolVLM-256M's decoder). CPython 3.11 and 3.12 give every
-// dict a version tag that changes whenever the dict changes (PEP 509), so a watch that keeps each
-// module's class, its instance dict and its _parameters and _modules dicts with their tags answers
-// "has anything module_state would see changed?" by comparing a few words per module. A module's
-// parameters, children and instance attributes all live in those three dicts; rebinding one of
-// them rewrites the instance dict; a new class or a new instance dict is compared directly. The
-// answer errs one way only: a dict written back with what it held reports a change, and the
-// caller then asks module_state. Elsewhere (another Python) module_watch returns None.
+// caches cold, for the ~360 modules of SmolVLM-256M's decoder), and plain_modules walks them again
+// for their hooks. CPython 3.11 and 3.12 give every dict a version tag that changes whenever the
+// dict changes (PEP 509), so a watch that keeps each module's class, its instance dict and its
+// _parameters, _modules, _forward_hooks and _forward_pre_hooks dicts with their tags answers "has
+// anything module_state or plain_modules would see changed?" by comparing a few words per module.
+// A module's parameters, children, hooks and instance attributes all live in those dicts;
+// rebinding one of them rewrites the instance dict; a new class or a new instance dict is compared
+// directly. The answer errs one way only: a dict written back with what it held reports a change,
+// and the caller then asks module_state. Elsewhere (another Python) module_watch returns None.
 #if PY_VERSION_HEX < 0x030D0000
 #define IK_DICT_VERSIONS 1
 #endif
 
 #ifdef IK_DICT_VERSIONS
+constexpr int kWatchedDicts = 5;
 struct WatchedModule {
   PyObject* module;  // strong references: none of these can be freed and its address reused
   PyObject* type;
-  PyObject* dicts[3];   // instance dict, _parameters, _modules
-  uint64_t tags[3];
+  PyObject* dicts[kWatchedDicts];  // the instance dict, then the four watched_dicts names
+  uint64_t tags[kWatchedDicts];
 };
 struct Watch {
   std::vector<WatchedModule> modules;
@@ -325,15 +327,22 @@ uint64_t dict_tag(PyObject* dict) { return reinterpret_cast<PyDictObject*>(dict)
 
 void free_watch(PyObject* capsule) { delete static_cast<Watch*>(PyCapsule_GetPointer(capsule, kWatchName)); }
 
-// The watched dicts of m: its instance dict and the _parameters and _modules dicts in it; false
-// when one is missing or not an exact dict (then there is nothing to watch).
-bool watched_dicts(PyObject* m, PyObject* out[3]) {
-  static PyObject* names[2] = {PyUnicode_InternFromString("_parameters"), PyUnicode_InternFromString("_modules")};
+// The watched dicts of m: its instance dict and the _parameters, _modules, _forward_hooks and
+// _forward_pre_hooks dicts in it (exact dicts or OrderedDicts, whose entries live in the dict
+// itself); false when one is missing or another kind of mapping (then there is nothing to watch).
+bool watched_dicts(PyObject* m, PyObject* out[kWatchedDicts]) {
+  static PyObject* names[kWatchedDicts - 1] = {
+      PyUnicode_InternFromString("_parameters"), PyUnicode_InternFromString("_modules"),
+      PyUnicode_InternFromString("_forward_hooks"), PyUnicode_InternFromString("_forward_pre_hooks")};
+  auto plain_dict = [](PyObject* d) {
+    return d != nullptr && (PyDict_CheckExact(d) || Py_TYPE(d) == &PyODict_Type);
+  };
   out[0] = instance_dict_or_null(m);
-  if (out[0] == nullptr || !PyDict_CheckExact(out[0]) || names[0] == nullptr || names[1] == nullptr) return false;
-  for (int i = 0; i < 2; ++i) {
+  if (!plain_dict(out[0])) return false;
+  for (int i = 0; i < kWatchedDicts - 1; ++i) {
+    if (names[i] == nullptr) return false;
     out[i + 1] = PyDict_GetItem(out[0], names[i]);  // borrowed
-    if (out[i + 1] == nullptr || !PyDict_CheckExact(out[i + 1])) return false;
+    if (!plain_dict(out[i + 1])) return false;
   }
   return true;
 }
@@ -359,7 +368,7 @@ PyObject* module_watch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!ok) break;
     w.module = Py_NewRef(items[i]);
     w.type = Py_NewRef(reinterpret_cast<PyObject*>(Py_TYPE(items[i])));
-    for (int d = 0; d < 3; ++d) {
+    for (int d = 0; d < kWatchedDicts; ++d) {
       Py_INCREF(w.dicts[d]);
       w.tags[d] = dict_tag(w.dicts[d]);
     }
@@ -381,7 +390,7 @@ PyObject* module_watch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // unchanged_since(watch) -> bool: True when every watched module still has its class and instance
-// dict and none of its three dicts changed since the watch was taken; False otherwise (or for None).
+// dict and none of its watched dicts changed since the watch was taken; False otherwise (or None).
 PyObject* unchanged_since(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 1) {
     PyErr_SetString(PyExc_TypeError, "unchanged_since takes (watch)");
@@ -398,7 +407,7 @@ PyObject* unchanged_since(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (const WatchedModule& w : watch->modules) {
     if (reinterpret_cast<PyObject*>(Py_TYPE(w.module)) != w.type || instance_dict_or_null(w.module) != w.dicts[0])
       Py_RETURN_FALSE;
-    for (int d = 0; d < 3; ++d)
+    for (int d = 0; d < kWatchedDicts; ++d)
       if (dict_tag(w.dicts[d]) != w.tags[d]) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;

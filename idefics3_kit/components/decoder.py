@@ -473,9 +473,11 @@ class CausalDecoder(nn.Module):
         cache.allocate(x.shape[0], self.config.num_key_value_heads, self.config.head_dim, x.dtype, x.device)
         # allocate() filled every layer's keys and values
         keys, values = cast("list[torch.Tensor]", cache.keys), cast("list[torch.Tensor]", cache.values)
+        # modules the plan's watch vouches for need no second walk: ops.decode_layers then checks
+        # only the global hooks for them (what fast_path.plain_modules adds to the per-module walk)
         return ops.decode_layers(x, plan.weights, keys, values, rope[0], rope[1], key_padding_mask,
                                  cache.length, self.config.num_attention_heads, self.config.num_key_value_heads,
-                                 self.config.rms_norm_eps, plan.modules)
+                                 self.config.rms_norm_eps, () if plan.plain else plan.modules)
 
     def _step_plan(self, cache: KVCache) -> StepPlan | None:
         """The layers' weights for ``ops.decode_layers``, gathered by ``_plain_llama_layers`` at the
@@ -496,18 +498,28 @@ class CausalDecoder(nn.Module):
                 return plan  # the usual step: a few cache lines per module
             state = fast_path.module_state((layers, *plan.modules), _PLAN_ATTRS, plan.state)
             if state is plan.state:
-                plan.watch = (layers, fast_path.module_watch((layers, *plan.modules)))
+                plan.watch, plan.plain = self._watch(layers, plan.modules)
                 return plan
         found = self._plain_llama_layers()
         if found is None:
             cache.step_plan = None
             return None
         weights, modules, scales = found
-        watched = (layers, *modules)
-        state = fast_path.module_state(watched, _PLAN_ATTRS)
+        state = fast_path.module_state((layers, *modules), _PLAN_ATTRS)
         cache.step_plan = StepPlan(LayerWeights(weights, scales), tuple(modules), state, eps,
-                                   (layers, fast_path.module_watch(watched)))
+                                   *self._watch(layers, modules))
         return cache.step_plan
+
+    @staticmethod
+    def _watch(layers, modules) -> tuple[tuple | None, bool]:
+        """(the plan's watch: the layer list and ``fast_path.module_watch`` of it and the modules, or
+        None; whether the modules were plain (``fast_path.plain_modules`` but for global hooks) when
+        it was taken, which holds as long as the watch does)."""
+        watch = fast_path.module_watch((layers, *modules))
+        if watch is None:
+            return None, False
+        compiled = fast_path.plain_modules_compiled()
+        return (layers, watch), compiled is not None and compiled(modules)
 
     def _plain_llama_layers(self):
         """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from,
@@ -579,6 +591,7 @@ class StepPlan:
     state: tuple  # fast_path.module_state of (the layer list, *modules) when gathered
     eps: float  # the config's rms_norm_eps when gathered
     watch: tuple | None = None  # (the layer list, fast_path.module_watch of it and the modules, or None)
+    plain: bool = False  # the modules were plain (but for global hooks) when the watch was taken
 
 
 def _weight_and_scales(linear: nn.Module):

@@ -53,6 +53,13 @@ def plain_modules(modules: Sequence[nn.Module]) -> bool:
     return plain_modules_reference(modules) if compiled is None else compiled(modules, _PLAIN_MODULES)
 
 
+def plain_modules_compiled():
+    """``plain_modules`` without the global-hook check as a one-argument compiled function, or None
+    without the extension (for callers that cache its answer alongside a ``module_watch``)."""
+    compiled = _library.compiled_function("plain_modules")
+    return None if compiled is None else (lambda modules: bool(compiled(modules, _PLAIN_MODULES)))
+
+
 def plain_modules_reference(modules: Iterable[nn.Module]) -> bool:
     """``plain_modules`` without the global-hook check, in Python (the compiled one's reference)."""
     for m in modules:
@@ -155,9 +162,10 @@ def module_watch(modules: Sequence[nn.Module]):
     extension, a Python without dict version tags (3.13 on), a module without its nn.Module dicts).
 
     Why: ``module_state`` walks every entry of every module's dicts, ~130 µs per decode step of
-    SmolVLM-256M with the caches cold. The watch keeps each module's class, its instance dict and
-    its ``_parameters`` and ``_modules`` dicts with their version tags (csrc/python/fast_path.cpp),
-    which ``unchanged_since`` compares in a few cache lines per module."""
+    SmolVLM-256M with the caches cold, and ``plain_modules`` walks them again for hooks. The watch
+    keeps each module's class, its instance dict and its ``_parameters``, ``_modules``,
+    ``_forward_hooks`` and ``_forward_pre_hooks`` dicts with their version tags
+    (csrc/python/fast_path.cpp), which ``unchanged_since`` compares in a few cache lines per module."""
     if torch.compiler.is_compiling():
         return None
     compiled = _library.compiled_function("module_watch")
@@ -165,10 +173,10 @@ def module_watch(modules: Sequence[nn.Module]):
 
 
 def unchanged_since(watch) -> bool:
-    """True when nothing ``module_state`` sees in the watched modules changed since ``module_watch``
-    (then ``module_state`` of them returns its previous snapshot); False when something may have:
-    a dict written back with what it held also counts, so callers then ask ``module_state``.
-    False for None."""
+    """True when nothing ``module_state`` or ``plain_modules`` (but for the global hooks) sees in
+    the watched modules changed since ``module_watch``: then ``module_state`` of them returns its
+    previous snapshot and ``plain_modules`` its previous answer. False when something may have: a
+    dict written back with what it held also counts, so callers then ask them. False for None."""
     if watch is None:
         return False
     compiled = _library.compiled_function("unchanged_since")

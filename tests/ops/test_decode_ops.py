@@ -792,8 +792,15 @@ def test_step_plan_is_checked_again_at_every_step():
         assert _step_runs(dec, x, cache) and cache.step_plan is plan
         handle = dec.model.layers[1].self_attn.register_forward_hook(lambda *a: None)
         assert not _step_runs(dec, x, cache)
+        assert not _step_runs(dec, x, cache)  # and at the step after (the plan's watch holds again)
         handle.remove()
         assert _step_runs(dec, x, cache)
+        handle = nn.modules.module.register_module_forward_hook(lambda *a: None)  # global: no module dict changes
+        try:
+            assert not _step_runs(dec, x, cache)
+        finally:
+            handle.remove()
+        assert _step_runs(dec, x, cache) and cache.step_plan is plan
         weight = dec.model.layers[0].mlp.gate_proj.weight
         weight.data = weight.data.double()  # the same Parameter object, another dtype
         assert not _step_runs(dec, x, cache)

@@ -210,6 +210,8 @@ def _mutate(m: nn.Module, how: str) -> None:
     elif how == "parameter_to_buffer" and "weight" in m._parameters:
         w = m._parameters.pop("weight")
         m.register_buffer("weight", w.detach())
+    elif how == "hook":
+        m.register_forward_pre_hook(lambda *a: None)
 
 
 def _identities(m: nn.Module):
@@ -220,7 +222,7 @@ def _identities(m: nn.Module):
     return [id(o) for o in flat], flat
 
 
-MUTATIONS = ["new_parameter", "dict_write", "new_child", "attribute", "class", "parameter_to_buffer"]
+MUTATIONS = ["new_parameter", "dict_write", "new_child", "attribute", "class", "parameter_to_buffer", "hook"]
 
 
 @needs_ext
@@ -298,15 +300,16 @@ def _watch_or_skip(modules):
 @given(kinds=st.lists(st.sampled_from(STATE_KINDS), min_size=1, max_size=5), mutate=st.sampled_from(MUTATIONS),
        which=st.integers(0, 4))
 def test_unchanged_since_never_misses_what_module_state_sees(kinds, mutate, which):
-    """Untouched modules: unchanged. After a mutation: whenever module_state's snapshot changes, the
-    watch says so too (it may also say so when the snapshot did not change: the caller then asks
-    module_state)."""
+    """Untouched modules: unchanged. After a mutation: whenever module_state's snapshot or
+    plain_modules' answer changes, the watch says so too (it may also say so when they did not
+    change: the caller then asks them)."""
     modules = [_state_module(k) for k in kinds]
     state = fast_path.module_state(modules, ATTRS)
+    plain = fast_path.plain_modules(modules)
     watch = _watch_or_skip(modules)
     assert fast_path.unchanged_since(watch)
     _mutate(modules[which % len(modules)], mutate)
-    if fast_path.module_state(modules, ATTRS, state) is not state:
+    if fast_path.module_state(modules, ATTRS, state) is not state or fast_path.plain_modules(modules) != plain:
         assert not fast_path.unchanged_since(watch), (kinds, mutate)
 
 
@@ -324,6 +327,8 @@ def test_unchanged_since_sees_each_kind_of_change():
         "class": lambda lin, norm: setattr(lin, "__class__", type("Dynamic", (nn.Linear,), {})),
         "parameters dict": lambda lin, norm: lin._parameters.__setitem__("weight", nn.Parameter(torch.ones(2, 2))),
         "instance dict": lambda lin, norm: setattr(norm, "__dict__", dict(norm.__dict__)),
+        "forward hook": lambda lin, norm: lin.register_forward_hook(lambda *a: None),
+        "forward pre-hook": lambda lin, norm: norm.register_forward_pre_hook(lambda *a: None),
     }
     for name, change in changes.items():
         lin, norm, watch = fresh()
@@ -332,8 +337,10 @@ def test_unchanged_since_sees_each_kind_of_change():
     lin, norm, watch = fresh()
     with torch.no_grad():
         lin.weight.add_(1.0)  # values in place: nothing module_state sees
-    lin.register_forward_hook(lambda *a: None)  # hooks: plain_modules' question, not this one
     assert fast_path.unchanged_since(watch)
+    handle = lin.register_forward_hook(lambda *a: None)
+    handle.remove()  # the hook dict changed and changed back: reported (errs on the safe side)
+    assert not fast_path.unchanged_since(watch)
 
 
 @needs_ext
