@@ -11,7 +11,8 @@
 // number is the best of `passes` interleaved passes. Reading them: a GEMV of one x row should be
 // bound by memory (compare the GB/s with benchmarks/quant.py's measured read bandwidth); with
 // more rows it becomes bound by arithmetic. The int8 / int4 passes include quantizing x (prepare),
-// as a decode step does.
+// as a decode step does. A second line per case gives each projection's GB/s (q|k|v, o, gate|up,
+// down: their shapes stream differently), summed over the passes.
 #include <idefics3_kit/gemv_bf16.h>
 #include <idefics3_kit/gemv_quant.h>
 #include <omp.h>
@@ -78,10 +79,16 @@ void run(const Weight& w, int bits, const std::vector<uint16_t>& x, int64_t rows
   qgemv::run_rows(a, j, r0, r1);
 }
 
+constexpr int kProjections = 4;  // decoder_weights() lists each layer's q|k|v, o, gate|up, down in turn
+const char* const kProjectionNames[kProjections] = {"q|k|v", "o", "gate|up", "down"};
+
+// One pass over the weights; seconds[p] accumulates the time of projection p.
 double pass(const std::vector<Weight>& weights, int bits, const std::vector<uint16_t>& x, int64_t rows,
-            std::vector<uint16_t>& y, int threads) {
+            std::vector<uint16_t>& y, int threads, double* seconds) {
   const auto start = std::chrono::steady_clock::now();
+  int64_t index = 0;
   for (const Weight& w : weights) {
+    const auto begin = std::chrono::steady_clock::now();
     const int64_t split = (w.n / threads + 3) / 4 * 4;  // a multiple of 4 rows per thread
 #pragma omp parallel num_threads(threads)
     {
@@ -89,6 +96,7 @@ double pass(const std::vector<Weight>& weights, int bits, const std::vector<uint
       const int64_t r1 = t + 1 == threads ? w.n : std::min(w.n, (t + 1) * split);
       if (r0 < r1) run(w, bits, x, rows, y, r0, r1);
     }
+    seconds[index++ % kProjections] += std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
   }
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -102,10 +110,14 @@ int main(int argc, char** argv) {
               qgemv::avx512_path() ? "avx512-vnni" : qgemv::avx2_path() ? "avx2" : "portable");
   const std::vector<Weight> weights = decoder_weights();
   double bytes[3] = {0, 0, 0};  // bf16, int8, int4 weights (+ scales)
-  for (const Weight& w : weights) {
-    bytes[0] += 2.0 * w.n * w.k;
-    bytes[1] += w.n * w.k + 2.0 * w.n;
-    bytes[2] += w.n * w.k / 2.0 + 2.0 * w.scales4.size();
+  double projection_bytes[3][kProjections] = {};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Weight& w = weights[i];
+    const double b[3] = {2.0 * w.n * w.k, w.n * w.k + 2.0 * w.n, w.n * w.k / 2.0 + 2.0 * w.scales4.size()};
+    for (int f = 0; f < 3; ++f) {
+      bytes[f] += b[f];
+      projection_bytes[f][i % kProjections] += b[f];
+    }
   }
   std::mt19937 rng(1);
   const int formats[3] = {16, 8, 4};
@@ -115,12 +127,21 @@ int main(int argc, char** argv) {
       std::vector<uint16_t> x(rows * kInter), y(rows * 2 * kInter);
       for (auto& v : x) v = static_cast<uint16_t>(0x3f00 + (rng() & 0xff));
       double best[3] = {1e9, 1e9, 1e9};
+      double seconds[3][kProjections] = {};
       for (int p = 0; p < passes; ++p)
-        for (int f = 0; f < 3; ++f) best[f] = std::min(best[f], pass(weights, formats[f], x, rows, y, threads));
+        for (int f = 0; f < 3; ++f)
+          best[f] = std::min(best[f], pass(weights, formats[f], x, rows, y, threads, seconds[f]));
       std::printf("threads %d  rows %ld ", threads, static_cast<long>(rows));
       for (int f = 0; f < 3; ++f)
         std::printf("  %s %6.2f ms %5.1f GB/s", names[f], best[f] * 1e3, bytes[f] / best[f] / 1e9);
       std::printf("   int8 %.2fx  int4 %.2fx bf16\n", best[0] / best[1], best[0] / best[2]);
+      std::printf("    GB/s per projection:");
+      for (int f = 0; f < 3; ++f) {
+        std::printf("  %s", names[f]);
+        for (int q = 0; q < kProjections; ++q)
+          std::printf(" %s %.1f", kProjectionNames[q], projection_bytes[f][q] * passes / seconds[f][q] / 1e9);
+      }
+      std::printf("\n");
     }
   return 0;
 }
