@@ -101,12 +101,16 @@ IK_BF16_FN void block(const Job& j, int64_t m0, const uint16_t* w, float* sums /
     for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-// One x row against one weight row at a time, as the AVX2 path: on a Zen 4 (the decoder's
-// weights) 31 GB/s on 2 threads and 20 on one, against 23 and 12 for four interleaved rows.
+// One weight row at a time for any number of x rows: on a Zen 4 (the decoder's weights, one x
+// row) 31 GB/s on 2 threads and 20 on one, against 23 and 12 for four interleaved rows. With two
+// and four x rows too (benchmarks/gemv_kernels.cpp, 2 threads, four interleaved runs of each
+// build): a pass over the weights with two x rows 9.6-11.6 ms (median 10.0) against 11.0-13.4
+// (11.5) for four weight rows at a time, with four x rows 10.7-11.5 against 12.2-12.7. The Intel
+// machines the four-row blocks were tuned on have not been measured with this.
 struct Blocks {
   const Job& j;
   template <int M>
-  static constexpr int rows_per_block() { return M == 1 ? 1 : 4; }
+  static constexpr int rows_per_block() { return 1; }
   template <int M, int R>
   IK_BF16_FN void run(int64_t m0, int64_t r, float* sums) const { block<M, R>(j, m0, j.w + r * j.k, sums); }
 };

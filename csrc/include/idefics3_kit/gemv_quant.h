@@ -389,7 +389,9 @@ IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float
 // Register blocks of one weight format, as gemv_quant_avx2.h's. One x row against one int8 weight
 // row at a time: on a Zen 4 (2 threads, the decoder's weights) four interleaved rows read 18.6
 // GB/s and one 28 GB/s (one thread: 10 against 20), the prefetchers following one stream per
-// thread better. int4 keeps four rows for short rows (K = 576: one row was 0-10% slower), but takes
+// thread better; with two x rows one int8 row at a time also won (a pass 5.9-6.4 ms, median 6.1,
+// against 6.4-7.7, median 6.6, for four in four interleaved runs), with four x rows two stay.
+// int4 keeps four rows for short rows (K = 576: one row was 0-10% slower), but takes
 // one at a time, for any number of x rows, from kLongInt4Row columns on: there four interleaved
 // rows of 768 bytes (the decoder's down_proj, K = 1536) read at 13.4-14.7 GB/s and one at
 // 18.7-21.8 on two threads with one x row, 11 against 17-18 with two, 11 against 14 with four
@@ -401,7 +403,7 @@ struct Blocks {
   const Job& j;
   template <int M>
   static constexpr int rows_per_block() {  // accumulators + x registers within the 32 zmm
-    return LongRows ? 1 : M == 1 ? (Bits == 8 ? 1 : 4) : M == 2 ? 4 : 2;
+    return LongRows ? 1 : Bits == 8 ? (M <= 2 ? 1 : 2) : M <= 2 ? 4 : 2;
   }
   template <int M, int R>
   IK_QBF16_FN void run(int64_t m0, int64_t r, float* sums) const {
