@@ -67,7 +67,6 @@ at::Tensor project_f32(const at::Tensor& x, at::TensorList weights, c10::ArrayRe
   return outs.size() == 1 ? outs[0] : at::cat(outs, -1);
 }
 
-
 // float32 RMSNorm as ops.rms_norm runs it: torch's own (which keeps float32 logits equal to
 // transformers').
 at::Tensor norm_f32(const at::Tensor& x, const at::Tensor& weight, double eps) {
