@@ -166,14 +166,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   a.q = q.data_ptr();
   a.q_s0 = q.stride(0);
   a.q_s1 = q.stride(1);
-  a.k = k.data_ptr();
-  a.k_s0 = k.stride(0);
-  a.k_s1 = k.stride(1);
-  a.k_s2 = k.stride(2);
-  a.v = v.data_ptr();
-  a.v_s0 = v.stride(0);
-  a.v_s1 = v.stride(1);
-  a.v_s2 = v.stride(2);
+  a.set_kv(k, v);
   a.key_mask = key_mask ? reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>()) : nullptr;
   a.mask_s0 = l;
   a.seqlens = cache_seqlens ? cache_seqlens->data_ptr<int32_t>() : nullptr;

@@ -294,8 +294,6 @@ at::Tensor attend(const at::Tensor& q, const Step& s, int64_t l) {
 // the contiguous queries q [B, H, 1, hd] against layer l's cache -> out [B, 1, H, hd] (contiguous),
 // without the views, the output tensor and the argument checks of the op per layer.
 void attend_into(const at::Tensor& q, const Step& s, int64_t l, at::Tensor& out) {
-  const at::Tensor& k = s.k_cache[l];
-  const at::Tensor& v = s.v_cache[l];
   DecodeAttention a;
   a.b = q.size(0);
   a.hq = s.heads;
@@ -306,14 +304,7 @@ void attend_into(const at::Tensor& q, const Step& s, int64_t l, at::Tensor& out)
   a.q = q.data_ptr();
   a.q_s0 = s.heads * s.hd;
   a.q_s1 = s.hd;
-  a.k = k.data_ptr();
-  a.k_s0 = k.stride(0);
-  a.k_s1 = k.stride(1);
-  a.k_s2 = k.stride(2);
-  a.v = v.data_ptr();
-  a.v_s0 = v.stride(0);
-  a.v_s1 = v.stride(1);
-  a.v_s2 = v.stride(2);
+  a.set_kv(s.k_cache[l], s.v_cache[l]);
   a.key_mask = s.mask ? reinterpret_cast<const uint8_t*>(s.mask->data_ptr<bool>()) : nullptr;
   a.mask_s0 = s.past + 1;
   a.seqlens = nullptr;

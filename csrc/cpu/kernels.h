@@ -28,6 +28,18 @@ struct DecodeAttention {
   void* out;
   int64_t o_s0, o_s1;
   double scale;
+
+  // k and v (each [B, Hkv, L', D] with L' >= l): their data and strides.
+  void set_kv(const at::Tensor& keys, const at::Tensor& values) {
+    k = keys.data_ptr();
+    k_s0 = keys.stride(0);
+    k_s1 = keys.stride(1);
+    k_s2 = keys.stride(2);
+    v = values.data_ptr();
+    v_s0 = values.stride(0);
+    v_s1 = values.stride(1);
+    v_s2 = values.stride(2);
+  }
 };
 void decode_attention_run(const DecodeAttention& a);
 
