@@ -52,11 +52,12 @@ TORCH_LIBRARY(idefics3_kit, m) {
   // entries per layer (input norm, q, k, v, q/k/v biases or None, o, post norm, gate, up, down);
   // the new keys/values are written at position `past` of each layer's cache [B, Hkv, Lmax, hd].
   // scales: empty, or one entry per params entry, set where that weight is quantized (quant_linear's
-  // layout; bf16 x only).
+  // layout; bf16 x only). final_norm: the decoder's final RMSNorm weight [D], applied to the output
+  // (same eps), or None for the residual stream itself.
   m.def(
       "decode_layers(Tensor x, Tensor?[] params, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor cos, "
       "Tensor sin_signed, Tensor? key_mask, int past, int num_heads, int num_kv_heads, float eps, "
-      "Tensor?[] scales) -> Tensor");
+      "Tensor?[] scales, Tensor? final_norm=None) -> Tensor");
 }
 
 #ifndef IDEFICS3_KIT_NO_PYTHON

@@ -278,6 +278,7 @@ struct Step {
   const Table& params;
   const Table& scales;
   const QuantPlan* quant;  // the bf16 step's quantized weights (null for float32)
+  const at::Tensor* final_norm;  // the final RMSNorm's weight [D] (null: the op returns the residual stream)
   at::TensorList k_cache, v_cache;
   std::optional<at::Tensor> mask;
   int64_t layers, past, heads, kv_heads, hd;
@@ -384,8 +385,8 @@ void attention_bf16(Buffers& buf, const Step& s, int64_t l, const at::Tensor& x_
 }
 
 // Layer l's MLP block on buf.h: silu(gate) * up on split views of one gate|up output, as the
-// Python layers run it, then down_proj; buf.x + down into buf.x and, unless l is the last layer,
-// the next layer's input norm into buf.h.
+// Python layers run it, then down_proj; buf.x + down into buf.x and the next layer's input norm
+// into buf.h (after the last layer: the final norm, when the step has one).
 void mlp_bf16(Buffers& buf, const Step& s, int64_t l) {
   const at::Tensor* no_bias[1] = {nullptr};
   const at::Tensor* no_biases[2] = {nullptr, nullptr};
@@ -398,8 +399,8 @@ void mlp_bf16(Buffers& buf, const Step& s, int64_t l) {
   at::mul_out(act, act, shared ? buf.up_part : gu.narrow(-1, inter, inter));
   project(s, l, kDownGroup, act, no_bias, buf.down);
   const bool last = l + 1 == s.layers;
-  add_norm_bf16(buf.x, buf.down, last ? nullptr : &need(s.params, l + 1, kInNorm), s.eps, buf.x,
-                last ? nullptr : &buf.h);
+  const at::Tensor* next_norm = last ? s.final_norm : &need(s.params, l + 1, kInNorm);
+  add_norm_bf16(buf.x, buf.down, next_norm, s.eps, buf.x, next_norm ? &buf.h : nullptr);
 }
 
 at::Tensor layers_bf16(const at::Tensor& x_in, const Step& s, const at::Tensor& cos_in, const at::Tensor& sin_in) {
@@ -414,7 +415,7 @@ at::Tensor layers_bf16(const at::Tensor& x_in, const Step& s, const at::Tensor& 
     attention_bf16(buf, s, l, l == 0 ? x_c : buf.x, cos, sin_signed);
     mlp_bf16(buf, s, l);
   }
-  return buf.x;
+  return s.final_norm ? buf.h : buf.x;
 }
 
 // float32: the ATen ops themselves, as the Python layers run them (their fp32 rounding, no
@@ -441,7 +442,7 @@ at::Tensor layers_f32(const at::Tensor& x_in, const Step& s, const at::Tensor& c
     const at::Tensor act = gated_f32(h2, need(s.params, l, kGate), need(s.params, l, kUp));
     x = x + project_f32(act, {need(s.params, l, kDown)}, no_bias);
   }
-  return x;
+  return s.final_norm ? norm_f32(x, *s.final_norm, s.eps) : x;
 }
 
 }  // namespace
@@ -450,7 +451,8 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
                              at::TensorList k_cache, at::TensorList v_cache, const at::Tensor& cos,
                              const at::Tensor& sin_signed, const std::optional<at::Tensor>& key_mask, int64_t past,
                              int64_t heads, int64_t kv_heads, double eps,
-                             const c10::List<std::optional<at::Tensor>>& scales_list) {
+                             const c10::List<std::optional<at::Tensor>>& scales_list,
+                             const std::optional<at::Tensor>& final_norm) {
   TORCH_CHECK(params_list.size() % kParamsPerLayer == 0 && params_list.size() > 0, "decode_layers: params must hold ",
               kParamsPerLayer, " entries per layer, got ", params_list.size());
   const int64_t layers = static_cast<int64_t>(params_list.size()) / kParamsPerLayer;
@@ -462,7 +464,14 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
   check_params(params, scales, layers, x_in, heads, kv_heads, hd);
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   const QuantPlan quant = bf16 ? quant_plan(params, scales, layers, x_in.size(2), heads * hd) : QuantPlan{};
-  const Step step{params, scales, &quant, k_cache, v_cache,
+  if (final_norm) {
+    check_cpu(*final_norm, "decode_layers", "final_norm");
+    TORCH_CHECK(final_norm->dim() == 1 && final_norm->size(0) == x_in.size(2) &&
+                    final_norm->scalar_type() == x_in.scalar_type() && final_norm->is_contiguous(),
+                "decode_layers: final_norm must be a contiguous [D] = [", x_in.size(2), "] tensor in x's dtype ",
+                x_in.scalar_type(), ", got ", final_norm->scalar_type(), " ", shape_str(*final_norm));
+  }
+  const Step step{params, scales, &quant, final_norm ? &*final_norm : nullptr, k_cache, v_cache,
                   key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt,
                   layers, past, heads, kv_heads, hd, eps, 1.0 / std::sqrt(static_cast<double>(hd))};
   return bf16 ? layers_bf16(x_in, step, cos, sin_signed) : layers_f32(x_in, step, cos, sin_signed);

@@ -440,8 +440,9 @@ class CausalDecoder(nn.Module):
             key_padding_mask = attention_mask.bool()
         hidden = [x] if output_hidden_states else None
         stepped = None if output_hidden_states else self._one_call_step(x, rope, key_padding_mask, cache)
+        normed = False  # whether x went through the final norm already (inside the one-call step)
         if stepped is not None:
-            x = stepped
+            x, normed = stepped
         else:
             recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
             for layer in self.model.layers:
@@ -453,7 +454,8 @@ class CausalDecoder(nn.Module):
                     hidden.append(x)
         if cache is not None:
             cache.advance(length)
-        x = self.model.norm(x)
+        if not normed:
+            x = self.model.norm(x)
         if hidden is not None:
             hidden[-1] = x
         kept = x[:, -logits_to_keep:] if logits_to_keep else x
@@ -461,9 +463,11 @@ class CausalDecoder(nn.Module):
                              last_hidden_state=x)
 
     # ---- one compiled call for a whole decode step ------------------------------------------
-    def _one_call_step(self, x, rope, key_padding_mask, cache) -> torch.Tensor | None:
+    def _one_call_step(self, x, rope, key_padding_mask, cache) -> tuple[torch.Tensor, bool] | None:
         """Every layer of a one-token cached step through ``ops.decode_layers`` (bit-identical to
-        the loop over the layers), or None where it does not apply."""
+        the loop over the layers), or None where it does not apply: (the output, whether the final
+        norm is applied to it: the op applies it too when the norm is a plain ``RMSNorm`` with the
+        config's eps, which saves a dispatched call whose metadata the step has evicted)."""
         if type(cache) is not KVCache or x.shape[1] != 1:  # a cache subclass may write differently
             return None
         plan = self._step_plan(cache)
@@ -475,9 +479,11 @@ class CausalDecoder(nn.Module):
         keys, values = cast("list[torch.Tensor]", cache.keys), cast("list[torch.Tensor]", cache.values)
         # modules the plan's watch vouches for need no second walk: ops.decode_layers then checks
         # only the global hooks for them (what fast_path.plain_modules adds to the per-module walk)
-        return ops.decode_layers(x, plan.weights, keys, values, rope[0], rope[1], key_padding_mask,
-                                 cache.length, self.config.num_attention_heads, self.config.num_key_value_heads,
-                                 self.config.rms_norm_eps, () if plan.plain else plan.modules)
+        out = ops.decode_layers(x, plan.weights, keys, values, rope[0], rope[1], key_padding_mask, cache.length,
+                                self.config.num_attention_heads, self.config.num_key_value_heads,
+                                self.config.rms_norm_eps, () if plan.plain else plan.modules,
+                                final_norm=plan.final_norm)
+        return None if out is None else (out, plan.final_norm is not None)
 
     def _step_plan(self, cache: KVCache) -> StepPlan | None:
         """The layers' weights for ``ops.decode_layers``, gathered by ``_plain_llama_layers`` at the
@@ -504,9 +510,9 @@ class CausalDecoder(nn.Module):
         if found is None:
             cache.step_plan = None
             return None
-        weights, modules, scales = found
+        weights, modules, scales, final_norm = found
         state = fast_path.module_state((layers, *modules), _PLAN_ATTRS)
-        cache.step_plan = StepPlan(LayerWeights(weights, scales), tuple(modules), state, eps,
+        cache.step_plan = StepPlan(LayerWeights(weights, scales), tuple(modules), state, eps, final_norm,
                                    *self._watch(layers, modules))
         return cache.step_plan
 
@@ -523,7 +529,9 @@ class CausalDecoder(nn.Module):
 
     def _plain_llama_layers(self):
         """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from,
-        the scales of quantized weights in the same order or None when none is quantized), or None
+        the scales of quantized weights in the same order or None when none is quantized, the final
+        norm's weight when that norm is a plain ``RMSNorm`` with the config's eps (it is then among
+        the modules too) or None), or None
         unless every layer is this file's Llama layer with SiLU, no o_proj or MLP biases, the
         config's eps and its own place in the list as layer_idx (``ops.decode_layers`` then checks
         that every module is exactly its plain class, without hooks). Runs at a generation's first
@@ -575,7 +583,12 @@ class CausalDecoder(nn.Module):
             except (AttributeError, KeyError):  # a replaced part without these parameters: not a plain layer
                 return None
             modules += (layer, attn, mlp, norm1, norm2, q, k, v, o, gate, up, down)
-        return weights, modules, scales if quantized else None
+        norm = self.model._modules.get("norm")  # the final norm: the op applies it when it is a plain RMSNorm
+        final_norm = None
+        if type(norm) is RMSNorm and norm.__dict__.get("eps") == eps:
+            final_norm = norm._parameters.get("weight")
+            modules.append(norm)
+        return weights, modules, scales if quantized else None, final_norm
 
 
 _NO_SCALES = (None,) * 7  # the scales of a layer of plain nn.Linear projections
@@ -590,6 +603,7 @@ class StepPlan:
     modules: tuple  # every module whose forward the step replaces (12 per layer)
     state: tuple  # fast_path.module_state of (the layer list, *modules) when gathered
     eps: float  # the config's rms_norm_eps when gathered
+    final_norm: torch.Tensor | None  # the final norm's weight when the op applies it (a plain RMSNorm)
     watch: tuple | None = None  # (the layer list, fast_path.module_watch of it and the modules, or None)
     plain: bool = False  # the modules were plain (but for global hooks) when the watch was taken
 

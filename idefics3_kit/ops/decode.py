@@ -83,14 +83,17 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
                   v_cache: Sequence[torch.Tensor], cos: torch.Tensor, sin_signed: torch.Tensor,
                   key_padding_mask: torch.Tensor | None, past: int, num_heads: int, num_kv_heads: int,
                   eps: float, modules: Sequence[nn.Module] = (),
-                  layer_scales: Sequence[tuple] | None = None) -> torch.Tensor | None:
+                  layer_scales: Sequence[tuple] | None = None,
+                  final_norm: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [B, 1, D] through every layer -> [B, 1, D], or None when the op does not apply.
 
     cos/sin_signed: [B or 1, 1, 1, hd] rotary tables of the new position, the sine with its first
     half negated (x * cos + roll(x, hd/2) * sin_signed is the rotation); ``modules``: every module
     whose forward the op replaces (they must be plain, see ``fast_path``); ``layer_weights`` and
     ``layer_scales`` as ``LayerWeights`` takes them, or a ``LayerWeights`` built once (then no
-    ``layer_scales``).
+    ``layer_scales``); ``final_norm``: the decoder's final RMSNorm weight [D] (same eps, x's dtype),
+    which the op then applies to its output (as the decoder's norm module would, bit for bit),
+    or None for the residual stream itself.
     """
     check_eps(eps, "decode_layers")
     if isinstance(layer_weights, LayerWeights):
@@ -99,8 +102,10 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
         weights = layer_weights
     else:
         weights = LayerWeights(layer_weights, layer_scales)
-    if not weights.layers or not _applies(x, weights, k_cache, v_cache, (cos, sin_signed, key_padding_mask),
-                                          k_cache[0].shape[-1], modules):
+    rope_mask_norm = (cos, sin_signed, key_padding_mask, final_norm)
+    if not weights.layers or not _applies(x, weights, k_cache, v_cache, rope_mask_norm, k_cache[0].shape[-1], modules):
+        return None
+    if final_norm is not None and (final_norm.dtype != x.dtype or not final_norm.is_contiguous()):
         return None
     b = x.shape[0]
     if cos.shape[0] != b:  # positions shared by the batch: the layers broadcast them
@@ -108,14 +113,15 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
     return _library.op("decode_layers")(x, weights.flat, list(k_cache), list(v_cache), cos, sin_signed, mask,
                                         int(past), int(num_heads), int(num_kv_heads), float(eps),
-                                        weights.scales or [])
+                                        weights.scales or [], final_norm)
 
 
 @_library.register_fake("decode_layers")
 def _decode_layers_fake(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads, num_kv_heads, eps,
-                        scales=()):
+                        scales=(), final_norm=None):
     _library.same_device("decode_layers", (("x", x), *((f"params[{i}]", p) for i, p in enumerate(params)),
                                            *((f"k_cache[{i}]", c) for i, c in enumerate(k_cache)),
                                            *((f"v_cache[{i}]", c) for i, c in enumerate(v_cache)),
-                                           ("cos", cos), ("sin_signed", sin_signed), ("key_mask", key_mask)))
+                                           ("cos", cos), ("sin_signed", sin_signed), ("key_mask", key_mask),
+                                           ("final_norm", final_norm)))
     return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -23,12 +23,13 @@ constexpr int64_t kSlots = 12;  // per layer: in norm, q, k, v, q/k/v bias, o, p
 
 at::Tensor call(const at::Tensor& x, const OptList& params, std::vector<at::Tensor> k_cache,
                 std::vector<at::Tensor> v_cache, const at::Tensor& cos, const at::Tensor& sin, const Opt& mask,
-                const OptList& scales) {
+                const OptList& scales, const Opt& final_norm = std::nullopt) {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("idefics3_kit::decode_layers", "")
                 .typed<at::Tensor(const at::Tensor&, const OptList&, at::TensorList, at::TensorList, const at::Tensor&,
-                                  const at::Tensor&, const Opt&, int64_t, int64_t, int64_t, double, const OptList&)>();
-  return op.call(x, params, k_cache, v_cache, cos, sin, mask, kPast, kHeads, kKvHeads, 1e-5, scales);
+                                  const at::Tensor&, const Opt&, int64_t, int64_t, int64_t, double, const OptList&,
+                                  const Opt&)>();
+  return op.call(x, params, k_cache, v_cache, cos, sin, mask, kPast, kHeads, kKvHeads, 1e-5, scales, final_norm);
 }
 
 // One model's float32 parameters (LAYER_WEIGHTS order, no biases).
@@ -75,11 +76,11 @@ Step make_step(at::ScalarType dtype) {
   return s;
 }
 
-at::Tensor run(const Step& s, const OptList& params, const OptList& scales = OptList()) {
+at::Tensor run(const Step& s, const OptList& params, const OptList& scales = OptList(), const Opt& final_norm = std::nullopt) {
   std::vector<at::Tensor> k, v;  // fresh copies: the op writes the new key and value
   for (const auto& c : s.k_cache) k.push_back(c.clone());
   for (const auto& c : s.v_cache) v.push_back(c.clone());
-  return call(s.x, params, k, v, s.cos, s.sin, s.mask, scales);
+  return call(s.x, params, k, v, s.cos, s.sin, s.mask, scales, final_norm);
 }
 
 double rel_err(const at::Tensor& a, const at::Tensor& b) {
@@ -121,6 +122,14 @@ void test_paths_agree() {
   }
   const at::Tensor out8 = run(s16, params, scales);
   CHECK(rel_err(out8, out32) < 1e-1);
+  // the final norm: float32 as torch's rms_norm times the weight, exactly; bf16 close to it
+  const at::Tensor norm_w = 1 + 0.1 * at::randn({kHidden});
+  const at::Tensor normed32 = run(s32, cast(p, at::kFloat), OptList(), norm_w);
+  CHECK(at::equal(normed32, norm_w * at::rms_norm(out32, {kHidden}, std::nullopt, 1e-5)));
+  const at::Tensor normed16 = run(s16, cast(p, at::kBFloat16), OptList(), norm_w.to(at::kBFloat16));
+  CHECK(normed16.scalar_type() == at::kBFloat16 && rel_err(normed16, normed32) < 5e-2);
+  CHECK(throws([&] { run(s32, cast(p, at::kFloat), OptList(), at::ones({kHidden + 1})); }));  // wrong length
+  CHECK(throws([&] { run(s32, cast(p, at::kFloat), OptList(), norm_w.to(at::kBFloat16)); }));  // wrong dtype
 }
 
 void test_bad_arguments_throw() {

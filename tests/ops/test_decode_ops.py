@@ -471,7 +471,7 @@ def _op_args(dec, b=2, past=3, dtype=None):
     cache = dec.new_cache(b, past + 3)
     cache.allocate(b, dec.config.num_key_value_heads, dec.config.head_dim, dtype, "cpu")
     x = torch.randn(b, 1, dec.hidden_size, generator=g).to(dtype)
-    weights, _, _ = dec._plain_llama_layers()
+    weights = dec._plain_llama_layers()[0]
     params = [None if p is None else p.detach() for layer in weights for p in layer]
     for c in cache.keys + cache.values:
         c.copy_(torch.randn(c.shape, generator=g))
@@ -714,6 +714,38 @@ def test_decode_layers_cache_overflow(monkeypatch):
         monkeypatch.setattr(CausalDecoder, "_one_call_step", lambda *a, **k: None)
         with pytest.raises(ValueError, match="KV cache overflow"):
             dec(input_ids=ids[:, 5:], cache=cache)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["plain", "hooked", "subclass"])
+def test_decode_layers_final_norm_as_the_module_runs_it(dtype, norm):
+    """A plain final RMSNorm runs inside the one-call step (the logits equal the Python layers' and
+    norm's); a hooked one makes the step step aside; another class stays outside the op, which
+    then returns the residual stream for the decoder's own norm module."""
+    if dtype == torch.bfloat16 and not ops.matmul.covers(1, dtype):
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
+    fused, python = _tiny_decoder(dtype), _tiny_decoder(dtype)
+    calls = []
+    for dec in (fused, python):
+        if norm == "hooked":
+            dec.model.norm.register_forward_hook(lambda m, i, o: calls.append(1))
+        elif norm == "subclass":
+            weight = dec.model.norm.weight
+            dec.model.norm = type("Norm", (decoder_mod.RMSNorm,), {})(dec.hidden_size, dec.config.rms_norm_eps)
+            dec.model.norm.weight = weight
+    ids = torch.randint(3, fused.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+    logits, ran = [], []
+    with torch.inference_mode():
+        for dec, hidden in ((fused, False), (python, True)):
+            cache = dec.new_cache(1, 9)
+            dec(input_ids=ids[:, :6], cache=cache)
+            logits.append(dec(input_ids=ids[:, 6:7], cache=cache, output_hidden_states=hidden).logits)
+            ran.append(cache.step_plan is not None and cache.step_plan.final_norm is not None)
+    assert torch.equal(logits[0], logits[1])
+    assert ran[0] == (norm != "subclass")  # the plan takes a plain RMSNorm's weight...
+    if norm == "hooked":
+        assert len(calls) == 4  # ...but with a hook the step ran the Python layers and the module
 
 
 # ---- the step plan: gathered once per generation, gathered again whenever its modules change ----

@@ -235,7 +235,7 @@ def test_decode_layers_takes_partly_quantized_layers_bit_identically(which):
     parts = ("gate_proj", "up_proj", "down_proj") if which == "mlp" else ("q_proj", "k_proj", "v_proj", "o_proj")
     names = [n for n, m in dec.named_modules() if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in parts]
     quant.quantize_modules(dec, names, 8, None)
-    _, _, scales = dec._plain_llama_layers()
+    scales = dec._plain_llama_layers()[2]
     assert scales is not None and all((s is not None) == (i in (1, 2, 3, 7) if which == "attention" else i in (9, 10, 11))
                                       for layer in scales for i, s in enumerate(layer))
     fused = []
