@@ -65,6 +65,11 @@ inline int64_t prefetch_rows(int64_t row_bytes, int64_t r) {
   return std::max<int64_t>(2 * r, (kPrefetchBytes + row_bytes - 1) / row_bytes);
 }
 
+// From this many columns on, the int4 vector paths read one weight row at a time instead of four
+// interleaved ones: four interleaved long rows defeat the hardware prefetchers (each path's
+// Blocks says what it measured).
+constexpr int64_t kLongInt4Row = 1024;
+
 // Sizes of the buffers prepare() fills, in elements (the caller owns them).
 struct ActSizes {
   int64_t xq, xs, xeo, init8, init4, xs8, xs4;
@@ -391,12 +396,11 @@ IK_QBF16_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float
 // GB/s and one 28 GB/s (one thread: 10 against 20), the prefetchers following one stream per
 // thread better; with two x rows one int8 row at a time also won (a pass 5.9-6.4 ms, median 6.1,
 // against 6.4-7.7, median 6.6, for four in four interleaved runs), with four x rows two stay.
-// int4 keeps four rows for short rows (K = 576: one row was 0-10% slower), but takes
-// one at a time, for any number of x rows, from kLongInt4Row columns on: there four interleaved
-// rows of 768 bytes (the decoder's down_proj, K = 1536) read at 13.4-14.7 GB/s and one at
-// 18.7-21.8 on two threads with one x row, 11 against 17-18 with two, 11 against 14 with four
+// int4 keeps four rows for short rows (K = 576: one row was 0-10% slower), but takes one at a
+// time, for any number of x rows, from kLongInt4Row columns on: there four interleaved rows of 768
+// bytes (the decoder's down_proj, K = 1536) read at 13.4-14.7 GB/s and one at 18.7-21.8 on two
+// threads with one x row, 11 against 17-18 with two, 11 against 14 with four
 // (benchmarks/gemv_kernels.cpp's per-projection line).
-constexpr int64_t kLongInt4Row = 1024;
 template <int Bits, bool LongRows = false>
 struct Blocks {
   const Act& a;

@@ -165,15 +165,18 @@ IK_AVX2_FN void block4(const Act& a, const Job& j, int64_t m0, int64_t r, float*
 // Register blocks of one weight format. One x row against one int8 weight row at a time: with four
 // rows interleaved the int8 GEMV read 18 GB/s on a Zen 3 (2 threads, the decoder's weights), with
 // one 24 GB/s (the prefetchers follow one stream per thread better, and a row's step has little to
-// share). int4 keeps four: unpacking its nibbles is its bottleneck there, and one row read 14 GB/s
-// against 19 (benchmarks/gemv_kernels.cpp times the kernels as shipped).
-template <int Bits>
+// share). int4 keeps four for short rows: unpacking its nibbles is its bottleneck there, and one
+// row read 14 GB/s against 19 (benchmarks/gemv_kernels.cpp times the kernels as shipped). From
+// kLongInt4Row columns on it takes one: this AVX2 path run on a Zen 4 read the decoder's down_proj
+// (K = 1536) at 15-16.5 GB/s with four rows and 21.5-23.3 with one (two x rows: 14-15.6 against
+// 17.6-18; four: 8.9-9.2 against 9.4-9.7). Not yet measured on a Zen 3.
+template <int Bits, bool LongRows = false>
 struct Blocks {
   const Act& a;
   const Job& j;
   template <int M>
   static constexpr int rows_per_block() {  // accumulators + x in the 16 ymm
-    return M == 1 ? (Bits == 8 ? 1 : 4) : M == 2 ? 2 : 1;
+    return LongRows ? 1 : M == 1 ? (Bits == 8 ? 1 : 4) : M == 2 ? 2 : 1;
   }
   template <int M, int R>
   IK_AVX2_FN void run(int64_t m0, int64_t r, float* sums) const {
@@ -190,6 +193,8 @@ inline void rows(const Act& a, const Job& j, int64_t r0, int64_t r1) {
   const tiles::Out out{j.bias, j.y, j.y_stride};
   if (j.bits == 8)
     tiles::rows(Blocks<8>{a, j}, out, a.rows, r0, r1);
+  else if (a.k >= kLongInt4Row)
+    tiles::rows(Blocks<4, true>{a, j}, out, a.rows, r0, r1);
   else
     tiles::rows(Blocks<4>{a, j}, out, a.rows, r0, r1);
 }
