@@ -276,7 +276,6 @@ QuantPlan quant_plan(const Table& params, const Table& scales, int64_t layers, i
 // What every layer of a step shares: the arguments after their checks.
 struct Step {
   const Table& params;
-  const Table& scales;
   const QuantPlan* quant;  // the bf16 step's quantized weights (null for float32)
   const at::Tensor* final_norm;  // the final RMSNorm's weight [D] (null: the op returns the residual stream)
   at::TensorList k_cache, v_cache;
@@ -471,7 +470,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
                 "decode_layers: final_norm must be a contiguous [D] = [", x_in.size(2), "] tensor in x's dtype ",
                 x_in.scalar_type(), ", got ", final_norm->scalar_type(), " ", shape_str(*final_norm));
   }
-  const Step step{params, scales, &quant, final_norm ? &*final_norm : nullptr, k_cache, v_cache,
+  const Step step{params, &quant, final_norm ? &*final_norm : nullptr, k_cache, v_cache,
                   key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt,
                   layers, past, heads, kv_heads, hd, eps, 1.0 / std::sqrt(static_cast<double>(hd))};
   return bf16 ? layers_bf16(x_in, step, cos, sin_signed) : layers_f32(x_in, step, cos, sin_signed);

@@ -519,13 +519,12 @@ class CausalDecoder(nn.Module):
     @staticmethod
     def _watch(layers, modules) -> tuple[tuple | None, bool]:
         """(the plan's watch: the layer list and ``fast_path.module_watch`` of it and the modules, or
-        None; whether the modules were plain (``fast_path.plain_modules`` but for global hooks) when
-        it was taken, which holds as long as the watch does)."""
+        None; whether the modules were plain (``fast_path.plain_modules``) when it was taken, which
+        holds for them as long as the watch does: their classes and hook dicts are in it)."""
         watch = fast_path.module_watch((layers, *modules))
         if watch is None:
             return None, False
-        compiled = fast_path.plain_modules_compiled()
-        return (layers, watch), compiled is not None and compiled(modules)
+        return (layers, watch), fast_path.plain_modules(modules)
 
     def _plain_llama_layers(self):
         """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from,
@@ -605,7 +604,7 @@ class StepPlan:
     eps: float  # the config's rms_norm_eps when gathered
     final_norm: torch.Tensor | None  # the final norm's weight when the op applies it (a plain RMSNorm)
     watch: tuple | None = None  # (the layer list, fast_path.module_watch of it and the modules, or None)
-    plain: bool = False  # the modules were plain (but for global hooks) when the watch was taken
+    plain: bool = False  # the modules were plain (fast_path.plain_modules) when the watch was taken
 
 
 def _weight_and_scales(linear: nn.Module):

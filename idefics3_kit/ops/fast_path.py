@@ -53,13 +53,6 @@ def plain_modules(modules: Sequence[nn.Module]) -> bool:
     return plain_modules_reference(modules) if compiled is None else compiled(modules, _PLAIN_MODULES)
 
 
-def plain_modules_compiled():
-    """``plain_modules`` without the global-hook check as a one-argument compiled function, or None
-    without the extension (for callers that cache its answer alongside a ``module_watch``)."""
-    compiled = _library.compiled_function("plain_modules")
-    return None if compiled is None else (lambda modules: bool(compiled(modules, _PLAIN_MODULES)))
-
-
 def plain_modules_reference(modules: Iterable[nn.Module]) -> bool:
     """``plain_modules`` without the global-hook check, in Python (the compiled one's reference)."""
     for m in modules:
