@@ -190,7 +190,7 @@ def test_torchao_quantized_model_generates(which, monkeypatch):
     # The decoder's fast paths must step aside for torchao's tensors: compared token for token with
     # the reference path. The (unquantized) vision tower would take the AMX attention kernel outside
     # use_reference(), whose bf16 rounding differs from SDPA's: keep it on SDPA in both runs.
-    monkeypatch.setattr(importlib.import_module("idefics3_kit.ops.attention"), "amx_vision_head_dim", lambda d: False)
+    monkeypatch.setattr(importlib.import_module("idefics3_kit.ops.attention"), "_flash_vision", lambda q: False)
     model, batch = _model_and_batch(torch.bfloat16)
     config = quantization.Int8WeightOnlyConfig() if which == "int8" else _torchao_int4_config()
     quantization.quantize_(model.decoder, config)

@@ -91,9 +91,10 @@ inline at::Tensor attention_output(const at::Tensor& q) {
 at::Tensor blocked_attention(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& key_mask, double scale, bool causal);
 
-// The AMX flash path (attention_amx.cpp): whether it takes this checked call, and the call itself.
-bool amx_attention_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal);
-at::Tensor amx_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const std::optional<at::Tensor>& key_mask, double scale, bool causal);
+// The flash path (attention_flash.cpp: AMX, else AVX-512 BF16): whether it takes this checked call,
+// and the call itself.
+bool flash_attention_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal);
+at::Tensor flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& key_mask, double scale, bool causal);
 
 }  // namespace idefics3_kit

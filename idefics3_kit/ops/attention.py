@@ -10,14 +10,14 @@ torch's fused kernel and is the ordinary path. The router picks at most one comp
 
 - one query (decode, causal or not)  -> ``decode_attention`` (k/v may be strided cache views)
 - causal, several queries (prefill)   -> ``prefill_attention`` (queries are the last Lq of Lk keys;
-  bf16 on a CPU with AMX runs the vision kernel's causal mode, else the blocked kernel)
-- non-causal, several queries         -> ``vision_attention`` on CUDA, and on a CPU with AMX for
-  bf16 with head dim a multiple of 8 up to 128 (its tile-unit flash kernel,
-  csrc/include/idefics3_kit/vision_amx.h:
-  1.1-1.5x torch's SDPA on SigLIP's shapes, benchmarks/attention_cpu.py); other CPU calls go
-  straight to SDPA (``PREFER_TORCH_NONCAUSAL``: torch's fused kernel measured faster than our
-  blocked one, x0.6-0.9) without entering the compiled path, except bf16 on a CPU with AVX-512
-  BF16 and no AMX, where the blocked kernel ran 1.8x SDPA (``_blocked_vision``).
+  bf16 on a CPU with AMX or AVX-512 BF16 runs the flash kernels' causal mode, else the blocked
+  kernel)
+- non-causal, several queries         -> ``vision_attention`` on CUDA, and on a CPU with AMX or
+  AVX-512 BF16 for bf16 with head dim a multiple of 8 up to 128 (``_flash_vision``: the flash
+  kernels, csrc/include/idefics3_kit/vision_amx.h on the tile unit, 1.1-1.5x torch's SDPA on
+  SigLIP's shapes, and vision_avx512.h with VDPBF16PS); other CPU calls go straight to SDPA
+  (``PREFER_TORCH_NONCAUSAL``: torch's fused kernel measured faster than our blocked one,
+  x0.6-0.9) without entering the compiled path.
 
 A kernel runs only where ``fast_path.usable`` allows it and it covers the shapes (below);
 everything else, autograd included, runs ``attention_sdpa``.
@@ -141,31 +141,30 @@ def _kernel_name(q: torch.Tensor, causal: bool) -> str | None:
         return "decode_attention"
     if causal:
         return "prefill_attention"
-    if q.device.type == "cpu" and PREFER_TORCH_NONCAUSAL and not (_amx_vision(q) or _blocked_vision(q)):
+    if q.device.type == "cpu" and PREFER_TORCH_NONCAUSAL and not _flash_vision(q):
         return None
     return "vision_attention"
 
 
-AMX_VISION_MAX_HEAD_DIM = 128  # the C++ side's rule is attn::vamx::usable (vision_amx.h): keep them equal
+FLASH_MAX_HEAD_DIM = 128  # the C++ side's rule is attn::vamx::usable / attn::vavx::usable: keep them equal
 
 
-def amx_vision_head_dim(d: int) -> bool:
-    """The head dims the AMX vision kernel takes: multiples of 8 up to 128 (SigLIP's 64 and 72 among them)."""
-    return d % 8 == 0 and 8 <= d <= AMX_VISION_MAX_HEAD_DIM
+def flash_head_dim(d: int) -> bool:
+    """The head dims the CPU flash kernels take: multiples of 8 up to 128 (SigLIP's 64 and 72 among them)."""
+    return d % 8 == 0 and 8 <= d <= FLASH_MAX_HEAD_DIM
 
 
-def _amx_vision(q: torch.Tensor) -> bool:
-    """Whether the CPU vision_attention op takes its AMX flash path for q (bf16, a head dim it takes)."""
-    return q.dtype == torch.bfloat16 and amx_vision_head_dim(q.shape[-1]) and _library.cpu_has("amx_bf16")
-
-
-def _blocked_vision(q: torch.Tensor) -> bool:
-    """Whether non-causal CPU attention on q goes to the blocked kernel rather than SDPA: bf16 on a
-    CPU with AVX-512 BF16 but no AMX (AMD Zen 4). There oneDNN's bf16 GEMMs inside the blocked
-    kernel ran SigLIP's tiles (12 heads x 64, L 1024) at 268 GFLOP/s against SDPA's 151 on 2
-    threads, and the SmolVLM-256M tower over 13 tiles in 7.5 s instead of 9.1; in float32 it was
-    0.9x SDPA, so float32 stays with torch. Its scores are bf16 products, as in attention_ref."""
-    return q.dtype == torch.bfloat16 and _library.cpu_has("avx512_bf16") and not _library.cpu_has("amx_bf16")
+def _flash_vision(q: torch.Tensor) -> bool:
+    """Whether non-causal CPU attention on q goes to the vision_attention op rather than SDPA: bf16
+    with a head dim its flash kernels take on a CPU with AMX (vision_amx.h), and bf16 with any head
+    dim on a CPU with AVX-512 BF16 but no AMX (AMD Zen 4): up to 128 its flash kernel
+    (vision_avx512.h), above that the blocked kernel, which also ran 1.7x SDPA there. Float32 stays
+    with torch (our blocked kernel ran it at 0.9x)."""
+    if q.dtype != torch.bfloat16:
+        return False
+    if _library.cpu_has("amx_bf16"):
+        return flash_head_dim(q.shape[-1])
+    return _library.cpu_has("avx512_bf16")
 
 
 def _cpu_covers(q, k, v, causal) -> bool:

@@ -24,10 +24,10 @@ def test_has_cuda_kernel_is_false_without_cuda():
 
 
 def test_attention_routes_no_cpu_tensor_to_a_cuda_kernel():
-    q = torch.randn(1, 2, 3, 136, dtype=torch.bfloat16)  # 136: past the AMX vision kernel (a CPU op: <= 128)
+    q = torch.randn(1, 2, 3, 136, dtype=torch.bfloat16)  # 136: past the CPU flash kernels (<= 128)
     # non-causal on the CPU: torch's SDPA, or the CPU op's blocked kernel for bf16 on an AVX-512
-    # BF16 CPU without AMX (ops/attention.py, _blocked_vision); never a CUDA kernel
-    expect = "vision_attention" if attention_module._blocked_vision(q) else None
+    # BF16 CPU without AMX (ops/attention.py, _flash_vision); never a CUDA kernel
+    expect = "vision_attention" if attention_module._flash_vision(q) else None
     assert compiled_kernel(q, q, q, False, None) == expect
     assert compiled_kernel(q[:, :, :1], q, q, True, None) in (None, "decode_attention")
 

@@ -149,9 +149,10 @@ def test_decode_matches_reference_on_cache_views(b, hkv, groups, lk, d, dtype, m
 @pytest.mark.parametrize("lq,lk,mask", [(17, 70, "random"), (40, 33, None), (1, 1, None), (16, 100, "left_pad")])
 def test_vision_bf16_every_head_dim_of_the_tile_kernel(d, lq, lk, mask):
     # bf16 vision attention at each of the AMX kernel's three tile layouts (Q and the outputs in
-    # tiles up to 64, Q reloaded up to 80, the outputs in a buffer above), dims that are not a
-    # multiple of 16 or 32 (zero padded inside), GQA, partial query and key blocks, masks, and the
-    # [B, L, H, D] projection layout. On a CPU without AMX the blocked kernel runs the same cases.
+    # tiles up to 64, Q reloaded up to 80, the outputs in a buffer above) and each register blocking
+    # of the AVX-512 BF16 one, dims that are not a multiple of 16 or 32 (zero padded inside), GQA,
+    # partial query and key blocks, masks, and the [B, L, H, D] projection layout. On a CPU with
+    # neither the blocked kernel runs the same cases.
     q, k, v, kpm = _inputs(2, 4, 2, lq, lk, d, mask, d + lq)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # [B, L, H, D] memory
     _check_close(q, k, v, kpm, False, torch.bfloat16,
@@ -163,8 +164,8 @@ def test_vision_bf16_every_head_dim_of_the_tile_kernel(d, lq, lk, mask):
 @pytest.mark.parametrize("lq,lk,mask", [(17, 70, "random"), (40, 40, None), (1, 1, None), (33, 100, "left_pad"),
                                         (100, 100, "left_pad"), (48, 64, "random")])
 def test_prefill_bf16_causal_tile_kernel(d, lq, lk, mask):
-    # bf16 causal prefill through the AMX kernel's causal mode (on CPUs with AMX; the blocked
-    # kernel elsewhere): query blocks across the diagonal of 32-key blocks, a key prefix longer
+    # bf16 causal prefill through the flash kernels' causal mode (on CPUs with AMX or AVX-512 BF16;
+    # the blocked kernel elsewhere): query blocks across the diagonal of 32- and 64-key blocks, a key prefix longer
     # than the queries (a cached past), GQA, left padding that leaves the first rows with no key
     # (zeros), and the [B, L, H, D] projection layout.
     q, k, v, kpm = _inputs(2, 6, 2, lq, lk, d, mask, d + lq + lk)
@@ -275,27 +276,30 @@ def test_dispatch_policy_sends_vision_to_torch():
 
 
 @needs_ext
-@pytest.mark.parametrize("flags,dtype,expect", [
-    ({"avx512_bf16"}, torch.bfloat16, "vision_attention"),       # AMD Zen 4: the blocked kernel
-    ({"avx512_bf16"}, torch.float32, None),                      # float32 stays with SDPA
-    (set(), torch.bfloat16, None),                                # no native bf16 dot product
-    ({"avx512_bf16", "amx_bf16"}, torch.bfloat16, "vision_attention"),  # the AMX kernel
+@pytest.mark.parametrize("flags,dtype,d,expect", [
+    ({"avx512_bf16"}, torch.bfloat16, 64, "vision_attention"),    # AMD Zen 4: the AVX-512 flash kernel
+    ({"avx512_bf16"}, torch.bfloat16, 136, "vision_attention"),   # ... past 128: the blocked kernel
+    ({"avx512_bf16"}, torch.float32, 64, None),                   # float32 stays with SDPA
+    (set(), torch.bfloat16, 64, None),                             # no native bf16 dot product
+    ({"avx512_bf16", "amx_bf16"}, torch.bfloat16, 64, "vision_attention"),  # the AMX kernel
+    ({"avx512_bf16", "amx_bf16"}, torch.bfloat16, 136, None),      # ... past 128: SDPA's AMX brgemm
 ])
-def test_dispatch_sends_bf16_vision_to_the_blocked_kernel_on_avx512_bf16_without_amx(flags, dtype, expect, monkeypatch):
+def test_dispatch_sends_bf16_vision_to_the_op_on_cpus_with_a_bf16_dot_product(flags, dtype, d, expect, monkeypatch):
     monkeypatch.setattr(_library, "cpu_has", lambda flag: flag in flags)
-    q = torch.randn(1, 2, 40, 64).to(dtype)
+    q = torch.randn(1, 2, 40, d).to(dtype)
     assert compiled_kernel(q, q, q, False, None) == (expect if attention_ops.PREFER_TORCH_NONCAUSAL else "vision_attention")
 
 
 @needs_ext
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.bfloat16, 32), (torch.bfloat16, 72),
                                      (torch.bfloat16, 128), (torch.bfloat16, 136), (torch.float32, 64)])
-def test_dispatch_sends_bf16_vision_to_the_amx_kernel_where_there_is_one(dtype, d):
+def test_dispatch_sends_bf16_vision_to_a_flash_kernel_where_there_is_one(dtype, d):
     q = torch.randn(1, 2, 40, d).to(dtype)
-    amx = _library.cpu_has("amx_bf16") and dtype == torch.bfloat16 and d <= 128
-    blocked = attention_ops._blocked_vision(q) and attention_ops._cpu_covers(q, q, q, False)
-    assert (compiled_kernel(q, q, q, False, None) == "vision_attention") == (amx or blocked or not attention_ops.PREFER_TORCH_NONCAUSAL)
-    if amx:  # through the router: the AMX kernel, within the reference's own bf16 error
+    flash = (_library.cpu_has("amx_bf16") or _library.cpu_has("avx512_bf16")) and dtype == torch.bfloat16 and d <= 128
+    to_op = attention_ops._flash_vision(q) and attention_ops._cpu_covers(q, q, q, False)
+    assert (compiled_kernel(q, q, q, False, None) == "vision_attention") == (to_op or not attention_ops.PREFER_TORCH_NONCAUSAL)
+    assert to_op or not flash
+    if flash:  # through the router: a flash kernel, within the reference's own bf16 error
         q32, k32, v32 = (torch.randn(2, 3, 70, d, generator=torch.Generator().manual_seed(i)) for i in range(3))
         kpm = torch.ones(2, 70, dtype=torch.bool)
         kpm[1, 50:] = False

@@ -174,11 +174,11 @@ def test_bf16_load_and_forward(hf_checkpoint):
 def test_bf16_image_features_with_so400m_head_dims(tmp_path, hidden, heads):
     """bf16 image features of a vision tower with head dim 72 (SigLIP-so400m: SmolVLM-2.2B,
     Idefics3-8B) or 128 against transformers' float32 ones: within twice transformers' own bf16
-    error. On a CPU with AMX these take the tile-unit attention kernel (a partial-tile mask too)."""
+    error. On a CPU with AMX or AVX-512 BF16 these take a flash attention kernel (a partial-tile mask
+    too)."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
-    from idefics3_kit.ops import _library
-    from idefics3_kit.ops.attention import amx_vision_head_dim
+    from idefics3_kit.ops.attention import flash_head_dim
 
     g = GEOMETRIES["p14_s2_llama3rope"]
     vision = dict(g["vision"], image_size=112, hidden_size=hidden, intermediate_size=160, num_attention_heads=heads)
@@ -189,7 +189,7 @@ def test_bf16_image_features_with_so400m_head_dims(tmp_path, hidden, heads):
     hf.save_pretrained(tmp_path)
     ours = ik.VLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     hf16 = Idefics3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    assert amx_vision_head_dim(hidden // heads) or not _library.cpu_has("amx_bf16")
+    assert flash_head_dim(hidden // heads)
     gen = torch.Generator().manual_seed(1)
     pixels = torch.zeros(2, 2, 3, 112, 112)
     pixels[0] = tile_pixels(2, 112, gen)
