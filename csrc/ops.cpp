@@ -44,6 +44,9 @@ TORCH_LIBRARY(idefics3_kit, m) {
   // Index of the first maximum of each row of x [..., V] (float32 / bfloat16) -> int64 [...]: torch.argmax's
   // rule (ties: the first; NaN counts as the largest, the first NaN wins).
   m.def("argmax_last(Tensor x) -> Tensor");
+  // transformers' gelu_pytorch_tanh of x (float32 / bfloat16, contiguous), in place, computed in
+  // float32 and rounded once (idefics3_kit/ops/activation.py).
+  m.def("gelu_tanh_(Tensor(a!) x) -> ()");
   // Uninitialized CPU tensor whose memory goes back to a bounded pool when freed (large
   // preprocessing outputs reuse already-faulted pages); release_pooled frees the idle buffers.
   m.def("empty_pooled(int[] size, ScalarType dtype) -> Tensor");

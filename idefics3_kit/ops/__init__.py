@@ -10,6 +10,7 @@ so it traces under torch.compile. Nothing outside this package calls ``torch.ops
 """
 
 from . import _library, fast_path  # noqa: F401  (ops._library, ops.fast_path for callers)
+from .activation import gelu_tanh_, gelu_tanh_ref
 from ._library import backend, build_info, extension_error, has_extension, use_reference
 from .attention import attention, attention_ref
 from .decode import decode_layers
@@ -23,6 +24,6 @@ from .reduce import argmax_last
 
 __all__ = ["argmax_last", "attention", "attention_ref", "backend", "build_info", "conv2d", "decode_layers",
            "decode_linear", "decode_linear_ref", "dense", "dense_activations", "empty_pooled",
-           "extension_error", "fast_path", "gated", "has_extension", "linear", "linears", "preprocess_into",
-           "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref", "tile_count",
-           "unpack", "use_reference"]
+           "extension_error", "fast_path", "gated", "gelu_tanh_", "gelu_tanh_ref", "has_extension", "linear",
+           "linears", "preprocess_into", "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref",
+           "tile_count", "unpack", "use_reference"]
