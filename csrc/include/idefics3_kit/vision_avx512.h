@@ -115,9 +115,9 @@ IK_FLASH_FN inline __m512 dp_pair(__m512 acc, const uint16_t* p, __m512bh b) {
 }
 
 // S[kRows, 32] for the 32 keys of the two 16-key groups at k0 / k1 (packed) into sb (row stride
-// kKeys). q: kRows query rows, q_stride elements apart.
-IK_FLASH_FN inline void scores32(const uint16_t* q, int64_t q_stride, const uint16_t* k0, const uint16_t* k1,
-                                 int64_t pairs, float* sb) {
+// kKeys). q: kRows query rows, kQStride elements apart.
+template <int64_t kQStride>
+IK_FLASH_FN inline void scores32(const uint16_t* q, const uint16_t* k0, const uint16_t* k1, int64_t pairs, float* sb) {
   __m512 acc[kRows][2];
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -126,8 +126,8 @@ IK_FLASH_FN inline void scores32(const uint16_t* q, int64_t q_stride, const uint
     const __m512bh b = reinterpret_cast<__m512bh>(_mm512_loadu_si512(k1 + p * 32));
 #pragma GCC unroll 12
     for (int r = 0; r < kRows; ++r) {
-      acc[r][0] = dp_pair(acc[r][0], q + r * q_stride + 2 * p, a);
-      acc[r][1] = dp_pair(acc[r][1], q + r * q_stride + 2 * p, b);
+      acc[r][0] = dp_pair(acc[r][0], q + r * kQStride + 2 * p, a);
+      acc[r][1] = dp_pair(acc[r][1], q + r * kQStride + 2 * p, b);
     }
   }
 #pragma GCC unroll 12
@@ -233,7 +233,7 @@ IK_FLASH_FN void run_head_t(const Head& h, Scratch& s) {
   constexpr int64_t dout = 16 * T;
   constexpr int R = pv_rows(T);
   const int64_t d = h.d, pairs = d / 2, lkp = (h.lk + kKeys - 1) / kKeys * kKeys, blocks = lkp / kKeys;
-  s.kp.resize(d * lkp), s.vp.resize(dout * lkp), s.qb.resize(kRows * d), s.pb.resize(kRows * kKeys);
+  s.kp.resize(d * lkp), s.vp.resize(dout * lkp), s.qb.resize(kRows * dout), s.pb.resize(kRows * kKeys);
   s.sb.resize(kRows * kKeys), s.ob.resize(kRows * dout), s.lv.resize(kRows * 16), s.bits.resize(blocks);
   s.kept.resize(blocks);
   pack_kv<T>(h, lkp, s.kp.data(), s.vp.data());
@@ -252,14 +252,10 @@ IK_FLASH_FN void run_head_t(const Head& h, Scratch& s) {
   for (int64_t q0 = 0; q0 < h.lq; q0 += kRows) {
     const int64_t nq = std::min(kRows, h.lq - q0);
     const int64_t first_limit = h.lk - h.lq + q0;  // causal: row r sees keys up to first_limit + r
-    const uint16_t* qsrc = h.q + q0 * h.q_stride;
-    int64_t qstride = h.q_stride;
-    if (nq < kRows) {  // the last rows: zero padded
-      std::fill(s.qb.begin(), s.qb.end(), uint16_t{0});
-      for (int64_t r = 0; r < nq; ++r) std::memcpy(&s.qb[r * d], qsrc + r * h.q_stride, d * 2);
-      qsrc = s.qb.data();
-      qstride = d;
-    }
+    // the block's query rows, copied dout elements apart (the last block zero padded): the score
+    // products then address them as one base plus constant offsets instead of 12 row pointers
+    if (nq < kRows) std::fill(s.qb.begin(), s.qb.end(), uint16_t{0});
+    for (int64_t r = 0; r < nq; ++r) std::memcpy(&s.qb[r * dout], h.q + (q0 + r) * h.q_stride, d * 2);
     std::fill(ob, ob + kRows * dout, 0.0f);
     std::fill(lv, lv + kRows * 16, 0.0f);
     float mx[kRows], alpha[kRows];
@@ -268,8 +264,8 @@ IK_FLASH_FN void run_head_t(const Head& h, Scratch& s) {
       const int64_t b = s.kept[i], key0 = b * kKeys;
       if (h.causal && key0 > first_limit + nq - 1) break;  // past every row's position (blocks are in order)
       const uint16_t* kblk = s.kp.data() + key0 * d;
-      scores32(qsrc, qstride, kblk, kblk + 16 * d, pairs, sb);
-      scores32(qsrc, qstride, kblk + 32 * d, kblk + 48 * d, pairs, sb + 32);
+      scores32<dout>(s.qb.data(), kblk, kblk + 16 * d, pairs, sb);
+      scores32<dout>(s.qb.data(), kblk + 32 * d, kblk + 48 * d, pairs, sb + 32);
       const uint64_t block_bits = s.bits[b];
       const bool diagonal = h.causal && key0 + kKeys - 1 > first_limit;  // a row of the block misses some key
       if (diagonal)
