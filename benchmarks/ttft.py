@@ -21,8 +21,13 @@ optimum-intel's OpenVINO export of the same checkpoint (TTFT only), run by
 benchmarks/_openvino_worker.py under ``--openvino-python``, a separate venv (docs/performance.md
 has its install lines); its export is not counted.
 
+Ours runs as ``idefics3-kit chat`` and the server run it: with ``VLM.enable_packed_weights()`` (the
+tower's linear weights packed once for oneDNN; a no-op where oneDNN has no bf16 matmul).
+``--compare-unpacked`` adds a leg with the library's default (no packed copies).
+
 Usage: python benchmarks/ttft.py [--threads 2] [--repeats 3] [--dtypes bf16 fp32] [--images 1 2]
                                  [--no-hf] [--openvino [--openvino-python PY]] [--feature-cache]
+                                 [--compare-plain] [--compare-unpacked]
 """
 
 from __future__ import annotations
@@ -294,7 +299,7 @@ def report(times: dict, flops: float, peak: dict, label: str, sustained: tuple |
     stages = list(times[legs[0]])
     print(f"\n{label}")
     header = " | ".join(f"{leg + ' best':>12s} {leg + ' med':>11s}" for leg in legs)
-    others = [leg for leg in ("hf", "plain") if leg in legs]  # each gets a "<leg>/ours" ratio column
+    others = [leg for leg in ("hf", "plain", "unpacked") if leg in legs]  # each gets a "<leg>/ours" ratio column
     print(f"{'stage':12s} | {header}" + "".join(f" | {leg}/ours (best)" for leg in others))
     for stage in stages:
         row = []
@@ -321,6 +326,12 @@ def report(times: dict, flops: float, peak: dict, label: str, sustained: tuple |
               f"per round {', '.join(f'{r:.1%}' for r in per_round)} (median {statistics.median(per_round):.1%})")
     if "openvino" in times and "TTFT" in times["ours"]:
         print(f"TTFT openvino/ours (best): {min(times['openvino']['TTFT']) / min(times['ours']['TTFT']):.2f}x")
+    ours_ttft = times["ours"].get("TTFT")
+    for leg in ("hf", "openvino"):
+        if leg in times and times[leg].get("TTFT") and ours_ttft:
+            ts = times[leg]["TTFT"]
+            print(f"TTFT {leg}/ours: best {min(ts) / min(ours_ttft):.2f}x, "
+                  f"median {statistics.median(ts) / statistics.median(ours_ttft):.2f}x")
 
 
 def main(argv=None) -> int:
@@ -335,6 +346,8 @@ def main(argv=None) -> int:
                     help=f"python of the venv with optimum-intel (default {OV_PYTHON} when it exists)")
     ap.add_argument("--compare-plain", action="store_true",
                     help="add a leg 'plain': ours with the fused many-row linears off (IDEFICS3_KIT_DENSE=0)")
+    ap.add_argument("--compare-unpacked", action="store_true",
+                    help="add ours without packed weights (VLM.enable_packed_weights off: the library's default)")
     ap.add_argument("--feature-cache", action="store_true",
                     help="also time a second question about the same image with the vision-feature cache on")
     args = ap.parse_args(argv)
@@ -356,6 +369,9 @@ def main(argv=None) -> int:
                 print(f"({dname}: this CPU has no oneDNN bf16 matmul, so bf16 GEMMs run as float32 on the upcasts "
                       f"and the peaks below are float32's)")
             ours = ik.VLM.from_pretrained(path, dtype=dtype).eval()
+            packed = ours.enable_packed_weights()  # as chat and the server run it
+            print(f"ours ({dname}): packed weights {packed / 2 ** 20:.0f} MiB")
+            unpacked = ik.VLM.from_pretrained(path, dtype=dtype).eval() if args.compare_unpacked else None
             hf = hf_processor = None
             if not args.no_hf:
                 from transformers import Idefics3ForConditionalGeneration
@@ -370,6 +386,8 @@ def main(argv=None) -> int:
                 text = prompt_for(processor, n_images)
                 legs = {}
                 legs["ours"], ours_state = ours_stages(ours, processor, text, images)
+                if unpacked is not None:
+                    legs["unpacked"], _ = ours_stages(unpacked, processor, text, images)
                 if args.compare_plain:
                     plain, _ = ours_stages(ours, processor, text, images)
                     legs["plain"] = {stage: with_env(fn, IDEFICS3_KIT_DENSE="0") for stage, fn in plain.items()}

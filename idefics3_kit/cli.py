@@ -379,6 +379,7 @@ def cmd_chat(args) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")
     model, proc = _load(args)
     model.enable_feature_cache()  # every turn sends the conversation's images again: their tiles are encoded once
+    model.enable_packed_weights()  # CPU bf16: the tower's matmuls skip the per-call weight re-layout (0 B elsewhere)
     _line_editing()
     print(CHAT_HELP, file=sys.stderr)
     messages: list[dict] = []

@@ -308,6 +308,9 @@ def _chat_with(monkeypatch, lines, answer):
         def enable_feature_cache(self):
             pass
 
+        def enable_packed_weights(self):
+            return 0
+
     monkeypatch.setattr(cli, "_load", lambda args: (FakeModel(), None))
     turns = []
 

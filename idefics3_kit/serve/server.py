@@ -25,6 +25,7 @@ def load(model_dir: str, dtype: str = "fp32", device: str = "cpu", quantization:
                                 quantization=None if quantization == "none" else quantization)
     processor = Processor.from_pretrained(model_dir)
     model.enable_feature_cache()  # a follow-up question about the same image skips the vision tower
+    model.enable_packed_weights()  # CPU bf16: the tower's matmuls skip the per-call weight re-layout (0 B elsewhere)
     return model.eval(), processor
 
 

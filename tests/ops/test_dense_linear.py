@@ -343,3 +343,82 @@ def test_matmul_of_built_weights(upcast, onednn, monkeypatch):
             assert torch.equal(got, want.bfloat16())
         else:
             torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2 ** -7)
+
+
+# ---- packed weights ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_packs():
+    yield
+    dense_mod._PACKED.clear()
+
+
+@needs_onednn_bf16
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_weights_give_the_same_bits(activation, bias, clean_packs):
+    torch.manual_seed(0)
+    lin, up = layer(96, 200, torch.bfloat16, bias), layer(96, 200, torch.bfloat16, bias, seed=1)
+    x = torch.randn(2, 80, 96).bfloat16()
+    with torch.no_grad():
+        plain, plain_gated = ops.dense(lin, x, activation), ops.gated(lin, up, x, F.silu)
+        assert dense_mod.pack_weights([lin, up]) == 2 * 96 * 200 * 2
+        assert dense_mod.packed_modules() == 2
+        assert dense_mod._packed_weight(lin) is not None
+        assert torch.equal(ops.dense(lin, x, activation), plain)
+        assert torch.equal(ops.gated(lin, up, x, F.silu), plain_gated)
+
+
+@needs_onednn_bf16
+@needs_onednn
+def test_a_packed_copy_follows_its_weight(clean_packs):
+    """An in-place update (an optimizer step, load_state_dict) or a new weight: the next call packs
+    again, so the answer is always the current weight's; unpack_weights drops the copy."""
+    torch.manual_seed(0)
+    lin = layer(64, 128, torch.bfloat16)
+    x = torch.randn(100, 64).bfloat16()
+    with torch.no_grad():
+        dense_mod.pack_weights([lin])
+        first = dense_mod._packed_weight(lin)
+        lin.weight.mul_(-2)
+        assert dense_mod._packed_weight(lin) is not first
+        assert torch.equal(ops.dense(lin, x), F.linear(x, lin.weight, lin.bias))
+        lin.load_state_dict({"weight": torch.randn(128, 64).bfloat16(), "bias": lin.bias.clone()})
+        assert torch.equal(ops.dense(lin, x), F.linear(x, lin.weight, lin.bias))
+        lin.weight = nn.Parameter(torch.randn(128, 64).bfloat16())
+        assert torch.equal(ops.dense(lin, x), F.linear(x, lin.weight, lin.bias))
+        dense_mod.unpack_weights([lin])
+        assert dense_mod.packed_modules() == 0 and dense_mod._packed_weight(lin) is None
+        lin.weight = nn.Parameter(torch.randn(128, 64))  # float32: never packed, never used packed
+        dense_mod.pack_weights([lin])
+        assert dense_mod.packed_modules() == 0
+
+
+def test_nothing_is_packed_without_onednn_bf16(monkeypatch, clean_packs):
+    monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
+    assert dense_mod.pack_weights([layer(64, 64, torch.bfloat16)]) == 0
+    assert dense_mod.packed_modules() == 0
+
+
+@needs_onednn_bf16
+@needs_onednn
+def test_vlm_packed_weights_keep_the_features_and_the_state_dict(clean_packs):
+    import idefics3_kit as ik
+
+    torch.manual_seed(0)
+    cfg = ik.VLMConfig.preset("tiny")
+    cfg = cfg.replace(vision=cfg.vision.replace(image_size=128))  # 64 patches per tile: the dense path runs
+    model = ik.VLM(cfg).to(torch.bfloat16).eval()
+    pixels = (torch.rand(2, 3, 128, 128) * 2 - 1).bfloat16()
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model.run_vision_tower(pixels, None)
+        assert model.enable_packed_weights() > 0
+        after = model.run_vision_tower(pixels, None)
+        model.disable_packed_weights()
+    assert torch.equal(before, after)
+    assert list(model.state_dict()) == keys and dense_mod.packed_modules() == 0
+    with pytest.raises(ValueError, match="unknown parts"):
+        model.enable_packed_weights(("vision", "lm_head"))
