@@ -133,7 +133,7 @@ def test_custom_sampler_chain_from_the_registry(model):
 def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype):
     import copy
 
-    from idefics3_kit.ops import matmul
+    from idefics3_kit.ops import matmul, packed
 
     torch.manual_seed(0)
     model = ik.VLM(ik.VLMConfig.preset("tiny")).eval().to(dtype)
@@ -158,7 +158,7 @@ def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype
     assert matmul.packed_for(projs) is None
     monkeypatch.setenv("IDEFICS3_KIT_PREPACK", "1")
     fused = run()
-    if dtype == torch.bfloat16 and matmul._can_pack(model.decoder.lm_head.weight):
+    if dtype == torch.bfloat16 and packed.can_pack(model.decoder.lm_head.weight):
         assert matmul.packed_for(projs) is not None and matmul.packed_for((model.decoder.lm_head,)) is not None
     else:
         assert matmul.packed_for(projs) is None  # fp32: nothing to gain, nothing kept
@@ -173,7 +173,7 @@ def test_fused_and_prepacked_decode_weights_are_bit_identical(monkeypatch, dtype
         assert torch.equal(model.decoder(input_ids=ids[:1, :3]).logits,
                            model.decoder(input_ids=ids[:1, :3]).logits)
     matmul.unpack(model)
-    assert matmul._PACKS.get(attn.q_proj) is None
+    assert packed._PACKS.get(attn.q_proj) is None
 
 
 def test_auto_prepack_skips_batch_sizes_the_few_row_kernel_covers(monkeypatch):

@@ -33,16 +33,14 @@ does everything with ``IDEFICS3_KIT_DENSE=0`` (for comparisons: benchmarks/ttft.
 from __future__ import annotations
 
 import os
-import threading
 import weakref
-from dataclasses import dataclass
 from typing import Iterable, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _library, fast_path
+from . import _library, fast_path, packed
 from .activation import gelu_tanh_
 
 # activation name -> (oneDNN post-op, its algorithm); the names are transformers' hidden_act values
@@ -136,8 +134,8 @@ def _params(lin: nn.Linear, upcast: bool) -> tuple[torch.Tensor, torch.Tensor | 
     """(weight, bias), upcast to float32 alike; the weight's packed copy where ``pack_weights`` keeps one."""
     if upcast:
         return lin.weight.float(), _float(lin.bias)
-    packed = _packed_weight(lin) if _PACKED else None
-    return (lin.weight if packed is None else packed), lin.bias
+    copy = _packed_weight(lin) if _ENABLED else None
+    return (lin.weight if copy is None else copy), lin.bias
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -209,81 +207,57 @@ def conv2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- packed weights ------------------------------------------------------------------------------
-#
-# oneDNN's bf16 linear re-lays-out a plain [N, K] weight for its kernel on every call; a copy packed
-# once (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's freezing does) skips that. The
-# SmolVLM-256M tower over 13 tiles (bf16, 2 threads, a 2-core AMD Zen 4, six alternated rounds in one
-# process) took 7.37 s best / 7.76 median against 7.55 / 8.07 plain, with bit-identical features.
-# The copy costs memory (one more copy of each packed weight), so it is opt-in:
-# ``VLM.enable_packed_weights`` (on in ``idefics3-kit chat`` and the server).
+# oneDNN re-lays-out a plain bf16 weight on every call; for the layers ``pack_weights`` names, the
+# calls above pass a copy packed once instead (kept by ops/packed.py). The SmolVLM-256M tower over
+# 13 tiles (bf16, 2 threads, a 2-core AMD Zen 4, six alternated rounds in one process): 7.18 s best /
+# 7.48 median against 7.38 / 7.79 plain, bit-identical features. Each copy costs its weight's memory
+# once more, so it is opt-in: ``VLM.enable_packed_weights`` (on in ``idefics3-kit chat`` and the
+# server).
 
-
-@dataclass
-class _Packed:
-    weight: weakref.ref  # the parameter the copy was made from
-    version: int  # its version counter then (an in-place update moves it)
-    packed: torch.Tensor | None  # None until first used
-
-
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> _Packed
-_PACK_LOCK = threading.Lock()
+_ENABLED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the nn.Linear layers dense / gated use packed
 
 
 def _packable(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return (type(module) is nn.Linear and type(weight) in fast_path.PLAIN_TENSOR_TYPES and weight.dtype == torch.bfloat16
-            and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous())
+    return (type(module) is nn.Linear and type(weight) in fast_path.PLAIN_TENSOR_TYPES and weight.dim() == 2
+            and weight.is_contiguous() and packed.can_pack(weight))
 
 
 def pack_weights(modules: Iterable[nn.Module]) -> int:
-    """Keep a oneDNN-packed copy of the weight of every plain bf16 CPU ``nn.Linear`` in these modules
-    (children included) for ``dense`` / ``gated``, which use it wherever they would pass the plain
-    weight to oneDNN; -> the bytes the copies take. Where oneDNN has no bf16 matmul on this CPU
-    (``_library.onednn_bf16``) nothing is packed (0). A copy follows its weight: when the weight is
-    updated in place or replaced, the next call packs it again (never a stale result). The outputs
-    are bit-identical to the unpacked calls (tested)."""
-    if not (_onednn_linear() and _library.onednn_bf16()):
+    """Let every plain bf16 CPU ``nn.Linear`` in these modules (children included) run ``dense`` /
+    ``gated`` with a packed copy of its weight, packed now; -> the bytes the copies take (0 where
+    oneDNN has no bf16 matmul on this CPU: ``_library.onednn_bf16``). A copy follows its weight:
+    after an in-place update or a replaced weight the next call packs it again (never a stale
+    result). The outputs are bit-identical to the unpacked calls (tested)."""
+    if not _onednn_linear():
         return 0
     total = 0
-    with torch.no_grad(), _PACK_LOCK:
-        for root in modules:
-            for module in root.modules():
-                if _packable(module):
-                    lin = cast(nn.Linear, module)
-                    entry = _PACKED.get(lin)
-                    if entry is None or not _fresh(entry, lin.weight):
-                        entry = _PACKED[lin] = _pack(lin.weight)
-                    total += lin.weight.numel() * lin.weight.element_size()
+    for root in modules:
+        for module in root.modules():
+            if _packable(module):
+                lin = cast(nn.Linear, module)
+                _ENABLED.add(lin)
+                packed.get((lin,), None)
+                total += lin.weight.numel() * lin.weight.element_size()
     return total
 
 
 def unpack_weights(modules: Iterable[nn.Module]) -> None:
-    """Drop the packed copies of these modules' weights (``pack_weights``)."""
-    with _PACK_LOCK:
-        for root in modules:
-            for module in root.modules():
-                _PACKED.pop(module, None)
+    """Drop these modules' many-row copies (``pack_weights``) and stop using them."""
+    for root in modules:
+        packed.drop(root, None)
+        for module in root.modules():
+            _ENABLED.discard(module)
 
 
-def packed_modules() -> int:
-    """How many linears have a packed copy now."""
-    return len(_PACKED)
-
-
-def _fresh(entry: _Packed, weight: torch.Tensor) -> bool:
-    return entry.weight() is weight and entry.version == weight._version
-
-
-def _pack(weight: torch.Tensor) -> _Packed:
-    return _Packed(weakref.ref(weight), weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+def packed_layers() -> int:
+    """How many layers ``dense`` / ``gated`` run with packed weights now."""
+    return len(_ENABLED)
 
 
 def _packed_weight(lin: nn.Linear) -> torch.Tensor | None:
-    """The packed copy of lin's weight for this call, packed again if the weight changed since."""
-    entry = _PACKED.get(lin)
-    if entry is None or lin.weight.dtype != torch.bfloat16:
+    """The packed copy of lin's weight for this call (packed again if the weight changed since), or
+    None when lin was not named to ``pack_weights`` or its weight can no longer be packed."""
+    if lin not in _ENABLED or not packed.can_pack(lin.weight):
         return None
-    if not _fresh(entry, lin.weight):
-        with torch.no_grad(), _PACK_LOCK:
-            entry = _PACKED[lin] = _pack(lin.weight)
-    return entry.packed
+    return packed.get((lin,), None)

@@ -17,8 +17,10 @@ bit-identical results:
    The copy costs the weights' memory once more, so it is made only for models whose decoder
    weights take at most ``PREPACK_AUTO_MAX_BYTES`` (``IDEFICS3_KIT_PREPACK=0/1`` overrides).
 
-3. many rows in bf16 (a prefill): oneDNN's linear called directly (dense_linear.py), which keeps
-   the weight layout oneDNN prepares instead of re-laying it out per call (bit-identical).
+3. many rows in bf16 (a prefill): oneDNN's linear called directly (dense_linear.py), with a packed
+   copy of the weight where ``dense_linear.pack_weights`` asked for one (bit-identical).
+
+The packed copies of 2. and 3. are kept by ops/packed.py.
 
 Groups of ``ops.quant.QuantizedLinear`` layers go to the compiled ``quant_linear`` in one call.
 Everything else (float32 beyond the decode sizes, autograd, a wrapped or hooked layer, a
@@ -34,7 +36,7 @@ from typing import Sequence, cast
 import torch
 import torch.nn as nn
 
-from . import _library, fast_path, quant
+from . import _library, fast_path, packed, quant
 from .dense_linear import dense
 
 # Rows up to which the compiled kernel is used (measured at SmolVLM-256M shapes, 2 threads): one row
@@ -114,45 +116,15 @@ def _decode_linear_fake(x, weights, biases):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
-# ---- oneDNN-packed weights ----------------------------------------------------------------------
-# Kept off the modules (weak references), so deepcopy / pickle / state_dict never see the opaque
-# oneDNN tensors. A pack is keyed by the first layer of its group and remembers the weights it was
-# made from: modifying a weight in place or swapping its data (module.to(...)) makes it stale.
+# ---- oneDNN-packed weights (kept by ops/packed.py) ----------------------------------------------
 
-_PREPARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # nn.Linear layers (unpack drops any module)
-_PACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _weight_key(w: torch.Tensor) -> tuple:
-    return w, w._version, w.data_ptr(), w.dtype
-
-
-def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and _library.onednn_bf16())
+_PREPARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # nn.Linear layers packed for decode steps
+DECODE_ROWS = 1  # the row count decode copies are packed for
 
 
 def packed_for(layers: Sequence[nn.Linear]):
-    """The fresh packed weight of ``layers`` if one was made, else None (stale copies don't count)."""
-    keys = tuple(_weight_key(layer.weight) for layer in layers)
-    cached = _PACKS.get(layers[0])
-    if cached is not None and len(cached[0]) == len(keys) and all(
-            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(cached[0], keys)):
-        return cached[1]
-    return None
-
-
-def _pack(layers: Sequence[nn.Linear]):
-    """The packed weight of ``layers`` (concatenated for a group), made on first use."""
-    fresh = packed_for(layers)
-    if fresh is not None:
-        return fresh
-    keys = tuple(_weight_key(layer.weight) for layer in layers)
-    with torch.no_grad():
-        w = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else layers[0].weight.detach()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-    _PACKS[layers[0]] = (keys, packed)
-    return packed
+    """The fresh decode copy of ``layers`` if one was made, else None (stale copies don't count)."""
+    return packed.fresh(layers, DECODE_ROWS)
 
 
 def _packed_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor | None:
@@ -161,9 +133,9 @@ def _packed_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor
     if any(layer not in _PREPARED or layer.bias is not None for layer in layers) or len(layers) > 1 and len(
             {(layer.weight.dtype, layer.weight.device) for layer in layers}) != 1:
         return None
-    if not _can_pack(layers[0].weight) or not _library.fast_paths_on():
+    if not packed.can_pack(layers[0].weight) or not _library.fast_paths_on():
         return None
-    return torch.ops.mkldnn._linear_pointwise(x, _pack(layers), None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed.get(layers, DECODE_ROWS), None, "none", [], "")
 
 
 def prepare_decode(module: nn.Module, batch_size: int) -> bool:
@@ -176,7 +148,7 @@ def prepare_decode(module: nn.Module, batch_size: int) -> bool:
     if setting == "0" or batch_size > PACKED_MAX_ROWS:
         return False
     weight = next(module.parameters(), None)
-    if weight is None or not _can_pack(weight):
+    if weight is None or not packed.can_pack(weight):
         return False
     if setting != "1":
         if covers(batch_size, weight.dtype):
@@ -192,9 +164,9 @@ def prepare_decode(module: nn.Module, batch_size: int) -> bool:
 
 
 def unpack(module: nn.Module) -> None:
-    """Drop the packed copies under ``module`` (frees their memory) and stop packing its layers."""
+    """Drop the decode copies under ``module`` (frees their memory) and stop packing its layers."""
+    packed.drop(module, DECODE_ROWS)
     for layer in module.modules():
-        _PACKS.pop(layer, None)
         _PREPARED.discard(layer)
 
 

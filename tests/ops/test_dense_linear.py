@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from idefics3_kit import ops
 from idefics3_kit.ops import _library
 from idefics3_kit.ops import dense_linear as dense_mod
+from idefics3_kit.ops import packed
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 # bf16 matmuls in oneDNN need AVX-512 (or newer): on an AVX2-only CPU the bf16 path steps aside
@@ -351,7 +352,8 @@ def test_matmul_of_built_weights(upcast, onednn, monkeypatch):
 @pytest.fixture
 def clean_packs():
     yield
-    dense_mod._PACKED.clear()
+    dense_mod._ENABLED.clear()
+    packed._PACKS.clear()
 
 
 @needs_onednn_bf16
@@ -365,7 +367,7 @@ def test_packed_weights_give_the_same_bits(activation, bias, clean_packs):
     with torch.no_grad():
         plain, plain_gated = ops.dense(lin, x, activation), ops.gated(lin, up, x, F.silu)
         assert dense_mod.pack_weights([lin, up]) == 2 * 96 * 200 * 2
-        assert dense_mod.packed_modules() == 2
+        assert dense_mod.packed_layers() == 2
         assert dense_mod._packed_weight(lin) is not None
         assert torch.equal(ops.dense(lin, x, activation), plain)
         assert torch.equal(ops.gated(lin, up, x, F.silu), plain_gated)
@@ -390,16 +392,17 @@ def test_a_packed_copy_follows_its_weight(clean_packs):
         lin.weight = nn.Parameter(torch.randn(128, 64).bfloat16())
         assert torch.equal(ops.dense(lin, x), F.linear(x, lin.weight, lin.bias))
         dense_mod.unpack_weights([lin])
-        assert dense_mod.packed_modules() == 0 and dense_mod._packed_weight(lin) is None
+        assert dense_mod.packed_layers() == 0 and dense_mod._packed_weight(lin) is None
+        assert packed.fresh((lin,), None) is None
         lin.weight = nn.Parameter(torch.randn(128, 64))  # float32: never packed, never used packed
         dense_mod.pack_weights([lin])
-        assert dense_mod.packed_modules() == 0
+        assert dense_mod.packed_layers() == 0
 
 
 def test_nothing_is_packed_without_onednn_bf16(monkeypatch, clean_packs):
     monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
     assert dense_mod.pack_weights([layer(64, 64, torch.bfloat16)]) == 0
-    assert dense_mod.packed_modules() == 0
+    assert dense_mod.packed_layers() == 0
 
 
 @needs_onednn_bf16
@@ -419,6 +422,6 @@ def test_vlm_packed_weights_keep_the_features_and_the_state_dict(clean_packs):
         after = model.run_vision_tower(pixels, None)
         model.disable_packed_weights()
     assert torch.equal(before, after)
-    assert list(model.state_dict()) == keys and dense_mod.packed_modules() == 0
+    assert list(model.state_dict()) == keys and dense_mod.packed_layers() == 0
     with pytest.raises(ValueError, match="unknown parts"):
         model.enable_packed_weights(("vision", "lm_head"))
