@@ -56,17 +56,12 @@ namespace avx512 {
 // 2^z for z <= 0, 16 lanes: a degree-5 minimax polynomial on the fraction (relative error 2.3e-7)
 // and VSCALEFPS for the integer part. Exactly 0 below -126 (no subnormals: gelu(-inf) must be
 // -inf * 0 = NaN, and gelu of a very negative x -0, as torch's), and for NaN.
+constexpr float kExp2Degree5[6] = {0.0013276470126584172f, 0.009675541892647743f, 0.05550713464617729f,
+                                   0.24022120237350464f,   0.6931469440460205f,   1.0000001192092896f};
 IK_AVX512_FN inline __m512 exp2_neg(__m512 z) {
   const __mmask16 normal = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  z = _mm512_max_ps(z, _mm512_set1_ps(-126.0f));  // (the polynomial never sees -inf)
-  const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(z, n);  // [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(0.0013276470126584172f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713464617729f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  __m512 n;  // (the polynomial never sees -inf)
+  const __m512 p = attn::avx512::exp2_poly(_mm512_max_ps(z, _mm512_set1_ps(-126.0f)), kExp2Degree5, n);
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
 

@@ -270,6 +270,19 @@ IK_AVX512_FN inline __m512 load(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// 2^x split for VSCALEFPS: x = n + f with n = round(x) and f in [-0.5, 0.5]; -> p(f), the
+// polynomial with coefficients c (highest degree first), and n, so that 2^x ~ scalef(p(f), n).
+// The flash kernels' softmax takes a degree-3 polynomial (below bf16 rounding), the GELU pass a
+// degree-5 one (float32 accuracy).
+template <size_t N>
+IK_AVX512_FN inline __m512 exp2_poly(__m512 x, const float (&c)[N], __m512& n) {
+  n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (size_t i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+  return p;
+}
+
 // Same polynomial as exp_neg above, 16 lanes at a time; NaN lanes stay NaN (vmaxps returns its
 // second operand when either is NaN, so x goes second).
 IK_AVX512_FN inline __m512 exp_neg(__m512 x) {
