@@ -8,6 +8,7 @@
 #include <idefics3_kit/vision_avx512.h>
 
 #include <atomic>
+#include <functional>
 
 #include "attention_common.h"
 

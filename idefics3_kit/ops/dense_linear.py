@@ -61,10 +61,12 @@ def gelu_pass() -> bool:
     rounded output (``activation.gelu_tanh_``) rather than in oneDNN's epilogue: on AVX-512 CPUs
     without AMX. On a 2-core AMD Zen 4, SigLIP's fc1 ([2048 x 768] @ [768 x 3072], bf16) took 22.5 ms
     plain, 25.2-26.3 ms with the epilogue GELU, and the pass ~1.3 ms more (float32: the epilogue
-    2.5 ms, the pass 1.6; ``python benchmarks/activation.py [--dtype fp32]``). With AMX the GEMM itself is several times faster and the
-    pass has not been measured against the epilogue there, so those CPUs keep the epilogue. The
-    pass also rounds where transformers does (the linear's output, then the GELU's)."""
-    return _library.cpu_has("avx512f") and not _library.cpu_has("amx_bf16") and _library.has_kernel("gelu_tanh_", "cpu")
+    2.5 ms, the pass 1.6; ``python benchmarks/activation.py [--dtype fp32]``). With AMX the GEMM
+    itself is several times faster and the pass has not been measured against the epilogue there,
+    so those CPUs keep the epilogue. The pass also rounds where transformers does (the linear's
+    output, then the GELU's)."""
+    return (_library.cpu_has("avx512f") and not _library.cpu_has("amx_bf16")
+            and _library.has_kernel("gelu_tanh_", "cpu"))
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
