@@ -221,8 +221,10 @@ _ENABLED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the nn.Linear laye
 
 def _packable(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return (type(module) is nn.Linear and type(weight) in fast_path.PLAIN_TENSOR_TYPES and weight.dim() == 2
-            and weight.is_contiguous() and packed.can_pack(weight))
+    if type(module) is not nn.Linear or not isinstance(weight, torch.Tensor):
+        return False
+    return (type(weight) in fast_path.PLAIN_TENSOR_TYPES and weight.dim() == 2 and weight.is_contiguous()
+            and packed.can_pack(weight))
 
 
 def pack_weights(modules: Iterable[nn.Module]) -> int:
