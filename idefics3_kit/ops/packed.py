@@ -64,14 +64,12 @@ def get(layers: Sequence[nn.Linear], rows: int | None) -> torch.Tensor:
     return packed
 
 
-def drop(module: nn.Module, rows: int | None | type = object) -> None:
-    """Forget the packed copies of ``module``'s layers (children included): those for ``rows``, or
-    all of them when ``rows`` is not given."""
+def drop(module: nn.Module, rows: int | None) -> None:
+    """Forget the copies packed for ``rows`` of ``module``'s layers (children included)."""
     with _LOCK:
         for layer in module.modules():
-            if rows is object:
-                _PACKS.pop(layer, None)
-            elif layer in _PACKS:
-                _PACKS[layer].pop(rows, None)
-                if not _PACKS[layer]:
+            copies = _PACKS.get(layer)
+            if copies is not None:
+                copies.pop(rows, None)
+                if not copies:
                     del _PACKS[layer]
