@@ -13,6 +13,11 @@
 // more rows it becomes bound by arithmetic. The int8 / int4 passes include quantizing x (prepare),
 // as a decode step does. A second line per case gives each projection's GB/s (q|k|v, o, gate|up,
 // down: their shapes stream differently), summed over the passes.
+//
+// The last lines give each kernel's arithmetic ceiling: one thread, one x row, one weight of each
+// shape run again and again while it stays in the caches (pin the process, `taskset -c 1`, or a
+// migration between cores reads as a slower kernel). A format whose ceiling sits below the
+// per-core read bandwidth stops gaining from faster memory.
 #include <idefics3_kit/gemv_bf16.h>
 #include <idefics3_kit/gemv_quant.h>
 #include <omp.h>
@@ -101,6 +106,35 @@ double pass(const std::vector<Weight>& weights, int bits, const std::vector<uint
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// One x row against weights[index] (bits 16, 8 or 4), repeated while it stays in the caches: the
+// best time per call over `passes` rounds of `calls`.
+double hot_call(const Weight& w, int bits, const std::vector<uint16_t>& x, std::vector<uint16_t>& y, int passes) {
+  constexpr int calls = 100;
+  double best = 1e9;
+  for (int p = 0; p < passes + 1; ++p) {  // (the first round warms the caches)
+    const auto start = std::chrono::steady_clock::now();
+    for (int c = 0; c < calls; ++c) run(w, bits, x, 1, y, 0, w.n);
+    if (p > 0) best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / calls);
+  }
+  return best;
+}
+
+void print_ceilings(const std::vector<Weight>& weights, int passes) {
+  std::vector<uint16_t> x(kInter, 0x3f00), y(2 * kInter);
+  std::printf("ceilings (one thread, one x row, the weight in the caches), GB/s of weights and weights/ns:\n");
+  for (int q = 0; q < kProjections; ++q) {
+    const Weight& w = weights[q];
+    std::printf("    %-8s [%4ld x %4ld]", kProjectionNames[q], static_cast<long>(w.n), static_cast<long>(w.k));
+    for (int bits : {16, 8, 4}) {
+      const double seconds = hot_call(w, bits, x, y, passes);
+      const double bytes = bits == 16 ? 2.0 * w.n * w.k : bits == 8 ? w.n * w.k + 2.0 * w.n : w.n * w.k / 2.0 + 2.0 * w.scales4.size();
+      std::printf("  %s %5.1f GB/s %5.1f w/ns", bits == 16 ? "bf16" : bits == 8 ? "int8" : "int4", bytes / seconds / 1e9,
+                  w.n * w.k / seconds / 1e9);
+    }
+    std::printf("\n");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -143,5 +177,6 @@ int main(int argc, char** argv) {
       }
       std::printf("\n");
     }
+  print_ceilings(weights, passes);
   return 0;
 }
