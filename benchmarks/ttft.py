@@ -21,8 +21,9 @@ optimum-intel's OpenVINO export of the same checkpoint (TTFT only), run by
 benchmarks/_openvino_worker.py under ``--openvino-python``, a separate venv (docs/performance.md
 has its install lines); its export is not counted.
 
-Ours runs as ``idefics3-kit chat`` and the server run it: with ``VLM.enable_packed_weights()`` (the
-tower's linear weights packed once for oneDNN; a no-op where oneDNN has no bf16 matmul).
+Ours runs as ``idefics3-kit chat`` and the server run it: with ``VLM.enable_packed_weights(
+decoder_max_bytes=SERVING_DECODER_PACK_BYTES)`` (the tower's linear weights, and a small decoder's,
+packed once for oneDNN; a no-op where oneDNN has no bf16 matmul).
 ``--compare-unpacked`` adds a leg with the library's default (no packed copies).
 
 Usage: python benchmarks/ttft.py [--threads 2] [--repeats 3] [--dtypes bf16 fp32] [--images 1 2]
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import idefics3_kit as ik  # noqa: E402
+from idefics3_kit.model import SERVING_DECODER_PACK_BYTES  # noqa: E402
 from benchmarks.generate import save_random_model  # noqa: E402
 from tests.processor_checkpoints import make_checkpoint as make_processor_checkpoint  # noqa: E402
 
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
                 print(f"({dname}: this CPU has no oneDNN bf16 matmul, so bf16 GEMMs run as float32 on the upcasts "
                       f"and the peaks below are float32's)")
             ours = ik.VLM.from_pretrained(path, dtype=dtype).eval()
-            packed = ours.enable_packed_weights()  # as chat and the server run it
+            packed = ours.enable_packed_weights(decoder_max_bytes=SERVING_DECODER_PACK_BYTES)  # as chat and serve
             print(f"ours ({dname}): packed weights {packed / 2 ** 20:.0f} MiB")
             unpacked = ik.VLM.from_pretrained(path, dtype=dtype).eval() if args.compare_unpacked else None
             hf = hf_processor = None

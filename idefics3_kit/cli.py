@@ -377,9 +377,12 @@ def cmd_chat(args) -> int:
     _sampling_kwargs(args)
     if hasattr(sys.stdin, "reconfigure"):  # an undecodable line must not end the conversation (or lose input)
         sys.stdin.reconfigure(errors="surrogateescape")
+    from .model import SERVING_DECODER_PACK_BYTES
+
     model, proc = _load(args)
     model.enable_feature_cache()  # every turn sends the conversation's images again: their tiles are encoded once
-    model.enable_packed_weights()  # CPU bf16: the tower's matmuls skip the per-call weight re-layout (0 B elsewhere)
+    # CPU bf16: the tower's matmuls (and a small decoder's prefill) skip the per-call weight re-layout (0 B elsewhere)
+    model.enable_packed_weights(decoder_max_bytes=SERVING_DECODER_PACK_BYTES)
     _line_editing()
     print(CHAT_HELP, file=sys.stderr)
     messages: list[dict] = []

@@ -308,7 +308,7 @@ def _chat_with(monkeypatch, lines, answer):
         def enable_feature_cache(self):
             pass
 
-        def enable_packed_weights(self):
+        def enable_packed_weights(self, parts=("vision", "connector"), *, decoder_max_bytes=0):
             return 0
 
     monkeypatch.setattr(cli, "_load", lambda args: (FakeModel(), None))

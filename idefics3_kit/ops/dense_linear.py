@@ -227,22 +227,30 @@ def _packable(module: nn.Module) -> bool:
             and packed.can_pack(weight))
 
 
+def _packable_layers(modules: Iterable[nn.Module]) -> list[nn.Linear]:
+    """The layers ``pack_weights`` would pack: every plain bf16 CPU ``nn.Linear`` in these modules
+    (children included), none where oneDNN has no bf16 matmul on this CPU."""
+    if not _onednn_linear():
+        return []
+    return [cast(nn.Linear, m) for root in modules for m in root.modules() if _packable(m)]
+
+
+def packable_bytes(modules: Iterable[nn.Module]) -> int:
+    """The bytes ``pack_weights(modules)`` would take, without packing anything."""
+    return sum(lin.weight.numel() * lin.weight.element_size() for lin in _packable_layers(modules))
+
+
 def pack_weights(modules: Iterable[nn.Module]) -> int:
     """Let every plain bf16 CPU ``nn.Linear`` in these modules (children included) run ``dense`` /
     ``gated`` with a packed copy of its weight, packed now; -> the bytes the copies take (0 where
     oneDNN has no bf16 matmul on this CPU: ``_library.onednn_bf16``). A copy follows its weight:
     after an in-place update or a replaced weight the next call packs it again (never a stale
     result). The outputs are bit-identical to the unpacked calls (tested)."""
-    if not _onednn_linear():
-        return 0
     total = 0
-    for root in modules:
-        for module in root.modules():
-            if _packable(module):
-                lin = cast(nn.Linear, module)
-                _ENABLED.add(lin)
-                packed.get((lin,), None)
-                total += lin.weight.numel() * lin.weight.element_size()
+    for lin in _packable_layers(modules):
+        _ENABLED.add(lin)
+        packed.get((lin,), None)
+        total += lin.weight.numel() * lin.weight.element_size()
     return total
 
 

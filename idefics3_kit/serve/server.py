@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ..model import VLM
+from ..model import SERVING_DECODER_PACK_BYTES, VLM
 from ..processing import Processor
 from .app import create_app
 from .settings import ServeSettings
@@ -25,7 +25,8 @@ def load(model_dir: str, dtype: str = "fp32", device: str = "cpu", quantization:
                                 quantization=None if quantization == "none" else quantization)
     processor = Processor.from_pretrained(model_dir)
     model.enable_feature_cache()  # a follow-up question about the same image skips the vision tower
-    model.enable_packed_weights()  # CPU bf16: the tower's matmuls skip the per-call weight re-layout (0 B elsewhere)
+    # CPU bf16: the tower's matmuls (and a small decoder's prefill) skip the per-call weight re-layout (0 B elsewhere)
+    model.enable_packed_weights(decoder_max_bytes=SERVING_DECODER_PACK_BYTES)
     return model.eval(), processor
 
 

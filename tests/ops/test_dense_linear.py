@@ -425,3 +425,32 @@ def test_vlm_packed_weights_keep_the_features_and_the_state_dict(clean_packs):
     assert list(model.state_dict()) == keys and dense_mod.packed_layers() == 0
     with pytest.raises(ValueError, match="unknown parts"):
         model.enable_packed_weights(("vision", "lm_head"))
+
+
+@needs_onednn_bf16
+@needs_onednn
+def test_vlm_packs_a_small_decoder_within_the_budget(clean_packs):
+    """``decoder_max_bytes`` (chat and the server's policy): the decoder's linears but its output
+    head are packed when their copy fits the budget, and not at all when it does not; a prefill
+    through the packed copies gives the same logits, bit for bit."""
+    import idefics3_kit as ik
+
+    torch.manual_seed(0)
+    model = ik.VLM(ik.VLMConfig.preset("tiny")).to(torch.bfloat16).eval()
+    head = model.get_output_embeddings()
+    body = [m for m in model.decoder.modules() if isinstance(m, nn.Linear) and m is not head]
+    body_bytes = dense_mod.packable_bytes(body)
+    assert body_bytes > 0
+    ids = torch.randint(0, model.image_token_id, (1, 96))  # text only; >= MIN_ROWS rows: the dense path runs
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        base = model.enable_packed_weights(decoder_max_bytes=body_bytes - 1)  # over budget: vision + connector only
+        assert dense_mod.packable_bytes([model.vision, model.connector]) == base
+        model.disable_packed_weights()
+        packed_bytes = model.enable_packed_weights(decoder_max_bytes=body_bytes)
+        assert packed_bytes == base + body_bytes
+        assert all(m in dense_mod._ENABLED for m in body) and head not in dense_mod._ENABLED
+        after = model(input_ids=ids).logits
+        model.disable_packed_weights()
+    assert torch.equal(before, after)
+    assert dense_mod.packed_layers() == 0
