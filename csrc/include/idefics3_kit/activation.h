@@ -53,42 +53,59 @@ namespace idefics3_kit {
 namespace act {
 namespace avx512 {
 
-// 2^z for z <= 0, 16 lanes: a degree-5 minimax polynomial on the fraction (relative error 2.3e-7)
-// and VSCALEFPS for the integer part. Exactly 0 below -126 (no subnormals: gelu(-inf) must be
-// -inf * 0 = NaN, and gelu of a very negative x -0, as torch's), and for NaN.
+// 2^z for z <= 0, 16 lanes: a near-minimax polynomial on the fraction and VSCALEFPS for the
+// integer part. Exactly 0 below -126 (no subnormals: gelu(-inf) must be -inf * 0 = NaN, and gelu
+// of a very negative x -0, as torch's), and for NaN. Degree 5 (relative error 2.3e-7 evaluated in
+// float32) for bf16 outputs, whose rounding (2^-9) hides it; degree 6 (9.6e-8) for float32 ones,
+// where degree 5's error alone took the GELU of small x to 3.7 ulps.
 constexpr float kExp2Degree5[6] = {0.0013276470126584172f, 0.009675541892647743f, 0.05550713464617729f,
                                    0.24022120237350464f,   0.6931469440460205f,   1.0000001192092896f};
-IK_AVX512_FN inline __m512 exp2_neg(__m512 z) {
+constexpr float kExp2Degree6[7] = {0.00015347280714195222f, 0.0013399943709373474f, 0.009618483483791351f,
+                                   0.05550328642129898f,    0.24022646248340607f,   0.6931471824645996f,
+                                   1.0f};
+template <size_t N>
+IK_AVX512_FN inline __m512 exp2_neg(__m512 z, const float (&c)[N]) {
   const __mmask16 normal = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
   __m512 n;  // (the polynomial never sees -inf)
-  const __m512 p = attn::avx512::exp2_poly(_mm512_max_ps(z, _mm512_set1_ps(-126.0f)), kExp2Degree5, n);
+  const __m512 p = attn::avx512::exp2_poly(_mm512_max_ps(z, _mm512_set1_ps(-126.0f)), c, n);
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 // 16 lanes of gelu_tanh, by the same formula: e = 2^(-2 log2(e) |y|), 1 / (1 + e) by RCP14 and
-// one Newton step (~2^-28).
+// one Newton step (~2^-28). For float32 outputs (kFloat32), where y >= 0 the factor 1 / (1 + e) is
+// taken as 1 - e / (1 + e) in one FMA, so the roundings of 1 + e and of the reciprocal fall on the
+// small correction e r, not on the factor (x * r was up to 2 ulps off near x = 3.4, twice torch's
+// own error); bf16 outputs keep the shorter form (the same bits as before that change, within
+// their rounding anyway).
+template <bool kFloat32>
 IK_AVX512_FN inline __m512 gelu16(__m512 x) {
   const __m512 x2 = _mm512_mul_ps(x, x);
   const __m512 y = _mm512_mul_ps(x, _mm512_fmadd_ps(x2, _mm512_set1_ps(kGeluC * kGeluA), _mm512_set1_ps(kGeluC)));
-  const __m512 e = exp2_neg(_mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.0f * 1.4426950408889634f)));
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.0f * 1.4426950408889634f));
+  const __m512 e = kFloat32 ? exp2_neg(z, kExp2Degree6) : exp2_neg(z, kExp2Degree5);
   const __m512 d = _mm512_add_ps(e, _mm512_set1_ps(1.0f));  // [1, 2]
   __m512 r = _mm512_rcp14_ps(d);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));  // Newton: r (2 - d r)
   const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
-  return _mm512_mul_ps(_mm512_mask_mul_ps(x, negative, x, e), r);  // x (or x e where y < 0) / (1 + e)
+  if constexpr (kFloat32) {
+    const __m512 factor = _mm512_mask_mul_ps(_mm512_fnmadd_ps(e, r, _mm512_set1_ps(1.0f)), negative, e, r);
+    return _mm512_mul_ps(x, factor);  // x (1 - e / (1 + e)), or x e / (1 + e) where y < 0
+  } else {
+    return _mm512_mul_ps(_mm512_mask_mul_ps(x, negative, x, e), r);  // x (or x e where y < 0) / (1 + e)
+  }
 }
 
 IK_AVX512_FN inline void gelu_tanh(float* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = attn::avx512::lane_mask(n - i);
-    attn::avx512::store(x + i, gelu16(attn::avx512::load(x + i, m)), m);
+    attn::avx512::store(x + i, gelu16<true>(attn::avx512::load(x + i, m)), m);
   }
 }
 
 IK_AVX512_FN inline void gelu_tanh(uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = attn::avx512::lane_mask(n - i);
-    attn::avx512::store(x + i, gelu16(attn::avx512::load(x + i, m)), m);
+    attn::avx512::store(x + i, gelu16<false>(attn::avx512::load(x + i, m)), m);
   }
 }
 
@@ -98,7 +115,7 @@ IK_AVX512_FN inline void gelu_tanh(uint16_t* x, int64_t n) {
 IK_ACT_BF16_FN inline void gelu_tanh_bf16_isa(uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = attn::avx512::lane_mask(n - i);
-    const __m256bh y = _mm512_cvtneps_pbh(gelu16(attn::avx512::load(x + i, m)));
+    const __m256bh y = _mm512_cvtneps_pbh(gelu16<false>(attn::avx512::load(x + i, m)));
     _mm256_mask_storeu_epi16(x + i, m, reinterpret_cast<__m256i>(y));
   }
 }

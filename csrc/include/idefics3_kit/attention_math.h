@@ -273,7 +273,7 @@ IK_AVX512_FN inline __m512 load(const uint16_t* p, __mmask16 m) {
 // 2^x split for VSCALEFPS: x = n + f with n = round(x) and f in [-0.5, 0.5]; -> p(f), the
 // polynomial with coefficients c (highest degree first), and n, so that 2^x ~ scalef(p(f), n).
 // The flash kernels' softmax takes a degree-3 polynomial (below bf16 rounding), the GELU pass a
-// degree-5 one (float32 accuracy).
+// degree-6 one (float32 accuracy).
 template <size_t N>
 IK_AVX512_FN inline __m512 exp2_poly(__m512 x, const float (&c)[N], __m512& n) {
   n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
