@@ -57,11 +57,10 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        x = ops.conv2d(self.patch_embedding, pixel_values)  # [N, D, h, w]
-        # [N, h*w, D], patches row-major, made contiguous: the transposed view's strides would
-        # pass through every residual add of the tower, each LayerNorm would copy its input, and
-        # each add would run strided (13% of a bf16 tower on CPU)
-        x = x.flatten(2).transpose(1, 2).contiguous()
+        # [N, h*w, D], patches row-major, contiguous: a transposed view's strides would pass
+        # through every residual add of the tower, each LayerNorm would copy its input, and each
+        # add would run strided (13% of a bf16 tower on CPU)
+        x = ops.patch_embed(self.patch_embedding, pixel_values)
         pos = patch_position_ids(patch_mask, self.patches_per_side)
         return x + self.position_embedding(pos)
 
@@ -229,9 +228,10 @@ class ClipEmbeddings(nn.Module):
         return torch.cat([table[:1], patch.permute(0, 2, 3, 1).reshape(h * w, d)], dim=0)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = ops.conv2d(self.patch_embedding, pixel_values.to(self.patch_embedding.weight.dtype))  # [N, D, h, w]
-        h, w = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2)  # [N, P, D], patches row-major
+        pixel_values = pixel_values.to(self.patch_embedding.weight.dtype)
+        p = self.patch_embedding.stride[0]
+        h, w = pixel_values.shape[2] // p, pixel_values.shape[3] // p
+        x = ops.patch_embed(self.patch_embedding, pixel_values)  # [N, P, D], patches row-major
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [N, 1, D]
         return torch.cat([cls, x], dim=1) + self.positions(h, w)  # [N, 1+P, D]
 

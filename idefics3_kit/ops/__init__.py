@@ -15,7 +15,7 @@ from ._library import backend, build_info, extension_error, has_extension, use_r
 from .attention import attention, attention_ref
 from .decode import decode_layers
 from .dense_linear import FUSED_ACTIVATIONS as dense_activations
-from .dense_linear import conv2d, dense, gated
+from .dense_linear import conv2d, dense, gated, patch_embed
 from .matmul import decode_linear, decode_linear_ref, linear, linears, prepare_decode, unpack
 from .memory import empty_pooled, release_pooled
 from .norm import rms_norm, rms_norm_ref
@@ -25,5 +25,5 @@ from .reduce import argmax_last
 __all__ = ["argmax_last", "attention", "attention_ref", "backend", "build_info", "conv2d", "decode_layers",
            "decode_linear", "decode_linear_ref", "dense", "dense_activations", "empty_pooled",
            "extension_error", "fast_path", "gated", "gelu_tanh_", "gelu_tanh_ref", "has_extension", "linear",
-           "linears", "preprocess_into", "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref",
+           "linears", "patch_embed", "preprocess_into", "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref",
            "tile_count", "unpack", "use_reference"]

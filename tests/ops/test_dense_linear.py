@@ -161,7 +161,8 @@ def test_the_vision_tower_takes_the_fused_path_and_keeps_its_answer(monkeypatch,
     # the pass takes bf16 outputs; on the float32 route the GELU stays in the epilogue
     in_epilogue = epilogue == "fused" or (epilogue == "pass" and bf16_route == "float32")
     fused_gelus = cfg.num_hidden_layers if in_epilogue else 0
-    assert calls.count("gelu") == fused_gelus and len(calls) == 6 * cfg.num_hidden_layers
+    # six linears a layer, and the patch embedding as one GEMM (``patch_embed``)
+    assert calls.count("gelu") == fused_gelus and len(calls) == 6 * cfg.num_hidden_layers + 1
     scale = ordinary.float().abs().max().item()
     torch.testing.assert_close(fused.float(), ordinary.float(), rtol=0, atol=scale * 2 ** -6)
 
@@ -319,6 +320,78 @@ def test_conv2d_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
         conv.weight.requires_grad_(True)
     with torch.set_grad_enabled(case == "grad"):
         assert torch.equal(ops.conv2d(conv, x), conv(x))
+
+
+# ---- ops.patch_embed: the patch embedding as one GEMM ---------------------------------------------
+
+def conv_reference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The patch tokens [N, h*w, D] in float64."""
+    bias = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(x.double(), conv.weight.double(), bias, conv.stride).flatten(2).transpose(1, 2)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("size", [(64, 48), (128, 128)])
+def test_patch_embed_is_as_close_to_float64_as_torch_s_own(dtype, bias, size, bf16_route, monkeypatch):
+    """The GEMM of the patches by the kernel: the same products as the convolution, summed in
+    another order, so within twice torch's own convolution error (plus one ulp) of float64, laid out
+    as the convolution's tokens [N, h*w, D], contiguous."""
+    if dtype == torch.float32 and bf16_route == "float32":
+        pytest.skip("the bf16 route does not change float32")
+    conv = conv_layer(dtype, bias)
+    x = torch.randn(2, 3, *size).to(dtype)
+    gemms = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(dense_mod.torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: gemms.append(a[0].shape) or original(*a), raising=False)
+    with torch.no_grad():
+        got = ops.patch_embed(conv, x)
+        torch_own = conv(x).flatten(2).transpose(1, 2)
+    rows = 2 * (size[0] // 8) * (size[1] // 8)
+    assert gemms == [(rows, 3 * 8 * 8)]
+    assert got.dtype == dtype and got.shape == torch_own.shape and got.is_contiguous()
+    exact = conv_reference(conv, x)
+    torch_err = (torch_own.double() - exact).abs().max().item()
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= 2 * torch_err + ulp
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["grad", "subclass", "hook", "stride", "padding", "ragged size", "few patches",
+                                  "reference forced", "switched off"])
+def test_patch_embed_steps_aside_and_gives_the_ordinary_answer(case, monkeypatch):
+    """Anything but a plain, tiling convolution over enough patches (inference, no hooks) runs the
+    convolution itself and the transpose: the ordinary answer, bit for bit."""
+    conv, x = conv_layer(torch.float32), torch.randn(2, 3, 64, 64)
+    if case == "subclass":
+        class MyConv(nn.Conv2d):
+            pass
+        sub = MyConv(3, 48, 8, 8)
+        sub.load_state_dict(conv.state_dict())
+        conv = sub
+    elif case == "hook":
+        conv.register_forward_hook(lambda m, i, o: o * 2)
+    elif case == "stride":
+        conv.stride = (4, 4)
+    elif case == "padding":
+        conv.padding = (1, 1)
+    elif case == "ragged size":
+        x = torch.randn(2, 3, 68, 64)  # 8.5 patches high: the convolution drops the remainder
+    elif case == "few patches":
+        x = torch.randn(1, 3, 32, 32)  # 16 patches: fewer rows than the dense path takes
+    elif case == "reference forced":
+        monkeypatch.setenv("IDEFICS3_KIT_FORCE_REFERENCE", "1")
+    elif case == "switched off":
+        monkeypatch.setenv("IDEFICS3_KIT_DENSE", "0")
+    elif case == "grad":
+        conv.weight.requires_grad_(True)
+    assert not dense_mod._patch_gemm_applies(conv, x)
+    with torch.set_grad_enabled(case == "grad"):
+        got = ops.patch_embed(conv, x)
+        want = conv(x).flatten(2).transpose(1, 2)
+    assert torch.equal(got, want) and got.is_contiguous()
 
 
 @pytest.mark.parametrize("upcast", [True, False])
