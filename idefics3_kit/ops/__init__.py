@@ -25,5 +25,5 @@ from .reduce import argmax_last
 __all__ = ["argmax_last", "attention", "attention_ref", "backend", "build_info", "conv2d", "decode_layers",
            "decode_linear", "decode_linear_ref", "dense", "dense_activations", "empty_pooled",
            "extension_error", "fast_path", "gated", "gelu_tanh_", "gelu_tanh_ref", "has_extension", "linear",
-           "linears", "patch_embed", "preprocess_into", "prepare_decode", "release_pooled", "resize_u8", "rms_norm", "rms_norm_ref",
-           "tile_count", "unpack", "use_reference"]
+           "linears", "patch_embed", "preprocess_into", "prepare_decode", "release_pooled", "resize_u8", "rms_norm",
+           "rms_norm_ref", "tile_count", "unpack", "use_reference"]
