@@ -87,15 +87,18 @@ def _onednn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _dense_path_on() -> bool:
+    """The switches every many-row oneDNN call (``applies``, ``patch_embed``) needs on: fast paths on,
+    not tracing under torch.compile, ``IDEFICS3_KIT_DENSE`` not 0, oneDNN's fused linear in this torch."""
+    return (_library.fast_paths_on() and not torch.compiler.is_compiling()
+            and os.environ.get("IDEFICS3_KIT_DENSE") != "0" and _onednn_linear())
+
+
 def applies(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fused oneDNN path runs for ``layer(x)``: see the module docstring."""
-    if type(layer) is not nn.Linear or not _library.fast_paths_on() or torch.compiler.is_compiling():
-        return False
-    if os.environ.get("IDEFICS3_KIT_DENSE") == "0":
+    if type(layer) is not nn.Linear or not _dense_path_on():
         return False
     if x.dtype not in DTYPES or x.dim() < 2 or x.numel() < MIN_ROWS * max(x.shape[-1], 1):
-        return False
-    if not _onednn_linear():
         return False
     weight, bias = layer.weight, layer.bias
     if weight.dtype != x.dtype or weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != x.shape[-1]:
@@ -233,9 +236,7 @@ def patch_embed(layer: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _patch_gemm_applies(layer: nn.Module, x: torch.Tensor) -> bool:
-    if type(layer) is not nn.Conv2d or not _library.fast_paths_on() or torch.compiler.is_compiling():
-        return False
-    if os.environ.get("IDEFICS3_KIT_DENSE") == "0" or not _onednn_linear():
+    if type(layer) is not nn.Conv2d or not _dense_path_on():
         return False
     conv = cast(nn.Conv2d, layer)
     p = conv.kernel_size[0]
