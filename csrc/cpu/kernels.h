@@ -63,9 +63,9 @@ void quant_linear_into(const at::Tensor& x, at::TensorList qweights, at::TensorL
                        c10::ArrayRef<const at::Tensor*> biases, at::Tensor& y);
 
 // One quantized weight of quant_linear_run as raw pointers, made by quant_weight from checked
-// tensors (ops.quant's layout; k: x's K; bias: float32 [rows] or null). decode_layers makes one
-// per projection at the start of a step, while the Python checks have just brought the tensors'
-// metadata into cache; the layers then touch no tensor metadata at all.
+// tensors (ops.quant's layout; k: x's K; bias: float32 [rows] or null). decode_layers checks
+// every weight at the start of a step (check_quant_weight) and takes each layer's pointers
+// (quant_weight_unchecked) as the layer starts.
 struct QuantWeight {
   const uint8_t* w;        // int8 [rows, k] or packed int4 [rows, k / 2]
   int bits;                // 8 or 4
@@ -76,10 +76,24 @@ struct QuantWeight {
 };
 QuantWeight quant_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, size_t index,
                          const float* bias);
+// quant_weight's checks alone (metadata only; index and op name the weight in errors): its bits.
+int check_quant_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, size_t index,
+                       const char* op = "quant_linear");
+// quant_weight without the checks, for a weight check_quant_weight accepted with these bits.
+QuantWeight quant_weight_unchecked(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int bits,
+                                   const float* bias);
 
 // quant_linear_into after its checks: x bf16 [rows_x, k] (contiguous) through the weights into y
 // bf16 [rows_x, sum of their rows] (contiguous), the outputs side by side.
 void quant_linear_run(const uint16_t* x, int64_t rows_x, int64_t k, c10::ArrayRef<QuantWeight> weights, uint16_t* y);
+
+// silu(gate) * up for `rows` bf16 rows of n (gate and up rows row_stride apart, out rows
+// contiguous), bit for bit ATen's at::silu_out then at::mul_out; false, with nothing written,
+// where this build cannot promise that (then run ATen's). silu_mul_aten.cpp says how.
+bool silu_mul_rows_as_aten(const uint16_t* gate, const uint16_t* up, int64_t row_stride, uint16_t* out, int64_t rows,
+                           int64_t n);
+// Whether silu_mul_rows_as_aten runs here (checked once, against ATen, at the first call).
+bool silu_mul_matches_aten();
 
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
 

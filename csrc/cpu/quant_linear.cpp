@@ -18,8 +18,10 @@ namespace {
 // of 15.8 us and an int8 k_proj's (192 x 576) 9.5 instead of 11.1 (medians of 8, interleaved).
 constexpr int64_t kMinBytesPerWorker = 32 * 1024;
 
+}  // namespace
+
 // bits of one weight, after checking it against x's K and its scales.
-int check_weight(const at::Tensor& w, const at::Tensor& s, int64_t k, size_t i, const char* op = "quant_linear") {
+int check_quant_weight(const at::Tensor& w, const at::Tensor& s, int64_t k, size_t i, const char* op) {
   const bool plain = w.device().is_cpu() && s.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
                      s.is_contiguous() && s.scalar_type() == at::kBFloat16;
   if (!plain) {  // the names are built only to report a problem (this runs ~120 times per decode step)
@@ -47,6 +49,8 @@ int check_weight(const at::Tensor& w, const at::Tensor& s, int64_t k, size_t i, 
   return 4;
 }
 
+namespace {
+
 // The activation buffers of one call (qgemv::prepare fills every element it is given), kept per
 // thread and grown as needed, instead of seven fresh zero-filled vectors per call (~120 calls a
 // step): malloc and free were 15% of an int4 decode step's non-GEMV time before these buffers and
@@ -65,11 +69,15 @@ T* sized(std::vector<T>& v, int64_t n) {
 
 }  // namespace
 
-QuantWeight quant_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, size_t index,
-                         const float* bias) {
-  const int bits = check_weight(qweight, scales, k, index);
+QuantWeight quant_weight_unchecked(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, int bits,
+                                   const float* bias) {
   return {static_cast<const uint8_t*>(qweight.data_ptr()), bits, bits == 4 ? k / scales.size(1) : 0,
           reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()), bias, qweight.size(0)};
+}
+
+QuantWeight quant_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t k, size_t index,
+                         const float* bias) {
+  return quant_weight_unchecked(qweight, scales, k, check_quant_weight(qweight, scales, k, index), bias);
 }
 
 void quant_linear_run(const uint16_t* x, int64_t rows_x, int64_t k, c10::ArrayRef<QuantWeight> weights, uint16_t* y) {
@@ -150,7 +158,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, at::TensorList qweights, at::Te
 at::Tensor quant_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales) {
   TORCH_CHECK(qweight.dim() == 2, "quant_dequantize: qweight must be 2-D, got ", shape_str(qweight));
   const int64_t n = qweight.size(0), k = qweight.scalar_type() == at::kByte ? 2 * qweight.size(1) : qweight.size(1);
-  const int bits = check_weight(qweight, scales, k, 0, "quant_dequantize");
+  const int bits = check_quant_weight(qweight, scales, k, 0, "quant_dequantize");
   at::Tensor out = at::empty({n, k}, scales.options());
   const qgemv::Job job{static_cast<const uint8_t*>(qweight.data_ptr()), bits, bits == 4 ? k / scales.size(1) : 0,
                        reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()), nullptr, nullptr, 0};

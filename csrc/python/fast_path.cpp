@@ -17,6 +17,9 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 namespace idefics3_kit {
+
+bool silu_mul_matches_aten();  // csrc/cpu/silu_mul_aten.cpp
+
 namespace {
 
 // ---- prefetching -----------------------------------------------------------------------------
@@ -417,7 +420,17 @@ PyObject* unchanged_since(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 #endif
 }
 
+// Whether decode_layers runs its fused SiLU-and-multiply (csrc/cpu/silu_mul_aten.cpp: on when it
+// matched ATen bit for bit over every bf16 value at its first use), for the tests that check it is
+// on where ATen runs its AVX-512 kernels.
+PyObject* decode_silu_matches_aten(PyObject*, PyObject*) {
+  if (silu_mul_matches_aten()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
+    {"decode_silu_matches_aten", decode_silu_matches_aten, METH_NOARGS,
+     "whether decode_layers' fused SiLU * up runs (it matched ATen's bits at its first use)"},
     {"module_watch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(module_watch)), METH_FASTCALL,
      "a watch of the modules' classes and dicts for unchanged_since (see csrc/python/fast_path.cpp)"},
     {"unchanged_since", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(unchanged_since)), METH_FASTCALL,

@@ -3,14 +3,22 @@
 // numbers are checked loosely here (a step run twice is the same, bf16 and int8 stay near float32);
 // tests/ops/test_decode_ops.py checks the op bit for bit against the Python layers.
 #include <ATen/ATen.h>
+#include <ATen/Version.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <vector>
 
 #include "check.h"
+
+namespace idefics3_kit {  // csrc/cpu/kernels.h
+bool silu_mul_rows_as_aten(const uint16_t* gate, const uint16_t* up, int64_t row_stride, uint16_t* out, int64_t rows,
+                           int64_t n);
+bool silu_mul_matches_aten();
+}  // namespace idefics3_kit
 
 namespace {
 
@@ -169,6 +177,31 @@ void test_bad_arguments_throw() {
   }
 }
 
+
+// The bf16 step's fused silu(gate) * up (csrc/cpu/silu_mul_aten.cpp) against ATen's two calls, bit
+// for bit, on rows with a vector part and a scalar tail, NaN-making rows included: where it answers,
+// it answers exactly; where this build's ATen runs its AVX-512 kernels, it answers.
+void test_silu_mul_as_aten() {
+  constexpr int64_t kRows = 3, kWidth = 100;  // 64 on the vector path, a tail of 36
+  at::manual_seed(7);
+  at::Tensor gu = (at::randn({kRows, 2 * kWidth}) * 6).to(at::kBFloat16);
+  gu.index_put_({1, 70}, -std::numeric_limits<float>::infinity());  // silu(-inf) is NaN: row 1 is ATen's
+  const at::Tensor gate = gu.narrow(1, 0, kWidth), up = gu.narrow(1, kWidth, kWidth);
+  at::Tensor want = at::empty({kRows, kWidth}, gu.options());
+  at::silu_out(want, gate);
+  at::mul_out(want, want, up);
+  at::Tensor got = at::zeros({kRows, kWidth}, gu.options());
+  const auto* bits = reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>());
+  const bool answered = idefics3_kit::silu_mul_rows_as_aten(bits, bits + kWidth, 2 * kWidth,
+                                                            reinterpret_cast<uint16_t*>(got.data_ptr<at::BFloat16>()),
+                                                            kRows, kWidth);
+  CHECK(answered == idefics3_kit::silu_mul_matches_aten());
+#if defined(__x86_64__) && !defined(IDEFICS3_KIT_NO_AVX512)
+  if (at::get_cpu_capability() == "AVX512") CHECK(answered);
+#endif
+  if (answered) CHECK(at::equal(got.view(at::kShort), want.view(at::kShort)));
+}
+
 }  // namespace
 
-TEST_MAIN(test_paths_agree(); test_bad_arguments_throw();)
+TEST_MAIN(test_paths_agree(); test_bad_arguments_throw(); test_silu_mul_as_aten();)

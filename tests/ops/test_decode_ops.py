@@ -382,6 +382,45 @@ def test_decode_layers_bit_identical_with_layers_of_different_mlp_widths(dtype, 
     _compare_fused_and_python(dec.eval(), dtype, b, monkeypatch, padded=b > 1)
 
 
+@needs_ext
+def test_decode_layers_fused_silu_matches_aten_where_aten_runs_avx512():
+    # decode_layers' fused silu(gate) * up is on only where it matched ATen's bits over every bf16
+    # value at its first use; where ATen runs its AVX-512 kernels that check must pass (were it to
+    # fail, e.g. after a torch upgrade, the step would quietly run ATen's two calls again)
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not _library.cpu_is_vectorized():
+        pytest.skip("ATen does not run its AVX-512 kernels here: the fused SiLU stays off")
+    assert _library.compiled_function("decode_silu_matches_aten")() is True
+
+
+@needs_ext
+@pytest.mark.parametrize("b", [1, 2])
+def test_decode_layers_bit_identical_when_the_gate_overflows(b, monkeypatch):
+    # gate outputs of +-inf: silu(-inf) is NaN, whose bits depend on the ATen path that rounded it
+    # (vector or scalar, and ATen's SiLU and multiply split a row of 100 differently), so the fused
+    # SiLU leaves such a row to ATen; the steps stay bit-identical, NaNs included
+    torch.manual_seed(3)
+    cfg = ik.DecoderConfig(vocab_size=128, hidden_size=128, intermediate_size=100, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    dec = Llama3Decoder(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        gate = dec.model.layers[1].mlp.gate_proj.weight
+        overflow = torch.where(torch.arange(gate.shape[1]) % 2 == 0, 3e38, -3e38).to(gate.dtype)
+        gate[:3] = gate[60:100] = overflow  # the vector part of a row and its tail
+
+    def bits(tensors):
+        return [t.view(torch.int16) for t in tensors]
+
+    original = CausalDecoder._one_call_step
+    fused_logits, fused_cache = _run_decode(dec, b, padded=False, steps=2)
+    monkeypatch.setattr(CausalDecoder, "_one_call_step", lambda *a, **k: None)
+    python_logits, python_cache = _run_decode(dec, b, padded=False, steps=2)
+    monkeypatch.setattr(CausalDecoder, "_one_call_step", original)
+    assert torch.isnan(python_logits[-1]).any()  # the overflow reached the logits
+    for got, want in zip(bits(fused_logits + fused_cache.keys + fused_cache.values),
+                         bits(python_logits + python_cache.keys + python_cache.values)):
+        assert torch.equal(got, want)
+
+
 def _one_call_applies(dec, dtype) -> bool:
     """Whether a one-token step of ``dec`` would run every layer in the compiled call."""
     x = torch.zeros(1, 1, dec.hidden_size, dtype=dtype)
