@@ -18,7 +18,9 @@
 
 namespace idefics3_kit {
 
-bool silu_mul_matches_aten();  // csrc/cpu/silu_mul_aten.cpp
+// csrc/python/decode_call.cpp
+PyObject* decode_layers_call(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+PyObject* decode_silu_matches_aten(PyObject*, PyObject*);
 
 namespace {
 
@@ -420,15 +422,9 @@ PyObject* unchanged_since(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 #endif
 }
 
-// Whether decode_layers runs its fused SiLU-and-multiply (csrc/cpu/silu_mul_aten.cpp: on when it
-// matched ATen bit for bit over every bf16 value at its first use), for the tests that check it is
-// on where ATen runs its AVX-512 kernels.
-PyObject* decode_silu_matches_aten(PyObject*, PyObject*) {
-  if (silu_mul_matches_aten()) Py_RETURN_TRUE;
-  Py_RETURN_FALSE;
-}
-
 PyMethodDef methods[] = {
+    {"decode_layers_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decode_layers_call)),
+     METH_FASTCALL, "the decode_layers op called with its lists read directly (see csrc/python/decode_call.cpp)"},
     {"decode_silu_matches_aten", decode_silu_matches_aten, METH_NOARGS,
      "whether decode_layers' fused SiLU * up runs (it matched ATen's bits at its first use)"},
     {"module_watch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(module_watch)), METH_FASTCALL,

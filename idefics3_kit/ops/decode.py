@@ -111,9 +111,11 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
     if cos.shape[0] != b:  # positions shared by the batch: the layers broadcast them
         cos, sin_signed = cos.expand(b, -1, -1, -1), sin_signed.expand(b, -1, -1, -1)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return _library.op("decode_layers")(x, weights.flat, list(k_cache), list(v_cache), cos, sin_signed, mask,
-                                        int(past), int(num_heads), int(num_kv_heads), float(eps),
-                                        weights.scales or [], final_norm)
+    # the op through _C.decode_layers_call (its ~800 list entries read straight from the lists, the
+    # same dispatcher call: csrc/python/decode_call.cpp) where it exists; torch.ops otherwise
+    call = _library.compiled_function("decode_layers_call") or _library.op("decode_layers")
+    return call(x, weights.flat, k_cache, v_cache, cos, sin_signed, mask, int(past), int(num_heads),
+                int(num_kv_heads), float(eps), weights.scales or [], final_norm)
 
 
 @_library.register_fake("decode_layers")

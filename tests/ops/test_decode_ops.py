@@ -607,17 +607,24 @@ def test_rms_norm_bad_arguments():
             call()
 
 
+def _direct_call(*args):
+    """The op through _C.decode_layers_call (what ops.decode_layers calls), final_norm None."""
+    return _library.compiled_function("decode_layers_call")(*args, None)
+
+
 @needs_ext
-def test_decode_layers_bad_arguments():
+@pytest.mark.parametrize("caller", ["torch.ops", "decode_layers_call"])
+def test_decode_layers_bad_arguments(caller):
     dec = _tiny_decoder(torch.float32)
     good = _op_args(dec, b=2, past=3)
     x, params, kc, vc, cos, sin, mask, past, h, hkv, eps, scales = good
+    op = ns.decode_layers if caller == "torch.ops" else _direct_call
 
     def with_(**changes):
         names = ["x", "params", "kc", "vc", "cos", "sin", "mask", "past", "h", "hkv", "eps", "scales"]
         args = dict(zip(names, good))
         args.update(changes)
-        return lambda: ns.decode_layers(*[args[n] for n in names])
+        return lambda: op(*[args[n] for n in names])
 
     cases = [
         (with_(params=params[:-1]), "params must hold 12 entries per layer, got 23"),
@@ -644,6 +651,28 @@ def test_decode_layers_bad_arguments():
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+@needs_ext
+def test_decode_layers_call_matches_torch_ops_and_refuses_wrong_types():
+    # ops.decode_layers reaches the op through _C.decode_layers_call (the lists read directly,
+    # csrc/python/decode_call.cpp): the same dispatcher call as torch.ops, so the same answer
+    dec = _tiny_decoder(torch.bfloat16)
+    args = _op_args(dec, b=2, past=3)
+    caches = [[c.clone() for c in args[2]], [c.clone() for c in args[3]]]
+    want = ns.decode_layers(*args)
+    got = _direct_call(args[0], args[1], *caches, *args[4:])
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0] + caches[1], list(args[2]) + list(args[3])))
+    bad = [(0, "x", [1.0]), (1, "params", torch.zeros(2)), (2, "k_cache", [None]), (7, "past", 3.0),
+           (10, "eps", "1e-5"), (11, "scales", [1])]
+    for index, name, value in bad:
+        changed = list(args)
+        changed[index] = value
+        with pytest.raises(TypeError, match=f"decode_layers_call: {name} must be"):
+            _direct_call(*changed)
+    with pytest.raises(TypeError, match="takes the op's 13 arguments, got 12"):
+        _library.compiled_function("decode_layers_call")(*args)
 
 
 # ---- when the fused path applies ---------------------------------------------------------------
