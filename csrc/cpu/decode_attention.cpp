@@ -119,7 +119,7 @@ void decode_attention_run(const DecodeAttention& a) {
     if (scratch) {
       qf.resize(std::max(qf.size(), static_cast<size_t>(groups * d)));
       row.resize(std::max(row.size(), static_cast<size_t>(d)));
-      x.resize(std::max(x.size(), static_cast<size_t>(groups * split)));
+      x.resize(std::max(x.size(), static_cast<size_t>(attn::decode_scratch_floats(groups, split))));
     }
     for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
       const int64_t bi = it / (hkv * nsplit), hk = (it / nsplit) % hkv, s = it % nsplit;

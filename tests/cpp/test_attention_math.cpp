@@ -263,7 +263,7 @@ std::vector<float> decode_run(const Case& c, Path path, int64_t cut) {
   a.d = d, a.groups = G, a.scale = c.scale, a.q = q.data(), a.q_stride = d, a.k = k.data(), a.v = v.data();
   a.k_stride = d, a.v_stride = d, a.key_mask = c.mask.data();
   const int64_t ranges[3] = {0, cut, c.keys};
-  std::vector<float> o(2 * G * d), m(2 * G), l(2 * G), qf(G * d), row(d), x(G * c.keys);
+  std::vector<float> o(2 * G * d), m(2 * G), l(2 * G), qf(G * d), row(d), x(attn::decode_scratch_floats(G, c.keys));
   for (int s = 0; s < 2; ++s) {
     float *os = o.data() + s * G * d, *ms = m.data() + s * G, *ls = l.data() + s * G;
     switch (path) {
@@ -367,9 +367,9 @@ void test_decode_partials() {
         decode_cases<uint16_t>(Path::kAvx2, d, groups);
       }
     }
-    if (avx512()) {
+    if (avx512()) {  // bf16 where the CPU has AVX-512 BF16: the VDPBF16PS sweeps of 4, 3, 4 + 1, 4 + 2 heads
       decode_cases<float>(Path::kAvx512, d, 4);
-      decode_cases<uint16_t>(Path::kAvx512, d, 4);
+      for (int64_t groups : {4, 3, 5, 6}) decode_cases<uint16_t>(Path::kAvx512, d, groups);
     }
   }
 #ifdef IK_HAVE_AMX_PATH
@@ -383,6 +383,9 @@ void test_decode_partials() {
 #endif
   std::printf("decode: AVX2 path %s\n", avx2() ? "tested" : "not tested (CPU)");
   std::printf("decode: AVX-512 path %s\n", avx512() ? "tested" : "not tested (CPU)");
+#ifdef IK_HAVE_DECODE_BF16DOT
+  std::printf("decode: AVX-512 BF16 (VDPBF16PS) path %s\n", attn::avx512::bf16dot_available() ? "tested" : "not tested (CPU)");
+#endif
 }
 
 void test_any_nonfinite() {

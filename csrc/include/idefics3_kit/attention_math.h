@@ -442,13 +442,6 @@ IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int6
   }
 }
 
-template <typename in_t>
-IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l, float* qf,
-                                 float* x) {
-  decode_by_head_groups<in_t>(a, qf, [&](int64_t g0, auto gc) {
-    decode_heads<in_t, decltype(gc)::value>(a, g0, j0, j1, o, m, l, qf, x);
-  });
-}
 
 
 IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
@@ -503,6 +496,189 @@ inline bool available() {
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                          __builtin_cpu_supports("fma");
   return ok;
+}
+
+#if __GNUC__ >= 11 || defined(__clang__)
+#define IK_HAVE_DECODE_BF16DOT 1
+#define IK_BF16DOT_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// bf16 decode with VDPBF16PS (AVX-512 BF16: Zen 4, Cooper Lake, Sapphire Rapids without AMX's
+// path): decode_heads' sweeps with the numerics of the AMX kernel (decode_amx.h): scores as bf16
+// products summed in fp32 (q unscaled, the dot times scale), the softmax in fp32, its weights
+// rounded to bf16 for the product with V, pairs of keys per instruction. Why: decode_heads
+// converts every K and V element to fp32 and spends one FMA per element and head; at 900 tokens
+// of context that was ~1.2 ms of a 5 ms int4 step at SmolVLM-256M shapes.
+inline bool bf16dot_available() {
+  static const bool ok = available() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+IK_BF16DOT_FN inline __mmask32 pair_mask(int64_t count) {  // the first count of 32 bf16 lanes
+  return count >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << count) - 1u);
+}
+
+IK_BF16DOT_FN inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+}
+
+// Scores of GC (<= 4) query heads g0.. over keys [j0, j1) into x [GC][n] (-inf where masked), 4
+// keys at a time, 32 dims per instruction.
+template <int GC>
+IK_BF16DOT_FN void scores_bf16dot(const DecodeArgs& a, int64_t g0, int64_t j0, int64_t n, float* x) {
+  const int64_t d = a.d;
+  const auto* q = static_cast<const uint16_t*>(a.q) + g0 * a.q_stride;
+  const auto* k = static_cast<const uint16_t*>(a.k);
+  const uint8_t* km = a.key_mask ? a.key_mask + j0 : nullptr;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  const __m512i first_four = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 1, 0);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const uint16_t* kr = k + (j0 + j) * a.k_stride;
+    const int64_t ahead = std::min<int64_t>(4, n - j - kKeyPrefetchRows);
+    if (ahead > 0) prefetch_rows(kr + kKeyPrefetchRows * a.k_stride, a.k_stride, ahead, d);
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 32) {
+      const __mmask32 mk = pair_mask(d - i);
+      __m512i kv[4];
+      for (int r = 0; r < 4; ++r) kv[r] = _mm512_maskz_loadu_epi16(mk, kr + r * a.k_stride + i);
+      for (int g = 0; g < GC; ++g) {
+        const __m512i qv = _mm512_maskz_loadu_epi16(mk, q + g * a.q_stride + i);
+        for (int r = 0; r < 4; ++r) acc[g * 4 + r] = dot2(acc[g * 4 + r], kv[r], qv);
+      }
+    }
+    const __m512 sums = _mm512_mul_ps(hsum16(acc), scale);  // lane 4g + r: head g, key j + r
+    __mmask8 keep = 0xF;
+    if (km) {
+      uint32_t bytes;
+      std::memcpy(&bytes, km + j, 4);
+      keep = static_cast<__mmask8>(_mm_test_epi8_mask(_mm_cvtsi32_si128(static_cast<int>(bytes)), _mm_set1_epi8(-1)));
+    }
+    for (int g = 0; g < GC; ++g) {
+      const __m512 lanes = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(4 * g), first_four), sums);
+      _mm_storeu_ps(x + g * n + j, _mm_mask_mov_ps(_mm_set1_ps(kNegInf), keep, _mm512_castps512_ps128(lanes)));
+    }
+  }
+  for (; j < n; ++j) {  // the last n % 4 keys one by one
+    const uint16_t* kr = k + (j0 + j) * a.k_stride;
+    for (int g = 0; g < GC; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d; i += 32) {
+        const __mmask32 mk = pair_mask(d - i);
+        acc = dot2(acc, _mm512_maskz_loadu_epi16(mk, kr + i), _mm512_maskz_loadu_epi16(mk, q + g * a.q_stride + i));
+      }
+      x[g * n + j] = (km && !km[j]) ? kNegInf : _mm512_reduce_add_ps(acc) * a.scale;
+    }
+  }
+}
+
+// o[g][c0 .. c0 + 64) += sum over the n keys of P[g][j] V[j][c0 ..] (P: pb [GC][n2] bf16, keys
+// past n zero; n2 = n rounded up to even): two keys per VDPBF16PS, their V rows interleaved in
+// pairs by unpacklo/hi (which leaves, in 32-bit lane 4L + t of the lo / hi result, dims 8L + t /
+// 8L + 4 + t of a 32-dim block); the accumulators stay in registers over all keys and are put back
+// in dim order once at the end.
+template <int GC>
+IK_BF16DOT_FN void values_bf16dot(const DecodeArgs& a, int64_t j0, int64_t n, int64_t n2, const uint16_t* pb,
+                                  int64_t c0, float* o) {
+  const int64_t d = a.d, width = std::min<int64_t>(64, d - c0), blocks = (width + 31) / 32;
+  const auto* v = static_cast<const uint16_t*>(a.v);
+  __m512 acc[GC][4];  // [head][block * 2 + (lo, hi)]
+  for (int g = 0; g < GC; ++g)
+    for (int t = 0; t < 4; ++t) acc[g][t] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* v0 = v + (j0 + j) * a.v_stride + c0;
+    const bool pair = j + 1 < n;
+    __m512i lo[2], hi[2];
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __mmask32 mk = pair_mask(width - 32 * b);
+      const __m512i r0 = _mm512_maskz_loadu_epi16(mk, v0 + 32 * b);
+      const __m512i r1 = pair ? _mm512_maskz_loadu_epi16(mk, v0 + a.v_stride + 32 * b) : zero;
+      lo[b] = _mm512_unpacklo_epi16(r0, r1);
+      hi[b] = _mm512_unpackhi_epi16(r0, r1);
+    }
+    for (int g = 0; g < GC; ++g) {
+      uint32_t both;
+      std::memcpy(&both, pb + g * n2 + j, 4);  // P[g][j], P[g][j + 1] (0 past n)
+      const __m512i p = _mm512_set1_epi32(static_cast<int>(both));
+      for (int64_t b = 0; b < blocks; ++b) {
+        acc[g][2 * b] = dot2(acc[g][2 * b], lo[b], p);
+        acc[g][2 * b + 1] = dot2(acc[g][2 * b + 1], hi[b], p);
+      }
+    }
+  }
+  // lane 4L + t of lo holds dim 8L + t, of hi dim 8L + 4 + t: dims 0..15 of a block are lanes
+  // (lo 0-3, hi 0-3, lo 4-7, hi 4-7), dims 16..31 (lo 8-11, hi 8-11, lo 12-15, hi 12-15)
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int g = 0; g < GC; ++g) {
+    float* og = o + g * d + c0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t left = width - 32 * b;
+      const __m512 dims0 = _mm512_permutex2var_ps(acc[g][2 * b], first, acc[g][2 * b + 1]);
+      const __m512 dims1 = _mm512_permutex2var_ps(acc[g][2 * b], second, acc[g][2 * b + 1]);
+      const __mmask16 m0 = lane_mask(left);
+      _mm512_mask_storeu_ps(og + 32 * b, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, og + 32 * b), dims0));
+      if (left > 16) {
+        const __mmask16 m1 = lane_mask(left - 16);
+        _mm512_mask_storeu_ps(og + 32 * b + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, og + 32 * b + 16), dims1));
+      }
+    }
+  }
+}
+
+// decode_heads with VDPBF16PS: heads g0 .. g0 + GC - 1 over keys [j0, j1); x is [GC][n] float
+// scratch, followed by room for the bf16 weights [GC][n rounded up to even].
+template <int GC>
+IK_BF16DOT_FN void decode_heads_bf16dot(const DecodeArgs& a, int64_t g0, int64_t j0, int64_t j1, float* o, float* m,
+                                        float* l, float* x) {
+  const int64_t d = a.d, n = j1 - j0, n2 = (n + 1) / 2 * 2;
+  auto* pb = reinterpret_cast<uint16_t*>(x + GC * n);
+  scores_bf16dot<GC>(a, g0, j0, n, x);
+  for (int g = 0; g < GC; ++g) {
+    const float* xg = x + g * n;
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - jj), xg + jj));
+    const float mg = _mm512_reduce_max_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
+    for (int64_t jj = 0; jj < n; jj += 16) {
+      const __mmask16 mk = lane_mask(n - jj);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + jj), mv)));
+      store(pb + g * n2 + jj, e, mk);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (n2 > n) pb[g * n2 + n] = 0;
+    const float lg = _mm512_reduce_add_ps(sum);
+    m[g0 + g] = partial_max(mg, lg);
+    l[g0 + g] = lg;
+    std::fill(o + (g0 + g) * d, o + (g0 + g + 1) * d, 0.0f);
+  }
+  for (int64_t c0 = 0; c0 < d; c0 += 64) values_bf16dot<GC>(a, j0, n, n2, pb, c0, o + g0 * d);
+}
+#endif  // __GNUC__ >= 11 || clang
+
+template <typename in_t>
+IK_AVX512_FN void decode_partial(const DecodeArgs& a, int64_t j0, int64_t j1, float* o, float* m, float* l, float* qf,
+                                 float* x) {
+#ifdef IK_HAVE_DECODE_BF16DOT
+  if constexpr (std::is_same_v<in_t, uint16_t>) {
+    if (bf16dot_available()) {
+      for (int64_t g0 = 0; g0 < a.groups; g0 += 4) {
+        switch (std::min<int64_t>(4, a.groups - g0)) {
+          case 4: decode_heads_bf16dot<4>(a, g0, j0, j1, o, m, l, x); break;
+          case 3: decode_heads_bf16dot<3>(a, g0, j0, j1, o, m, l, x); break;
+          case 2: decode_heads_bf16dot<2>(a, g0, j0, j1, o, m, l, x); break;
+          default: decode_heads_bf16dot<1>(a, g0, j0, j1, o, m, l, x); break;
+        }
+      }
+      return;
+    }
+  }
+#endif
+  decode_by_head_groups<in_t>(a, qf, [&](int64_t g0, auto gc) {
+    decode_heads<in_t, decltype(gc)::value>(a, g0, j0, j1, o, m, l, qf, x);
+  });
 }
 
 }  // namespace avx512
@@ -685,6 +861,10 @@ inline void softmax_row(const in_t* s, int n, int valid, float scale, const uint
   softmax_row_portable(s, n, valid, scale, keep, x, p);
 }
 
+// Floats of decode_partial's x scratch for G query heads over n keys: the scores [G][n], and after
+// them, on the AVX-512 BF16 path, the softmax weights in bf16 [<= 4 heads][n rounded up to even].
+inline int64_t decode_scratch_floats(int64_t groups, int64_t n) { return groups * n + 2 * (n + 1); }
+
 // Whether decode_partial takes the AMX path for these arguments (which needs no scratch).
 inline bool decode_uses_amx(bool bf16, int64_t d, int64_t groups) {
 #ifdef IK_HAVE_AMX_PATH
@@ -695,7 +875,7 @@ inline bool decode_uses_amx(bool bf16, int64_t d, int64_t groups) {
 #endif
 }
 
-// Scratch (unused on the AMX path): qf [G * d], row [d], x [G * (j1 - j0)] floats.
+// Scratch (unused on the AMX path): qf [G * d], row [d], x [decode_scratch_floats(G, j1 - j0)].
 inline void decode_partial(const DecodeArgs& a, bool bf16, int64_t j0, int64_t j1, float* o, float* m, float* l,
                            float* qf, float* row, float* x) {
 #ifdef IK_HAVE_AMX_PATH
