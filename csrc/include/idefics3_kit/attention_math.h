@@ -347,6 +347,28 @@ IK_AVX512_FN inline void prefetch_rows(const in_t* row, int64_t stride, int64_t 
       _mm_prefetch(reinterpret_cast<const char*>(row + r * stride) + c, _MM_HINT_T0);
 }
 
+IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m);
+IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m);
+
+// One head's partial softmax over its n scores xg: the weights exp(x - max) into w (float: may be
+// xg itself; bf16: rounded, for VDPBF16PS), its max and sum into m and l (partial_max's rule).
+template <typename w_t>
+IK_AVX512_FN inline void head_weights(const float* xg, int64_t n, w_t* w, float& m, float& l) {
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - jj), xg + jj));
+  const float mg = _mm512_reduce_max_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
+  for (int64_t jj = 0; jj < n; jj += 16) {
+    const __mmask16 mk = lane_mask(n - jj);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + jj), mv)));
+    store(w + jj, e, mk);
+    sum = _mm512_add_ps(sum, e);
+  }
+  l = _mm512_reduce_add_ps(sum);
+  m = partial_max(mg, l);
+}
+
 // GC (<= 4) query heads (g0 .. g0 + GC - 1 of the group) over keys [j0, j1); qf holds all G
 // scaled query rows; x is [GC][n] scratch; o/m/l as decode_partial. Keys go 4 at a time:
 // 4 x GC dot products accumulate in registers and are reduced together (hsum16).
@@ -392,21 +414,7 @@ IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int6
     for (int g = 0; g < GC; ++g) x[g * n + j] = (km && !km[j]) ? kNegInf : _mm512_reduce_add_ps(acc[g]);
   }
   for (int g = 0; g < GC; ++g) {
-    float* xg = x + g * n;
-    __m512 mx = _mm512_set1_ps(kNegInf);
-    for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - jj), xg + jj));
-    const float mg = _mm512_reduce_max_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
-    for (int64_t jj = 0; jj < n; jj += 16) {
-      const __mmask16 mk = lane_mask(n - jj);
-      const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + jj), mv)));
-      _mm512_mask_storeu_ps(xg + jj, mk, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const float lg = _mm512_reduce_add_ps(sum);
-    m[g0 + g] = partial_max(mg, lg);
-    l[g0 + g] = lg;
+    head_weights(x + g * n, n, x + g * n, m[g0 + g], l[g0 + g]);
     std::fill(o + (g0 + g) * d, o + (g0 + g + 1) * d, 0.0f);
   }
   // Values, 4 rows at a time: each output chunk is loaded and stored once per 4 rows. Masked
@@ -636,22 +644,8 @@ IK_BF16DOT_FN void decode_heads_bf16dot(const DecodeArgs& a, int64_t g0, int64_t
   auto* pb = reinterpret_cast<uint16_t*>(x + GC * n);
   scores_bf16dot<GC>(a, g0, j0, n, x);
   for (int g = 0; g < GC; ++g) {
-    const float* xg = x + g * n;
-    __m512 mx = _mm512_set1_ps(kNegInf);
-    for (int64_t jj = 0; jj < n; jj += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lane_mask(n - jj), xg + jj));
-    const float mg = _mm512_reduce_max_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    const __m512 mv = _mm512_set1_ps(mg == kNegInf ? 0.0f : mg);  // all masked: every weight is 0
-    for (int64_t jj = 0; jj < n; jj += 16) {
-      const __mmask16 mk = lane_mask(n - jj);
-      const __m512 e = _mm512_maskz_mov_ps(mk, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xg + jj), mv)));
-      store(pb + g * n2 + jj, e, mk);
-      sum = _mm512_add_ps(sum, e);
-    }
+    head_weights(x + g * n, n, pb + g * n2, m[g0 + g], l[g0 + g]);
     if (n2 > n) pb[g * n2 + n] = 0;
-    const float lg = _mm512_reduce_add_ps(sum);
-    m[g0 + g] = partial_max(mg, lg);
-    l[g0 + g] = lg;
     std::fill(o + (g0 + g) * d, o + (g0 + g + 1) * d, 0.0f);
   }
   for (int64_t c0 = 0; c0 < d; c0 += 64) values_bf16dot<GC>(a, j0, n, n2, pb, c0, o + g0 * d);
