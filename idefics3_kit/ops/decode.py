@@ -114,7 +114,8 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
     # the op through _C.decode_layers_call (its ~800 list entries read straight from the lists, the
     # same dispatcher call: csrc/python/decode_call.cpp) where it exists; torch.ops otherwise
     call = _library.compiled_function("decode_layers_call") or _library.op("decode_layers")
-    return call(x, weights.flat, k_cache, v_cache, cos, sin_signed, mask, int(past), int(num_heads),
+    k_list, v_list = (c if isinstance(c, (list, tuple)) else list(c) for c in (k_cache, v_cache))  # (a KVCache's lists)
+    return call(x, weights.flat, k_list, v_list, cos, sin_signed, mask, int(past), int(num_heads),
                 int(num_kv_heads), float(eps), weights.scales or [], final_norm)
 
 
