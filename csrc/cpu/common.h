@@ -6,6 +6,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <idefics3_kit/step_team.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <atomic>
@@ -110,6 +112,22 @@ inline void check_output(const at::Tensor& y, int64_t rows, int64_t n, const cha
               y.scalar_type(), " ", shape_str(y));
 }
 
+// Runs body(w) for each worker w in [0, workers), each on its own thread where there are enough:
+// through the decode step's team when this thread leads one (step_team.h: no region of its own),
+// else in one at::parallel_for region. body must not call ATen ops (the team's threads run
+// without torch's thread-local state).
+template <typename Body>
+inline void for_workers(int64_t workers, Body&& body) {
+  if (workers <= 1) {
+    if (workers == 1) body(0);
+    return;
+  }
+  if (StepTeam::run(workers, body)) return;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) body(w);
+  });
+}
+
 // The work split of the few-row GEMVs: the weights' output rows, concatenated into [0, n_total)
 // (weight i starts at first_row[i] and has rows[i] rows), cut into one contiguous range per
 // worker (a multiple of 4 rows), so each core streams its part of the weights front to back,
@@ -127,13 +145,7 @@ inline void for_worker_row_ranges(c10::ArrayRef<int64_t> first_row, c10::ArrayRe
       if (a < b) run(i, a - first_row[i], b - first_row[i]);
     }
   };
-  if (workers == 1) {
-    run_range(0, n_total);
-  } else {
-    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t t = w0; t < w1; ++t) run_range(t * per_worker, std::min(n_total, (t + 1) * per_worker));
-    });
-  }
+  for_workers(workers, [&](int64_t t) { run_range(t * per_worker, std::min(n_total, (t + 1) * per_worker)); });
 }
 
 }  // namespace idefics3_kit

@@ -114,7 +114,7 @@ void decode_attention_run(const DecodeAttention& a) {
   const int64_t max_workers = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t workers = std::clamp<int64_t>(kv_bytes / kMinBytesPerWorker, 1, max_workers);
   const bool scratch = !attn::decode_uses_amx(a.bf16, d, groups);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  for_workers(workers, [&](int64_t) {
     thread_local std::vector<float> qf, row, x;  // each worker's scratch, written before it is read
     if (scratch) {
       qf.resize(std::max(qf.size(), static_cast<size_t>(groups * d)));

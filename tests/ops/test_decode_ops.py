@@ -383,6 +383,32 @@ def test_decode_layers_bit_identical_with_layers_of_different_mlp_widths(dtype, 
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_decode_layers_on_a_team_of_threads_bit_identical(threads, fmt, monkeypatch):
+    # Shapes that give every parallel piece of a bf16 step several workers (csrc/include/
+    # idefics3_kit/step_team.h runs them on one OpenMP region for the step): q|k|v 480 KiB and
+    # gate|up 1.5 MiB of bf16 weights (a worker per 192 KiB), every quantized projection past 32
+    # KiB a worker, and 121 tokens of keys and values (121 KiB, a worker per 32 KiB). Three threads
+    # on a two-core machine: a team larger than the cores. The splits must not change any bit.
+    if not _expect_fused(torch.bfloat16, 2):
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
+    torch.manual_seed(4)
+    cfg = ik.DecoderConfig(vocab_size=128, hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=64)
+    dec = Llama3Decoder(cfg).to(torch.bfloat16).eval()
+    if fmt != "bf16":
+        names = [n for n, m in dec.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+        quant.quantize_modules(dec, names, 8 if fmt == "int8" else 4, None if fmt == "int8" else 64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare_fused_and_python(dec, torch.bfloat16, 2, monkeypatch, steps=2, prefill=120, padded=True)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
 def test_decode_layers_fused_silu_matches_aten_where_aten_runs_avx512():
     # decode_layers' fused silu(gate) * up is on only where it matched ATen's bits over every bf16
     # value at its first use; where ATen runs its AVX-512 kernels that check must pass (were it to
