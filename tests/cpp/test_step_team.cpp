@@ -1,11 +1,15 @@
 // StepTeam (csrc/include/idefics3_kit/step_team.h), torch-free: every worker of every piece runs
-// exactly once and pieces keep their order, with teams of 1-4 threads (more threads than cores
-// included) and pieces of more workers than the team has threads; no team outside lead or inside
+// exactly once, on thread w % the piece's threads, and pieces keep their order, with teams of
+// 1-4 threads asked for (the team is capped at the CPUs the process may use) and pieces of more
+// workers than the team has threads; no team outside lead or inside
 // another region; exceptions from a job on any thread, or from the leader's own code, reach
 // lead's caller and leave the team stopped.
 //   g++ -O1 -std=c++17 -fopenmp -Icsrc/include -Itests/cpp tests/cpp/test_step_team.cpp -o /tmp/t && /tmp/t
 #include <idefics3_kit/step_team.h>
 
+#include <sched.h>
+
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <thread>
@@ -16,6 +20,12 @@
 using idefics3_kit::StepTeam;
 
 namespace {
+
+// The CPUs this process may run on (StepTeam caps its team there).
+int cpus() {
+  cpu_set_t set;
+  return sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+}
 
 // What csrc/cpu/common.h's for_workers does: the team where this thread leads one, else a loop.
 template <class Job>
@@ -33,19 +43,24 @@ void pieces_in_order(int threads) {
   std::vector<std::atomic<int>> counts(kPieces);
   for (auto& s : sums) s.store(0);
   for (auto& c : counts) c.store(0);
-  std::atomic<int> out_of_order{0}, other_threads{0};
+  std::atomic<int> out_of_order{0}, other_threads{0}, wrong_thread{0};
+  const bool team_expected = threads > 1 && cpus() > 1;
   bool leading = false;
+  int64_t team_size = 1;
   StepTeam::lead(threads, [&] {
     leading = StepTeam::leading();
+    team_size = omp_get_num_threads();
     for (int p = 0; p < kPieces; ++p) {
       const int64_t workers = p % 7;
+      const int64_t piece_threads = std::max<int64_t>(1, std::min<int64_t>(workers, team_size));
       auto job = [&](int64_t w) {
         if (p > 0 && counts[p - 1].load() != (p - 1) % 7) out_of_order.fetch_add(1);
         if (omp_get_thread_num() != 0) other_threads.fetch_add(1);
+        if (leading && omp_get_thread_num() != w % piece_threads) wrong_thread.fetch_add(1);
         sums[p].fetch_add(w + 1);
         counts[p].fetch_add(1);
       };
-      CHECK(run_workers(workers, job) == (threads > 1));
+      CHECK(run_workers(workers, job) == team_expected);
     }
   });
   for (int p = 0; p < kPieces; ++p) {
@@ -54,7 +69,8 @@ void pieces_in_order(int threads) {
     CHECK(sums[p].load() == w * (w + 1) / 2);
   }
   CHECK(out_of_order.load() == 0);
-  CHECK(leading == (threads > 1));
+  CHECK(wrong_thread.load() == 0);  // worker w on thread w % the piece's threads
+  CHECK(leading == team_expected);
   if (threads > 1 && omp_get_max_threads() > 1) CHECK(other_threads.load() > 0);  // the team did share the work
   CHECK(!StepTeam::leading());
 }
@@ -77,7 +93,7 @@ void no_team_outside_lead() {
   StepTeam::lead(2, [&] {
     StepTeam::lead(2, [&] {
       auto count = [&](int64_t) { inner_runs.fetch_add(1); };
-      CHECK(StepTeam::run(3, count));
+      CHECK(run_workers(3, count) == (cpus() > 1));
     });
   });
   CHECK(inner_runs.load() == 3);

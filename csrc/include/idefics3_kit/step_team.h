@@ -10,9 +10,12 @@
 // step's serial code, while the region's other threads wait; each parallel piece inside body
 // goes to them through StepTeam::run (for_workers in csrc/cpu/common.h picks it when the
 // calling thread leads a team, at::parallel_for otherwise). A piece is a job(w) for each worker
-// w in [0, workers): worker 0 runs on the leader, worker w on the team's thread w (on the leader
-// when the team has fewer threads), and run returns once every thread has finished its part, so
-// pieces keep the order of body's code.
+// w in [0, workers): worker w runs on the team's thread w % threads, where threads is the
+// smaller of the piece's workers and the team (thread 0 is the leader), and run returns once
+// every worker has finished, so pieces keep the order of body's code. Threads past a piece's
+// only see it go by: a large team costs a two-worker piece what a two-thread team does. The team
+// has at most as many threads as the process has CPUs (torch may be set to more: spinning
+// threads that outnumber the cores would only wait for each other).
 //
 // Waiting threads spin (with the CPU's pause hint) and then yield, so that on an oversubscribed
 // machine a waiting thread gives its core to the one it waits for. Jobs run on plain OpenMP
@@ -24,7 +27,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -50,17 +57,19 @@ class StepTeam {
   static bool leading() { return current() != nullptr; }
 
  private:
+  // The piece being run: its ticket (generation << 32 | workers, or kStop for workers) is
+  // published after the rest of it, and read by the team's threads before it.
   struct State {
-    alignas(64) std::atomic<uint64_t> generation{0};  // bumped by the leader: a new piece, or stop
-    alignas(64) std::atomic<uint64_t> done{0};        // pieces finished, summed over the team's other threads
-    alignas(64) void (*call)(void* job, int64_t worker) = nullptr;  // the current piece
+    alignas(64) std::atomic<uint64_t> ticket{0};
+    alignas(64) std::atomic<int64_t> done{0};  // the piece's workers on other threads that finished
+    alignas(64) void (*call)(void* job, int64_t worker) = nullptr;
     void* job = nullptr;
-    int64_t workers = 0;
+    uint64_t generation = 0;  // the leader's count of pieces
     int team = 1;
-    bool stop = false;
     std::mutex error_lock;
     std::exception_ptr error;  // the first exception a job threw
   };
+  static constexpr uint32_t kStop = 0xFFFFFFFFu;
 
   static State*& current() {
     static thread_local State* leading = nullptr;
@@ -82,27 +91,38 @@ class StepTeam {
     }
   }
 
+  // The CPUs this process may run on (its affinity mask where the OS has one).
+  static int available_cpus() {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+    return std::max(1u, std::thread::hardware_concurrency());
+  }
+
   static void record(State& s) {
     std::lock_guard<std::mutex> guard(s.error_lock);
     if (!s.error) s.error = std::current_exception();
   }
 
-  // A team thread t > 0: each new generation, run worker t of the piece (if it has one), then
-  // count it done; until the leader says stop.
+  // A team thread t > 0: at each new piece, run its worker t if the piece has one (a thread past
+  // the piece's workers does not answer it, so a large team costs a small piece nothing), until
+  // the leader says stop.
   static void serve(State& s, int t) {
     uint64_t seen = 0;
     for (;;) {
       int spins = 0;
-      uint64_t g;
-      while ((g = s.generation.load(std::memory_order_acquire)) == seen) relax(spins);
-      seen = g;
-      if (s.stop) return;
-      if (t < s.workers) {
-        try {
-          s.call(s.job, t);
-        } catch (...) {
-          record(s);
-        }
+      uint64_t ticket;
+      while ((ticket = s.ticket.load(std::memory_order_acquire)) >> 32 == seen) relax(spins);
+      seen = ticket >> 32;
+      const uint32_t workers = static_cast<uint32_t>(ticket);
+      if (workers == kStop) return;
+      const int64_t threads = std::min<int64_t>(workers, s.team);  // the piece's threads
+      if (t >= threads) continue;
+      try {
+        for (int64_t w = t; w < workers; w += threads) s.call(s.job, w);
+      } catch (...) {
+        record(s);
       }
       s.done.fetch_add(1, std::memory_order_acq_rel);
     }
@@ -115,6 +135,7 @@ void StepTeam::lead(int threads, Body&& body) {
   (void)threads;
   body();
 #else
+  threads = std::min(threads, available_cpus());  // more spinning threads than CPUs only wait for each other
   if (threads <= 1 || omp_in_parallel() || current() != nullptr) {
     body();
     return;
@@ -133,8 +154,7 @@ void StepTeam::lead(int threads, Body&& body) {
         error = std::current_exception();
       }
       current() = nullptr;
-      s.stop = true;
-      s.generation.fetch_add(1, std::memory_order_release);
+      s.ticket.store((s.generation + 1) << 32 | kStop, std::memory_order_release);
     } else {
       serve(s, t);
     }
@@ -147,24 +167,29 @@ template <class Job>
 bool StepTeam::run(int64_t workers, Job& job) {
   State* s = current();
   if (s == nullptr) return false;
-  // The piece is published before its generation; the team's threads read it after seeing
-  // that generation, and the next piece is written only after all of them reported this one.
-  s->call = [](void* j, int64_t w) { (*static_cast<Job*>(j))(w); };
-  s->job = &job;
-  s->workers = workers;
-  const uint64_t generation = s->generation.load(std::memory_order_relaxed) + 1;
-  s->generation.store(generation, std::memory_order_release);
+  if (workers >= static_cast<int64_t>(kStop)) {  // not a ticket's worker count: run them here
+    for (int64_t w = 0; w < workers; ++w) job(w);
+    return true;
+  }
+  // Worker w runs on the team's thread w % threads (the piece's threads: as many as it has
+  // workers, at most the team). The piece is published before its ticket; the next one is
+  // written only after every helper of this one reported, and threads past the piece's never
+  // read it.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(workers, s->team)), helpers = threads - 1;
+  if (helpers > 0) {
+    s->call = [](void* j, int64_t w) { (*static_cast<Job*>(j))(w); };
+    s->job = &job;
+    s->done.store(0, std::memory_order_relaxed);
+    s->ticket.store(++s->generation << 32 | static_cast<uint64_t>(workers), std::memory_order_release);
+  }
   std::exception_ptr error;
   try {
-    if (workers > 0) job(0);
-    for (int64_t w = s->team; w < workers; ++w) job(w);  // workers the team has no thread for
+    for (int64_t w = 0; w < workers; w += threads) job(w);
   } catch (...) {
     error = std::current_exception();
   }
-  // every other thread counts each generation once (the stop generation aside)
-  const uint64_t all = (generation) * static_cast<uint64_t>(s->team - 1);
   int spins = 0;
-  while (s->done.load(std::memory_order_acquire) != all) relax(spins);
+  while (helpers > 0 && s->done.load(std::memory_order_acquire) != helpers) relax(spins);
   if (!error && s->error) std::swap(error, s->error);
   if (error) std::rethrow_exception(error);
   return true;
