@@ -390,7 +390,8 @@ def test_decode_layers_on_a_team_of_threads_bit_identical(threads, fmt, monkeypa
     # idefics3_kit/step_team.h runs them on one OpenMP region for the step): q|k|v 480 KiB and
     # gate|up 1.5 MiB of bf16 weights (a worker per 192 KiB), every quantized projection past 32
     # KiB a worker, and 121 tokens of keys and values (121 KiB, a worker per 32 KiB). Three threads
-    # on a two-core machine: a team larger than the cores. The splits must not change any bit.
+    # on a two-core machine: pieces of three workers on a team capped at two threads (worker 2 runs
+    # on the leader). The splits must not change any bit.
     if not _expect_fused(torch.bfloat16, 2):
         pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
     torch.manual_seed(4)
