@@ -33,9 +33,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 
 namespace idefics3_kit {
@@ -78,10 +81,19 @@ class StepTeam {
 
   // Pauses before yielding: 4096 pauses are ~70 us on a Zen 4 (~64 cycles each; Intel's are
   // longer), more than a step's serial stretches and its pieces, so a quiet machine does not
-  // yield.
-  static constexpr int kSpins = 1 << 12;
+  // yield. With OMP_WAIT_POLICY=passive (the advice for shared machines, which libgomp's own
+  // waits follow) a waiting thread yields at once.
+  static int spin_limit() {
+    static const int limit = [] {
+      const char* policy = std::getenv("OMP_WAIT_POLICY");
+      std::string value = policy ? policy : "";
+      for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return value == "passive" ? 0 : 1 << 12;
+    }();
+    return limit;
+  }
   static void relax(int& spins) {
-    if (spins < kSpins) {
+    if (spins < spin_limit()) {
       ++spins;
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
