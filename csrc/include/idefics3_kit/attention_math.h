@@ -347,8 +347,17 @@ IK_AVX512_FN inline void prefetch_rows(const in_t* row, int64_t stride, int64_t 
       _mm_prefetch(reinterpret_cast<const char*>(row + r * stride) + c, _MM_HINT_T0);
 }
 
-IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m);
-IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m);
+IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+// Round to nearest even, as float_to_bf16_rne, for the values the bf16 kernels store: computed
+// from bf16 inputs, so a NaN among them carries a bf16 payload or is the default NaN, its low 16
+// bits are 0 and the rounding add cannot carry it into inf (a float32 NaN with a low payload
+// could: this store is not for float32 inputs; the scalar conversion handles those).
+IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m) {
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
 
 // One head's partial softmax over its n scores xg: the weights exp(x - max) into w (float: may be
 // xg itself; bf16: rounded, for VDPBF16PS), its max and sum into m and l (partial_max's rule).
@@ -448,20 +457,6 @@ IK_AVX512_FN void decode_heads(const DecodeArgs& a, int64_t g0, int64_t j0, int6
       }
     }
   }
-}
-
-
-
-IK_AVX512_FN inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-// Round to nearest even, as float_to_bf16_rne, for the values the bf16 kernels store: computed
-// from bf16 inputs, so a NaN among them carries a bf16 payload or is the default NaN, its low 16
-// bits are 0 and the rounding add cannot carry it into inf (a float32 NaN with a low payload
-// could: this store is not for float32 inputs; the scalar conversion handles those).
-IK_AVX512_FN inline void store(uint16_t* p, __m512 v, __mmask16 m) {
-  __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
 // softmax_row_impl with explicit vectors.

@@ -30,15 +30,14 @@
 #if defined(__linux__)
 #include <sched.h>
 #endif
+#include <strings.h>  // strcasecmp
 
 #include <algorithm>
 #include <atomic>
-#include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
-#include <string>
 #include <thread>
 
 namespace idefics3_kit {
@@ -86,9 +85,7 @@ class StepTeam {
   static int spin_limit() {
     static const int limit = [] {
       const char* policy = std::getenv("OMP_WAIT_POLICY");
-      std::string value = policy ? policy : "";
-      for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-      return value == "passive" ? 0 : 1 << 12;
+      return policy != nullptr && strcasecmp(policy, "passive") == 0 ? 0 : 1 << 12;
     }();
     return limit;
   }
