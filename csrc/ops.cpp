@@ -56,11 +56,14 @@ TORCH_LIBRARY(idefics3_kit, m) {
   // the new keys/values are written at position `past` of each layer's cache [B, Hkv, Lmax, hd].
   // scales: empty, or one entry per params entry, set where that weight is quantized (quant_linear's
   // layout; bf16 x only). final_norm: the decoder's final RMSNorm weight [D], applied to the output
-  // (same eps), or None for the residual stream itself.
+  // (same eps), or None for the residual stream itself. head (with final_norm and logits): the LM
+  // head's weight [V, D] in x's dtype, or quantized (head_scale: its scales, quant_linear's layout);
+  // the step then writes the final norm's output through it into logits [B, 1, V].
   m.def(
       "decode_layers(Tensor x, Tensor?[] params, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor cos, "
       "Tensor sin_signed, Tensor? key_mask, int past, int num_heads, int num_kv_heads, float eps, "
-      "Tensor?[] scales, Tensor? final_norm=None) -> Tensor");
+      "Tensor?[] scales, Tensor? final_norm=None, Tensor? head=None, Tensor? head_scale=None, "
+      "Tensor(c!)? logits=None) -> Tensor");
 }
 
 #ifndef IDEFICS3_KIT_NO_PYTHON

@@ -77,18 +77,32 @@ at::Tensor norm_f32(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
+// Whether any of the n bf16 values is an infinity or a NaN (exponent bits all set).
+bool any_non_finite(const uint16_t* v, int64_t n) {
+  uint16_t hit = 0;
+  for (int64_t i = 0; i < n; ++i) hit |= static_cast<uint16_t>((v[i] & 0x7F80u) == 0x7F80u);
+  return hit != 0;
+}
+
 // bf16: x + delta rounded to bf16 (what ATen's bf16 add computes: the fp32 sum of the two values,
 // rounded once) into sum, and that sum's RMSNorm (rms_norm_cpu's row kernel) into normed (null:
 // none), in one pass per row, without the ATen add's dispatch and allocation. Bit-identical to
 // `x + delta` followed by rms_norm_cpu. All [B, 1, D] and contiguous; sum may be x itself.
+// Where an input holds an infinity or a NaN the sum may be a NaN, whose bits depend on the path
+// that rounded it (ATen's vector code writes 0xffff, its scalar tail 0x7fc0; this loop keeps the
+// NaN's own bits): then ATen's add itself runs, as the Python layer does. Finite inputs never sum
+// to a NaN.
 void add_norm_bf16(const at::Tensor& x, const at::Tensor& delta, const at::Tensor* weight, double eps, at::Tensor& sum,
                    at::Tensor* normed) {
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
   const uint16_t *xp = bf16_bits(x), *dp = bf16_bits(delta);
   uint16_t* sp = bf16_bits(sum);
+  const bool aten_add = any_non_finite(xp, rows * d) || any_non_finite(dp, rows * d);
+  if (aten_add) at::add_out(sum, x, delta);
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < d; ++c)
-      sp[r * d + c] = float_to_bf16_rne(bf16_bits_to_float(xp[r * d + c]) + bf16_bits_to_float(dp[r * d + c]));
+    if (!aten_add)
+      for (int64_t c = 0; c < d; ++c)
+        sp[r * d + c] = float_to_bf16_rne(bf16_bits_to_float(xp[r * d + c]) + bf16_bits_to_float(dp[r * d + c]));
     if (normed) norm::row(sp + r * d, bf16_bits(*weight), d, static_cast<float>(eps), bf16_bits(*normed) + r * d);
   }
 }
@@ -310,12 +324,56 @@ class QuantPlan {
   bool any_ = false;
 };
 
+// The LM head a step may end with: logits [B, 1, V] = the final norm's output through the head
+// weight [V, D], written into the caller's tensor, as ops.linear(lm_head, normed) computes them
+// (decode_linear's kernel for a bf16 weight, quant_linear's for a quantized one, at::linear in
+// float32), so the logits are bit-identical to that call's. Why in the op: after the layers the
+// head is one more GEMV over the step's largest weight (a fifth of the bytes at SmolVLM-256M
+// shapes); run as a piece of the step's team it needs no parallel region, dispatch or Python of
+// its own.
+struct LmHead {
+  const at::Tensor* weight;  // [V, D] in x's dtype, or ops.quant's int8 [V, D] / packed int4 [V, D / 2]
+  const at::Tensor* scale;   // the quantized weight's bf16 scales (null: not quantized)
+  at::Tensor logits;         // [B, 1, V], contiguous, x's dtype: written by the step
+};
+
+LmHead check_head(const at::Tensor& x, const std::optional<at::Tensor>& final_norm, const std::optional<at::Tensor>& head,
+                  const std::optional<at::Tensor>& head_scale, const std::optional<at::Tensor>& logits) {
+  const char* op = "decode_layers";
+  TORCH_CHECK(head.has_value() || !head_scale.has_value(), op, ": head_scale given without a head");
+  TORCH_CHECK(head.has_value() == logits.has_value(), op, ": head and logits come together (the op writes the "
+              "head's output into logits), got ", head ? "a head without logits" : "logits without a head");
+  TORCH_CHECK(final_norm.has_value(), op, ": a head needs final_norm (the head reads the final norm's output)");
+  TORCH_CHECK(!head_scale || x.scalar_type() == at::kBFloat16, op, ": a quantized head (head_scale given) needs "
+              "bfloat16 x, got ", x.scalar_type());
+  check_cpu(*head, op, "head");
+  check_cpu(*logits, op, "logits");
+  check_dim(*head, 2, op, "head");
+  const int64_t vocab = head->size(0), hidden = x.size(2);
+  if (head_scale) {
+    check_cpu(*head_scale, op, "head_scale");
+    check_quant_weight(*head, *head_scale, hidden, 0, op);
+  } else {
+    check_dtype(*head, x.scalar_type(), op, "head");
+    check_contiguous(*head, op, "head");
+    TORCH_CHECK(head->size(1) == hidden, op, ": head must be [V, D] with D = ", hidden, " (x's last dim), got ",
+                shape_str(*head));
+  }
+  TORCH_CHECK(logits->dim() == 3 && logits->size(0) == x.size(0) && logits->size(1) == 1 && logits->size(2) == vocab,
+              op, ": logits must be [B, 1, V] = [", x.size(0), ", 1, ", vocab, "] (V: the head's rows), got ",
+              shape_str(*logits));
+  check_dtype(*logits, x.scalar_type(), op, "logits");
+  check_contiguous(*logits, op, "logits");
+  return LmHead{&*head, head_scale ? &*head_scale : nullptr, *logits};
+}
+
 // What every layer of a step shares: the arguments after their checks.
 struct Step {
   const Table& params;
   const Table& scales;
   QuantPlan* quant;  // the bf16 step's quantized weights (null for float32)
   const at::Tensor* final_norm;  // the final RMSNorm's weight [D] (null: the op returns the residual stream)
+  const LmHead* head;            // the LM head the step ends with (null: none)
   at::TensorList k_cache, v_cache;
   std::optional<at::Tensor> mask;
   int64_t layers, past, heads, kv_heads, hd;
@@ -463,6 +521,16 @@ void mlp_bf16(Buffers& buf, const Step& s, int64_t l) {
   add_norm_bf16(buf.x, buf.down, next_norm, s.eps, buf.x, next_norm ? &buf.h : nullptr);
 }
 
+// bf16: the step's LM head on h (the final norm's output [B, 1, D]) into head.logits.
+void head_bf16(const LmHead& head, const at::Tensor& h) {
+  const at::Tensor* no_bias[1] = {nullptr};
+  at::Tensor logits = head.logits;
+  if (head.scale != nullptr)
+    quant_linear_into(h, *head.weight, *head.scale, no_bias, logits);
+  else
+    decode_linear_into(h, *head.weight, no_bias, logits);
+}
+
 at::Tensor layers_bf16(const at::Tensor& x_in, const Step& s, const at::Tensor& cos_in, const at::Tensor& sin_in) {
   Buffers buf = step_buffers(x_in, s);
   const at::Tensor cos = cos_in.contiguous(), sin_signed = sin_in.contiguous();  // [B, 1, 1, hd]
@@ -479,6 +547,7 @@ at::Tensor layers_bf16(const at::Tensor& x_in, const Step& s, const at::Tensor& 
       attention_bf16(buf, s, l, l == 0 ? x_c : buf.x, cos, sin_signed);
       mlp_bf16(buf, s, l);
     }
+    if (s.head != nullptr) head_bf16(*s.head, buf.h);
   };
   // one OpenMP region for the whole step: its GEMVs and attention hand their pieces to the
   // region's threads (step_team.h) instead of opening ~150 regions of their own
@@ -510,7 +579,13 @@ at::Tensor layers_f32(const at::Tensor& x_in, const Step& s, const at::Tensor& c
     const at::Tensor act = gated_f32(h2, need(s.params, l, kGate), need(s.params, l, kUp));
     x = x + project_f32(act, {need(s.params, l, kDown)}, no_bias);
   }
-  return s.final_norm ? norm_f32(x, *s.final_norm, s.eps) : x;
+  if (!s.final_norm) return x;
+  const at::Tensor normed = norm_f32(x, *s.final_norm, s.eps);
+  if (s.head != nullptr) {
+    at::Tensor logits = s.head->logits;
+    logits.copy_(at::linear(normed, *s.head->weight));  // what nn.Linear runs; the copy is exact
+  }
+  return normed;
 }
 
 }  // namespace
@@ -520,7 +595,8 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
                              const at::Tensor& sin_signed, const std::optional<at::Tensor>& key_mask, int64_t past,
                              int64_t heads, int64_t kv_heads, double eps,
                              const c10::List<std::optional<at::Tensor>>& scales_list,
-                             const std::optional<at::Tensor>& final_norm) {
+                             const std::optional<at::Tensor>& final_norm, const std::optional<at::Tensor>& head,
+                             const std::optional<at::Tensor>& head_scale, const std::optional<at::Tensor>& logits) {
   TORCH_CHECK(params_list.size() % kParamsPerLayer == 0 && params_list.size() > 0, "decode_layers: params must hold ",
               kParamsPerLayer, " entries per layer, got ", params_list.size());
   const int64_t layers = static_cast<int64_t>(params_list.size()) / kParamsPerLayer;
@@ -539,7 +615,11 @@ at::Tensor decode_layers_cpu(const at::Tensor& x_in, const c10::List<std::option
                 "decode_layers: final_norm must be a contiguous [D] = [", x_in.size(2), "] tensor in x's dtype ",
                 x_in.scalar_type(), ", got ", final_norm->scalar_type(), " ", shape_str(*final_norm));
   }
-  const Step step{params, scales, &quant, final_norm ? &*final_norm : nullptr, k_cache, v_cache,
+  const std::optional<LmHead> lm_head =
+      head || logits || head_scale ? std::optional<LmHead>(check_head(x_in, final_norm, head, head_scale, logits))
+                                   : std::nullopt;
+  const Step step{params, scales, &quant, final_norm ? &*final_norm : nullptr, lm_head ? &*lm_head : nullptr,
+                  k_cache, v_cache,
                   key_mask ? std::optional<at::Tensor>(key_mask->contiguous()) : std::nullopt,
                   layers, past, heads, kv_heads, hd, eps, 1.0 / std::sqrt(static_cast<double>(hd))};
   return bf16 ? layers_bf16(x_in, step, cos, sin_signed) : layers_f32(x_in, step, cos, sin_signed);

@@ -28,7 +28,7 @@ namespace {
 
 using OptList = c10::List<std::optional<at::Tensor>>;
 
-constexpr Py_ssize_t kArgs = 13;  // the op's schema (csrc/ops.cpp), in its order
+constexpr Py_ssize_t kArgs = 16;  // the op's schema (csrc/ops.cpp), in its order
 
 [[noreturn]] void type_error(const std::string& what) { throw torch::TypeError("decode_layers_call: " + what); }
 
@@ -91,7 +91,8 @@ double float_arg(PyObject* obj, const char* name) {
 }  // namespace
 
 // decode_layers_call(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads,
-// num_kv_heads, eps, scales, final_norm): the op's arguments, positionally, all of them.
+// num_kv_heads, eps, scales, final_norm, head, head_scale, logits): the op's arguments,
+// positionally, all of them.
 PyObject* decode_layers_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != kArgs)
@@ -106,17 +107,21 @@ PyObject* decode_layers_call(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   const double eps = float_arg(args[10], "eps");
   const OptList scales = optional_tensor_list(args[11], "scales");
   const std::optional<at::Tensor> final_norm = optional_tensor_arg(args[12], "final_norm");
+  const std::optional<at::Tensor> head = optional_tensor_arg(args[13], "head");
+  const std::optional<at::Tensor> head_scale = optional_tensor_arg(args[14], "head_scale");
+  const std::optional<at::Tensor> logits = optional_tensor_arg(args[15], "logits");
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("idefics3_kit::decode_layers", "")
           .typed<at::Tensor(const at::Tensor&, const OptList&, at::TensorList, at::TensorList, const at::Tensor&,
                             const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, double,
-                            const OptList&, const std::optional<at::Tensor>&)>();
+                            const OptList&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
     out = op.call(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, heads, kv_heads, eps, scales,
-                  final_norm);
+                  final_norm, head, head_scale, logits);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

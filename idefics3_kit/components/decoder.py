@@ -441,8 +441,9 @@ class CausalDecoder(nn.Module):
         hidden = [x] if output_hidden_states else None
         stepped = None if output_hidden_states else self._one_call_step(x, rope, key_padding_mask, cache)
         normed = False  # whether x went through the final norm already (inside the one-call step)
+        logits = None  # the LM head's output, where the one-call step ran the head too
         if stepped is not None:
-            x, normed = stepped
+            x, normed, logits = stepped
         else:
             recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
             for layer in self.model.layers:
@@ -458,16 +459,19 @@ class CausalDecoder(nn.Module):
             x = self.model.norm(x)
         if hidden is not None:
             hidden[-1] = x
-        kept = x[:, -logits_to_keep:] if logits_to_keep else x
-        return DecoderOutput(logits=self.head(kept), hidden_states=tuple(hidden) if hidden else None,
-                             last_hidden_state=x)
+        if logits is None:  # (the step's one token is all of x, whatever logits_to_keep asks)
+            logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return DecoderOutput(logits=logits, hidden_states=tuple(hidden) if hidden else None, last_hidden_state=x)
 
     # ---- one compiled call for a whole decode step ------------------------------------------
-    def _one_call_step(self, x, rope, key_padding_mask, cache) -> tuple[torch.Tensor, bool] | None:
+    def _one_call_step(self, x, rope, key_padding_mask, cache) -> tuple[torch.Tensor, bool, torch.Tensor | None] | None:
         """Every layer of a one-token cached step through ``ops.decode_layers`` (bit-identical to
         the loop over the layers), or None where it does not apply: (the output, whether the final
-        norm is applied to it: the op applies it too when the norm is a plain ``RMSNorm`` with the
-        config's eps, which saves a dispatched call whose metadata the step has evicted)."""
+        norm is applied to it, the logits or None). The op applies the final norm too when it is a
+        plain ``RMSNorm`` with the config's eps, which saves a dispatched call whose metadata the
+        step has evicted; and then the LM head when ``head`` is this class's and ``lm_head`` a plain
+        ``nn.Linear`` or ``ops.quant.QuantizedLinear`` without a bias (``StepPlan.head``), which
+        saves its dispatch, its parallel region and the Python of ``ops.linear``."""
         if type(cache) is not KVCache or x.shape[1] != 1:  # a cache subclass may write differently
             return None
         plan = self._step_plan(cache)
@@ -479,11 +483,13 @@ class CausalDecoder(nn.Module):
         keys, values = cast("list[torch.Tensor]", cache.keys), cast("list[torch.Tensor]", cache.values)
         # modules the plan's watch vouches for need no second walk: ops.decode_layers then checks
         # only the global hooks for them (what fast_path.plain_modules adds to the per-module walk)
+        head, head_scale = plan.head if plan.head is not None else (None, None)
+        logits = None if head is None else x.new_empty((x.shape[0], 1, head.shape[0]))
         out = ops.decode_layers(x, plan.weights, keys, values, rope[0], rope[1], key_padding_mask, cache.length,
                                 self.config.num_attention_heads, self.config.num_key_value_heads,
                                 self.config.rms_norm_eps, () if plan.plain else plan.modules,
-                                final_norm=plan.final_norm)
-        return None if out is None else (out, plan.final_norm is not None)
+                                final_norm=plan.final_norm, head=head, head_scale=head_scale, logits=logits)
+        return None if out is None else (out, plan.final_norm is not None, logits)
 
     def _step_plan(self, cache: KVCache) -> StepPlan | None:
         """The layers' weights for ``ops.decode_layers``, gathered by ``_plain_llama_layers`` at the
@@ -502,7 +508,7 @@ class CausalDecoder(nn.Module):
         if plan is not None and plan.eps == eps:
             if plan.watch is not None and plan.watch[0] is layers and fast_path.unchanged_since(plan.watch[1]):
                 return plan  # the usual step: a few cache lines per module
-            state = fast_path.module_state((layers, *plan.modules), _PLAN_ATTRS, plan.state)
+            state = fast_path.module_state((layers, self, *plan.modules), _PLAN_ATTRS, plan.state)
             if state is plan.state:
                 plan.watch, plan.plain = self._watch(layers, plan.modules)
                 return plan
@@ -511,20 +517,39 @@ class CausalDecoder(nn.Module):
             cache.step_plan = None
             return None
         weights, modules, scales, final_norm = found
-        state = fast_path.module_state((layers, *modules), _PLAN_ATTRS)
+        head = self._plain_head() if final_norm is not None else None
+        if head is not None:
+            modules.append(self.lm_head)
+        state = fast_path.module_state((layers, self, *modules), _PLAN_ATTRS)
         cache.step_plan = StepPlan(LayerWeights(weights, scales), tuple(modules), state, eps, final_norm,
-                                   *self._watch(layers, modules))
+                                   *self._watch(layers, modules), head=head)
         return cache.step_plan
 
-    @staticmethod
-    def _watch(layers, modules) -> tuple[tuple | None, bool]:
-        """(the plan's watch: the layer list and ``fast_path.module_watch`` of it and the modules, or
-        None; whether the modules were plain (``fast_path.plain_modules``) when it was taken, which
-        holds for them as long as the watch does: their classes and hook dicts are in it)."""
-        watch = fast_path.module_watch((layers, *modules))
+    def _watch(self, layers, modules) -> tuple[tuple | None, bool]:
+        """(the plan's watch: the layer list and ``fast_path.module_watch`` of it, this decoder
+        (whose ``lm_head`` and ``model`` a plan reads) and the modules, or None; whether the modules
+        were plain (``fast_path.plain_modules``) when it was taken, which holds for them as long as
+        the watch does: their classes and hook dicts are in it)."""
+        watch = fast_path.module_watch((layers, self, *modules))
         if watch is None:
             return None, False
         return (layers, watch), fast_path.plain_modules(modules)
+
+    def _plain_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, scales or None) of the LM head when a decode step may run it inside
+        ``ops.decode_layers``: ``head`` is this class's own, and ``lm_head`` is a plain ``nn.Linear``
+        or ``ops.quant.QuantizedLinear`` (no hooks) without a bias; else None (``head`` runs it)."""
+        head = self._modules.get("lm_head")
+        if type(self).head is not CausalDecoder.head or not fast_path.plain_modules((head,)):
+            return None
+        p = head._parameters
+        if p.get("bias") is not None:
+            return None
+        if type(head) is nn.Linear:
+            return p["weight"], None
+        if type(head) is QuantizedLinear:
+            return p["qweight"], p["scales"]
+        return None
 
     def _plain_llama_layers(self):
         """(each layer's weights in ``ops.decode.LAYER_WEIGHTS`` order, every module they come from,
@@ -603,8 +628,9 @@ class StepPlan:
     state: tuple  # fast_path.module_state of (the layer list, *modules) when gathered
     eps: float  # the config's rms_norm_eps when gathered
     final_norm: torch.Tensor | None  # the final norm's weight when the op applies it (a plain RMSNorm)
-    watch: tuple | None = None  # (the layer list, fast_path.module_watch of it and the modules, or None)
+    watch: tuple | None = None  # (the layer list, fast_path.module_watch of it, the decoder and the modules, or None)
     plain: bool = False  # the modules were plain (fast_path.plain_modules) when the watch was taken
+    head: tuple | None = None  # (weight, scales or None) of the LM head when the op runs it (its module is the last of modules)
 
 
 def _weight_and_scales(linear: nn.Module):

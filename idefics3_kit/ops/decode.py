@@ -11,6 +11,12 @@ SiLU-gated MLP, no o_proj or MLP biases, one RMSNorm eps) vouches for: ``layer_w
 one ``LAYER_WEIGHTS``-ordered tuple per layer; the caches are [B, Hkv, Lmax, hd] in x's dtype and
 the new token is written at ``past``. The wrapper returns None where the op does not apply, and
 the caller then runs its layers.
+
+The step may end with the LM head too (``head``, ``logits``): the final norm's output through the
+head weight, written into the caller's ``logits``, as ``ops.linear(lm_head, normed)`` computes it
+(the same kernel: ``decode_linear``, ``quant_linear``, or ``F.linear`` in float32). Run inside the
+op, the head is one more piece of the step's team of threads instead of a call of its own (a
+dispatched op, a parallel region and ~30-80 µs of Python at SmolVLM-256M shapes).
 """
 
 from __future__ import annotations
@@ -79,12 +85,31 @@ def _applies(x: torch.Tensor, weights: LayerWeights, k_cache, v_cache, rope_and_
             and fast_path.plain_tensors(weights.scales, dtype=torch.bfloat16, contiguous=True) == "cpu")
 
 
+def _head_applies(x: torch.Tensor, head: torch.Tensor, head_scale: torch.Tensor | None, logits: torch.Tensor) -> bool:
+    """Whether the op's head runs the kernel ``ops.linear(lm_head, normed)`` would run on this
+    step's normed output ([B, 1, D] like x): ``decode_linear``'s for a bf16 weight (``matmul.applies``),
+    ``quant_linear``'s for a quantized one (``quant.applies``), ``F.linear`` for float32 (plain
+    tensors); and logits a plain, contiguous [B, 1, V] tensor in x's dtype."""
+    if fast_path.plain_tensors((logits,), dtype=x.dtype, contiguous=True) != "cpu":
+        return False
+    if logits.shape != (x.shape[0], 1, head.shape[0]) or head.dim() != 2:
+        return False
+    if head_scale is not None:
+        return quant.applies(x, [head], [head_scale], [None])
+    if head.shape[1] != x.shape[-1]:
+        return False
+    if x.dtype == torch.bfloat16:
+        return matmul.applies(x, [head], [None])
+    return fast_path.plain_tensors((head,), dtype=x.dtype, contiguous=True) == "cpu"
+
+
 def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights, k_cache: Sequence[torch.Tensor],
                   v_cache: Sequence[torch.Tensor], cos: torch.Tensor, sin_signed: torch.Tensor,
                   key_padding_mask: torch.Tensor | None, past: int, num_heads: int, num_kv_heads: int,
                   eps: float, modules: Sequence[nn.Module] = (),
                   layer_scales: Sequence[tuple] | None = None,
-                  final_norm: torch.Tensor | None = None) -> torch.Tensor | None:
+                  final_norm: torch.Tensor | None = None, head: torch.Tensor | None = None,
+                  head_scale: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [B, 1, D] through every layer -> [B, 1, D], or None when the op does not apply.
 
     cos/sin_signed: [B or 1, 1, 1, hd] rotary tables of the new position, the sine with its first
@@ -93,17 +118,27 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
     ``layer_scales`` as ``LayerWeights`` takes them, or a ``LayerWeights`` built once (then no
     ``layer_scales``); ``final_norm``: the decoder's final RMSNorm weight [D] (same eps, x's dtype),
     which the op then applies to its output (as the decoder's norm module would, bit for bit),
-    or None for the residual stream itself.
+    or None for the residual stream itself. ``head`` (with ``final_norm`` and ``logits``): the LM
+    head's weight [V, D] in x's dtype, or an ``ops.quant.QuantizedLinear``'s qweight with its scales
+    as ``head_scale``; the op then also writes the normed output through it into ``logits``
+    [B, 1, V] (contiguous, x's dtype), bit-identical to ``ops.linear`` of that head. Where the
+    head's kernel would not be the one ``ops.linear`` runs, the op does not apply (None).
     """
     check_eps(eps, "decode_layers")
+    if (head is None) != (logits is None) or head_scale is not None and head is None:
+        raise ValueError("decode_layers: head and logits come together (head_scale only with a head)")
+    if head is not None and final_norm is None:
+        raise ValueError("decode_layers: a head needs final_norm (the head reads the final norm's output)")
     if isinstance(layer_weights, LayerWeights):
         if layer_scales is not None:
             raise ValueError("decode_layers: a LayerWeights carries its scales; pass layer_scales=None")
         weights = layer_weights
     else:
         weights = LayerWeights(layer_weights, layer_scales)
-    rope_mask_norm = (cos, sin_signed, key_padding_mask, final_norm)
+    rope_mask_norm = (cos, sin_signed, key_padding_mask, final_norm, head, head_scale, logits)
     if not weights.layers or not _applies(x, weights, k_cache, v_cache, rope_mask_norm, k_cache[0].shape[-1], modules):
+        return None
+    if head is not None and not _head_applies(x, head, head_scale, logits):
         return None
     if final_norm is not None and (final_norm.dtype != x.dtype or not final_norm.is_contiguous()):
         return None
@@ -116,15 +151,16 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
     call = _library.compiled_function("decode_layers_call") or _library.op("decode_layers")
     k_list, v_list = (c if isinstance(c, (list, tuple)) else list(c) for c in (k_cache, v_cache))  # (a KVCache's lists)
     return call(x, weights.flat, k_list, v_list, cos, sin_signed, mask, int(past), int(num_heads),
-                int(num_kv_heads), float(eps), weights.scales or [], final_norm)
+                int(num_kv_heads), float(eps), weights.scales or [], final_norm, head, head_scale, logits)
 
 
 @_library.register_fake("decode_layers")
 def _decode_layers_fake(x, params, k_cache, v_cache, cos, sin_signed, key_mask, past, num_heads, num_kv_heads, eps,
-                        scales=(), final_norm=None):
+                        scales=(), final_norm=None, head=None, head_scale=None, logits=None):
     _library.same_device("decode_layers", (("x", x), *((f"params[{i}]", p) for i, p in enumerate(params)),
                                            *((f"k_cache[{i}]", c) for i, c in enumerate(k_cache)),
                                            *((f"v_cache[{i}]", c) for i, c in enumerate(v_cache)),
                                            ("cos", cos), ("sin_signed", sin_signed), ("key_mask", key_mask),
-                                           ("final_norm", final_norm)))
+                                           ("final_norm", final_norm), ("head", head),
+                                           ("head_scale", head_scale), ("logits", logits)))
     return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,5 +1,6 @@
 // decode_layers through the dispatcher, as Python calls it, so ASan + UBSan see the whole step: the
-// parameter table, the shape checks, the float32, bf16 and int8 paths and their error exits. The
+// parameter table, the shape checks, the float32, bf16 and int8 paths, the LM head at the end of a
+// step and their error exits. The
 // numbers are checked loosely here (a step run twice is the same, bf16 and int8 stay near float32);
 // tests/ops/test_decode_ops.py checks the op bit for bit against the Python layers.
 #include <ATen/ATen.h>
@@ -31,13 +32,15 @@ constexpr int64_t kSlots = 12;  // per layer: in norm, q, k, v, q/k/v bias, o, p
 
 at::Tensor call(const at::Tensor& x, const OptList& params, std::vector<at::Tensor> k_cache,
                 std::vector<at::Tensor> v_cache, const at::Tensor& cos, const at::Tensor& sin, const Opt& mask,
-                const OptList& scales, const Opt& final_norm = std::nullopt) {
+                const OptList& scales, const Opt& final_norm = std::nullopt, const Opt& head = std::nullopt,
+                const Opt& head_scale = std::nullopt, const Opt& logits = std::nullopt) {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("idefics3_kit::decode_layers", "")
                 .typed<at::Tensor(const at::Tensor&, const OptList&, at::TensorList, at::TensorList, const at::Tensor&,
                                   const at::Tensor&, const Opt&, int64_t, int64_t, int64_t, double, const OptList&,
-                                  const Opt&)>();
-  return op.call(x, params, k_cache, v_cache, cos, sin, mask, kPast, kHeads, kKvHeads, 1e-5, scales, final_norm);
+                                  const Opt&, const Opt&, const Opt&, const Opt&)>();
+  return op.call(x, params, k_cache, v_cache, cos, sin, mask, kPast, kHeads, kKvHeads, 1e-5, scales, final_norm, head,
+                 head_scale, logits);
 }
 
 // One model's float32 parameters (LAYER_WEIGHTS order, no biases).
@@ -84,11 +87,12 @@ Step make_step(at::ScalarType dtype) {
   return s;
 }
 
-at::Tensor run(const Step& s, const OptList& params, const OptList& scales = OptList(), const Opt& final_norm = std::nullopt) {
+at::Tensor run(const Step& s, const OptList& params, const OptList& scales = OptList(), const Opt& final_norm = std::nullopt,
+               const Opt& head = std::nullopt, const Opt& head_scale = std::nullopt, const Opt& logits = std::nullopt) {
   std::vector<at::Tensor> k, v;  // fresh copies: the op writes the new key and value
   for (const auto& c : s.k_cache) k.push_back(c.clone());
   for (const auto& c : s.v_cache) v.push_back(c.clone());
-  return call(s.x, params, k, v, s.cos, s.sin, s.mask, scales, final_norm);
+  return call(s.x, params, k, v, s.cos, s.sin, s.mask, scales, final_norm, head, head_scale, logits);
 }
 
 double rel_err(const at::Tensor& a, const at::Tensor& b) {
@@ -177,6 +181,43 @@ void test_bad_arguments_throw() {
   }
 }
 
+// The LM head at the end of a step: logits written into the caller's tensor, float32 exactly
+// at::linear of the returned (normed) output, bf16 and an int8 head near it; the argument errors.
+void test_head() {
+  constexpr int64_t kVocab = 40;
+  const std::vector<Opt> p = make_params();
+  const Step s32 = make_step(at::kFloat), s16 = make_step(at::kBFloat16);
+  const at::Tensor norm_w = 1 + 0.1 * at::randn({kHidden}), head = 0.1 * at::randn({kVocab, kHidden});
+  at::Tensor logits32 = at::full({kBatch, 1, kVocab}, 7.0);
+  const at::Tensor normed32 = run(s32, cast(p, at::kFloat), OptList(), norm_w, head, std::nullopt, logits32);
+  CHECK(at::equal(logits32, at::linear(normed32, head)));
+  at::Tensor logits16 = at::zeros({kBatch, 1, kVocab}, at::kBFloat16);
+  const at::Tensor head16 = head.to(at::kBFloat16);
+  const at::Tensor normed16 = run(s16, cast(p, at::kBFloat16), OptList(), norm_w.to(at::kBFloat16), head16,
+                                  std::nullopt, logits16);
+  CHECK(rel_err(logits16, at::linear(normed16.to(at::kFloat), head)) < 2e-2 && rel_err(logits16, logits32) < 1e-1);
+  // an int8 head (per output channel) on bf16 layers
+  const at::Tensor scale = (head.abs().amax(1) / 127).to(at::kBFloat16);
+  const at::Tensor q8 = at::round(head / scale.to(at::kFloat).unsqueeze(1)).clamp(-127, 127).to(at::kChar);
+  at::Tensor logits8 = at::zeros({kBatch, 1, kVocab}, at::kBFloat16);
+  run(s16, cast(p, at::kBFloat16), OptList(), norm_w.to(at::kBFloat16), q8, scale, logits8);
+  CHECK(rel_err(logits8, logits16) < 5e-2);
+  // errors: a head without logits (and the reverse), without the final norm, a wrong-shaped or
+  // wrong-dtype logits or head, scales without a head, a quantized head with float32 x
+  const OptList p32 = cast(p, at::kFloat);
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, head); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, std::nullopt, std::nullopt, logits32); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), std::nullopt, head, std::nullopt, logits32); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, head, std::nullopt, at::zeros({kBatch, 1, kVocab + 1})); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, head, std::nullopt, at::zeros({kBatch, 1, kVocab}, at::kDouble)); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, at::zeros({kVocab, kHidden + 1}), std::nullopt, logits32); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, head16, std::nullopt, logits32); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, std::nullopt, scale, std::nullopt); }));
+  CHECK(throws([&] { run(s32, p32, OptList(), norm_w, q8, scale, logits32); }));
+  CHECK(throws([&] {  // non-contiguous logits
+    run(s32, p32, OptList(), norm_w, head, std::nullopt, at::zeros({kBatch, 1, 2 * kVocab}).narrow(2, 0, kVocab));
+  }));
+}
 
 // The bf16 step's fused silu(gate) * up (csrc/cpu/silu_mul_aten.cpp) against ATen's two calls, bit
 // for bit, on rows with a vector part and a scalar tail, NaN-making rows included: where it answers,
@@ -204,4 +245,4 @@ void test_silu_mul_as_aten() {
 
 }  // namespace
 
-TEST_MAIN(test_paths_agree(); test_bad_arguments_throw(); test_silu_mul_as_aten();)
+TEST_MAIN(test_paths_agree(); test_bad_arguments_throw(); test_head(); test_silu_mul_as_aten();)

@@ -635,8 +635,9 @@ def test_rms_norm_bad_arguments():
 
 
 def _direct_call(*args):
-    """The op through _C.decode_layers_call (what ops.decode_layers calls), final_norm None."""
-    return _library.compiled_function("decode_layers_call")(*args, None)
+    """The op through _C.decode_layers_call (what ops.decode_layers calls), final_norm, head,
+    head_scale and logits None."""
+    return _library.compiled_function("decode_layers_call")(*args, None, None, None, None)
 
 
 @needs_ext
@@ -698,7 +699,7 @@ def test_decode_layers_call_matches_torch_ops_and_refuses_wrong_types():
         changed[index] = value
         with pytest.raises(TypeError, match=f"decode_layers_call: {name} must be"):
             _direct_call(*changed)
-    with pytest.raises(TypeError, match="takes the op's 13 arguments, got 12"):
+    with pytest.raises(TypeError, match="takes the op's 16 arguments, got 12"):
         _library.compiled_function("decode_layers_call")(*args)
 
 
@@ -843,6 +844,150 @@ def test_decode_layers_final_norm_as_the_module_runs_it(dtype, norm):
         assert len(calls) == 4  # ...but with a hook the step ran the Python layers and the module
 
 
+# ---- the LM head inside the step ---------------------------------------------------------------
+
+HEAD_FORMATS = ["float32", "bf16", "int8", "int4"]
+
+
+def _head_decoder(fmt: str):
+    """The tiny decoder in ``fmt``: float32, bf16, or bf16 with every linear and the LM head
+    quantized (int4 in groups of 32)."""
+    dec = _tiny_decoder(torch.float32 if fmt == "float32" else torch.bfloat16)
+    if fmt in ("int8", "int4"):
+        names = [n for n, m in dec.named_modules() if type(m) is nn.Linear]
+        quant.quantize_modules(dec, names, 8 if fmt == "int8" else 4, 32 if fmt == "int4" else None)
+    return dec
+
+
+def _skip_unless_fused(fmt: str) -> None:
+    if fmt != "float32" and not ops.matmul.covers(1, torch.bfloat16):
+        pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", HEAD_FORMATS)
+@pytest.mark.parametrize("b", [1, 3])
+def test_decode_layers_head_is_ops_linear_of_its_output(fmt, b):
+    """With a head, the op writes ops.linear(lm_head, its normed output) into logits, bit for bit,
+    and the output itself is the one the op returns without a head."""
+    _skip_unless_fused(fmt)
+    dec = _head_decoder(fmt)
+    x, params, kc, vc, cos, sin, mask, past, h, hkv, eps, _ = _op_args(dec, b=b, past=3)
+    weights, _, scales, final_norm = dec._plain_llama_layers()
+    head, head_scale = dec._plain_head()
+    assert (head_scale is not None) == (fmt in ("int8", "int4"))
+    outs = []
+    with torch.inference_mode():
+        for with_head in (True, False):
+            k, v = [c.clone() for c in kc], [c.clone() for c in vc]
+            logits = torch.full((b, 1, dec.vocab_size), 7.0, dtype=x.dtype) if with_head else None
+            out = ops.decode_layers(x, weights, k, v, cos, sin, mask, past, h, hkv, eps, layer_scales=scales,
+                                    final_norm=final_norm, head=head if with_head else None,
+                                    head_scale=head_scale if with_head else None, logits=logits)
+            assert out is not None
+            outs.append(out)
+            if with_head:
+                assert torch.equal(logits, ops.linear(dec.lm_head, out))
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["float32", "bf16", "int4"])
+def test_opcheck_decode_layers_with_head(fmt):
+    _skip_unless_fused(fmt)
+    dec = _head_decoder(fmt)
+    x, params, kc, vc, cos, sin, mask, past, h, hkv, eps, _ = _op_args(dec, b=2, past=3)
+    weights, _, scales, final_norm = dec._plain_llama_layers()
+    flat = [None if p is None else p.detach() for layer in weights for p in layer]  # (parameters: no grad)
+    flat_scales = [sc for layer in scales for sc in layer] if scales else []
+    head, head_scale = dec._plain_head()
+    logits = torch.zeros(2, 1, dec.vocab_size, dtype=x.dtype)
+    torch.library.opcheck(ns.decode_layers.default, (x, flat, kc, vc, cos, sin, mask, past, h, hkv, eps, flat_scales,
+                                                     final_norm.detach(), head.detach(), head_scale, logits))
+
+
+@needs_ext
+def test_decode_layers_head_bad_arguments():
+    dec = _tiny_decoder(torch.float32)
+    x, params, kc, vc, cos, sin, mask, past, h, hkv, eps, scales = _op_args(dec, b=2, past=3)
+    norm, head = dec.model.norm.weight.detach(), dec.lm_head.weight.detach()
+    vocab = head.shape[0]
+    logits = torch.zeros(2, 1, vocab)
+
+    def call(final_norm=norm, head=head, head_scale=None, logits=logits):
+        return lambda: ns.decode_layers(x, params, kc, vc, cos, sin, mask, past, h, hkv, eps, scales, final_norm, head,
+                                        head_scale, logits)
+
+    cases = [
+        (call(logits=None), "head and logits come together"),
+        (call(head=None), "head and logits come together"),
+        (call(head=None, logits=None, head_scale=torch.ones(vocab)), "head_scale given without a head"),
+        (call(final_norm=None), "a head needs final_norm"),
+        (call(logits=torch.zeros(2, 1, vocab + 1)), rf"logits must be \[B, 1, V\] = \[2, 1, {vocab}\]"),
+        (call(logits=torch.zeros(2, 1, vocab, dtype=torch.float64)), "logits must be Float"),
+        (call(logits=torch.zeros(2, 1, 2 * vocab)[..., ::2]), "logits must be contiguous"),
+        (call(head=head[:, :-1].contiguous()), r"head must be \[V, D\] with D = "),
+        (call(head=head.bfloat16()), "head must be Float"),
+        (call(head=head.to(torch.int8), head_scale=torch.ones(vocab, dtype=torch.bfloat16)),
+         "a quantized head .* needs bfloat16 x"),
+    ]
+    for run, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            run()
+    with pytest.raises(ValueError, match="head and logits come together"):
+        ops.decode_layers(x, [tuple(params[i:i + 12]) for i in range(0, len(params), 12)], kc, vc, cos, sin, mask, past,
+                          h, hkv, eps, final_norm=norm, head=head)
+
+
+class _HeadOverride(Llama3Decoder):
+    def head(self, hidden):
+        return super().head(hidden) * 2
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", HEAD_FORMATS)
+@pytest.mark.parametrize("head", ["plain", "hooked", "biased", "wrapped", "overridden"])
+def test_decode_step_runs_the_lm_head_as_the_module_would(fmt, head):
+    """A plain nn.Linear or QuantizedLinear LM head runs inside the one-call step (the logits are the
+    Python layers' and head's, bit for bit); a hooked, biased or wrapped head, or a decoder class with
+    its own ``head``, keeps the layers in the op and runs the head as before (its hook each step)."""
+    _skip_unless_fused(fmt)
+    decs = [_head_decoder(fmt), _head_decoder(fmt)]
+    calls = []
+    for i, dec in enumerate(decs):
+        if head == "hooked":
+            dec.lm_head.register_forward_hook(lambda m, inp, out: calls.append(1))
+        elif head == "biased":
+            old = dec.lm_head
+            new = nn.Linear(dec.hidden_size, dec.vocab_size, bias=True).to(torch.float32 if fmt == "float32"
+                                                                             else torch.bfloat16)
+            if type(old) is nn.Linear:
+                new.weight = old.weight
+            dec.lm_head = new if type(old) is nn.Linear else quant.QuantizedLinear.from_linear(new, old.bits,
+                                                                                               old.group_size)
+            if i == 1:
+                with torch.no_grad():
+                    dec.lm_head.load_state_dict(decs[0].lm_head.state_dict())
+        elif head == "wrapped":
+            dec.lm_head = nn.Sequential(dec.lm_head)
+        elif head == "overridden":
+            dec.__class__ = _HeadOverride
+    ids = torch.randint(3, decs[0].vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits, plans = [], []
+    with torch.inference_mode():
+        for dec, hidden in ((decs[0], False), (decs[1], True)):  # output_hidden_states: the Python layers
+            cache = dec.new_cache(2, 10)
+            dec(input_ids=ids[:, :6], cache=cache)
+            steps = [dec(input_ids=ids[:, t:t + 1], cache=cache, output_hidden_states=hidden).logits for t in (6, 7)]
+            logits.append(torch.cat(steps, 1))
+            plans.append(cache.step_plan)
+    assert torch.equal(logits[0], logits[1])
+    assert plans[0] is not None  # the layers ran in the op...
+    assert (plans[0].head is not None) == (head == "plain")  # ...and the head with them only when plain
+    if head == "hooked":
+        assert len(calls) == 6  # both decoders' prefill and two steps each
+
+
 # ---- the step plan: gathered once per generation, gathered again whenever its modules change ----
 
 def _random_like(p: torch.Tensor) -> nn.Parameter:
@@ -875,17 +1020,24 @@ def _change(dec, change: str) -> None:
     elif change == "quantized":
         names = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         quant.quantize_modules(dec, names, 8, None)
+    elif change == "new_head":  # the decoder's own binding: the plan's weights came from the old head
+        old = dec.lm_head
+        dec.lm_head = nn.Linear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+        dec.lm_head.weight = _random_like(old.weight)
+    elif change == "quantized_head":
+        quant.quantize_modules(dec, ["lm_head"], 4, 32)
 
 
 @needs_ext
 @pytest.mark.parametrize("change", ["values_in_place", "new_parameter", "parameter_dict_write", "new_linear",
-                                    "new_layer", "moved_layer", "norm_eps", "activation", "quantized"])
+                                    "new_layer", "moved_layer", "norm_eps", "activation", "quantized", "new_head",
+                                    "quantized_head"])
 def test_step_plan_follows_changes_between_steps(change):
     """A change to the modules between two steps of one generation reaches the next step exactly as
     it reaches the Python layers: the cached weights are gathered again (or the step steps aside),
     never used stale."""
-    dtype = torch.bfloat16 if change == "quantized" else torch.float32
-    if change == "quantized" and not ops.matmul.covers(1, dtype):
+    dtype = torch.bfloat16 if change in ("quantized", "quantized_head") else torch.float32
+    if dtype == torch.bfloat16 and not ops.matmul.covers(1, dtype):
         pytest.skip("bf16 decode_layers needs decode_linear's AVX-512 BF16 or AVX2 path")
     fused, python = _tiny_decoder(dtype), _tiny_decoder(dtype)
     ids = torch.randint(3, fused.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
