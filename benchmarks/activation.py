@@ -6,7 +6,8 @@ oneDNN's epilogue, the linear then torch's bf16 F.gelu, and the linear then our 
 
 Shapes: [rows x 768] @ [768 x 3072] (SmolVLM-256M's SigLIP; the CPU tower runs 2 tiles = 2048 rows
 a call). Medians of interleaved rounds, milliseconds. ops.dense takes the pass where
-``dense_linear.gelu_pass()`` says (AVX-512 CPUs without AMX: measured on an AMD Zen 4).
+``dense_linear.gelu_pass()`` says (AVX-512 CPUs without AMX: measured on an AMD Zen 4), and on
+AVX2-only CPUs (bf16 as float32, the GELU after the linear: measure them with --dtype fp32).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from _timing import compare  # noqa: E402
 
 from idefics3_kit import ops  # noqa: E402
-from idefics3_kit.ops import dense_linear  # noqa: E402
+from idefics3_kit.ops import _library, dense_linear  # noqa: E402
 
 
 def main() -> None:
@@ -40,6 +41,9 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if not ops.has_extension():
         raise SystemExit(f"the compiled extension is not built: {ops.extension_error()}")
+    if dtype == torch.bfloat16 and not _library.onednn_bf16():
+        raise SystemExit("oneDNN has no bf16 matmul on this CPU (no AVX-512): the bf16 tower runs as float32 "
+                         "here, so measure with --dtype fp32")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.rows, args.k, generator=g).to(dtype)
     w = (torch.randn(args.n, args.k, generator=g) / args.k ** 0.5).to(dtype)

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _library, fast_path, packed
-from .activation import gelu_tanh_
+from .activation import gelu_tanh_, vectorized as vectorized_gelu
 
 # activation name -> (oneDNN post-op, its algorithm); the names are transformers' hidden_act values
 FUSED_ACTIVATIONS = {None: ("none", ""), "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
@@ -125,7 +125,9 @@ def dense(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> t
     post_op, algorithm = FUSED_ACTIVATIONS[fused]
     y = torch.ops.mkldnn._linear_pointwise(_input(x, upcast), *_params(lin, upcast), post_op, [], algorithm)
     if fused != activation:  # on the unrounded sum (float32 on the bf16-as-float32 route), as in the epilogue
-        y = _activate(y, activation)
+        # (AVX2 CPUs: the tanh GELU by the compiled pass's AVX2 path, in place on the fresh output)
+        tanh_pass = activation == "gelu_pytorch_tanh" and vectorized_gelu()
+        y = gelu_tanh_(y) if tanh_pass else _activate(y, activation)
     return y.to(x.dtype)
 
 

@@ -1,5 +1,6 @@
 // Torch-free test of gelu_tanh_'s kernel (csrc/include/idefics3_kit/activation.h): the dispatched
-// path (AVX-512, with or without AVX-512 BF16) and the portable loop, float32 and bf16, against
+// path (AVX-512, with or without AVX-512 BF16, or AVX2), each vector path the CPU has, and the
+// portable loop, float32 and bf16, against
 // gelu_tanh in double (as x * sigmoid(2y), which does not cancel in the tail): within one bf16 ulp,
 // or 8 float32 ulps plus the tail's conditioning (2|y| ulps); specials (NaN, +-inf, +-0, huge);
 // every length from 0 to 70 in buffers sized exactly, so ASan sees a masked tail read or written
@@ -96,6 +97,26 @@ void test_dispatched_and_portable() {
   if (idefics3_kit::attn::avx512::available()) {  // the AVX-512 path without the BF16 conversion too
     check_lengths_bf16([](uint16_t* x, int64_t n) { act::avx512::gelu_tanh(x, n); }, rng);
     check_lengths_f32([](float* x, int64_t n) { act::avx512::gelu_tanh(x, n); }, rng);
+  }
+#endif
+#ifdef IK_HAVE_AVX2_DECODE
+  if (idefics3_kit::attn::avx2::available()) {  // (on AVX-512 CPUs too, where it is not dispatched)
+    auto avx2_f = [](float* x, int64_t n) { act::avx2::gelu_tanh(x, n); };
+    auto avx2_b = [](uint16_t* x, int64_t n) { act::avx2::gelu_tanh(x, n); };
+    check_lengths_f32(avx2_f, rng);
+    check_lengths_bf16(avx2_b, rng);
+    check_specials(avx2_f);
+    // the bf16 path's specials: NaN, +inf, -inf (NaN), +-0, a huge negative value (-0), a negative
+    // NaN, the largest bf16; twice, so that both go through the 8-lane loop
+    uint16_t b[16];
+    const uint16_t in[] = {0x7FC0, 0x7F80, 0xFF80, 0x0000, 0x8000, 0xFF7F, 0xFFC1, 0x7F7F};
+    for (int i = 0; i < 16; ++i) b[i] = in[i % 8];
+    avx2_b(b, 16);
+    for (int i = 0; i < 16; i += 8) {
+      CHECK(std::isnan(bf16_bits_to_float(b[i])) && b[i + 1] == 0x7F80 && std::isnan(bf16_bits_to_float(b[i + 2])));
+      CHECK(b[i + 3] == 0x0000 && b[i + 4] == 0x8000 && b[i + 5] == 0x8000);
+      CHECK(std::isnan(bf16_bits_to_float(b[i + 6])) && b[i + 7] == 0x7F7F);  // a NaN stays one; huge x is x
+    }
   }
 #endif
 }

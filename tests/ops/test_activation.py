@@ -154,3 +154,34 @@ def test_dense_routes_the_tanh_gelu_through_the_pass(bias, monkeypatch):
         assert calls == [torch.Size([2, 80, 200])]
     ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-3)
     assert bool(((got.float() - want.float()).abs() <= 2 * ulp).all())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_runs_the_pass_after_the_linear_where_the_epilogue_is_off(dtype, monkeypatch):
+    """AVX2 CPUs (no oneDNN epilogue GELU, bf16 as float32; forced here on any CPU): ops.dense's
+    tanh GELU runs as the compiled pass on the linear's unrounded float32 output, as torch's F.gelu
+    did there: the same function within float32 error, then rounded once to x's dtype."""
+    if not activation.vectorized():
+        pytest.skip("the pass has no vector path on this CPU (torch's F.gelu runs)")
+    monkeypatch.setattr(dense_linear, "epilogue_activations", lambda: False)
+    monkeypatch.setattr(_library, "onednn_bf16", lambda: False)  # bf16 runs as float32
+    calls = []
+    original = activation.gelu_tanh_
+    monkeypatch.setattr(dense_linear, "gelu_tanh_", lambda y: calls.append((y.dtype, y.shape)) or original(y))
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 200).to(dtype)
+    x = torch.randn(2, 80, 96).to(dtype)
+    with torch.no_grad():
+        got = ops.dense(layer, x, "gelu_pytorch_tanh")
+        exact = F.gelu(F.linear(x.double(), layer.weight.double(), layer.bias.double()), approximate="tanh")
+        applies = dense_linear.applies(layer, x)
+    if not applies:
+        pytest.skip("the dense path does not apply here (no oneDNN linear in this torch)")
+    assert calls == [(torch.float32, torch.Size([2, 80, 200]))]
+    assert got.dtype == dtype
+    # float32: the GEMM's and the GELU's float32 errors; bf16: one rounding of that (at most an ulp,
+    # eps relative) and the float32 part
+    rounding = torch.finfo(dtype).eps * exact.abs() if dtype == torch.bfloat16 else 0
+    tol = rounding + 1e-5 * (1 + exact.abs())
+    assert bool(((got.double() - exact).abs() <= tol).all())
