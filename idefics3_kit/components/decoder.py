@@ -625,7 +625,7 @@ class StepPlan:
 
     weights: LayerWeights
     modules: tuple  # every module whose forward the step replaces (12 per layer)
-    state: tuple  # fast_path.module_state of (the layer list, *modules) when gathered
+    state: tuple  # fast_path.module_state of (the layer list, the decoder, *modules) when gathered
     eps: float  # the config's rms_norm_eps when gathered
     final_norm: torch.Tensor | None  # the final norm's weight when the op applies it (a plain RMSNorm)
     watch: tuple | None = None  # (the layer list, fast_path.module_watch of it, the decoder and the modules, or None)
