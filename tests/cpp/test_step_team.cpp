@@ -3,7 +3,8 @@
 // 1-4 threads asked for (the team is capped at the CPUs the process may use) and pieces of more
 // workers than the team has threads; no team outside lead or inside
 // another region; exceptions from a job on any thread, or from the leader's own code, reach
-// lead's caller and leave the team stopped.
+// lead's caller and leave the team stopped. ChunkClaims: every chunk of every worker runs exactly
+// once, a worker's own chunks in increasing order, and a late worker's chunks go to the others.
 //   g++ -O1 -std=c++17 -fopenmp -Icsrc/include -Itests/cpp tests/cpp/test_step_team.cpp -o /tmp/t && /tmp/t
 #include <idefics3_kit/step_team.h>
 
@@ -138,9 +139,50 @@ void exceptions_reach_the_caller(int threads) {
   CHECK(after == 1);
 }
 
+// ChunkClaims over a team: workers x 4 chunks each run exactly once; each worker's own chunks in
+// increasing order; with worker `late` held back until the others are done, they ran all of
+// its chunks (it finds none left); without a team (a plain loop) worker 0 runs everything.
+void chunk_claims(int threads, int64_t workers, int64_t late) {
+  constexpr int64_t kChunks = 4;
+  std::vector<std::atomic<int>> runs(workers * kChunks);
+  std::vector<std::atomic<int>> ran_by(workers * kChunks);
+  std::atomic<int64_t> finished{0};
+  bool teamed = false;
+  StepTeam::lead(threads, [&] {
+    idefics3_kit::ChunkClaims claims(workers, kChunks);
+    auto job = [&](int64_t t) {
+      if (t == late)  // held back until every other worker has claimed what it could
+        while (finished.load() < workers - 1) std::this_thread::yield();
+      int64_t last_own = -1;
+      claims.run(t, [&](int64_t u, int64_t c) {
+        runs[u * kChunks + c].fetch_add(1);
+        ran_by[u * kChunks + c].store(static_cast<int>(t));
+        if (u == t) {
+          CHECK(c > last_own);  // own chunks in order (a chunk another worker claimed first is skipped)
+          last_own = c;
+        }
+      });
+      if (t != late) finished.fetch_add(1);
+    };
+    teamed = run_workers(workers, job);
+  });
+  for (int64_t i = 0; i < workers * kChunks; ++i) CHECK(runs[i].load() == 1);
+  const int64_t team = std::min<int64_t>({threads, cpus(), workers});
+  if (teamed && team == workers && late >= 0)  // each worker on its own thread: the others took `late`'s chunks
+    for (int64_t c = 0; c < kChunks; ++c) CHECK(ran_by[late * kChunks + c].load() != late);
+  if (!teamed)  // one thread runs the workers in turn: worker 0 claims every chunk
+    for (int64_t i = 0; i < workers * kChunks; ++i) CHECK(ran_by[i].load() == 0);
+}
+
 }  // namespace
 
 TEST_MAIN(
+  for (int threads : {1, 2, 3}) {
+    chunk_claims(threads, 2, -1);
+    chunk_claims(threads, std::min(threads, cpus()) >= 2 ? std::min(threads, cpus()) : 2, 1);
+    chunk_claims(threads, 12, -1);  // more workers than stack counters (8)
+  }
+
   for (int threads : {1, 2, 3, 4}) {
     pieces_in_order(threads);
     exceptions_reach_the_caller(threads);
