@@ -540,15 +540,17 @@ class CausalDecoder(nn.Module):
         ``ops.decode_layers``: ``head`` is this class's own, and ``lm_head`` is a plain ``nn.Linear``
         or ``ops.quant.QuantizedLinear`` (no hooks) without a bias; else None (``head`` runs it)."""
         head = self._modules.get("lm_head")
-        if type(self).head is not CausalDecoder.head or not fast_path.plain_modules((head,)):
+        if head is None or type(self).head is not CausalDecoder.head or not fast_path.plain_modules((head,)):
             return None
         p = head._parameters
         if p.get("bias") is not None:
             return None
         if type(head) is nn.Linear:
-            return p["weight"], None
+            weight = p.get("weight")
+            return None if weight is None else (weight, None)
         if type(head) is QuantizedLinear:
-            return p["qweight"], p["scales"]
+            qweight, scales = p.get("qweight"), p.get("scales")
+            return None if qweight is None or scales is None else (qweight, scales)
         return None
 
     def _plain_llama_layers(self):

@@ -138,8 +138,8 @@ def decode_layers(x: torch.Tensor, layer_weights: Sequence[tuple] | LayerWeights
     rope_mask_norm = (cos, sin_signed, key_padding_mask, final_norm, head, head_scale, logits)
     if not weights.layers or not _applies(x, weights, k_cache, v_cache, rope_mask_norm, k_cache[0].shape[-1], modules):
         return None
-    if head is not None and not _head_applies(x, head, head_scale, logits):
-        return None
+    if head is not None and logits is not None and not _head_applies(x, head, head_scale, logits):
+        return None  # (logits is given with a head: checked above)
     if final_norm is not None and (final_norm.dtype != x.dtype or not final_norm.is_contiguous()):
         return None
     b = x.shape[0]
