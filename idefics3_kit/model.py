@@ -352,8 +352,9 @@ class VLM(nn.Module):
         bit-identical) at the price of one more copy of the decoder's linears.
         ``decoder_max_bytes``: also pack the decoder's linears but its output head (which a
         generation's prefill runs on one row per sequence, through the few-row kernels) when that
-        copy takes at most this many bytes (a small model's). -> the bytes the copies take (0 where
-        oneDNN has no bf16 matmul on this CPU)."""
+        copy takes at most this many bytes (a small model's). -> the bytes the copies take (float32
+        copies, twice the bf16 bytes, where oneDNN has no bf16 matmul on this CPU and bf16 runs as
+        float32: there they also save each weight's upcast per call)."""
         unknown = set(parts) - set(self.PACKABLE_PARTS)
         if unknown:
             raise ValueError(f"enable_packed_weights: unknown parts {sorted(unknown)}; "

@@ -472,10 +472,27 @@ def test_a_packed_copy_follows_its_weight(clean_packs):
         assert dense_mod.packed_layers() == 0
 
 
-def test_nothing_is_packed_without_onednn_bf16(monkeypatch, clean_packs):
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_pytorch_tanh"])
+def test_float32_copies_where_bf16_runs_as_float32(activation, monkeypatch, clean_packs):
+    """Without oneDNN bf16 (AVX2 CPUs; forced here) bf16 linears compute in float32 on the exact
+    upcasts: their packed copies are float32 (twice the bytes), the results the same bits as the
+    unpacked route's, and a copy still follows its weight."""
     monkeypatch.setattr(_library, "onednn_bf16", lambda: False)
-    assert dense_mod.pack_weights([layer(64, 64, torch.bfloat16)]) == 0
-    assert dense_mod.packed_layers() == 0
+    torch.manual_seed(0)
+    lin, up = layer(96, 200, torch.bfloat16, True), layer(96, 200, torch.bfloat16, True, seed=1)
+    x = torch.randn(2, 80, 96).bfloat16()
+    with torch.no_grad():
+        plain, plain_gated = ops.dense(lin, x, activation), ops.gated(lin, up, x, F.silu)
+        assert dense_mod.packable_bytes([lin, up]) == dense_mod.pack_weights([lin, up]) == 2 * 96 * 200 * 4
+        assert dense_mod._packed_weight(lin).dtype == torch.float32
+        assert torch.equal(ops.dense(lin, x, activation), plain)
+        assert torch.equal(ops.gated(lin, up, x, F.silu), plain_gated)
+        lin.weight.mul_(-2)  # in place: packed again at the next call
+        dense_mod.unpack_weights([up])
+        want = ops.dense(lin, x, activation)
+        dense_mod.unpack_weights([lin])
+        assert torch.equal(want, ops.dense(lin, x, activation))
 
 
 @needs_onednn_bf16
