@@ -272,7 +272,7 @@ def _packable(module: nn.Module) -> bool:
     if type(module) is not nn.Linear or not isinstance(weight, torch.Tensor):
         return False
     return (type(weight) in fast_path.PLAIN_TENSOR_TYPES and weight.dim() == 2 and weight.is_contiguous()
-            and (packed.can_pack(weight) or packed.can_pack_as_float32(weight)))
+            and _copy_dtype(weight) is not None)
 
 
 def _copy_dtype(weight: torch.Tensor) -> torch.dtype | None:

@@ -220,8 +220,12 @@ bool StepTeam::run(int64_t workers, Job& job) {
 // small pieces had cost ~5% on a Zen 4).
 class ChunkClaims {
  public:
-  ChunkClaims(int64_t workers, int64_t chunks)
-      : workers_(workers), chunks_(chunks), next_(workers <= kLocal ? local_ : (heap_.reset(new Counter[workers]), heap_.get())) {}
+  ChunkClaims(int64_t workers, int64_t chunks) : workers_(workers), chunks_(chunks) {
+    if (workers > kLocal) {  // past the counters kept in the object
+      heap_.reset(new Counter[workers]);
+      next_ = heap_.get();
+    }
+  }
 
   // Worker t's share: run(u, c) for each chunk c of worker u it claims, its own first.
   template <class Run>
@@ -247,7 +251,7 @@ class ChunkClaims {
   int64_t workers_, chunks_;
   Counter local_[kLocal];
   std::unique_ptr<Counter[]> heap_;
-  Counter* next_;
+  Counter* next_ = local_;
 };
 
 }  // namespace idefics3_kit
